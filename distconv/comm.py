@@ -1,0 +1,508 @@
+"""Typed collectives on NumPy/CuPy arrays: the only module that imports mpi4py.
+
+:class:`Communicator` wraps an ``mpi4py.MPI.Comm``. Its collectives work on
+whole arrays along a given axis, take per-rank ``counts`` for uneven (and
+empty) blocks, and record, per collective kind, the number of calls, the bytes
+this rank sends and receives and the wall time spent (``stats()``).
+
+Byte accounting counts what this rank's data must leave it and what must reach
+it under a bandwidth-optimal algorithm, for ``p`` ranks and per-rank block
+sizes ``b_j`` (bytes):
+
+* allgather:       sent = b_me * (p-1),           recv = sum_{j!=me} b_j
+* reduce_scatter:  sent = sum_{j!=me} b_j,        recv = b_me * (p-1)
+* allreduce:       reduce_scatter + allgather of the buffer cut in p floor+1 blocks
+* alltoall:        sent = bytes to other ranks,   recv = bytes from other ranks
+* bcast:           root sends n*(p-1), the others receive n
+
+GPU arrays: the current stream is synchronised before any MPI call; device
+pointers go straight to MPI when ``DISTCONV_CUDA_AWARE=1`` (a CUDA-aware MPI),
+otherwise data is staged through pinned host buffers.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+from mpi4py import MPI
+from mpi4py.util.dtlib import from_numpy_dtype
+
+from .backend import array_module, is_gpu_array
+from .distribution import block_sizes
+
+_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
+
+
+class CommStats:
+    """Per-collective-kind counters shared by a communicator and its sub-communicators."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._d: dict[str, list] = {}
+
+    def add(self, kind, sent, recv, seconds):
+        e = self._d.setdefault(kind, [0, 0, 0, 0.0])
+        e[0] += 1
+        e[1] += int(sent)
+        e[2] += int(recv)
+        e[3] += seconds
+
+    def as_dict(self):
+        out = {k: {"calls": v[0], "bytes_sent": v[1], "bytes_recv": v[2], "time": v[3]}
+               for k, v in self._d.items()}
+        tot = [sum(v[i] for v in self._d.values()) for i in range(4)]
+        out["total"] = {"calls": tot[0], "bytes_sent": tot[1], "bytes_recv": tot[2],
+                        "time": tot[3]}
+        return out
+
+
+def _mpi_type(dtype):
+    return from_numpy_dtype(np.dtype(dtype))
+
+
+def _cuda_aware() -> bool:
+    return os.environ.get("DISTCONV_CUDA_AWARE", "0").lower() in ("1", "true", "yes")
+
+
+class Request:
+    """A nonblocking collective in flight; ``wait()`` returns its result array."""
+
+    def __init__(self, comm, req, finish, kind, t0):
+        self._comm, self._req, self._finish, self._kind = comm, req, finish, kind
+        self._elapsed = time.perf_counter() - t0
+        self._result = None
+        self._done = False
+
+    def test(self) -> bool:
+        """True when the operation has completed (does not block)."""
+        if self._done:
+            return True
+        t0 = time.perf_counter()
+        flag = self._req.Test()
+        self._elapsed += time.perf_counter() - t0
+        return flag
+
+    def wait(self):
+        """Block until complete; returns the result (same as the blocking collective)."""
+        if not self._done:
+            t0 = time.perf_counter()
+            self._req.Wait()
+            self._result = self._finish()
+            self._elapsed += time.perf_counter() - t0
+            self._comm._stats.add(self._kind + "_wait", 0, 0, self._elapsed)
+            self._done = True
+        return self._result
+
+
+class Communicator:
+    """Collectives on xp arrays over an MPI communicator, with byte and time accounting.
+
+    ``Communicator(mpi_comm)``; sub-communicators made by :meth:`split` share
+    the parent's statistics, so ``world.stats()`` totals everything this rank did.
+    """
+
+    def __init__(self, mpi_comm=None, stats: CommStats | None = None):
+        self.mpi = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank = self.mpi.Get_rank()
+        self.size = self.mpi.Get_size()
+        self._stats = stats if stats is not None else CommStats()
+        self.cuda_aware = _cuda_aware()
+
+    # ---------------------------------------------------------------- basics
+    def stats(self) -> dict:
+        """``{kind: {calls, bytes_sent, bytes_recv, time}, ..., "total": {...}}`` for this rank."""
+        return self._stats.as_dict()
+
+    def reset_stats(self) -> None:
+        self._stats.reset()
+
+    def split(self, color: int, key: int = 0) -> "Communicator":
+        """``MPI_Comm_split``; the result shares this communicator's statistics."""
+        return Communicator(self.mpi.Split(color, key), self._stats)
+
+    def barrier(self) -> None:
+        self.mpi.Barrier()
+
+    def _record(self, kind, sent, recv, t0):
+        self._stats.add(kind, sent, recv, time.perf_counter() - t0)
+
+    # ----------------------------------------------------- host/device staging
+    def _send_buf(self, a):
+        if is_gpu_array(a):
+            import cupy
+            cupy.cuda.get_current_stream().synchronize()
+            if self.cuda_aware:
+                return a
+            return _pinned_copy(a)
+        return a
+
+    def _recv_buf(self, xp, shape, dtype):
+        """(buffer MPI writes into, function returning the xp array)."""
+        if xp is np:
+            b = np.empty(shape, dtype)
+            return b, (lambda: b)
+        import cupy
+        if self.cuda_aware:
+            b = cupy.empty(shape, dtype)
+            cupy.cuda.get_current_stream().synchronize()
+            return b, (lambda: b)
+        h = _pinned_empty(shape, dtype)
+        return h, (lambda: cupy.asarray(h))
+
+    # ------------------------------------------------------------ agreement
+    def allgather_obj(self, obj) -> list:
+        """Small Python objects from every rank (for checks and counts)."""
+        return self.mpi.allgather(obj)
+
+    def agree(self, ok: bool, message: str = "", exc=ValueError) -> None:
+        """Raise ``exc`` on EVERY rank if ``ok`` is false on any rank.
+
+        The message names the failing ranks and their messages, so a bad input
+        seen by one rank becomes the same error everywhere instead of a hang.
+        """
+        if self.size == 1:
+            if not ok:
+                raise exc(message)
+            return
+        flags = self.mpi.allgather(None if ok else message)
+        bad = [(r, m) for r, m in enumerate(flags) if m is not None]
+        if bad:
+            msgs = sorted({m for _, m in bad})
+            ranks = [r for r, _ in bad]
+            if len(msgs) == 1:
+                raise exc(f"{msgs[0]} (on rank(s) {ranks})")
+            raise exc("; ".join(f"rank {r}: {m}" for r, m in bad))
+
+    def check_same(self, value, what: str) -> None:
+        """Raise ``ValueError`` on every rank unless all ranks pass an equal ``value``."""
+        if self.size == 1:
+            return
+        vals = self.mpi.allgather(value)
+        if any(v != vals[0] for v in vals):
+            detail = ", ".join(f"rank {r}: {v}" for r, v in enumerate(vals))
+            raise ValueError(f"ranks disagree on {what}: {detail}")
+
+    # ----------------------------------------------------------- collectives
+    def allgather(self, x, axis: int = 0, counts: Sequence[int] | None = None):
+        """Concatenate every rank's block ``x`` along ``axis`` (allgatherv).
+
+        ``x``: this rank's block; all dims but ``axis`` equal on all ranks.
+        ``counts``: each rank's extent along ``axis`` (gathered if ``None``).
+        Returns the concatenation, shape ``x.shape`` with ``axis`` -> ``sum(counts)``.
+        """
+        xp = array_module(x)
+        axis = axis % max(x.ndim, 1)
+        if counts is None:
+            counts = [s[axis] for s in self.allgather_shapes(x.shape, axis)]
+        counts = [int(c) for c in counts]
+        if len(counts) != self.size or counts[self.rank] != x.shape[axis]:
+            raise ValueError(f"allgather: counts {counts} do not fit {self.size} ranks with "
+                             f"local extent {x.shape[axis]} on rank {self.rank}")
+        t0 = time.perf_counter()
+        pre = int(np.prod(x.shape[:axis], dtype=np.int64))
+        post = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+        total = sum(counts)
+        out_shape = x.shape[:axis] + (total,) + x.shape[axis + 1:]
+        item = x.dtype.itemsize
+        if self.size == 1:
+            out = x.copy()
+            self._record("allgather", 0, 0, t0)
+            return out
+        sizes = [pre * c * post for c in counts]
+        displs = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64).tolist()
+        x = xp.ascontiguousarray(x)
+        rb, get = self._recv_buf(xp, (sum(sizes),), x.dtype)
+        sb = self._send_buf(x.reshape(-1))
+        self.mpi.Allgatherv(sb, [rb, sizes, displs, _mpi_type(x.dtype)])
+        flat = get()
+        out = _assemble(xp, flat, out_shape, axis, counts, pre, post)
+        me = sizes[self.rank]
+        self._record("allgather", me * (self.size - 1) * item, (sum(sizes) - me) * item, t0)
+        return out
+
+    def allgather_shapes(self, shape, axis=None):
+        """Every rank's ``shape``; ``ValueError`` on all ranks if they differ outside ``axis``."""
+        shapes = self.mpi.allgather(tuple(int(s) for s in shape))
+        ref = shapes[0]
+        for r, s in enumerate(shapes):
+            if len(s) != len(ref) or any(a != b for i, (a, b) in enumerate(zip(s, ref))
+                                         if i != axis):
+                detail = ", ".join(f"rank {i}: {t}" for i, t in enumerate(shapes))
+                raise ValueError(f"block shapes must agree except on axis {axis}: {detail}")
+        return shapes
+
+    def reduce_scatter(self, x, axis: int = 0, counts: Sequence[int] | None = None, op="sum"):
+        """Sum ``x`` over all ranks and keep this rank's block along ``axis``.
+
+        ``x``: the full-extent addend (``x.shape[axis] == sum(counts)``), same on all ranks
+        in shape. ``counts``: block sizes along ``axis`` (floor+1 if ``None``).
+        Returns shape ``x.shape`` with ``axis`` -> ``counts[rank]``.
+        """
+        xp = array_module(x)
+        axis = axis % max(x.ndim, 1)
+        n = x.shape[axis]
+        counts = block_sizes(n, self.size) if counts is None else [int(c) for c in counts]
+        if len(counts) != self.size or sum(counts) != n:
+            raise ValueError(f"reduce_scatter: counts {counts} must have {self.size} entries "
+                             f"summing to the extent {n} of axis {axis}")
+        t0 = time.perf_counter()
+        item = x.dtype.itemsize
+        if self.size == 1:
+            out = xp.array(x, copy=True)
+            self._record("reduce_scatter", 0, 0, t0)
+            return out
+        pre = int(np.prod(x.shape[:axis], dtype=np.int64))
+        post = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+        sizes = [pre * c * post for c in counts]
+        send = _pack(xp, x, axis, counts, pre, post)
+        my_shape = x.shape[:axis] + (counts[self.rank],) + x.shape[axis + 1:]
+        rb, get = self._recv_buf(xp, (sizes[self.rank],), x.dtype)
+        sb = self._send_buf(send)
+        self.mpi.Reduce_scatter(sb, rb, recvcounts=sizes, op=_OPS[op])
+        out = get().reshape(my_shape)
+        me = sizes[self.rank]
+        self._record("reduce_scatter", (sum(sizes) - me) * item, me * (self.size - 1) * item, t0)
+        return out
+
+    def allreduce(self, x, op: str = "sum"):
+        """Elementwise reduction (``sum``, ``max``, ``min``, ``prod``) over all ranks; new array."""
+        xp = array_module(x)
+        t0 = time.perf_counter()
+        if self.size == 1:
+            out = xp.array(x, copy=True)
+            self._record("allreduce", 0, 0, t0)
+            return out
+        x = xp.ascontiguousarray(x)
+        rb, get = self._recv_buf(xp, x.shape, x.dtype)
+        self.mpi.Allreduce(self._send_buf(x), rb, op=_OPS[op])
+        out = get()
+        s, r = _allreduce_bytes(x.size, self.size, self.rank, x.dtype.itemsize)
+        self._record("allreduce", s, r, t0)
+        return out
+
+    def iallreduce(self, x, op: str = "sum") -> Request:
+        """Nonblocking :meth:`allreduce`; ``wait()`` on the result returns the summed array."""
+        xp = array_module(x)
+        t0 = time.perf_counter()
+        x = xp.ascontiguousarray(x)
+        if self.size == 1:
+            out = xp.array(x, copy=True)
+            return _DoneRequest(self, out, "iallreduce", t0)
+        rb, get = self._recv_buf(xp, x.shape, x.dtype)
+        sb = self._send_buf(x)
+        req = self.mpi.Iallreduce(sb, rb, op=_OPS[op])
+        s, r = _allreduce_bytes(x.size, self.size, self.rank, x.dtype.itemsize)
+        self._stats.add("iallreduce", s, r, 0.0)
+        keep = (sb, rb)
+        return Request(self, req, lambda: (keep, get())[1], "iallreduce", t0)
+
+    def iallgather(self, x, axis: int = 0, counts: Sequence[int] | None = None) -> Request:
+        """Nonblocking :meth:`allgather` (``counts`` required for ``size > 1``)."""
+        xp = array_module(x)
+        axis = axis % max(x.ndim, 1)
+        t0 = time.perf_counter()
+        if self.size == 1:
+            return _DoneRequest(self, x.copy(), "iallgather", t0)
+        if counts is None:
+            raise ValueError("iallgather needs explicit counts")
+        counts = [int(c) for c in counts]
+        pre = int(np.prod(x.shape[:axis], dtype=np.int64))
+        post = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+        sizes = [pre * c * post for c in counts]
+        displs = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64).tolist()
+        out_shape = x.shape[:axis] + (sum(counts),) + x.shape[axis + 1:]
+        x = xp.ascontiguousarray(x)
+        rb, get = self._recv_buf(xp, (sum(sizes),), x.dtype)
+        sb = self._send_buf(x.reshape(-1))
+        req = self.mpi.Iallgatherv(sb, [rb, sizes, displs, _mpi_type(x.dtype)])
+        item, me = x.dtype.itemsize, sizes[self.rank]
+        self._stats.add("iallgather", me * (self.size - 1) * item, (sum(sizes) - me) * item, 0.0)
+        keep = (sb, rb)
+        return Request(self, req,
+                       lambda: (keep, _assemble(xp, get(), out_shape, axis, counts, pre, post))[1],
+                       "iallgather", t0)
+
+    def alltoall(self, x, split_axis: int, concat_axis: int,
+                 send_counts: Sequence[int], recv_counts: Sequence[int]):
+        """Cut ``x`` along ``split_axis`` in blocks ``send_counts`` (block j goes to rank j) and
+        concatenate the blocks received along ``concat_axis`` (rank j's has extent
+        ``recv_counts[j]`` there). Returns shape ``x.shape`` with ``split_axis`` ->
+        ``send_counts[rank]`` and ``concat_axis`` -> ``sum(recv_counts)``."""
+        xp = array_module(x)
+        nd = x.ndim
+        sa, ca = split_axis % nd, concat_axis % nd
+        send_counts = [int(c) for c in send_counts]
+        recv_counts = [int(c) for c in recv_counts]
+        if sa == ca:
+            raise ValueError("alltoall: split_axis and concat_axis must differ")
+        if (len(send_counts) != self.size or sum(send_counts) != x.shape[sa]
+                or len(recv_counts) != self.size or recv_counts[self.rank] != x.shape[ca]):
+            raise ValueError(f"alltoall: send_counts {send_counts} / recv_counts {recv_counts} "
+                             f"do not fit local shape {x.shape} on {self.size} ranks")
+        t0 = time.perf_counter()
+        me = self.rank
+        if self.size == 1:
+            self._record("alltoall", 0, 0, t0)
+            return xp.array(x, copy=True)
+        pre = int(np.prod(x.shape[:sa], dtype=np.int64))
+        post = int(np.prod(x.shape[sa + 1:], dtype=np.int64))
+        ssizes = [pre * c * post for c in send_counts]
+        send = _pack(xp, x, sa, send_counts, pre, post)
+        chunk_shape = list(x.shape)
+        chunk_shape[sa] = send_counts[me]
+        other = int(np.prod([n for i, n in enumerate(chunk_shape) if i != ca], dtype=np.int64))
+        rsizes = [other * c for c in recv_counts]
+        sdis = np.concatenate(([0], np.cumsum(ssizes)[:-1])).astype(np.int64).tolist()
+        rdis = np.concatenate(([0], np.cumsum(rsizes)[:-1])).astype(np.int64).tolist()
+        rb, get = self._recv_buf(xp, (sum(rsizes),), x.dtype)
+        t = _mpi_type(x.dtype)
+        self.mpi.Alltoallv([self._send_buf(send), ssizes, sdis, t], [rb, rsizes, rdis, t])
+        flat = get()
+        out_shape = list(chunk_shape)
+        out_shape[ca] = sum(recv_counts)
+        pre2 = int(np.prod(out_shape[:ca], dtype=np.int64))
+        post2 = int(np.prod(out_shape[ca + 1:], dtype=np.int64))
+        out = _assemble(xp, flat, tuple(out_shape), ca, recv_counts, pre2, post2)
+        item = x.dtype.itemsize
+        self._record("alltoall", (sum(ssizes) - ssizes[me]) * item,
+                     (sum(rsizes) - rsizes[me]) * item, t0)
+        return out
+
+    def alltoallv_flat(self, send, send_counts, recv_counts, kind="alltoall"):
+        """Raw alltoallv of a flat contiguous ``send`` buffer (counts in elements).
+
+        Returns the flat receive buffer (blocks from rank 0, 1, ... in order).
+        """
+        xp = array_module(send)
+        t0 = time.perf_counter()
+        send_counts = [int(c) for c in send_counts]
+        recv_counts = [int(c) for c in recv_counts]
+        me = self.rank
+        item = send.dtype.itemsize
+        if self.size == 1:
+            self._record(kind, 0, 0, t0)
+            return xp.array(send, copy=True)
+        sdis = np.concatenate(([0], np.cumsum(send_counts)[:-1])).astype(np.int64).tolist()
+        rdis = np.concatenate(([0], np.cumsum(recv_counts)[:-1])).astype(np.int64).tolist()
+        rb, get = self._recv_buf(xp, (sum(recv_counts),), send.dtype)
+        t = _mpi_type(send.dtype)
+        self.mpi.Alltoallv([self._send_buf(xp.ascontiguousarray(send)), send_counts, sdis, t],
+                           [rb, recv_counts, rdis, t])
+        out = get()
+        self._record(kind, (sum(send_counts) - send_counts[me]) * item,
+                     (sum(recv_counts) - recv_counts[me]) * item, t0)
+        return out
+
+    def bcast(self, x, root: int = 0):
+        """Broadcast ``x`` from ``root``; every rank passes an array of the same shape/dtype."""
+        xp = array_module(x)
+        t0 = time.perf_counter()
+        if self.size == 1:
+            self._record("bcast", 0, 0, t0)
+            return xp.array(x, copy=True)
+        x = xp.ascontiguousarray(x)
+        if self.rank == root:
+            self.mpi.Bcast(self._send_buf(x), root=root)
+            self._record("bcast", x.nbytes * (self.size - 1), 0, t0)
+            return xp.array(x, copy=True)
+        rb, get = self._recv_buf(xp, x.shape, x.dtype)
+        self.mpi.Bcast(rb, root=root)
+        self._record("bcast", 0, x.nbytes, t0)
+        return get()
+
+
+class _DoneRequest(Request):
+    def __init__(self, comm, result, kind, t0):
+        self._comm, self._kind = comm, kind
+        self._elapsed = time.perf_counter() - t0
+        self._result, self._done = result, True
+        comm._stats.add(kind, 0, 0, self._elapsed)
+
+    def test(self):
+        return True
+
+    def wait(self):
+        return self._result
+
+
+def _allreduce_bytes(n, p, me, item):
+    b = block_sizes(n, p)
+    return (n - b[me] + b[me] * (p - 1)) * item, (b[me] * (p - 1) + n - b[me]) * item
+
+
+def _pack(xp, x, axis, counts, pre, post):
+    """Flat buffer of the blocks of ``x`` along ``axis`` one after another (a view if possible)."""
+    if pre == 1 or len(counts) == 1:
+        return xp.ascontiguousarray(x).reshape(-1)
+    x3 = x.reshape(pre, x.shape[axis], post)
+    out = xp.empty(x.size, x.dtype)
+    off = 0
+    start = 0
+    for c in counts:
+        n = pre * c * post
+        out[off:off + n].reshape(pre, c, post)[...] = x3[:, start:start + c, :]
+        off += n
+        start += c
+    return out
+
+
+def _assemble(xp, flat, out_shape, axis, counts, pre, post):
+    """Inverse of :func:`_pack`: blocks laid one after another -> array concatenated on ``axis``."""
+    if pre == 1 or len(counts) == 1:
+        return flat.reshape(out_shape)
+    total = sum(counts)
+    out = xp.empty(out_shape, flat.dtype)
+    o3 = out.reshape(pre, total, post)
+    off = 0
+    start = 0
+    for c in counts:
+        n = pre * c * post
+        o3[:, start:start + c, :] = flat[off:off + n].reshape(pre, c, post)
+        off += n
+        start += c
+    return out
+
+
+def _pinned_empty(shape, dtype):
+    try:
+        import cupyx
+        return cupyx.empty_pinned(shape, dtype)
+    except Exception:  # pragma: no cover - no pinned memory available
+        return np.empty(shape, dtype)
+
+
+def _pinned_copy(a):
+    h = _pinned_empty(a.shape, a.dtype)
+    a.get(out=h)
+    return h
+
+
+_WORLD = None
+
+
+def world() -> Communicator:
+    """The (cached) :class:`Communicator` over ``MPI.COMM_WORLD``."""
+    global _WORLD
+    if _WORLD is None:
+        _WORLD = Communicator(MPI.COMM_WORLD)
+    return _WORLD
+
+
+def wrap(comm) -> Communicator:
+    """A :class:`Communicator` for ``comm`` (an mpi4py communicator, a Communicator, or None)."""
+    if comm is None:
+        return world()
+    if isinstance(comm, Communicator):
+        return comm
+    if comm == MPI.COMM_WORLD:
+        return world()
+    return Communicator(comm)
+
+
+def abort(code: int = 1) -> None:
+    """``MPI_Abort`` on COMM_WORLD: ends every rank of the job."""
+    MPI.COMM_WORLD.Abort(code)

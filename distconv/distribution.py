@@ -1,0 +1,226 @@
+"""Distributions: which tensor dimension is split over which grid axes.
+
+Pure math, no MPI. A :class:`Distribution` lives on a grid (anything with
+``names`` and ``shape``, normally a :class:`distconv.grid.ProcessGrid`) and
+says, for each tensor dimension, the ordered grid axes it is split over
+(outermost first), plus the grid axes over which the tensor is a *pending
+sum* (every rank of such an axis holds an addend; the value is their sum).
+Axes that neither split a dimension nor are pending hold replicas.
+
+Block rule ("floor+1"): a dimension of ``d`` split in ``p`` gives the first
+``d mod p`` blocks ``d//p + 1`` elements and the rest ``d//p``; blocks may be
+empty. A split over several axes ``(a, b)`` is nested: the dimension is split
+over ``a`` first and each of those blocks is split again over ``b``. Nesting
+makes "split over (a, b)" -> "split over (a,)" an allgather over ``b``, which is
+what the channel/filter algorithms rely on.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+
+def block_sizes(d: int, p: int) -> list[int]:
+    """Sizes of the ``p`` blocks of a dimension of length ``d`` (floor+1 rule)."""
+    if p < 1:
+        raise ValueError(f"number of blocks must be >= 1, got {p}")
+    if d < 0:
+        raise ValueError(f"dimension length must be >= 0, got {d}")
+    q, r = divmod(d, p)
+    return [q + 1 if i < r else q for i in range(p)]
+
+
+def block_range(d: int, p: int, i: int) -> tuple[int, int]:
+    """``(start, stop)`` of block ``i`` of ``p`` of a dimension of length ``d``."""
+    if not 0 <= i < p:
+        raise ValueError(f"block index {i} out of range for {p} blocks")
+    q, r = divmod(d, p)
+    start = i * q + min(i, r)
+    return start, start + q + (1 if i < r else 0)
+
+
+def block_offsets(d: int, p: int) -> list[int]:
+    """Start offsets of the ``p`` blocks of a dimension of length ``d``."""
+    sizes = block_sizes(d, p)
+    out, acc = [], 0
+    for s in sizes:
+        out.append(acc)
+        acc += s
+    return out
+
+
+def _norm_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    if isinstance(entry, str):
+        return (entry,)
+    return tuple(entry)
+
+
+class Distribution:
+    """How a tensor is laid out over a grid.
+
+    Parameters
+    ----------
+    grid : object with ``names`` (tuple of str) and ``shape`` (tuple of int)
+    split : sequence with one entry per tensor dimension: ``None`` (not split),
+        an axis name, or a tuple of axis names (nested split, outermost first)
+    pending : axis names over which the tensor is a pending sum
+
+    Raises ``ValueError`` naming the problem when an axis is not on the grid or
+    is used twice.
+    """
+
+    __slots__ = ("grid", "split", "pending")
+
+    def __init__(self, grid, split: Sequence, pending: Iterable[str] = ()):
+        names = tuple(grid.names)
+        sp = tuple(_norm_axes(e) for e in split)
+        pend = tuple(_norm_axes(tuple(pending)))
+        used: dict[str, str] = {}
+        for d, axes in enumerate(sp):
+            for a in axes:
+                if a not in names:
+                    raise ValueError(
+                        f"distribution splits dim {d} over grid axis {a!r}, "
+                        f"but the grid has axes {names}")
+                if a in used:
+                    raise ValueError(f"grid axis {a!r} used twice in distribution "
+                                     f"({used[a]} and dim {d})")
+                used[a] = f"dim {d}"
+        for a in pend:
+            if a not in names:
+                raise ValueError(f"distribution is pending over grid axis {a!r}, "
+                                 f"but the grid has axes {names}")
+            if a in used:
+                raise ValueError(f"grid axis {a!r} is both pending and splitting {used[a]}")
+            used[a] = "pending"
+        # keep pending axes in grid order so equal distributions compare equal
+        pend = tuple(a for a in names if a in pend)
+        self.grid = grid
+        self.split = sp
+        self.pending = pend
+
+    # ------------------------------------------------------------------ basics
+    @classmethod
+    def replicated(cls, grid, ndim: int) -> "Distribution":
+        """Every rank holds the whole tensor."""
+        return cls(grid, (None,) * ndim)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.split)
+
+    def axis_size(self, name: str) -> int:
+        return self.grid.shape[self.grid.names.index(name)]
+
+    def parts(self, dim: int) -> int:
+        """Number of blocks dimension ``dim`` is cut into."""
+        p = 1
+        for a in self.split[dim]:
+            p *= self.axis_size(a)
+        return p
+
+    @property
+    def split_axes(self) -> tuple[str, ...]:
+        return tuple(a for axes in self.split for a in axes)
+
+    @property
+    def replica_axes(self) -> tuple[str, ...]:
+        """Grid axes over which the tensor is replicated (neither split nor pending)."""
+        used = set(self.split_axes) | set(self.pending)
+        return tuple(a for a in self.grid.names if a not in used)
+
+    def dim_of(self, axis: str):
+        """The tensor dimension split over ``axis`` or ``None``."""
+        for d, axes in enumerate(self.split):
+            if axis in axes:
+                return d
+        return None
+
+    def replace(self, split=None, pending=None) -> "Distribution":
+        """A copy with ``split`` and/or ``pending`` replaced."""
+        return Distribution(self.grid, self.split if split is None else split,
+                            self.pending if pending is None else pending)
+
+    def with_dim(self, dim: int, axes) -> "Distribution":
+        sp = list(self.split)
+        sp[dim] = _norm_axes(axes)
+        return Distribution(self.grid, sp, self.pending)
+
+    # -------------------------------------------------------------- block math
+    def _coord_map(self, coords) -> Mapping[str, int]:
+        if coords is None:
+            coords = self.grid.coords
+        if isinstance(coords, Mapping):
+            return coords
+        return dict(zip(self.grid.names, coords))
+
+    def dim_range(self, dim: int, length: int, coords=None, upto: int | None = None):
+        """``(start, stop)`` of this rank's block of dimension ``dim`` (global length ``length``).
+
+        ``upto`` limits the nesting to the first ``upto`` split axes.
+        """
+        cm = self._coord_map(coords)
+        start, n = 0, length
+        axes = self.split[dim] if upto is None else self.split[dim][:upto]
+        for a in axes:
+            s, e = block_range(n, self.axis_size(a), cm[a])
+            start, n = start + s, e - s
+        return start, start + n
+
+    def box(self, global_shape: Sequence[int], coords=None) -> tuple[tuple[int, int], ...]:
+        """Per-dimension ``(start, stop)`` of the block held at grid ``coords`` (default: this rank)."""
+        self._check_shape(global_shape)
+        return tuple(self.dim_range(d, n, coords) for d, n in enumerate(global_shape))
+
+    def local_shape(self, global_shape: Sequence[int], coords=None) -> tuple[int, ...]:
+        """Shape of the local block at ``coords`` (default: this rank)."""
+        return tuple(e - s for s, e in self.box(global_shape, coords))
+
+    def slices(self, global_shape: Sequence[int], coords=None) -> tuple[slice, ...]:
+        """Slices that cut the local block out of the global array."""
+        return tuple(slice(s, e) for s, e in self.box(global_shape, coords))
+
+    def local_size(self, global_shape: Sequence[int], coords=None) -> int:
+        n = 1
+        for s in self.local_shape(global_shape, coords):
+            n *= s
+        return n
+
+    def split_counts(self, dim: int, length: int, axis: str, coords=None) -> list[int]:
+        """Block sizes along ``dim`` for each coordinate of ``axis`` (the innermost split axis
+        considered), the other coordinates fixed at ``coords``: the counts of a v-collective."""
+        axes = self.split[dim]
+        if axis not in axes:
+            raise ValueError(f"dim {dim} is not split over axis {axis!r}")
+        k = axes.index(axis)
+        s, e = self.dim_range(dim, length, coords, upto=k)
+        return block_sizes(e - s, self.axis_size(axis))
+
+    def _check_shape(self, global_shape):
+        if len(global_shape) != self.ndim:
+            raise ValueError(f"distribution has {self.ndim} dims but the tensor shape "
+                             f"{tuple(global_shape)} has {len(global_shape)}")
+
+    # ------------------------------------------------------------------ dunder
+    def same_grid(self, other: "Distribution") -> bool:
+        g, h = self.grid, other.grid
+        return g is h or (tuple(g.names) == tuple(h.names) and tuple(g.shape) == tuple(h.shape)
+                          and getattr(g, "comm", None) is getattr(h, "comm", None))
+
+    def __eq__(self, other):
+        return (isinstance(other, Distribution) and self.split == other.split
+                and self.pending == other.pending and self.same_grid(other))
+
+    def __hash__(self):
+        return hash((self.split, self.pending, tuple(self.grid.names), tuple(self.grid.shape)))
+
+    def __repr__(self):
+        parts = []
+        for d, axes in enumerate(self.split):
+            parts.append("R" if not axes else "S(" + ",".join(axes) + ")")
+        s = f"Distribution([{', '.join(parts)}]"
+        if self.pending:
+            s += f", pending={self.pending}"
+        grid = ",".join(f"{n}={k}" for n, k in zip(self.grid.names, self.grid.shape))
+        return s + f", grid=({grid}))"

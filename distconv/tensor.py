@@ -1,0 +1,260 @@
+"""DistTensor: a local block, its distribution and the global shape.
+
+``redistribute`` moves a tensor between any two distributions of the same
+global shape with the cheapest collectives, one grid axis at a time:
+
+1. pending-sum axes the target does not keep: reduce-scatter over that axis
+   when the target splits a dimension over it next, otherwise allreduce;
+2. split axes the target does not keep where they are: alltoall when the
+   target wants that axis on another dimension, otherwise allgather;
+3. split axes the target adds: a local slice (no communication);
+4. pending axes the target adds: the value stays on coordinate 0, zeros elsewhere.
+
+Between distributions on different grids over the same ranks (consecutive
+layers with different strategies), pending sums are first reduced on the
+source grid, then one alltoallv over all ranks moves each element from one
+holder straight to the ranks that need it. No step ever gathers the whole
+tensor on one rank to re-split it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import array_module
+from .distribution import Distribution, block_sizes
+
+
+class DistTensor:
+    """``DistTensor(local, distribution, global_shape)``.
+
+    ``local``: this rank's block (numpy/cupy array) of shape
+    ``distribution.local_shape(global_shape)``.
+    """
+
+    __slots__ = ("local", "distribution", "shape")
+
+    def __init__(self, local, distribution: Distribution, global_shape):
+        global_shape = tuple(int(s) for s in global_shape)
+        want = distribution.local_shape(global_shape)
+        if tuple(local.shape) != want:
+            raise ValueError(f"local block has shape {tuple(local.shape)} but {distribution} "
+                             f"of global shape {global_shape} needs {want} on rank "
+                             f"{distribution.grid.rank}")
+        self.local = local
+        self.distribution = distribution
+        self.shape = global_shape
+
+    # ------------------------------------------------------------- properties
+    @property
+    def grid(self):
+        return self.distribution.grid
+
+    @property
+    def dtype(self):
+        return self.local.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self):
+        return (f"DistTensor(shape={self.shape}, dtype={self.local.dtype}, "
+                f"local={tuple(self.local.shape)}, {self.distribution})")
+
+    # ------------------------------------------------------------ conversion
+    @classmethod
+    def from_global(cls, array, distribution: Distribution, check: bool = True) -> "DistTensor":
+        """Cut this rank's block out of ``array`` (every rank passes the same global array).
+
+        With ``check`` (default) the ranks first agree on shape and dtype: a mismatch raises
+        the same ``ValueError`` on every rank. For a pending distribution the value is put
+        on coordinate 0 of each pending axis and zeros elsewhere.
+        """
+        xp = array_module(array)
+        shape = tuple(int(s) for s in array.shape)
+        if check:
+            comm = distribution.grid.comm
+            comm.check_same((shape, str(array.dtype)), "global (shape, dtype) in from_global")
+        comm_ok = len(shape) == distribution.ndim
+        if not comm_ok:
+            raise ValueError(f"array of shape {shape} has {len(shape)} dims but {distribution} "
+                             f"has {distribution.ndim}")
+        local = xp.ascontiguousarray(array[distribution.slices(shape)])
+        if distribution.pending and any(distribution.grid.coord(a) != 0
+                                        for a in distribution.pending):
+            local = xp.zeros_like(local)
+        elif local is array:
+            local = local.copy()
+        return cls(local, distribution, shape)
+
+    def to_global(self):
+        """The whole tensor on every rank (allgather / allreduce as needed); an xp array."""
+        full = Distribution.replicated(self.grid, self.ndim)
+        return self.redistribute(full).local
+
+    def copy(self) -> "DistTensor":
+        return DistTensor(self.local.copy(), self.distribution, self.shape)
+
+    # ------------------------------------------------------------ redistribute
+    def redistribute(self, target: Distribution) -> "DistTensor":
+        """This tensor laid out as ``target`` (same global shape); self if already so."""
+        if target.ndim != self.ndim:
+            raise ValueError(f"cannot redistribute a {self.ndim}-d tensor to {target}")
+        if target == self.distribution:
+            return self
+        if not self.distribution.same_grid(target):
+            return _cross_grid(self, target)
+        t = self
+        # 1. resolve pending sums the target does not keep
+        for a in t.distribution.pending:
+            if a in target.pending:
+                continue
+            t = _reduce_axis(t, a, target)
+        # 2. move or gather split axes that are not where the target wants them
+        changed = True
+        while changed:
+            changed = False
+            for d in range(t.ndim):
+                cur, want = t.distribution.split[d], target.split[d]
+                if cur == want[:len(cur)]:
+                    continue
+                a = cur[-1]
+                t = _move_or_gather(t, d, a, target)
+                changed = True
+                break
+        # 3. local slices for axes the target adds
+        for d in range(t.ndim):
+            cur, want = t.distribution.split[d], target.split[d]
+            if cur != want:
+                t = _slice_more(t, d, want)
+        # 4. pending axes the target adds
+        new_pending = tuple(a for a in target.pending if a not in t.distribution.pending)
+        if new_pending:
+            xp = array_module(t.local)
+            local = t.local
+            if any(t.grid.coord(a) != 0 for a in new_pending):
+                local = xp.zeros_like(local)
+            t = DistTensor(local, t.distribution.replace(pending=target.pending), t.shape)
+        assert t.distribution == target, (t.distribution, target)
+        return t
+
+
+# ---------------------------------------------------------------- the steps
+def _reduce_axis(t: DistTensor, a: str, target: Distribution) -> DistTensor:
+    """Remove pending axis ``a``: reduce-scatter if the target splits a dim over ``a`` next."""
+    dist = t.distribution
+    sub = t.grid.sub(a)
+    pending = tuple(x for x in dist.pending if x != a)
+    for d in range(t.ndim):
+        cur = dist.split[d]
+        want = target.split[d]
+        if len(want) > len(cur) and want[:len(cur)] == cur and want[len(cur)] == a:
+            counts = block_sizes(t.local.shape[d], sub.size)
+            local = sub.reduce_scatter(t.local, axis=d, counts=counts)
+            nd = dist.replace(split=dist.split[:d] + (cur + (a,),) + dist.split[d + 1:],
+                              pending=pending)
+            return DistTensor(local, nd, t.shape)
+    local = sub.allreduce(t.local)
+    return DistTensor(local, dist.replace(pending=pending), t.shape)
+
+
+def _move_or_gather(t: DistTensor, d: int, a: str, target: Distribution) -> DistTensor:
+    """Remove innermost split axis ``a`` of dim ``d``: alltoall to another dim if the target
+    wants ``a`` there next, otherwise allgather along ``d``."""
+    dist = t.distribution
+    sub = t.grid.sub(a)
+    cur_d = dist.split[d]
+    parent = dist.dim_range(d, t.shape[d], upto=len(cur_d) - 1)
+    recv_counts = block_sizes(parent[1] - parent[0], sub.size)
+    new_split = list(dist.split)
+    new_split[d] = cur_d[:-1]
+    for d2 in range(t.ndim):
+        if d2 == d:
+            continue
+        cur2, want2 = dist.split[d2], target.split[d2]
+        if len(want2) > len(cur2) and want2[:len(cur2)] == cur2 and want2[len(cur2)] == a:
+            send_counts = block_sizes(t.local.shape[d2], sub.size)
+            local = sub.alltoall(t.local, split_axis=d2, concat_axis=d,
+                                 send_counts=send_counts, recv_counts=recv_counts)
+            new_split[d2] = cur2 + (a,)
+            return DistTensor(local, dist.replace(split=new_split), t.shape)
+    local = sub.allgather(t.local, axis=d, counts=recv_counts)
+    return DistTensor(local, dist.replace(split=new_split), t.shape)
+
+
+def _slice_more(t: DistTensor, d: int, want) -> DistTensor:
+    dist = t.distribution
+    nd = dist.with_dim(d, want)
+    lo, _ = dist.dim_range(d, t.shape[d])
+    s, e = nd.dim_range(d, t.shape[d])
+    idx = [slice(None)] * t.ndim
+    idx[d] = slice(s - lo, e - lo)
+    xp = array_module(t.local)
+    return DistTensor(xp.ascontiguousarray(t.local[tuple(idx)]), nd, t.shape)
+
+
+def _cross_grid(t: DistTensor, target: Distribution) -> DistTensor:
+    """Redistribute between two grids over the same ranks with one alltoallv."""
+    src_grid, dst_grid = t.grid, target.grid
+    comm = src_grid.comm
+    if dst_grid.comm is not comm and dst_grid.comm.mpi != comm.mpi:
+        raise ValueError(f"cannot redistribute between grids on different communicators: "
+                         f"{src_grid} and {dst_grid}")
+    if target.pending:
+        # go to the target's layout without pending, then add the pending axes locally
+        base = DistTensor.redistribute(t, target.replace(pending=()))
+        return base.redistribute(target)
+    if t.distribution.pending:
+        t = t.redistribute(t.distribution.replace(pending=()))
+    src = t.distribution
+    xp = array_module(t.local)
+    p, me = comm.size, comm.rank
+    shape = t.shape
+    rep_idx = [src_grid.index(a) for a in src.replica_axes]
+    my_src_coords = src_grid.coords
+    my_rep = tuple(my_src_coords[i] for i in rep_idx)
+    my_src_box = src.box(shape, my_src_coords)
+    my_dst_box = target.box(shape, dst_grid.coords_of(me))
+
+    def inter(b1, b2):
+        out = tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(b1, b2))
+        return out if all(e > s for s, e in out) else None
+
+    def rel(box, base):
+        return tuple(slice(s - b[0], e - b[0]) for (s, e), b in zip(box, base))
+
+    out = xp.empty(tuple(e - s for s, e in my_dst_box), t.local.dtype)
+    send_parts, send_counts, recv_boxes, recv_counts = [], [], [], []
+    for q in range(p):
+        q_src_coords = src_grid.coords_of(q)
+        q_rep = tuple(q_src_coords[i] for i in rep_idx)
+        # what I send to q: my block ∩ q's target box, if I am q's chosen replica
+        box = inter(my_src_box, target.box(shape, dst_grid.coords_of(q))) \
+            if q_rep == my_rep else None
+        if q == me:
+            if box is not None:
+                out[rel(box, my_dst_box)] = t.local[rel(box, my_src_box)]
+            send_counts.append(0)
+            recv_counts.append(0)
+            recv_boxes.append(None)
+            continue
+        if box is not None:
+            part = t.local[rel(box, my_src_box)]
+            send_parts.append(part.reshape(-1))
+            send_counts.append(part.size)
+        else:
+            send_counts.append(0)
+        # what I receive from q: q's block ∩ my target box, if q is my chosen replica
+        rbox = inter(src.box(shape, q_src_coords), my_dst_box) if q_rep == my_rep else None
+        recv_boxes.append(rbox)
+        recv_counts.append(0 if rbox is None else int(np.prod([e - s for s, e in rbox])))
+    send = xp.concatenate(send_parts) if send_parts else xp.empty(0, t.local.dtype)
+    flat = comm.alltoallv_flat(send, send_counts, recv_counts)
+    off = 0
+    for q, rbox in enumerate(recv_boxes):
+        if rbox is None:
+            continue
+        n = recv_counts[q]
+        out[rel(rbox, my_dst_box)] = flat[off:off + n].reshape([e - s for s, e in rbox])
+        off += n
+    return DistTensor(out, target, shape)
