@@ -94,8 +94,11 @@ class Distribution:
             if a in used:
                 raise ValueError(f"grid axis {a!r} is both pending and splitting {used[a]}")
             used[a] = "pending"
-        # keep pending axes in grid order so equal distributions compare equal
-        pend = tuple(a for a in names if a in pend)
+        # canonical form: axes of size 1 split nothing and sum nothing, so they are dropped;
+        # pending axes are kept in grid order so equal distributions compare equal
+        size = dict(zip(names, grid.shape))
+        sp = tuple(tuple(a for a in axes if size[a] > 1) for axes in sp)
+        pend = tuple(a for a in names if a in pend and size[a] > 1)
         self.grid = grid
         self.split = sp
         self.pending = pend

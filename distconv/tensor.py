@@ -110,7 +110,11 @@ class DistTensor:
             if a in target.pending:
                 continue
             t = _reduce_axis(t, a, target)
-        # 2. move or gather split axes that are not where the target wants them
+        # 2. move or gather split axes that are not where the target wants them; when an
+        #    axis would be gathered and then used again by the target (a reordering of
+        #    blocks), one alltoallv of exactly the missing elements is cheaper
+        if _needs_general(t.distribution, target):
+            return _general(t, target.replace(pending=())).redistribute(target)
         changed = True
         while changed:
             changed = False
@@ -182,6 +186,32 @@ def _move_or_gather(t: DistTensor, d: int, a: str, target: Distribution) -> Dist
     return DistTensor(local, dist.replace(split=new_split), t.shape)
 
 
+def _needs_general(cur: Distribution, target: Distribution) -> bool:
+    """True if the gather/alltoall/slice steps would gather an axis the target splits over."""
+    want_axes = set(target.split_axes)
+    split = [list(s) for s in cur.split]
+    changed = True
+    while changed:
+        changed = False
+        for d in range(len(split)):
+            c, w = tuple(split[d]), target.split[d]
+            if c == w[:len(c)]:
+                continue
+            a = split[d].pop()
+            moved = False
+            for d2 in range(len(split)):
+                c2, w2 = tuple(split[d2]), target.split[d2]
+                if d2 != d and len(w2) > len(c2) and w2[:len(c2)] == c2 and w2[len(c2)] == a:
+                    split[d2].append(a)
+                    moved = True
+                    break
+            if not moved and a in want_axes:
+                return True
+            changed = True
+            break
+    return False
+
+
 def _slice_more(t: DistTensor, d: int, want) -> DistTensor:
     dist = t.distribution
     nd = dist.with_dim(d, want)
@@ -205,7 +235,22 @@ def _cross_grid(t: DistTensor, target: Distribution) -> DistTensor:
         base = DistTensor.redistribute(t, target.replace(pending=()))
         return base.redistribute(target)
     if t.distribution.pending:
-        t = t.redistribute(t.distribution.replace(pending=()))
+        # reduce-scatter each pending axis onto the locally largest dimension
+        src = t.distribution
+        split = [list(s) for s in src.split]
+        for a in src.pending:
+            d = max(range(t.ndim), key=lambda i: (src.local_shape(t.shape)[i], -i))
+            split[d].append(a)
+        t = t.redistribute(src.replace(split=split, pending=()))
+    return _general(t, target)
+
+
+def _general(t: DistTensor, target: Distribution) -> DistTensor:
+    """One alltoallv over all ranks: each rank receives exactly the elements of its target
+    block that it does not hold, each from one holder (the one with the same coordinates on
+    the source's replica axes). ``t`` and ``target`` have no pending axes."""
+    src_grid, dst_grid = t.grid, target.grid
+    comm = src_grid.comm
     src = t.distribution
     xp = array_module(t.local)
     p, me = comm.size, comm.rank
