@@ -1,0 +1,58 @@
+"""A small cache of reusable scratch buffers for the local kernels.
+
+Kernels such as im2col need large temporary arrays whose shape repeats from
+one training step to the next. Allocating them on every call costs page
+faults (NumPy) or allocator traffic (CuPy); this module keeps the most
+recently used ones, keyed by (array module, tag, shape, dtype), up to a byte
+budget. Buffers returned here are *scratch*: callers must never hand them
+back to user code, and must not rely on their content except where they
+asked for ``zero=True`` and only ever write regions they overwrite fully on
+every call (the zero borders of a padded-input buffer stay zero).
+
+Not thread-safe: one rank computes with one thread of Python.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
+_BYTES = 0
+_LIMIT = 512 * 2 ** 20  # bytes kept alive at most
+
+
+def set_limit(nbytes: int) -> None:
+    """Set the byte budget of the cache (0 disables caching) and trim it."""
+    global _LIMIT
+    _LIMIT = max(0, int(nbytes))
+    _trim()
+
+
+def clear() -> None:
+    """Drop every cached buffer."""
+    global _BYTES
+    _CACHE.clear()
+    _BYTES = 0
+
+
+def _trim() -> None:
+    global _BYTES
+    while _CACHE and _BYTES > _LIMIT:
+        _, buf = _CACHE.popitem(last=False)
+        _BYTES -= buf.nbytes
+
+
+def get(xp, tag: str, shape, dtype, zero: bool = False):
+    """A scratch array of ``shape``/``dtype`` for ``tag``; zero-filled when first made if ``zero``."""
+    global _BYTES
+    shape = tuple(int(s) for s in shape)
+    key = (xp.__name__, tag, shape, str(dtype))
+    buf = _CACHE.get(key)
+    if buf is not None:
+        _CACHE.move_to_end(key)
+        return buf
+    buf = xp.zeros(shape, dtype) if zero else xp.empty(shape, dtype)
+    if buf.nbytes <= _LIMIT:
+        _CACHE[key] = buf
+        _BYTES += buf.nbytes
+        _trim()
+    return buf

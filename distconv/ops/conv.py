@@ -1,0 +1,365 @@
+"""Local 2-D convolution: forward, backward-data and backward-filter as large GEMMs.
+
+All arrays are NCHW, weights OIHW (PyTorch layout): ``x`` is (N, C, H, W),
+``w`` is (F, C, kh, kw), ``y``/``dy`` is (N, F, Ho, Wo). No bias (layers add
+it). ``stride``, ``padding`` and ``dilation`` are 2-tuples of ints. Every
+function accepts NumPy or CuPy arrays (the array module is taken from the
+input), any dimension may be zero, and results have the input's dtype.
+
+How the work is laid out (B = a block of samples, K = C*kh*kw, L = Ho*Wo):
+
+* 1x1, no padding: no im2col at all. Forward is ``W(F,C) @ x[n](C,H*W)``
+  per sample (a batched GEMM writing straight into NCHW ``y``); stride > 1
+  takes one strided copy of the input first.
+* stride 1 ("extended-row" im2col): the zero-padded input of one sample is
+  flattened to (C, Hp*Wp); the patch matrix row for (c, i, j) is then the
+  *contiguous* run ``xpad[c].flat[i*dh*Wp + j*dw : ... + Ho*Wp]``, so building
+  the (K, Ho*Wp) column buffer is K long memcpy-like copies rather than
+  K*Ho short ones. The GEMM computes Wp - Wo wasted columns per output row,
+  which are cropped. Used when that waste is small.
+* otherwise: classic im2col through an ``as_strided`` view and one copy into
+  a cached (K, B*L) buffer.
+* small images (L below ~``_TARGET_COLS``) fold several samples into the GEMM's
+  column dimension so the BLAS gets a wide matrix.
+* backward-data, stride 1: a forward convolution of ``dy`` with the flipped,
+  transposed kernel (no col2im). Other strides: ``W^T @ dy`` then col2im by
+  kh*kw strided slice additions (a loop over kernel offsets only).
+* backward-filter: ``dy(F, B*L) @ cols(K, B*L)^T`` accumulated over sample
+  blocks, using the same column buffers as forward.
+
+Scratch buffers come from :mod:`distconv.ops._workspace` and are reused
+between calls with the same shapes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_module
+from . import _workspace
+
+# Fold samples into one GEMM until it has at least this many columns.
+_TARGET_COLS = 1024
+# Use the extended-row im2col for stride 1 when (Wp - Wo) / Wo is at most this.
+_EXT_MAX_WASTE = 0.15
+
+
+def _pair(v, name):
+    if isinstance(v, (int, np.integer)):
+        return (int(v), int(v))
+    try:
+        a, b = v
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+    return (int(a), int(b))
+
+
+def _check_params(stride, padding, dilation):
+    stride = _pair(stride, "stride")
+    padding = _pair(padding, "padding")
+    dilation = _pair(dilation, "dilation")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    return stride, padding, dilation
+
+
+def conv2d_output_hw(h, w, kernel_hw, stride, padding, dilation):
+    """Output spatial size (Ho, Wo) of a convolution of an (h, w) image (PyTorch formula).
+
+    ``Ho = (h + 2*ph - dh*(kh-1) - 1) // sh + 1`` and likewise for W.
+    Raises ValueError when Ho or Wo would be < 1.
+    """
+    kh, kw = _pair(kernel_hw, "kernel_hw")
+    (sh, sw), (ph, pw), (dh, dw) = _check_params(stride, padding, dilation)
+    if kh < 1 or kw < 1:
+        raise ValueError(f"kernel size must be >= 1, got {(kh, kw)}")
+    eh = h + 2 * ph - dh * (kh - 1) - 1
+    ew = w + 2 * pw - dw * (kw - 1) - 1
+    if eh < 0 or ew < 0:
+        raise ValueError(
+            f"convolution output would be empty: input {h}x{w}, kernel {kh}x{kw}, "
+            f"stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)} gives "
+            f"{eh // sh + 1}x{ew // sw + 1}")
+    return eh // sh + 1, ew // sw + 1
+
+
+def _as_strided(xp, a, shape, strides):
+    if xp is np:
+        return np.lib.stride_tricks.as_strided(a, shape=shape, strides=strides, writeable=False)
+    return xp.lib.stride_tricks.as_strided(a, shape=shape, strides=strides)
+
+
+def _block_size(n, cols_per_sample):
+    return max(1, min(n, -(-_TARGET_COLS // max(1, cols_per_sample))))
+
+
+class _Geom:
+    """Shapes and the chosen im2col layout of one convolution."""
+
+    def __init__(self, x_shape, w_shape, stride, padding, dilation):
+        self.N, self.C, self.H, self.W = (int(s) for s in x_shape)
+        self.F, Cw, self.kh, self.kw = (int(s) for s in w_shape)
+        if Cw != self.C:
+            raise ValueError(f"input has {self.C} channels but weight expects {Cw} "
+                             f"(x {tuple(x_shape)}, w {tuple(w_shape)})")
+        (self.sh, self.sw), (self.ph, self.pw), (self.dh, self.dw) = \
+            _check_params(stride, padding, dilation)
+        self.Ho, self.Wo = conv2d_output_hw(self.H, self.W, (self.kh, self.kw),
+                                            (self.sh, self.sw), (self.ph, self.pw),
+                                            (self.dh, self.dw))
+        self.K = self.C * self.kh * self.kw
+        self.L = self.Ho * self.Wo
+        self.pointwise = (self.kh == 1 and self.kw == 1 and self.ph == 0 and self.pw == 0)
+        self.Hp = self.H + 2 * self.ph
+        self.Wp = self.W + 2 * self.pw
+        # extended-row layout: stride 1 and little wasted width
+        self.ext = (self.sh == 1 and self.sw == 1 and not self.pointwise
+                    and (self.Wp - self.Wo) <= _EXT_MAX_WASTE * self.Wo)
+        if self.ext:
+            # one extra zero row so the last shifted run stays inside the buffer
+            self.Hb = self.Hp + (1 if self.kw > 1 else 0)
+            self.Lc = self.Ho * self.Wp  # columns per sample
+        else:
+            self.Hb = self.Hp
+            self.Lc = self.L
+        self.B = _block_size(self.N, self.Lc)
+
+
+def _padded(xp, g, x, n0, n1, tag):
+    """x[n0:n1] as a (B, C, Hb, Wb) array with zero borders (a cached buffer or x itself)."""
+    b = n1 - n0
+    if not g.ext and g.ph == 0 and g.pw == 0:
+        return x[n0:n1]
+    buf = _workspace.get(xp, tag, (b, g.C, g.Hb, g.Wp), x.dtype, zero=True)
+    buf[:, :, g.ph:g.ph + g.H, g.pw:g.pw + g.W] = x[n0:n1]
+    return buf
+
+
+def _im2col(xp, g, x, n0, n1, tag="cols"):
+    """Column buffer (K, b*Lc) of samples n0..n1, rows ordered (c, i, j)."""
+    b = n1 - n0
+    xpad = _padded(xp, g, x, n0, n1, tag + "_pad")
+    it = xpad.itemsize
+    sN, sC, sH, sW = (s // it for s in xpad.strides)
+    cols = _workspace.get(xp, tag, (g.K, b * g.Lc), x.dtype)
+    if g.ext:
+        # xpad is contiguous: sW == 1, sH == Wp
+        view = _as_strided(xp, xpad, (g.C, g.kh, g.kw, b, g.Lc),
+                           tuple(s * it for s in (sC, g.dh * sH, g.dw * sW, sN, 1)))
+        xp.copyto(cols.reshape(g.C, g.kh, g.kw, b, g.Lc), view)
+    else:
+        view = _as_strided(xp, xpad, (g.C, g.kh, g.kw, b, g.Ho, g.Wo),
+                           tuple(s * it for s in (sC, g.dh * sH, g.dw * sW, sN,
+                                                  g.sh * sH, g.sw * sW)))
+        xp.copyto(cols.reshape(g.C, g.kh, g.kw, b, g.Ho, g.Wo), view)
+    return cols
+
+
+def _weight2d(xp, w, dtype, F, K):
+    w = xp.asarray(w)
+    if w.dtype != dtype:
+        w = w.astype(dtype)
+    return xp.ascontiguousarray(w).reshape(F, K)
+
+
+def _pointwise_input(xp, g, x):
+    """(N, C, Ho*Wo) view/copy of x for a 1x1 unpadded convolution."""
+    if g.sh == 1 and g.sw == 1:
+        return xp.ascontiguousarray(x).reshape(g.N, g.C, g.L)
+    xs = x[:, :, :g.sh * (g.Ho - 1) + 1:g.sh, :g.sw * (g.Wo - 1) + 1:g.sw]
+    return xp.ascontiguousarray(xs).reshape(g.N, g.C, g.L)
+
+
+def _gemm_batched(xp, A, X, Y, tag):
+    """Y[n] = A @ X[n] for X (N, K, L), Y (N, M, L); folds samples when L is small."""
+    N, K, L = X.shape
+    M = A.shape[0]
+    B = _block_size(N, L)
+    if B == 1:
+        xp.matmul(A, X, out=Y)
+        return
+    for n0 in range(0, N, B):
+        n1 = min(N, n0 + B)
+        b = n1 - n0
+        xf = _workspace.get(xp, tag + "_in", (K, b, L), X.dtype)
+        xp.copyto(xf, X[n0:n1].transpose(1, 0, 2))
+        yf = _workspace.get(xp, tag + "_out", (M, b, L), X.dtype)
+        xp.matmul(A, xf.reshape(K, b * L), out=yf.reshape(M, b * L))
+        xp.copyto(Y[n0:n1], yf.transpose(1, 0, 2))
+
+
+def conv2d_forward(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """Convolution forward (cross-correlation, as PyTorch), without bias.
+
+    x: (N, C, H, W); w: (F, C, kh, kw) -> y: (N, F, Ho, Wo), dtype of x.
+    """
+    xp = array_module(x)
+    g = _Geom(x.shape, w.shape, stride, padding, dilation)
+    dt = x.dtype
+    y = xp.empty((g.N, g.F, g.Ho, g.Wo), dt)
+    if y.size == 0:
+        return y
+    if g.K == 0:
+        y.fill(0)
+        return y
+    w2 = _weight2d(xp, w, dt, g.F, g.K)
+    if g.pointwise:
+        _gemm_batched(xp, w2, _pointwise_input(xp, g, x), y.reshape(g.N, g.F, g.L), "fwd1x1")
+        return y
+    for n0 in range(0, g.N, g.B):
+        n1 = min(g.N, n0 + g.B)
+        b = n1 - n0
+        cols = _im2col(xp, g, x, n0, n1)
+        if g.ext:
+            out = _workspace.get(xp, "fwd_out", (g.F, b, g.Ho, g.Wp), dt)
+            xp.matmul(w2, cols, out=out.reshape(g.F, b * g.Lc))
+            xp.copyto(y[n0:n1], out[:, :, :, :g.Wo].transpose(1, 0, 2, 3))
+        elif b == 1:
+            xp.matmul(w2, cols, out=y[n0].reshape(g.F, g.L))
+        else:
+            out = _workspace.get(xp, "fwd_out", (g.F, b, g.L), dt)
+            xp.matmul(w2, cols, out=out.reshape(g.F, b * g.L))
+            xp.copyto(y[n0:n1].reshape(b, g.F, g.L), out.transpose(1, 0, 2))
+    return y
+
+
+def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """Gradient of the convolution with respect to its input.
+
+    dy: (N, F, Ho, Wo); w: (F, C, kh, kw); x_hw = (H, W) -> dx: (N, C, H, W), dtype of dy.
+    """
+    xp = array_module(dy)
+    H, W = (int(v) for v in x_hw)
+    N, F = int(dy.shape[0]), int(dy.shape[1])
+    C = int(w.shape[1])
+    g = _Geom((N, C, H, W), w.shape, stride, padding, dilation)
+    if tuple(dy.shape) != (N, g.F, g.Ho, g.Wo):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(N, g.F, g.Ho, g.Wo)} "
+                         f"for input {H}x{W} and weight {tuple(w.shape)}")
+    dt = dy.dtype
+    if N * C * H * W == 0:
+        return xp.zeros((N, C, H, W), dt)
+    if F == 0:
+        return xp.zeros((N, C, H, W), dt)
+    w2 = _weight2d(xp, w, dt, F, g.K)
+    if g.pointwise and g.sh == 1 and g.sw == 1:
+        dx = xp.empty((N, C, H, W), dt)
+        _gemm_batched(xp, xp.ascontiguousarray(w2.T), xp.ascontiguousarray(dy).reshape(N, F, g.L),
+                      dx.reshape(N, C, H * W), "bwd1x1")
+        return dx
+    if g.pointwise:
+        dx = xp.zeros((N, C, H, W), dt)
+        tmp = _workspace.get(xp, "bwd1x1s", (N, C, g.Ho, g.Wo), dt)
+        _gemm_batched(xp, xp.ascontiguousarray(w2.T), xp.ascontiguousarray(dy).reshape(N, F, g.L),
+                      tmp.reshape(N, C, g.L), "bwd1x1")
+        dx[:, :, :g.sh * (g.Ho - 1) + 1:g.sh, :g.sw * (g.Wo - 1) + 1:g.sw] = tmp
+        return dx
+    qh = g.dh * (g.kh - 1) - g.ph
+    qw = g.dw * (g.kw - 1) - g.pw
+    if g.sh == 1 and g.sw == 1 and qh >= 0 and qw >= 0:
+        # full correlation of dy with the flipped kernel, channels swapped
+        wt = xp.ascontiguousarray(xp.asarray(w, dtype=dt).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        return conv2d_forward(dy, wt, (1, 1), (qh, qw), (g.dh, g.dw))
+    return _backward_data_col2im(xp, g, dy, w2)
+
+
+def _backward_data_col2im(xp, g, dy, w2):
+    dt = dy.dtype
+    dx = xp.empty((g.N, g.C, g.H, g.W), dt)
+    w2t = xp.ascontiguousarray(w2.T)  # (K, F)
+    B = _block_size(g.N, g.L)
+    dyc = xp.ascontiguousarray(dy)
+    for n0 in range(0, g.N, B):
+        n1 = min(g.N, n0 + B)
+        b = n1 - n0
+        if b == 1:
+            dyb = dyc[n0].reshape(g.F, g.L)
+        else:
+            dyb = _workspace.get(xp, "bwd_dy", (g.F, b, g.L), dt)
+            xp.copyto(dyb, dyc[n0:n1].reshape(b, g.F, g.L).transpose(1, 0, 2))
+            dyb = dyb.reshape(g.F, b * g.L)
+        cols = _workspace.get(xp, "bwd_cols", (g.K, b * g.L), dt)
+        xp.matmul(w2t, dyb, out=cols)
+        cols6 = cols.reshape(g.C, g.kh, g.kw, b, g.Ho, g.Wo)
+        pad = g.ph > 0 or g.pw > 0
+        if pad:
+            acc = _workspace.get(xp, "bwd_acc", (b, g.C, g.Hp, g.Wp), dt)
+        else:
+            acc = dx[n0:n1]
+        acc.fill(0)
+        hs = g.sh * (g.Ho - 1) + 1
+        ws = g.sw * (g.Wo - 1) + 1
+        for i in range(g.kh):
+            for j in range(g.kw):
+                a, c = i * g.dh, j * g.dw
+                acc[:, :, a:a + hs:g.sh, c:c + ws:g.sw] += cols6[:, i, j].transpose(1, 0, 2, 3)
+        if pad:
+            xp.copyto(dx[n0:n1], acc[:, :, g.ph:g.ph + g.H, g.pw:g.pw + g.W])
+    return dx
+
+
+def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """Gradient of the convolution with respect to its weight.
+
+    x: (N, C, H, W); dy: (N, F, Ho, Wo); kernel_hw = (kh, kw) -> dw: (F, C, kh, kw), dtype of x.
+    """
+    xp = array_module(x)
+    kh, kw = _pair(kernel_hw, "kernel_hw")
+    F = int(dy.shape[1])
+    g = _Geom(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
+    if tuple(dy.shape) != (g.N, F, g.Ho, g.Wo):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(g.N, F, g.Ho, g.Wo)} "
+                         f"for x {tuple(x.shape)} and kernel {(kh, kw)}")
+    dt = x.dtype
+    dw = xp.zeros((F, g.C, kh, kw), dt)
+    if dw.size == 0 or g.N == 0 or g.L == 0:
+        return dw
+    dw2 = dw.reshape(F, g.K)
+    dyc = xp.ascontiguousarray(dy)
+    if dyc.dtype != dt:
+        dyc = dyc.astype(dt)
+    first = True
+
+    def acc(a, bmat):
+        nonlocal first
+        if first:
+            xp.matmul(a, bmat, out=dw2)
+            first = False
+        else:
+            dw2[...] += xp.matmul(a, bmat)
+
+    if g.pointwise:
+        xs = _pointwise_input(xp, g, x)  # (N, C, L)
+        B = _block_size(g.N, g.L)
+        for n0 in range(0, g.N, B):
+            n1 = min(g.N, n0 + B)
+            b = n1 - n0
+            if b == 1:
+                acc(dyc[n0].reshape(F, g.L), xs[n0].T)
+            else:
+                db = _workspace.get(xp, "bwf_dy", (F, b, g.L), dt)
+                xp.copyto(db, dyc[n0:n1].reshape(b, F, g.L).transpose(1, 0, 2))
+                xb = _workspace.get(xp, "bwf_x", (g.C, b, g.L), dt)
+                xp.copyto(xb, xs[n0:n1].transpose(1, 0, 2))
+                acc(db.reshape(F, b * g.L), xb.reshape(g.C, b * g.L).T)
+        return dw
+    for n0 in range(0, g.N, g.B):
+        n1 = min(g.N, n0 + g.B)
+        b = n1 - n0
+        cols = _im2col(xp, g, x, n0, n1)
+        if g.ext:
+            # dy laid out with the extended rows; the extra columns stay zero
+            db = _workspace.get(xp, "bwf_dyext", (F, b, g.Ho, g.Wp), dt, zero=True)
+            db[:, :, :, :g.Wo] = dyc[n0:n1].transpose(1, 0, 2, 3)
+            db = db.reshape(F, b * g.Lc)
+        elif b == 1:
+            db = dyc[n0].reshape(F, g.L)
+        else:
+            db = _workspace.get(xp, "bwf_dy", (F, b, g.L), dt)
+            xp.copyto(db, dyc[n0:n1].reshape(b, F, g.L).transpose(1, 0, 2))
+            db = db.reshape(F, b * g.L)
+        acc(db, cols.T)
+    return dw

@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""Benchmark distconv's local convolution kernels against PyTorch.
+
+For each convolution shape (the distinct conv layers of ResNet-50 at 224x224,
+plus one wide-ResNet layer) and each pass (forward, backward-data,
+backward-filter), this times ``distconv.ops.conv`` and the PyTorch equivalent
+(``torch.nn.functional.conv2d``, ``torch.nn.grad.conv2d_input`` and
+``torch.nn.grad.conv2d_weight``) with the same dtype and thread count, and
+prints GFLOP/s side by side, the distconv/PyTorch ratio per shape, and the
+geometric-mean ratio per pass and overall. It also measures the numpy BLAS
+sgemm/dgemm rate on a large square matrix (the practical ceiling for a
+GEMM-based convolution) and prints which BLAS is in use.
+
+Timings alternate distconv and PyTorch repeat by repeat so that noise from a
+shared machine hits both alike; each number is the median of the repeats
+after one warm-up call.
+
+Examples::
+
+    python scripts/bench_conv.py --threads 1 --json bench1.json
+    python scripts/bench_conv.py --quick
+    OPENBLAS_CORETYPE=Haswell python scripts/bench_conv.py --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+# (name, C, F, H(=W), kernel, stride, padding)
+RESNET50 = [
+    ("conv1 7x7/2 3->64 @224", 3, 64, 224, 7, 2, 3),
+    ("l1 1x1 64->64 @56", 64, 64, 56, 1, 1, 0),
+    ("l1 3x3 64->64 @56", 64, 64, 56, 3, 1, 1),
+    ("l1 1x1 64->256 @56 (+ds)", 64, 256, 56, 1, 1, 0),
+    ("l1 1x1 256->64 @56", 256, 64, 56, 1, 1, 0),
+    ("l2 1x1 256->128 @56", 256, 128, 56, 1, 1, 0),
+    ("l2 3x3/2 128->128 @56", 128, 128, 56, 3, 2, 1),
+    ("l2 ds 1x1/2 256->512 @56", 256, 512, 56, 1, 2, 0),
+    ("l2 1x1 128->512 @28", 128, 512, 28, 1, 1, 0),
+    ("l2 1x1 512->128 @28", 512, 128, 28, 1, 1, 0),
+    ("l2 3x3 128->128 @28", 128, 128, 28, 3, 1, 1),
+    ("l3 1x1 512->256 @28", 512, 256, 28, 1, 1, 0),
+    ("l3 3x3/2 256->256 @28", 256, 256, 28, 3, 2, 1),
+    ("l3 ds 1x1/2 512->1024 @28", 512, 1024, 28, 1, 2, 0),
+    ("l3 1x1 256->1024 @14", 256, 1024, 14, 1, 1, 0),
+    ("l3 1x1 1024->256 @14", 1024, 256, 14, 1, 1, 0),
+    ("l3 3x3 256->256 @14", 256, 256, 14, 3, 1, 1),
+    ("l4 1x1 1024->512 @14", 1024, 512, 14, 1, 1, 0),
+    ("l4 3x3/2 512->512 @14", 512, 512, 14, 3, 2, 1),
+    ("l4 ds 1x1/2 1024->2048 @14", 1024, 2048, 14, 1, 2, 0),
+    ("l4 1x1 512->2048 @7", 512, 2048, 7, 1, 1, 0),
+    ("l4 1x1 2048->512 @7", 2048, 512, 7, 1, 1, 0),
+    ("l4 3x3 512->512 @7", 512, 512, 7, 3, 1, 1),
+    # wide_resnet50_2, layer2 bottleneck 3x3 (width 256 at 28x28)
+    ("wrn50-2 l2 3x3 256->256 @28", 256, 256, 28, 3, 1, 1),
+]
+
+QUICK = [
+    ("l1 3x3 64->64 @28", 64, 64, 28, 3, 1, 1),
+    ("l2 3x3/2 128->128 @28", 128, 128, 28, 3, 2, 1),
+    ("l1 1x1 64->256 @28", 64, 256, 28, 1, 1, 0),
+]
+
+PASSES = ("fwd", "bwd_data", "bwd_filter")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--json", metavar="FILE", help="write all results as JSON to FILE")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for numpy's BLAS and torch (default: all cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized run: 3 small shapes, batch 8, few repeats (< 30 s)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 32; 8 with --quick)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per measurement (default 5; 2 with --quick)")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                   help="array module for distconv (cupy: run the same ops on GPU arrays)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated substrings: only run shapes whose name contains one")
+    return p.parse_args(argv)
+
+
+def conv_flops(n, c, f, ho, wo, k):
+    """Multiply-adds x2 of one pass (the same count for all three passes)."""
+    return 2.0 * n * c * f * ho * wo * k * k
+
+
+def blas_info():
+    from threadpoolctl import threadpool_info
+    out = []
+    for d in threadpool_info():
+        out.append({k: d.get(k) for k in ("user_api", "internal_api", "prefix", "version",
+                                          "architecture", "num_threads", "threading_layer")})
+    return out
+
+
+def median_time(fn, repeats, sync):
+    fn()
+    sync()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def interleaved(fns, repeats, sync):
+    """Median time of each callable, alternating them repeat by repeat (after a warm-up each)."""
+    for f in fns:
+        if f is not None:
+            f()
+    sync()
+    ts = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            if f is None:
+                continue
+            t0 = time.perf_counter()
+            f()
+            sync()
+            ts[i].append(time.perf_counter() - t0)
+    return [float(np.median(t)) if t else None for t in ts]
+
+
+def gemm_rate(xp, dtype, n, repeats, sync):
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)).astype(dtype))
+    b = a.copy()
+    c = xp.empty_like(a)
+    t = median_time(lambda: xp.matmul(a, b, out=c), repeats, sync)
+    return 2.0 * n ** 3 / t / 1e9
+
+
+def geomean(v):
+    v = [x for x in v if x is not None and x > 0]
+    return float(math.exp(sum(math.log(x) for x in v) / len(v))) if v else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    batch = args.batch if args.batch is not None else (8 if args.quick else 32)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    shapes = QUICK if args.quick else RESNET50
+    if args.shapes:
+        keys = [s.strip() for s in args.shapes.split(",") if s.strip()]
+        shapes = [s for s in shapes if any(k in s[0] for k in keys)]
+    dtype = np.dtype(args.dtype)
+    try:
+        ncores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        ncores = os.cpu_count() or 1
+    threads = args.threads if args.threads else ncores
+
+    from threadpoolctl import threadpool_limits
+    limiter = threadpool_limits(limits=threads)  # noqa: F841 (kept alive)
+
+    if args.backend == "cupy":
+        try:
+            import cupy as xp
+        except ImportError:
+            sys.exit("error: --backend cupy needs CuPy, which cannot be imported here")
+
+        def sync():
+            xp.cuda.Stream.null.synchronize()
+    else:
+        xp = np
+
+        def sync():
+            pass
+
+    from distconv.ops import conv as dconv
+
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch as _torch
+            torch = _torch
+            torch.set_num_threads(threads)
+        except ImportError:
+            print("torch not importable: PyTorch columns skipped", file=sys.stderr)
+    tdev = "cuda" if args.backend == "cupy" else "cpu"
+
+    def tsync():
+        if torch is not None and tdev == "cuda":
+            torch.cuda.synchronize()
+        sync()
+
+    info = {
+        "host": platform.node(), "python": platform.python_version(), "numpy": np.__version__,
+        "torch": getattr(torch, "__version__", None), "backend": args.backend,
+        "dtype": str(dtype), "batch": batch, "threads": threads, "repeats": repeats,
+        "quick": args.quick, "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "blas": blas_info(),
+    }
+    print(f"# distconv conv benchmark: dtype={dtype} batch={batch} threads={threads} "
+          f"backend={args.backend} repeats={repeats}")
+    print(f"# OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']!r}")
+    for d in info["blas"]:
+        print(f"# BLAS: {d['internal_api']} {d['version']} architecture={d['architecture']} "
+              f"num_threads={d['num_threads']} ({d['prefix']})")
+    gn = 1024 if args.quick else 3072
+    info["gemm_n"] = gn
+    info["gemm_gflops"] = gemm_rate(xp, dtype, gn, 3, sync)
+    print(f"# numpy {dtype.name} GEMM {gn}^3: {info['gemm_gflops']:.1f} GFLOP/s "
+          f"(the practical ceiling)")
+    if torch is not None:
+        print(f"# torch {torch.__version__}, threads={torch.get_num_threads()}, "
+              f"mkldnn={torch.backends.mkldnn.is_available()}")
+
+    rng = np.random.default_rng(0)
+    rows = []
+    hdr = f"{'shape':32s} {'pass':10s} {'dc GF/s':>8s} {'pt GF/s':>8s} {'ratio':>6s} {'dc ms':>8s} {'pt ms':>8s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, c, f, h, k, s, p in shapes:
+        x_np = rng.standard_normal((batch, c, h, h)).astype(dtype)
+        w_np = (rng.standard_normal((f, c, k, k)) / math.sqrt(c * k * k)).astype(dtype)
+        ho, wo = dconv.conv2d_output_hw(h, h, (k, k), (s, s), (p, p), (1, 1))
+        dy_np = rng.standard_normal((batch, f, ho, wo)).astype(dtype)
+        x, w, dy = xp.asarray(x_np), xp.asarray(w_np), xp.asarray(dy_np)
+        st, pd, dl = (s, s), (p, p), (1, 1)
+        dc = {
+            "fwd": lambda: dconv.conv2d_forward(x, w, st, pd, dl),
+            "bwd_data": lambda: dconv.conv2d_backward_data(dy, w, (h, h), st, pd, dl),
+            "bwd_filter": lambda: dconv.conv2d_backward_filter(x, dy, (k, k), st, pd, dl),
+        }
+        pt = {q: None for q in PASSES}
+        if torch is not None:
+            xt = torch.from_numpy(x_np).to(tdev)
+            wt = torch.from_numpy(w_np).to(tdev)
+            dyt = torch.from_numpy(dy_np).to(tdev)
+            F_ = torch.nn.functional
+
+            def t_fwd():
+                with torch.no_grad():
+                    return F_.conv2d(xt, wt, None, s, p)
+
+            def t_bd():
+                with torch.no_grad():
+                    return torch.nn.grad.conv2d_input(xt.shape, wt, dyt, s, p)
+
+            def t_bf():
+                with torch.no_grad():
+                    return torch.nn.grad.conv2d_weight(xt, wt.shape, dyt, s, p)
+            pt = {"fwd": t_fwd, "bwd_data": t_bd, "bwd_filter": t_bf}
+        fl = conv_flops(batch, c, f, ho, wo, k)
+        for q in PASSES:
+            t_dc, t_pt = interleaved([dc[q], pt[q]], repeats, tsync)
+            g_dc = fl / t_dc / 1e9
+            g_pt = fl / t_pt / 1e9 if t_pt else None
+            ratio = g_dc / g_pt if g_pt else None
+            rows.append({"shape": name, "C": c, "F": f, "H": h, "W": h, "k": k, "stride": s,
+                         "padding": p, "Ho": ho, "Wo": wo, "pass": q, "gflop": fl / 1e9,
+                         "distconv_s": t_dc, "torch_s": t_pt, "distconv_gflops": g_dc,
+                         "torch_gflops": g_pt, "ratio": ratio})
+            print(f"{name:32s} {q:10s} {g_dc:8.1f} "
+                  f"{(f'{g_pt:8.1f}' if g_pt else '     n/a')} "
+                  f"{(f'{ratio:6.2f}' if ratio else '   n/a')} {t_dc * 1e3:8.2f} "
+                  f"{(f'{t_pt * 1e3:8.2f}' if t_pt else '     n/a')}", flush=True)
+        del x, w, dy
+    summary = {}
+    for q in PASSES:
+        summary[q] = geomean([r["ratio"] for r in rows if r["pass"] == q])
+    summary["overall"] = geomean([r["ratio"] for r in rows])
+    summary["distconv_gflops_geomean"] = geomean([r["distconv_gflops"] for r in rows])
+    summary["torch_gflops_geomean"] = geomean([r["torch_gflops"] for r in rows])
+    t_dc_tot = sum(r["distconv_s"] for r in rows)
+    t_pt_tot = sum(r["torch_s"] for r in rows if r["torch_s"]) if torch is not None else None
+    summary["time_ratio_total"] = (t_pt_tot / t_dc_tot) if t_pt_tot else None
+    print()
+    print("geometric-mean GFLOP/s ratio distconv/PyTorch:")
+    for q in PASSES + ("overall",):
+        v = summary[q]
+        print(f"  {q:12s} {v:.3f}" if v is not None else f"  {q:12s} n/a")
+    if summary["time_ratio_total"]:
+        print(f"  total time PyTorch/distconv over all shapes and passes: "
+              f"{summary['time_ratio_total']:.3f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"info": info, "rows": rows, "summary": summary}, fh, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
