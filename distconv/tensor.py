@@ -79,7 +79,8 @@ class DistTensor:
         if not comm_ok:
             raise ValueError(f"array of shape {shape} has {len(shape)} dims but {distribution} "
                              f"has {distribution.ndim}")
-        local = xp.ascontiguousarray(array[distribution.slices(shape)])
+        part = array[distribution.slices(shape)]
+        local = xp.ascontiguousarray(part) if part.ndim else xp.array(part, copy=True)
         if distribution.pending and any(distribution.grid.coord(a) != 0
                                         for a in distribution.pending):
             local = xp.zeros_like(local)
@@ -149,15 +150,21 @@ def _reduce_axis(t: DistTensor, a: str, target: Distribution) -> DistTensor:
     dist = t.distribution
     sub = t.grid.sub(a)
     pending = tuple(x for x in dist.pending if x != a)
-    for d in range(t.ndim):
+    # the target splits dim d over ``a`` right after what d is split over now: reduce-scatter
+    # lands exactly there; if it splits d over ``a`` elsewhere, reduce-scatter still halves
+    # the bytes of an allreduce and a later alltoallv reorders the blocks
+    exact = [d for d in range(t.ndim)
+             if len(target.split[d]) > len(dist.split[d])
+             and target.split[d][:len(dist.split[d])] == dist.split[d]
+             and target.split[d][len(dist.split[d])] == a]
+    somewhere = [d for d in range(t.ndim) if a in target.split[d]]
+    for d in exact + somewhere:
         cur = dist.split[d]
-        want = target.split[d]
-        if len(want) > len(cur) and want[:len(cur)] == cur and want[len(cur)] == a:
-            counts = block_sizes(t.local.shape[d], sub.size)
-            local = sub.reduce_scatter(t.local, axis=d, counts=counts)
-            nd = dist.replace(split=dist.split[:d] + (cur + (a,),) + dist.split[d + 1:],
-                              pending=pending)
-            return DistTensor(local, nd, t.shape)
+        counts = block_sizes(t.local.shape[d], sub.size)
+        local = sub.reduce_scatter(t.local, axis=d, counts=counts)
+        nd = dist.replace(split=dist.split[:d] + (cur + (a,),) + dist.split[d + 1:],
+                          pending=pending)
+        return DistTensor(local, nd, t.shape)
     local = sub.allreduce(t.local)
     return DistTensor(local, dist.replace(pending=pending), t.shape)
 
