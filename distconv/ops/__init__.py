@@ -6,3 +6,10 @@ NCHW and convolution weights OIHW, as in PyTorch.
 """
 from .conv import (conv2d_output_hw, conv2d_forward, conv2d_backward_data,  # noqa: F401
                    conv2d_backward_filter)
+from .pool import (max_pool2d_forward, max_pool2d_backward, avg_pool2d_forward,  # noqa: F401
+                   avg_pool2d_backward, global_avg_pool_forward, global_avg_pool_backward)
+from .batchnorm import (bn_local_stats, bn_mean_invstd, bn_forward_apply,  # noqa: F401
+                        bn_backward_reduce, bn_backward_apply, bn_param_grads)
+from .activation import relu_forward, relu_backward  # noqa: F401
+from .loss import (logsumexp, log_softmax, softmax, cross_entropy_forward_local,  # noqa: F401
+                   cross_entropy_backward_local)

@@ -1,0 +1,178 @@
+"""Local pieces of (synchronised) 2-D batch normalisation on NCHW xp arrays.
+
+The work is split like PyTorch's SyncBatchNorm so that a distributed layer
+can sum per-channel statistics over the ranks that share a channel block
+between the steps::
+
+    s, ss, n = bn_local_stats(x)                 # local, per channel
+    s, ss, n = allreduce(s), allreduce(ss), allreduce(n)
+    mean, invstd, var_unbiased = bn_mean_invstd(s, ss, n, eps)
+    y = bn_forward_apply(x, mean, invstd, weight, bias)
+
+    sdy, sdyx = bn_backward_reduce(dy, x, mean)  # local, per channel
+    sdy, sdyx = allreduce(sdy), allreduce(sdyx)
+    dx = bn_backward_apply(dy, x, mean, invstd, weight, sdy, sdyx, n)
+    dweight, dbias = bn_param_grads(sdy, sdyx, invstd)
+
+Numerics: per-channel sums are accumulated in float64 (like PyTorch's CPU
+kernels, whose accumulation type for float is double): the elements are
+converted in chunks of samples, and each x*x of a float32 value is exact in
+float64, so ``sumsq/n - mean**2`` loses nothing to float32 rounding; the
+variance is clamped at 0. Statistics are returned as float64 arrays of
+shape (C,); the apply functions accept any float dtype for them and compute
+in the dtype of x.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_module
+
+_CHUNK_ELEMS = 1 << 20  # elements converted to float64 at a time
+
+
+def _chunks(n, per_sample):
+    step = max(1, _CHUNK_ELEMS // max(1, per_sample))
+    for n0 in range(0, n, step):
+        yield n0, min(n, n0 + step)
+
+
+def _check4(x, name="x"):
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be NCHW (4-D), got shape {tuple(x.shape)}")
+
+
+def bn_local_stats(x):
+    """Per-channel sum, sum of squares and element count of the local block.
+
+    x: (N, C, H, W) -> (sum (C,) float64, sumsq (C,) float64, count int = N*H*W).
+    """
+    _check4(x)
+    xp = array_module(x)
+    N, C, H, W = (int(s) for s in x.shape)
+    L = H * W
+    s = xp.zeros((C,), np.float64)
+    ss = xp.zeros((C,), np.float64)
+    if N * C * L == 0:
+        return s, ss, N * L
+    x3 = x.reshape(N, C, L)
+    for n0, n1 in _chunks(N, C * L):
+        c = x3[n0:n1].astype(np.float64)
+        s += c.sum(axis=(0, 2))
+        c *= c
+        ss += c.sum(axis=(0, 2))
+    return s, ss, N * L
+
+
+def bn_mean_invstd(sum_, sumsq, count, eps=1e-5):
+    """Mean, 1/sqrt(var + eps) and unbiased variance from (global) sums.
+
+    sum_, sumsq: (C,); count: int -> (mean, invstd, var_unbiased), each (C,)
+    float64. ``var_unbiased`` (for the running variance, as PyTorch) divides
+    by count - 1 and is ``nan`` when count == 1 (PyTorch refuses to train
+    with one value per channel; callers decide). Raises ValueError on count 0.
+    """
+    xp = array_module(sum_)
+    count = int(count)
+    if count <= 0:
+        raise ValueError("batch norm statistics over zero elements (global count is 0)")
+    sum_ = xp.asarray(sum_, dtype=np.float64)
+    sumsq = xp.asarray(sumsq, dtype=np.float64)
+    mean = sum_ / count
+    var = xp.maximum(sumsq / count - mean * mean, 0.0)
+    invstd = 1.0 / xp.sqrt(var + eps)
+    var_unbiased = var * (count / (count - 1)) if count > 1 else xp.full_like(var, np.nan)
+    return mean, invstd, var_unbiased
+
+
+def _bc(xp, v, dtype):
+    """A per-channel vector (C,) as a (1, C, 1, 1) array of ``dtype``."""
+    return xp.asarray(v).astype(dtype, copy=False).reshape(1, -1, 1, 1)
+
+
+def bn_forward_apply(x, mean, invstd, weight=None, bias=None):
+    """Normalise: y = (x - mean) * invstd * weight + bias.
+
+    x: (N, C, H, W); mean, invstd, weight, bias: (C,) (weight/bias may be None)
+    -> y: (N, C, H, W) of x's dtype.
+    """
+    _check4(x)
+    xp = array_module(x)
+    dt = x.dtype
+    scale = xp.asarray(invstd, dtype=np.float64)
+    if weight is not None:
+        scale = scale * xp.asarray(weight, dtype=np.float64)
+    y = xp.empty_like(x)
+    if y.size == 0:
+        return y
+    xp.subtract(x, _bc(xp, mean, dt), out=y)
+    y *= _bc(xp, scale, dt)
+    if bias is not None:
+        y += _bc(xp, bias, dt)
+    return y
+
+
+def bn_backward_reduce(dy, x, mean):
+    """Per-channel sums needed by the backward pass of the local block.
+
+    dy, x: (N, C, H, W); mean: (C,) -> (sum_dy (C,) float64, sum_dy_xmu (C,)
+    float64) where sum_dy_xmu = sum(dy * (x - mean)).
+    """
+    _check4(x)
+    _check4(dy, "dy")
+    xp = array_module(x)
+    N, C, H, W = (int(s) for s in x.shape)
+    L = H * W
+    sdy = xp.zeros((C,), np.float64)
+    sdyx = xp.zeros((C,), np.float64)
+    if N * C * L == 0:
+        return sdy, sdyx
+    m = xp.asarray(mean, dtype=np.float64).reshape(1, C, 1)
+    x3 = x.reshape(N, C, L)
+    d3 = dy.reshape(N, C, L)
+    for n0, n1 in _chunks(N, C * L):
+        d = d3[n0:n1].astype(np.float64)
+        sdy += d.sum(axis=(0, 2))
+        c = x3[n0:n1].astype(np.float64)
+        c -= m
+        c *= d
+        sdyx += c.sum(axis=(0, 2))
+    return sdy, sdyx
+
+
+def bn_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    """Input gradient of training-mode batch norm from GLOBAL per-channel sums.
+
+    dx = (dy - sum_dy/count - (x - mean) * invstd**2 * sum_dy_xmu/count) * invstd * weight
+
+    dy, x: (N, C, H, W); mean, invstd, weight (or None), sum_dy, sum_dy_xmu:
+    (C,); count: global number of elements per channel -> dx: (N, C, H, W) of
+    dy's dtype.
+    """
+    _check4(x)
+    xp = array_module(dy)
+    dt = dy.dtype
+    dx = xp.empty_like(dy)
+    if dx.size == 0:
+        return dx
+    count = float(count)
+    inv = xp.asarray(invstd, dtype=np.float64)
+    scale = inv if weight is None else inv * xp.asarray(weight, dtype=np.float64)
+    k = xp.asarray(sum_dy_xmu, dtype=np.float64) * inv * inv / count
+    mdy = xp.asarray(sum_dy, dtype=np.float64) / count
+    xp.subtract(x, _bc(xp, mean, dt), out=dx)
+    dx *= _bc(xp, -k, dt)
+    dx += dy
+    dx -= _bc(xp, mdy, dt)
+    dx *= _bc(xp, scale, dt)
+    return dx
+
+
+def bn_param_grads(sum_dy, sum_dy_xmu, invstd):
+    """Gradients of weight and bias from GLOBAL sums: (dweight, dbias), each (C,) float64.
+
+    dweight = sum_dy_xmu * invstd, dbias = sum_dy. Cast to the parameter dtype.
+    """
+    xp = array_module(sum_dy)
+    return (xp.asarray(sum_dy_xmu, dtype=np.float64) * xp.asarray(invstd, dtype=np.float64),
+            xp.asarray(sum_dy, dtype=np.float64).copy())
