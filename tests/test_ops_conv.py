@@ -60,15 +60,30 @@ CASES = [
     (2, 3, 4, 9, 9, (3, 3), (3, 3), (0, 0), (1, 1)),      # stride == kernel
     (1, 2, 3, 4, 4, (4, 4), (1, 1), (0, 0), (1, 1)),      # kernel == image -> 1x1 output
     (2, 3, 4, 8, 1, (3, 1), (1, 1), (1, 0), (1, 1)),      # width-1 images
+    (2, 3, 4, 10, 11, (3, 3), (3, 2), (2, 1), (2, 1)),    # stride 3 with dilation
+    (2, 3, 4, 5, 5, (1, 1), (3, 3), (1, 1), (1, 1)),      # 1x1 padded, stride 3 (empty phases)
+    (2, 3, 4, 4, 4, (2, 2), (4, 4), (2, 2), (1, 1)),      # stride > kernel
 ]
 
 ids = ["N{}C{}F{}_{}x{}_k{}_s{}_p{}_d{}".format(*c[:5], *("{}{}".format(*t) for t in c[5:]))
        for c in CASES]
 
 
+@pytest.fixture(params=["default", "phase", "classic", "nofold"])
+def layout(request, monkeypatch):
+    """Force each im2col layout / sample folding choice so every code path is checked."""
+    if request.param == "phase":
+        monkeypatch.setattr(C, "_EXT_MAX_WASTE", 1e9)
+    elif request.param == "classic":
+        monkeypatch.setattr(C, "_EXT_MAX_WASTE", -1.0)
+    elif request.param == "nofold":
+        monkeypatch.setattr(C, "_TARGET_COLS", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", CASES, ids=ids)
-def test_conv_matches_torch(case, dtype):
+def test_conv_matches_torch(case, dtype, layout):
     N, Cin, F, H, W, k, s, p, d = case
     rng = np.random.default_rng(hash(case) % 2 ** 32)
     x = rng.standard_normal((N, Cin, H, W)).astype(dtype)
@@ -88,7 +103,7 @@ def test_conv_matches_torch(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_resnet_like_shapes(dtype):
+def test_resnet_like_shapes(dtype, layout):
     """A few larger layers that take the production code paths (blocking, 1x1 folding)."""
     rng = np.random.default_rng(1)
     for (N, Cin, F, H, k, s, p) in [(3, 16, 8, 34, 3, 1, 1), (4, 8, 16, 12, 1, 2, 0),
@@ -121,6 +136,25 @@ def test_empty_blocks(N, Cin, F, kernel, stride, padding, dtype):
     for a, shape in ((y, (N, F, Ho, Wo)), (dx, (N, Cin, H, W)), (dw, (F, Cin) + kernel)):
         assert a.shape == shape and a.dtype == np.dtype(dtype)
         assert not np.any(a)  # all zeros (sums over an empty set)
+
+
+@pytest.mark.parametrize("layout_", ["phase", "classic"])
+def test_workspace_reuse_across_layouts(layout_, monkeypatch):
+    """Convs whose scratch buffers have equal shapes but different zero borders, back to back."""
+    monkeypatch.setattr(C, "_EXT_MAX_WASTE", 1e9 if layout_ == "phase" else -1.0)
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((4, 3, 3, 3))
+    for _ in range(2):
+        for H, p in [(5, 1), (3, 2), (7, 0), (5, 1)]:  # padded size 7 every time
+            x = rng.standard_normal((2, 3, H, H))
+            Ho, Wo = C.conv2d_output_hw(H, H, (3, 3), (1, 1), (p, p), (1, 1))
+            dy = rng.standard_normal((2, 4, Ho, Wo))
+            y_ref, dx_ref, dw_ref = torch_conv(x, w, dy, (1, 1), (p, p), (1, 1))
+            assert_close(C.conv2d_forward(x, w, (1, 1), (p, p)), y_ref, np.float64, "y")
+            assert_close(C.conv2d_backward_data(dy, w, (H, H), (1, 1), (p, p)), dx_ref,
+                         np.float64, "dx")
+            assert_close(C.conv2d_backward_filter(x, dy, (3, 3), (1, 1), (p, p)), dw_ref,
+                         np.float64, "dw")
 
 
 def test_output_hw_formula_and_error():

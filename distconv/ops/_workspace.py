@@ -7,7 +7,10 @@ recently used ones, keyed by (array module, tag, shape, dtype), up to a byte
 budget. Buffers returned here are *scratch*: callers must never hand them
 back to user code, and must not rely on their content except where they
 asked for ``zero=True`` and only ever write regions they overwrite fully on
-every call (the zero borders of a padded-input buffer stay zero).
+every call (the zero borders of a padded-input buffer stay zero). Such a
+caller must put everything that decides *which* region it writes (image
+size, padding, stride) into ``tag``: two layouts that share a buffer shape
+would otherwise leave data in each other's borders.
 
 Not thread-safe: one rank computes with one thread of Python.
 """

@@ -39,8 +39,8 @@ from . import _workspace
 
 # Fold samples into one GEMM until it has at least this many columns.
 _TARGET_COLS = 1024
-# Use the extended-row im2col for stride 1 when (Wp - Wo) / Wo is at most this.
-_EXT_MAX_WASTE = 0.15
+# Use the phase (extended-row) im2col when its wasted width (Wq - Wo) / Wo is at most this.
+_EXT_MAX_WASTE = 0.10
 
 
 def _pair(v, name):
@@ -97,7 +97,16 @@ def _block_size(n, cols_per_sample):
 
 
 class _Geom:
-    """Shapes and the chosen im2col layout of one convolution."""
+    """Shapes and the chosen im2col layout of one convolution.
+
+    In the "phase" layout (``ext``) the zero-padded input is split into
+    sh*sw phase images ``P[a, b][c, r, q] = xpad[c, a + sh*r, b + sw*q]``
+    of size (Hq, Wq); kernel offset (i, j) then reads phase
+    ((i*dh) % sh, (j*dw) % sw) at the flat offset
+    ``((i*dh)//sh) * Wq + (j*dw)//sw``, a contiguous run of Lc = Ho*Wq values
+    per channel (columns ow >= Wo of each output row are wasted work).
+    With stride 1 there is one phase: the padded image itself.
+    """
 
     def __init__(self, x_shape, w_shape, stride, padding, dilation):
         self.N, self.C, self.H, self.W = (int(s) for s in x_shape)
@@ -115,47 +124,88 @@ class _Geom:
         self.pointwise = (self.kh == 1 and self.kw == 1 and self.ph == 0 and self.pw == 0)
         self.Hp = self.H + 2 * self.ph
         self.Wp = self.W + 2 * self.pw
-        # extended-row layout: stride 1 and little wasted width
-        self.ext = (self.sh == 1 and self.sw == 1 and not self.pointwise
-                    and (self.Wp - self.Wo) <= _EXT_MAX_WASTE * self.Wo)
+        sh, sw, dh, dw = self.sh, self.sw, self.dh, self.dw
+        r0max = (dh * (self.kh - 1)) // sh
+        q0max = (dw * (self.kw - 1)) // sw
+        self.Wq = max(-(-self.Wp // sw), q0max + self.Wo)
+        self.ext = (not self.pointwise
+                    and (self.Wq - self.Wo) <= _EXT_MAX_WASTE * self.Wo)
         if self.ext:
-            # one extra zero row so the last shifted run stays inside the buffer
-            self.Hb = self.Hp + (1 if self.kw > 1 else 0)
-            self.Lc = self.Ho * self.Wp  # columns per sample
+            # one extra zero row so the last run of the widest offset stays in the buffer
+            self.Hq = max(-(-self.Hp // sh), r0max + self.Ho) + (1 if q0max > 0 else 0)
+            self.Lc = self.Ho * self.Wq  # columns per sample
+            self.nph = sh * sw
+            # where each phase's valid data sits: (a, b, r_start, q_start, h_start, w_start, nr, nq)
+            self.phases = []
+            for a in range(sh):
+                r_start = max(0, -(-(self.ph - a) // sh))
+                h_start = a + sh * r_start - self.ph
+                nr = min(len(range(h_start, self.H, sh)), self.Hq - r_start)
+                for b in range(sw):
+                    q_start = max(0, -(-(self.pw - b) // sw))
+                    w_start = b + sw * q_start - self.pw
+                    nq = min(len(range(w_start, self.W, sw)), self.Wq - q_start)
+                    self.phases.append((a, b, r_start, q_start, h_start, w_start, nr, nq))
+            # kernel offset (i, j) -> (phase index, flat offset inside the phase image)
+            self.offsets = {}
+            for i in range(self.kh):
+                for j in range(self.kw):
+                    a, r0 = divmod(i * dh, sh)[::-1]
+                    b, q0 = divmod(j * dw, sw)[::-1]
+                    self.offsets[i, j] = (a * sw + b, r0 * self.Wq + q0)
         else:
-            self.Hb = self.Hp
             self.Lc = self.L
         self.B = _block_size(self.N, self.Lc)
 
 
-def _padded(xp, g, x, n0, n1, tag):
-    """x[n0:n1] as a (B, C, Hb, Wb) array with zero borders (a cached buffer or x itself)."""
+def _phase_images(xp, g, x, n0, n1, tag):
+    """x[n0:n1] split into zero-bordered phase images: a cached (b, nph, C, Hq, Wq) buffer."""
     b = n1 - n0
-    if not g.ext and g.ph == 0 and g.pw == 0:
-        return x[n0:n1]
-    buf = _workspace.get(xp, tag, (b, g.C, g.Hb, g.Wp), x.dtype, zero=True)
-    buf[:, :, g.ph:g.ph + g.H, g.pw:g.pw + g.W] = x[n0:n1]
+    # the zero borders depend on the whole layout, not only the buffer shape
+    key = f"{tag}:{g.H}x{g.W}/s{g.sh},{g.sw}/p{g.ph},{g.pw}"
+    buf = _workspace.get(xp, key, (b, g.nph, g.C, g.Hq, g.Wq), x.dtype, zero=True)
+    for k, (_, _, rs, qs, hs, ws, nr, nq) in enumerate(g.phases):
+        if nr > 0 and nq > 0:
+            buf[:, k, :, rs:rs + nr, qs:qs + nq] = \
+                x[n0:n1, :, hs:hs + g.sh * (nr - 1) + 1:g.sh, ws:ws + g.sw * (nq - 1) + 1:g.sw]
     return buf
 
 
 def _im2col(xp, g, x, n0, n1, tag="cols"):
     """Column buffer (K, b*Lc) of samples n0..n1, rows ordered (c, i, j)."""
     b = n1 - n0
-    xpad = _padded(xp, g, x, n0, n1, tag + "_pad")
-    it = xpad.itemsize
-    sN, sC, sH, sW = (s // it for s in xpad.strides)
     cols = _workspace.get(xp, tag, (g.K, b * g.Lc), x.dtype)
     if g.ext:
-        # xpad is contiguous: sW == 1, sH == Wp
-        view = _as_strided(xp, xpad, (g.C, g.kh, g.kw, b, g.Lc),
-                           tuple(s * it for s in (sC, g.dh * sH, g.dw * sW, sN, 1)))
-        xp.copyto(cols.reshape(g.C, g.kh, g.kw, b, g.Lc), view)
+        ph = _phase_images(xp, g, x, n0, n1, tag + "_ph")
+        it = ph.itemsize
+        flat = ph.reshape(b, g.nph, g.C, g.Hq * g.Wq)
+        c5 = cols.reshape(g.C, g.kh, g.kw, b, g.Lc)
+        sN, sP, sC, _ = flat.strides
+        for (i, j), (p, off) in g.offsets.items():
+            view = _as_strided(xp, flat[:, p, :, off:], (g.C, b, g.Lc), (sC, sN, it))
+            xp.copyto(c5[:, i, j], view)
+        return cols
+    if g.ph or g.pw:
+        xpad = _workspace.get(xp, f"{tag}_pad:p{g.ph},{g.pw}", (b, g.C, g.Hp, g.Wp), x.dtype,
+                              zero=True)
+        xpad[:, :, g.ph:g.ph + g.H, g.pw:g.pw + g.W] = x[n0:n1]
     else:
-        view = _as_strided(xp, xpad, (g.C, g.kh, g.kw, b, g.Ho, g.Wo),
-                           tuple(s * it for s in (sC, g.dh * sH, g.dw * sW, sN,
-                                                  g.sh * sH, g.sw * sW)))
-        xp.copyto(cols.reshape(g.C, g.kh, g.kw, b, g.Ho, g.Wo), view)
+        xpad = x[n0:n1]
+    it = xpad.itemsize
+    sN, sC, sH, sW = (s // it for s in xpad.strides)
+    view = _as_strided(xp, xpad, (g.C, g.kh, g.kw, b, g.Ho, g.Wo),
+                       tuple(s * it for s in (sC, g.dh * sH, g.dw * sW, sN,
+                                              g.sh * sH, g.sw * sW)))
+    xp.copyto(cols.reshape(g.C, g.kh, g.kw, b, g.Ho, g.Wo), view)
     return cols
+
+
+def _dy_ext(xp, g, dy, n0, n1, tag):
+    """dy[n0:n1] as (F, b*Lc) with the phase layout's extra columns zero (a cached buffer)."""
+    b = n1 - n0
+    db = _workspace.get(xp, f"{tag}:Wo{g.Wo}", (g.F, b, g.Ho, g.Wq), dy.dtype, zero=True)
+    db[:, :, :, :g.Wo] = dy[n0:n1].transpose(1, 0, 2, 3)
+    return db.reshape(g.F, b * g.Lc)
 
 
 def _weight2d(xp, w, dtype, F, K):
@@ -214,7 +264,7 @@ def conv2d_forward(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
         b = n1 - n0
         cols = _im2col(xp, g, x, n0, n1)
         if g.ext:
-            out = _workspace.get(xp, "fwd_out", (g.F, b, g.Ho, g.Wp), dt)
+            out = _workspace.get(xp, "fwd_out", (g.F, b, g.Ho, g.Wq), dt)
             xp.matmul(w2, cols, out=out.reshape(g.F, b * g.Lc))
             xp.copyto(y[n0:n1], out[:, :, :, :g.Wo].transpose(1, 0, 2, 3))
         elif b == 1:
@@ -263,7 +313,34 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
         # full correlation of dy with the flipped kernel, channels swapped
         wt = xp.ascontiguousarray(xp.asarray(w, dtype=dt).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
         return conv2d_forward(dy, wt, (1, 1), (qh, qw), (g.dh, g.dw))
+    if g.ext:
+        return _backward_data_phase(xp, g, dy, w2)
     return _backward_data_col2im(xp, g, dy, w2)
+
+
+def _backward_data_phase(xp, g, dy, w2):
+    """col2im in the phase layout: W^T @ dy, then kh*kw contiguous-run additions."""
+    dt = dy.dtype
+    dx = xp.empty((g.N, g.C, g.H, g.W), dt)
+    w2t = xp.ascontiguousarray(w2.T)  # (K, F)
+    for n0 in range(0, g.N, g.B):
+        n1 = min(g.N, n0 + g.B)
+        b = n1 - n0
+        db = _dy_ext(xp, g, dy, n0, n1, "bwd_dyext")
+        cols = _workspace.get(xp, "bwd_cols", (g.K, b * g.Lc), dt)
+        xp.matmul(w2t, db, out=cols)
+        c5 = cols.reshape(g.C, g.kh, g.kw, b, g.Lc)
+        acc = _workspace.get(xp, "bwd_phacc", (b, g.nph, g.C, g.Hq * g.Wq), dt)
+        acc.fill(0)
+        for (i, j), (p, off) in g.offsets.items():
+            # extra columns of dy are zero, so the wasted columns add zeros
+            acc[:, p, :, off:off + g.Lc] += c5[:, i, j].transpose(1, 0, 2)
+        acc5 = acc.reshape(b, g.nph, g.C, g.Hq, g.Wq)
+        for k, (_, _, rs, qs, hs, ws, nr, nq) in enumerate(g.phases):
+            if nr > 0 and nq > 0:
+                dx[n0:n1, :, hs:hs + g.sh * (nr - 1) + 1:g.sh, ws:ws + g.sw * (nq - 1) + 1:g.sw] = \
+                    acc5[:, k, :, rs:rs + nr, qs:qs + nq]
+    return dx
 
 
 def _backward_data_col2im(xp, g, dy, w2):
@@ -352,9 +429,7 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
         cols = _im2col(xp, g, x, n0, n1)
         if g.ext:
             # dy laid out with the extended rows; the extra columns stay zero
-            db = _workspace.get(xp, "bwf_dyext", (F, b, g.Ho, g.Wp), dt, zero=True)
-            db[:, :, :, :g.Wo] = dyc[n0:n1].transpose(1, 0, 2, 3)
-            db = db.reshape(F, b * g.Lc)
+            db = _dy_ext(xp, g, dyc, n0, n1, "bwf_dyext")
         elif b == 1:
             db = dyc[n0].reshape(F, g.L)
         else:
