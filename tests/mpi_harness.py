@@ -205,6 +205,9 @@ def _run_job(cmd, timeout, env=None, cwd=None, pids_of=None):
         _kill_job(proc, pids_of() if pids_of else ())
         out, err = proc.communicate()
         return proc.returncode, out, err, True
+    except BaseException:  # e.g. Ctrl-C: the job is in its own session, stop it too
+        _kill_job(proc, pids_of() if pids_of else ())
+        raise
 
 
 def run_mpi_script(path_or_code, nranks: int, timeout: float, args=(), env=None, cwd=None):
@@ -829,6 +832,15 @@ def _child_main(spec_path: str) -> None:
     record(event="done")
     recfile.close()
     harness.Free()
+
+    def stuck_at_exit():
+        os.write(2, b"\n*** distconv mpi harness: MPI_Finalize did not return within 30 s "
+                    b"(requests left pending by a case?); exiting.\n")
+        os._exit(70)
+
+    last = threading.Timer(30.0, stuck_at_exit)
+    last.daemon = True
+    last.start()
 
 
 def _stacks_text(rank: int) -> str:

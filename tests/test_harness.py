@@ -178,12 +178,13 @@ def test_negative_hang_times_out_and_next_case_runs(negative):
     text = outcomes["test_hang[np=2]"][1]
     assert "timed out after 3s (hang?)" in text
     m = re.search(r"the job was aborted ([0-9.]+)s after the case started", text)
-    assert m and float(m.group(1)) < 3 + 5, text
+    assert m and float(m.group(1)) < 3 + 7, text
     # every rank printed where it was stuck
     assert "in test_hang" in proc.stdout
     assert outcomes["test_after_hang[np=2]"][0] == "passed"
-    # fail-fast (3 s grace) + hang (3 s) + launches: far below the 20-30 s timeouts
-    assert elapsed < 40, elapsed
+    # fail-fast (3 s grace) + hang (3 s) + launches; without the aborts it would take
+    # the overall limit of a launch (> 120 s)
+    assert elapsed < 60, elapsed
 
 
 def test_keyword_selection_runs_only_selected(tmp_path):
