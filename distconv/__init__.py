@@ -1,6 +1,19 @@
-"""distconv: channel-, filter- and sample-parallel CNN training over MPI."""
-from .backend import get_default_dtype, set_default_dtype
+"""distconv: channel-, filter- and sample-parallel CNN training over MPI.
+
+Public names (see ../shared/DESIGN.md)::
+
+    import distconv as dc
+    dc.set_default_dtype(np.float64)
+    dc.Strategy(sample=None, channel=1, filter=1); dc.Strategy.parse("sample=2,channel=2")
+    dc.DistTensor.from_global(array, distribution); t.to_global(); t.redistribute(dist)
+    dc.nn.Conv2d(...), dc.nn.BatchNorm2d(...), dc.nn.Linear(...), dc.nn.Sequential(...)
+"""
+from .backend import set_default_dtype, get_default_dtype, set_backend, backend_name  # noqa: F401
+from .distribution import Distribution, block_sizes, block_range  # noqa: F401
+from .grid import ProcessGrid  # noqa: F401
+from .strategy import Strategy  # noqa: F401
+from .tensor import DistTensor  # noqa: F401
+from . import nn  # noqa: F401
+from .nn import manual_seed, sync_gradients  # noqa: F401
 
 __version__ = "0.1.0"
-
-__all__ = ["set_default_dtype", "get_default_dtype", "__version__"]
