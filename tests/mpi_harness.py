@@ -36,9 +36,15 @@ Writing an MPI case::
 * Rank counts above ``DISTCONV_TEST_MAX_RANKS`` (default 4) are skipped.
 
 How it runs: when the first MPI item of a (test module, rank count) pair
-runs, ONE ``mpiexec -n N python -m mpi4py`` launch runs every selected case of
-that pair in order (honouring ``-k``, node ids, skip marks); the later items
-just report their stored results. Cases in one launch share the process:
+runs, ONE ``mpiexec -n N python -m mpi4py -m tests.mpi_harness SPEC.json``
+launch runs every selected case of that pair in order (honouring ``-k``, node
+ids, skip marks); the later items just report their stored results, so the
+first item's duration includes the whole launch. A launch costs about 1-2 s
+(Python, mpi4py, pytest, numpy) plus whatever the test module imports at its
+top, on every rank: ``import torch`` alone adds ~2 CPU-seconds per rank, which
+is why MPI-heavy modules should import torch lazily or not at all. Do not use
+hypothesis ``@given`` in MPI cases (ranks would draw different examples).
+Cases in one launch share the process:
 restore any global state a case changes (the harness restores distconv's
 default dtype after each case). Children get ``OMP_NUM_THREADS=1`` (and the
 BLAS equivalents), ``PYTHONUNBUFFERED=1`` and the repository root on
@@ -53,8 +59,8 @@ venv), else the first on ``PATH``; ``DISTCONV_MPIEXEC`` overrides it (e.g.
 
 ``run_mpi_script(path_or_code, nranks, timeout, args=())`` runs a whole script
 (a ``.py`` path or Python source) under ``mpiexec -n N python -m mpi4py`` and
-returns a ``subprocess.CompletedProcess`` (text stdout/stderr); past
-``timeout`` it kills the job and raises :class:`MpiTimeoutError`.
+returns a ``subprocess.CompletedProcess`` (text stdout/stderr of all ranks,
+merged); past ``timeout`` it kills the job and raises :class:`MpiTimeoutError`.
 """
 from __future__ import annotations
 
@@ -161,13 +167,20 @@ def mpiexec_command(nranks: int) -> list:
     return cmd + ["-n", str(nranks)]
 
 
-def child_env(extra=None) -> dict:
-    """Environment for MPI children: one BLAS/OpenMP thread per rank, repo on PYTHONPATH."""
+def child_env(extra=None, unbuffered: bool = True) -> dict:
+    """Environment for MPI children: one BLAS/OpenMP thread per rank, repo on PYTHONPATH.
+
+    ``unbuffered``: set ``PYTHONUNBUFFERED=1`` (else remove it, so that each rank's
+    stdout is block-buffered and a ``print(..., flush=True)`` line is one write).
+    """
     env = dict(os.environ)
     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
               "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
         env[v] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    else:
+        env.pop("PYTHONUNBUFFERED", None)
     env.pop("PYTEST_CURRENT_TEST", None)
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + old if old else "")
@@ -213,10 +226,14 @@ def _run_job(cmd, timeout, env=None, cwd=None, pids_of=None):
 def run_mpi_script(path_or_code, nranks: int, timeout: float, args=(), env=None, cwd=None):
     """Run a script (``.py`` path) or Python source under ``mpiexec -n nranks``.
 
-    Returns a ``subprocess.CompletedProcess`` with text ``stdout``/``stderr``.
-    Raises :class:`MpiTimeoutError` (an ``AssertionError``) with the output if
-    the job is still running after ``timeout`` seconds (it is killed first).
-    ``env`` adds variables to :func:`child_env`.
+    Returns a ``subprocess.CompletedProcess`` with text ``stdout``/``stderr``
+    (all ranks merged by mpiexec). Raises :class:`MpiTimeoutError` (an
+    ``AssertionError``) with the output if the job is still running after
+    ``timeout`` seconds (it is killed first). ``env`` adds variables to
+    :func:`child_env`. Each rank's stdout is block-buffered (``PYTHONUNBUFFERED``
+    is removed unless ``env`` sets it): lines printed with ``flush=True`` arrive
+    whole, but lines of different ranks come in any order, so gather results to
+    rank 0 and print them there when a test parses them.
     """
     s = os.fspath(path_or_code)
     is_path = isinstance(path_or_code, os.PathLike) or ("\n" not in s and s.endswith(".py"))
@@ -230,7 +247,8 @@ def run_mpi_script(path_or_code, nranks: int, timeout: float, args=(), env=None,
     cmd = mpiexec_command(nranks) + [sys.executable, "-m", "mpi4py", *target,
                                      *(str(a) for a in args)]
     t0 = time.monotonic()
-    rc, out, err, timed_out = _run_job(cmd, timeout, env=child_env(env), cwd=cwd)
+    rc, out, err, timed_out = _run_job(cmd, timeout, env=child_env(env, unbuffered=False),
+                                       cwd=cwd)
     if timed_out:
         raise MpiTimeoutError(
             f"MPI job did not finish within {timeout}s (hang?); killed after "
