@@ -172,7 +172,7 @@ class Distribution:
         return start, start + n
 
     def box(self, global_shape: Sequence[int], coords=None) -> tuple[tuple[int, int], ...]:
-        """Per-dimension ``(start, stop)`` of the block held at grid ``coords`` (default: this rank)."""
+        """Per-dimension ``(start, stop)`` of the block at grid ``coords`` (default: this rank)."""
         self._check_shape(global_shape)
         return tuple(self.dim_range(d, n, coords) for d, n in enumerate(global_shape))
 

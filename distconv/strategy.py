@@ -73,7 +73,7 @@ class Strategy:
 
     # ------------------------------------------------------------- grids
     def resolve(self, nranks: int) -> tuple[int, int, int]:
-        """``(s, c, f)`` for ``nranks`` ranks; ``ValueError`` naming the numbers if it does not fit."""
+        """``(s, c, f)`` for ``nranks`` ranks; ``ValueError`` naming the numbers if not."""
         cf = self.channel * self.filter
         if self.sample is None:
             if nranks % cf:

@@ -115,7 +115,9 @@ class DistTensor:
         #    axis would be gathered and then used again by the target (a reordering of
         #    blocks), one alltoallv of exactly the missing elements is cheaper
         if _needs_general(t.distribution, target):
-            return _general(t, target.replace(pending=())).redistribute(target)
+            # pending axes still here are kept by the target: they stay where they are
+            return _general(t, target.replace(pending=t.distribution.pending)
+                            ).redistribute(target)
         changed = True
         while changed:
             changed = False
@@ -242,11 +244,15 @@ def _cross_grid(t: DistTensor, target: Distribution) -> DistTensor:
         base = DistTensor.redistribute(t, target.replace(pending=()))
         return base.redistribute(target)
     if t.distribution.pending:
-        # reduce-scatter each pending axis onto the locally largest dimension
+        # reduce-scatter each pending axis onto the dimension with the largest blocks; judged
+        # by the block at grid coordinate 0 so that every rank picks the same dimension
         src = t.distribution
         split = [list(s) for s in src.split]
+        first = src.local_shape(t.shape, [0] * len(src.grid.names))
+        # prefer a dimension the target splits: the blocks then land where it wants them
+        dims = [i for i in range(t.ndim) if target.split[i]] or list(range(t.ndim))
         for a in src.pending:
-            d = max(range(t.ndim), key=lambda i: (src.local_shape(t.shape)[i], -i))
+            d = max(dims, key=lambda i: (first[i], -i))
             split[d].append(a)
         t = t.redistribute(src.replace(split=split, pending=()))
     return _general(t, target)
@@ -255,14 +261,15 @@ def _cross_grid(t: DistTensor, target: Distribution) -> DistTensor:
 def _general(t: DistTensor, target: Distribution) -> DistTensor:
     """One alltoallv over all ranks: each rank receives exactly the elements of its target
     block that it does not hold, each from one holder (the one with the same coordinates on
-    the source's replica axes). ``t`` and ``target`` have no pending axes."""
+    the source's replica axes). Pending axes of ``t`` (same grid only) must be the
+    target's too: addends move only between ranks with the same pending coordinates."""
     src_grid, dst_grid = t.grid, target.grid
     comm = src_grid.comm
     src = t.distribution
     xp = array_module(t.local)
     p, me = comm.size, comm.rank
     shape = t.shape
-    rep_idx = [src_grid.index(a) for a in src.replica_axes]
+    rep_idx = [src_grid.index(a) for a in src.replica_axes + src.pending]
     my_src_coords = src_grid.coords
     my_rep = tuple(my_src_coords[i] for i in rep_idx)
     my_src_box = src.box(shape, my_src_coords)

@@ -87,7 +87,7 @@ class Residual(Module):
         return Distribution(d.grid, list(d.split[:2]) + [None] * (x.ndim - 2))
 
     def backward(self, dy):
-        x_dist, s_dist = self._saved
+        x_dist, s_dist = self._saved_state()
         dxb = self.body.backward(dy)
         if isinstance(dy, DistTensor):
             dys = dy.redistribute(s_dist)

@@ -115,9 +115,10 @@ class _SplitOp(Module):
                              f"expected the output shape {y_shape}")
         rep = self._wdist.replica_axes
         if self.bias is not None:
-            dya = dy.redistribute(self._act)
+            # the bias is split like the output channels: move dy there once, then on
+            dy = dy.redistribute(self._act)
             axes = (0,) + tuple(range(2, self.ndim))
-            self.bias.accumulate(dya.local.sum(axis=axes), rep)
+            self.bias.accumulate(dy.local.sum(axis=axes), rep)
         dyf = dy.redistribute(self._yf)
         w = self.weight.data.local
         self.weight.accumulate(self._local_backward_filter(xc.local, dyf.local), rep)

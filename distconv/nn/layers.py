@@ -40,7 +40,7 @@ class ReLU(Module):
         return DistTensor(y, x.distribution, x.shape)
 
     def backward(self, dy):
-        dist, y = self._saved
+        dist, y = self._saved_state()
         dy = as_dist(dy, dist).redistribute(dist)
         return DistTensor(ops.relu_backward(dy.local, y), dist, dy.shape)
 
@@ -90,7 +90,7 @@ class MaxPool2d(_Pool):
         return DistTensor(y, x.distribution, shape)
 
     def backward(self, dy):
-        dist, xshape, arg = self._saved
+        dist, xshape, arg = self._saved_state()
         dy = as_dist(dy, dist).redistribute(dist)
         xl = dist.local_shape(xshape)
         dx = ops.max_pool2d_backward(dy.local, arg, xl, self.kernel_size, self.stride,
@@ -109,7 +109,7 @@ class AvgPool2d(_Pool):
         return DistTensor(y, x.distribution, shape)
 
     def backward(self, dy):
-        dist, xshape = self._saved
+        dist, xshape = self._saved_state()
         dy = as_dist(dy, dist).redistribute(dist)
         dx = ops.avg_pool2d_backward(dy.local, dist.local_shape(xshape), self.kernel_size,
                                      self.stride, self.padding)
@@ -134,7 +134,7 @@ class AdaptiveAvgPool2d(Module):
         return DistTensor(y, x.distribution, x.shape[:2] + (1, 1))
 
     def backward(self, dy):
-        dist, xshape = self._saved
+        dist, xshape = self._saved_state()
         dy = as_dist(dy, dist).redistribute(dist)
         return DistTensor(ops.global_avg_pool_backward(dy.local, dist.local_shape(xshape)),
                           dist, xshape)
@@ -166,7 +166,7 @@ class Flatten(Module):
         return DistTensor(x.local.reshape(n, -1), out_dist, shape)
 
     def backward(self, dy):
-        dist, xshape = self._saved
+        dist, xshape = self._saved_state()
         out_dist = Distribution(dist.grid, [dist.split[0], dist.split[1]])
         dy = as_dist(dy, out_dist).redistribute(out_dist)
         return DistTensor(dy.local.reshape(dist.local_shape(xshape)), dist, xshape)

@@ -136,6 +136,13 @@ class Module:
     def backward(self, dy):
         raise NotImplementedError(f"{type(self).__name__} does not define backward")
 
+    def _saved_state(self):
+        """What forward saved for backward; ``RuntimeError`` if forward has not run."""
+        saved = getattr(self, "_saved", None)
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        return saved
+
     def train(self, mode: bool = True) -> "Module":
         object.__setattr__(self, "training", bool(mode))
         for m in self._modules.values():
@@ -199,17 +206,24 @@ class Module:
                 own[pre + bname] = (m, bname, "b")
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
-        if strict and (missing or unexpected):
-            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        tensors = [m._parameters[n].data if kd == "p" else m._buffers[n]
+                   for m, n, kd in own.values()]
+        # every rank checks, then all agree before any collective: a state dict that is bad
+        # on one rank only raises everywhere instead of leaving the others in from_global
+        agree = tensors[0].grid.comm.agree if tensors else _agree_local
+        bad_keys = strict and bool(missing or unexpected)
+        agree(not bad_keys, f"load_state_dict: missing keys {missing}, unexpected keys "
+                            f"{unexpected}", KeyError)
+        bad = [f"{k!r} has shape {tuple(np.shape(state[k]))}, expected {tuple(t.shape)}"
+               for k, t in zip(own, tensors)
+               if k in state and tuple(np.shape(state[k])) != tuple(t.shape)]
+        agree(not bad, "load_state_dict: " + "; ".join(bad), ValueError)
         xp = get_xp()
         for k, (m, name, kind) in own.items():
             if k not in state:
                 continue
             cur = m._parameters[name].data if kind == "p" else m._buffers[name]
             arr = np.asarray(to_numpy(state[k]))
-            if tuple(arr.shape) != tuple(cur.shape):
-                raise ValueError(f"load_state_dict: {k!r} has shape {tuple(arr.shape)}, "
-                                 f"expected {tuple(cur.shape)}")
             arr = xp.asarray(arr.astype(cur.dtype, copy=False))
             new = DistTensor.from_global(arr, cur.distribution)
             if kind == "p":
@@ -236,6 +250,11 @@ class Module:
             if s is not None and hasattr(m, "_apply_strategy"):
                 m._apply_strategy(s)
         return self
+
+
+def _agree_local(ok, message, exc):
+    if not ok:
+        raise exc(message)
 
 
 def _as_strategy(s):
@@ -274,7 +293,9 @@ def check_dtype(x: DistTensor, dtype, what: str) -> None:
 def new_param(global_array: np.ndarray, dist: Distribution) -> Parameter:
     """A Parameter holding this rank's shard of ``global_array`` (same on every rank)."""
     xp = get_xp()
-    local = xp.asarray(np.ascontiguousarray(global_array[dist.slices(global_array.shape)]))
+    # np.array, not np.ascontiguousarray: that one turns a 0-d block (e.g. BN's
+    # num_batches_tracked) into shape (1,)
+    local = xp.asarray(np.array(global_array[dist.slices(global_array.shape)], order="C"))
     return Parameter(DistTensor(local, dist, global_array.shape))
 
 
