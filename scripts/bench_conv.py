@@ -88,6 +88,9 @@ def parse_args(argv=None):
                    help="timed repeats per measurement (default 5; 2 with --quick)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                    help="array module for distconv (cupy: run the same ops on GPU arrays)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (default); cpu: this process's CPU time, steadier "
+                        "on a shared machine but only meaningful with --threads 1")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     p.add_argument("--shapes", default=None,
                    help="comma-separated substrings: only run shapes whose name contains one")
@@ -108,15 +111,18 @@ def blas_info():
     return out
 
 
+CLOCK = time.perf_counter
+
+
 def median_time(fn, repeats, sync):
     fn()
     sync()
     ts = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
         sync()
-        ts.append(time.perf_counter() - t0)
+        ts.append(CLOCK() - t0)
     return float(np.median(ts))
 
 
@@ -131,10 +137,10 @@ def interleaved(fns, repeats, sync):
         for i, f in enumerate(fns):
             if f is None:
                 continue
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             f()
             sync()
-            ts[i].append(time.perf_counter() - t0)
+            ts[i].append(CLOCK() - t0)
     return [float(np.median(t)) if t else None for t in ts]
 
 
@@ -165,6 +171,11 @@ def main(argv=None):
     except AttributeError:
         ncores = os.cpu_count() or 1
     threads = args.threads if args.threads else ncores
+    if args.clock == "cpu":
+        if threads != 1 or args.backend != "numpy":
+            sys.exit("error: --clock cpu needs --threads 1 and --backend numpy")
+        global CLOCK
+        CLOCK = time.process_time
 
     from threadpoolctl import threadpool_limits
     limiter = threadpool_limits(limits=threads)  # noqa: F841 (kept alive)
@@ -204,12 +215,14 @@ def main(argv=None):
         "host": platform.node(), "python": platform.python_version(), "numpy": np.__version__,
         "torch": getattr(torch, "__version__", None), "backend": args.backend,
         "dtype": str(dtype), "batch": batch, "threads": threads, "repeats": repeats,
-        "quick": args.quick, "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "quick": args.quick, "clock": args.clock, "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "blas": blas_info(),
+        "loadavg_start": list(os.getloadavg()),
     }
     print(f"# distconv conv benchmark: dtype={dtype} batch={batch} threads={threads} "
-          f"backend={args.backend} repeats={repeats}")
-    print(f"# OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']!r}")
+          f"backend={args.backend} repeats={repeats} clock={args.clock}")
+    print(f"# OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']!r}  "
+          f"load average at start: {info['loadavg_start'][0]:.2f} (other processes skew timings)")
     for d in info["blas"]:
         print(f"# BLAS: {d['internal_api']} {d['version']} architecture={d['architecture']} "
               f"num_threads={d['num_threads']} ({d['prefix']})")
@@ -282,7 +295,9 @@ def main(argv=None):
     t_dc_tot = sum(r["distconv_s"] for r in rows)
     t_pt_tot = sum(r["torch_s"] for r in rows if r["torch_s"]) if torch is not None else None
     summary["time_ratio_total"] = (t_pt_tot / t_dc_tot) if t_pt_tot else None
+    info["loadavg_end"] = list(os.getloadavg())
     print()
+    print(f"# load average at end: {info['loadavg_end'][0]:.2f}")
     print("geometric-mean GFLOP/s ratio distconv/PyTorch:")
     for q in PASSES + ("overall",):
         v = summary[q]

@@ -38,9 +38,9 @@ from ..backend import array_module
 from . import _workspace
 
 # Fold samples into one GEMM until it has at least this many columns.
-_TARGET_COLS = 1024
+_TARGET_COLS = 4096
 # Use the phase (extended-row) im2col when its wasted width (Wq - Wo) / Wo is at most this.
-_EXT_MAX_WASTE = 0.10
+_EXT_MAX_WASTE = 0.05
 
 
 def _pair(v, name):
