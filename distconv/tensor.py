@@ -80,7 +80,9 @@ class DistTensor:
             raise ValueError(f"array of shape {shape} has {len(shape)} dims but {distribution} "
                              f"has {distribution.ndim}")
         part = array[distribution.slices(shape)]
-        local = xp.ascontiguousarray(part) if part.ndim else xp.array(part, copy=True)
+        # always a copy: the block must not share memory with the caller's array (in-place
+        # updates of t.local, e.g. by an optimizer, would otherwise write into it)
+        local = xp.array(part, copy=True, order="C")
         if distribution.pending and any(distribution.grid.coord(a) != 0
                                         for a in distribution.pending):
             local = xp.zeros_like(local)
