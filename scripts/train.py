@@ -1,15 +1,31 @@
 #!/usr/bin/env python
-"""Train a CNN across MPI ranks: ``mpiexec -n N python scripts/train.py [flags]``.
+"""Train a CNN across MPI ranks with per-layer sample/channel/filter parallelism.
 
-Placeholder: the command line below is the stable one (DESIGN.md,
-"Commands"), but training end to end is not implemented yet (issue
-"Training end to end"). Running it prints that and exits with status 2.
+    mpiexec -n 2 python scripts/train.py                  # small ResNet on the digits data
+    mpiexec -n 4 python scripts/train.py --strategy sample=2,channel=2 --epochs 5
+    mpiexec -n 2 python scripts/train.py --strategy plan.json --out runs/x --resume
+
+With no flags it writes the digits HDF5 files (scikit-learn's 1,797 handwritten
+digits) to ``data/`` on first use and trains ``small_resnet`` with a mixed plan:
+stem and first stage data-parallel, second stage filter-parallel, classifier
+channel-parallel. Rank 0 prints a progress line every ``--log-every`` steps and
+one line per epoch with the test accuracy; ``OUT/metrics.jsonl`` gets a JSON
+record per logged step and per epoch; ``OUT/checkpoint.h5`` is written every
+epoch and at the end (atomically). An uncaught exception on any rank prints the
+rank and traceback and aborts the whole job, so no rank is left hanging.
 """
+from __future__ import annotations
+
 import argparse
+import json
 import os
 import sys
+import time
+import traceback
 
-NOT_IMPLEMENTED = 2
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,41 +33,231 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train a CNN across MPI ranks with per-layer sample/channel/filter "
                     "parallelism. Launch with: mpiexec -n N python scripts/train.py [flags]. "
-                    "With no flags it will train a small ResNet on the bundled digits data. "
-                    "NOT IMPLEMENTED YET (issue 'Training end to end'): this placeholder "
-                    "exits with status 2.")
-    p.add_argument("--model", default=None,
-                   help="model name (a ResNet-family or small net); default: a small ResNet")
-    p.add_argument("--strategy", default=None,
-                   help="'sample=2,channel=2' style strategy for every layer, a per-layer "
-                        "plan file (JSON), or 'auto' for the planner's choice")
-    p.add_argument("--epochs", type=int, default=None, help="number of epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size")
+                    "With no flags: a small ResNet on the bundled digits data, mixed plan.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="small_resnet",
+                   help="small_resnet, resnet18, resnet34, resnet50 or wide_resnet50_2")
+    p.add_argument("--strategy", default="mixed",
+                   help="'sample=2,channel=2' for every layer, a per-layer plan file (JSON: "
+                        "layer name -> strategy text), or 'mixed' (data-parallel stem, "
+                        "filter-parallel last stage, channel-parallel classifier)")
+    p.add_argument("--epochs", type=int, default=12, help="number of epochs")
+    p.add_argument("--batch-size", type=int, default=64, help="global mini-batch size")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="linear warm-up length before the cosine schedule")
     p.add_argument("--data", default=None, metavar="FILE.h5",
-                   help="HDF5 dataset; default: the bundled digits data")
-    p.add_argument("--out", default=None, metavar="DIR",
+                   help="training HDF5 file (datasets 'images' N×C×H×W and 'labels' N); "
+                        "default: data/digits_train.h5, created on first use")
+    p.add_argument("--test-data", default=None, metavar="FILE.h5",
+                   help="test HDF5 file; default: data/digits_test.h5 when --data is not given")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="number of classes (default: max label + 1 of the training data)")
+    p.add_argument("--width", type=int, default=16, help="base width of small_resnet")
+    p.add_argument("--out", default="runs/train", metavar="DIR",
                    help="output folder for metrics.jsonl and checkpoint.h5")
     p.add_argument("--resume", action="store_true",
-                   help="resume from DIR/checkpoint.h5")
-    p.add_argument("--seed", type=int, default=None, help="random seed")
+                   help="continue from OUT/checkpoint.h5 (any rank count or strategy)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and data order")
+    p.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps in total (for tests and benchmarks)")
     return p
 
 
-def _launcher_rank() -> int:
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+def mixed_plan(nranks: int) -> dict:
+    """The default mixed per-layer plan for ``nranks`` ranks."""
+    return {"": "sample=*", "layer2": f"sample=1,filter={nranks}",
+            "fc": f"sample=1,channel={nranks}"}
+
+
+def load_strategy(text: str, nranks: int):
+    """``--strategy`` text -> Strategy or plan dict (validated by the caller's model)."""
+    import distconv as dc
+    if text == "mixed":
+        return {k: dc.Strategy.parse(v) for k, v in mixed_plan(nranks).items()}
+    if text.endswith(".json") or os.path.isfile(text):
+        try:
+            with open(text) as f:
+                plan = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read strategy plan file {text!r}: {e}") from None
+        if not isinstance(plan, dict):
+            raise ValueError(f"plan file {text!r} must hold a JSON object: layer -> strategy")
+        plan = plan.get("plan", plan)
+        return {k: dc.Strategy.parse(v) if isinstance(v, str) else dc.Strategy(**v)
+                for k, v in plan.items()}
+    if text == "auto":
+        raise ValueError("--strategy auto needs the planner, which is not part of this build")
+    return dc.Strategy.parse(text)
 
 
 def main(argv=None) -> int:
-    build_parser().parse_args(argv)
-    if _launcher_rank() != 0:
-        return NOT_IMPLEMENTED
-    print("scripts/train.py: training end to end is not implemented yet "
-          "(issue \"Training end to end\"); nothing was trained.", file=sys.stderr)
-    return NOT_IMPLEMENTED
+    args = build_parser().parse_args(argv)
+    import distconv as dc
+    from distconv import backend, checkpoint, data, models, optim
+    from distconv.comm import world
+
+    comm = world()
+    rank, size = comm.rank, comm.size
+    if args.backend != "auto":
+        backend.set_backend(args.backend)
+    backend.configure_threads()
+    dc.set_default_dtype(np.float32 if args.dtype == "float32" else np.float64)
+    dc.manual_seed(args.seed)
+
+    def say(msg):
+        if rank == 0:
+            print(msg, flush=True)
+
+    # ---------------------------------------------------------------- data
+    train_path, test_path = args.data, args.test_data
+    if train_path is None:
+        train_path = os.path.join("data", "digits_train.h5")
+        test_path = test_path or os.path.join("data", "digits_test.h5")
+        data.ensure_digits("data", seed=0)
+    train_set = data.H5Dataset(train_path)
+    test_set = data.H5Dataset(test_path) if test_path else None
+    num_classes = args.num_classes or train_set.num_classes
+    in_ch = train_set.image_shape[0]
+
+    # ---------------------------------------------------------------- model
+    strategy = load_strategy(args.strategy, size)
+    if args.model == "small_resnet":
+        model = models.small_resnet(num_classes, in_channels=in_ch, width=args.width,
+                                    strategy=strategy)
+    elif args.model in models.MODELS:
+        stem = "cifar" if train_set.image_shape[-1] <= 64 else "imagenet"
+        model = models.MODELS[args.model](num_classes, in_channels=in_ch, stem=stem,
+                                          strategy=strategy)
+    else:
+        raise ValueError(f"unknown --model {args.model!r}; choose from {sorted(models.MODELS)}")
+    in_dist = model.conv1.input_distribution
+    loader = data.DistLoader(train_set, args.batch_size, in_dist, shuffle=True, seed=args.seed)
+    steps_per_epoch = len(loader)
+    if args.optimizer == "sgd":
+        opt = optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                        weight_decay=args.weight_decay)
+    else:
+        opt = optim.Adam(model.parameters(), args.lr, weight_decay=args.weight_decay)
+    total = args.epochs * steps_per_epoch
+    warm = int(args.warmup_epochs * steps_per_epoch)
+    sched = optim.LinearWarmup(opt, warm, after=optim.CosineAnnealingLR(opt, max(1, total - warm)))
+    sync = optim.GradientSync(model, opt)
+    crit = dc.nn.CrossEntropyLoss()
+
+    os.makedirs(args.out, exist_ok=True) if rank == 0 else None
+    comm.barrier()
+    ckpt_path = os.path.join(args.out, "checkpoint.h5")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    start_epoch, step = 0, 0
+    if args.resume:
+        meta = checkpoint.load_checkpoint(ckpt_path, model, opt, sched)
+        if meta.get("model") != args.model:
+            raise ValueError(f"{ckpt_path} holds a {meta.get('model')!r} model, not "
+                             f"{args.model!r}")
+        step = int(meta["step"])
+        loader.load_state_dict(meta["loader"])
+        start_epoch = loader.position()[0]
+        say(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+    elif rank == 0:
+        open(metrics_path, "w").close()
+
+    def log(rec):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    say(f"distconv: {args.model} on {size} rank(s), strategy {args.strategy}, "
+        f"{len(train_set)} training images {train_set.image_shape}, {num_classes} classes, "
+        f"batch {args.batch_size}, {steps_per_epoch} steps/epoch, dtype {args.dtype}")
+
+    def evaluate():
+        if test_set is None:
+            return None
+        model.eval()
+        tl = data.DistLoader(test_set, args.batch_size, in_dist, shuffle=False)
+        correct = n = 0
+        for x, y in tl:
+            logits = backend.to_numpy(model(x).to_global())
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+        model.train()
+        return correct / max(n, 1)
+
+    def save(epoch):
+        checkpoint.save_checkpoint(ckpt_path, model, opt, sched, meta={
+            "epoch": epoch, "step": step, "model": args.model, "strategy": args.strategy,
+            "loader": loader.state_dict(), "seed": args.seed, "args": vars(args)})
+
+    t_run = time.perf_counter()
+    done = False
+    for epoch in range(start_epoch, args.epochs):
+        loader.set_epoch(epoch)
+        t_ep = time.perf_counter()
+        win_t, win_n, win_loss, win_acc, win_steps = time.perf_counter(), 0, 0.0, 0, 0
+        comm.reset_stats()
+        for x, y in loader:
+            opt.zero_grad()
+            logits = model(x)
+            loss = crit(logits, y)
+            model.backward(crit.backward())
+            opt.step()
+            sched.step()
+            step += 1
+            pred = backend.to_numpy(logits.to_global()).argmax(1)
+            win_loss += loss
+            win_acc += int((pred == y).sum())
+            win_n += len(y)
+            win_steps += 1
+            if step % args.log_every == 0 or loader.position()[1] == steps_per_epoch:
+                dt = time.perf_counter() - win_t
+                st = comm.stats()
+                comm_t = st["total"]["time"]
+                rec = {"kind": "step", "epoch": epoch + 1, "step": step,
+                       "loss": win_loss / win_steps, "accuracy": win_acc / max(win_n, 1),
+                       "images_per_s": win_n / dt, "comm_share": comm_t / dt,
+                       "lr": opt.lr, "bytes_sent": st["total"]["bytes_sent"]}
+                say(f"epoch {epoch + 1} step {step} loss {rec['loss']:.4f} "
+                    f"acc {rec['accuracy']:.3f} {rec['images_per_s']:.0f} img/s "
+                    f"comm {100 * rec['comm_share']:.0f}% lr {opt.lr:.4f}")
+                log(rec)
+                comm.reset_stats()
+                win_t, win_n, win_loss, win_acc, win_steps = time.perf_counter(), 0, 0.0, 0, 0
+            if args.max_steps is not None and step >= args.max_steps:
+                done = True
+                break
+        acc = evaluate()
+        ep_t = time.perf_counter() - t_ep
+        rec = {"kind": "epoch", "epoch": epoch + 1, "step": step, "test_accuracy": acc,
+               "epoch_time": ep_t, "elapsed": time.perf_counter() - t_run,
+               "exposed_allreduce_time": sync.exposed_time}
+        say(f"epoch {epoch + 1} done in {ep_t:.1f} s: test accuracy "
+            f"{'n/a' if acc is None else f'{100 * acc:.2f}%'}")
+        log(rec)
+        save(epoch + 1)
+        if done:
+            break
+    say(f"finished in {time.perf_counter() - t_run:.1f} s; checkpoint {ckpt_path}, "
+        f"metrics {metrics_path}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        rc = main()
+    except SystemExit:
+        raise
+    except BaseException:
+        from mpi4py import MPI
+        r = MPI.COMM_WORLD.Get_rank()
+        sys.stderr.write(f"[rank {r}] uncaught exception, aborting the job:\n"
+                         f"{traceback.format_exc()}")
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+    sys.exit(rc)

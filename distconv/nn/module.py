@@ -186,9 +186,9 @@ class Module:
         for mname, m in self.named_modules():
             pre = f"{mname}." if mname else ""
             for pname, p in m._parameters.items():
-                out[pre + pname] = to_numpy(p.data.to_global())
+                out[pre + pname] = np.array(to_numpy(p.data.to_global()), copy=True)
             for bname, b in m._buffers.items():
-                out[pre + bname] = to_numpy(b.to_global())
+                out[pre + bname] = np.array(to_numpy(b.to_global()), copy=True)
         return out
 
     def load_state_dict(self, state, strict: bool = True) -> None:
