@@ -79,6 +79,7 @@ class BatchNorm2d(Module):
                              f"H, W) input, got shape {x.shape}")
         if self.weight is not None:
             check_dtype(x, self.weight.data.dtype, "BatchNorm2d")
+        in_dist = x.distribution  # backward returns dx in this layout
         x = x.redistribute(self._act)
         xl = x.local
         xp = get_xp()
@@ -94,9 +95,14 @@ class BatchNorm2d(Module):
                 s, ss, n = red[:C], red[C:2 * C], int(round(float(red[2 * C])))
             else:
                 grp = None
-            if n == 0 or (self.training and n == 1 and self.global_stats):
-                raise ValueError(f"BatchNorm2d: expected more than 1 value per channel when "
-                                 f"training, got input shape {x.shape}")
+            bad = n == 0 or (self.training and n == 1 and self.global_stats)
+            msg = (f"BatchNorm2d: expected more than 1 value per channel when "
+                   f"training, got input shape {x.shape}")
+            if self.global_stats:  # n is the global count: the same on every rank
+                if bad:
+                    raise ValueError(msg)
+            else:  # n is this rank's own count: raise on every rank alike, not a hang
+                x.grid.comm.agree(not bad, msg)
             mean, invstd, var_unb = ops.bn_mean_invstd(s, ss, n, self.eps)
             if self.training and self.track_running_stats:
                 self._update_running(mean, var_unb, grp)
@@ -105,7 +111,7 @@ class BatchNorm2d(Module):
             invstd = 1.0 / xp.sqrt(self.running_var.local.astype(np.float64) + self.eps)
             n = None
         y = ops.bn_forward_apply(xl, mean, invstd, w, b)
-        self._saved = (x, mean, invstd, n, use_batch)
+        self._saved = (x, mean, invstd, n, use_batch, in_dist)
         return DistTensor(y, x.distribution, x.shape)
 
     def _update_running(self, mean, var_unb, grp):
@@ -128,7 +134,7 @@ class BatchNorm2d(Module):
     def backward(self, dy):
         if self._saved is None:
             raise RuntimeError("BatchNorm2d.backward called before forward")
-        x, mean, invstd, n, use_batch = self._saved
+        x, mean, invstd, n, use_batch, in_dist = self._saved
         dy = as_dist(dy, self._act)
         if tuple(dy.shape) != tuple(x.shape):
             raise ValueError(f"BatchNorm2d.backward: dy has shape {dy.shape}, expected {x.shape}")
@@ -156,7 +162,7 @@ class BatchNorm2d(Module):
             self.weight.accumulate(dw.astype(dt), pending)
             self.bias.accumulate(db.astype(dt), pending)
         self._saved = None
-        return DistTensor(dx, x.distribution, x.shape)
+        return DistTensor(dx, x.distribution, x.shape).redistribute(in_dist)
 
     def __repr__(self):
         return (f"BatchNorm2d({self.num_features}, eps={self.eps}, momentum={self.momentum}, "

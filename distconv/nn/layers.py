@@ -152,7 +152,7 @@ class Flatten(Module):
         x = _elementwise_input(x)
         if x.ndim < 2:
             raise ValueError(f"Flatten expects at least 2 dims, got shape {x.shape}")
-        d = x.distribution
+        d = in_dist = x.distribution
         rest = 1
         for s in x.shape[2:]:
             rest *= s
@@ -161,15 +161,18 @@ class Flatten(Module):
             x = x.redistribute(d)
         out_dist = Distribution(d.grid, [d.split[0], d.split[1]])
         shape = (x.shape[0], x.shape[1] * rest)
-        self._saved = (x.distribution, x.shape)
-        n = x.local.shape[0]
-        return DistTensor(x.local.reshape(n, -1), out_dist, shape)
+        self._saved = (x.distribution, x.shape, in_dist)
+        n, feats = x.local.shape[0], 1
+        for s in x.local.shape[1:]:
+            feats *= s  # not reshape(n, -1): that fails on an empty block (n == 0)
+        return DistTensor(x.local.reshape(n, feats), out_dist, shape)
 
     def backward(self, dy):
-        dist, xshape = self._saved_state()
+        dist, xshape, in_dist = self._saved_state()
         out_dist = Distribution(dist.grid, [dist.split[0], dist.split[1]])
         dy = as_dist(dy, out_dist).redistribute(out_dist)
-        return DistTensor(dy.local.reshape(dist.local_shape(xshape)), dist, xshape)
+        dx = DistTensor(dy.local.reshape(dist.local_shape(xshape)), dist, xshape)
+        return dx.redistribute(in_dist)  # back to the input's C split: a local slice
 
     def __repr__(self):
         return "Flatten()"
