@@ -438,6 +438,10 @@ def _pack(xp, x, axis, counts, pre, post):
     """Flat buffer of the blocks of ``x`` along ``axis`` one after another (a view if possible)."""
     if pre == 1 or len(counts) == 1:
         return xp.ascontiguousarray(x).reshape(-1)
+    if xp is not np:  # CUDA pack kernel (kernels/pack.cu), blocks on axis 1 of (pre, n, post)
+        from .ops import cuda
+        return cuda.pack_channel_blocks(xp.ascontiguousarray(x).reshape(pre, x.shape[axis], post),
+                                        counts)
     x3 = x.reshape(pre, x.shape[axis], post)
     out = xp.empty(x.size, x.dtype)
     off = 0
@@ -455,6 +459,9 @@ def _assemble(xp, flat, out_shape, axis, counts, pre, post):
     if pre == 1 or len(counts) == 1:
         return flat.reshape(out_shape)
     total = sum(counts)
+    if xp is not np:  # CUDA unpack kernel (kernels/pack.cu)
+        from .ops import cuda
+        return cuda.unpack_channel_blocks(flat, (pre, total, post), counts).reshape(out_shape)
     out = xp.empty(out_shape, flat.dtype)
     o3 = out.reshape(pre, total, post)
     off = 0

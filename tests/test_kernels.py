@@ -776,3 +776,27 @@ def test_pack_beyond_int32_indices(cp):
         assert bool(cp.array_equal(back, x))
     except cp.cuda.memory.OutOfMemoryError:
         pytest.skip("not enough GPU memory")
+
+
+# ---------------------------------------------------------------- op dispatch
+@pytest.mark.parametrize("name,args", [
+    ("conv2d_forward", (np.zeros((1, 2, 4, 4)), np.zeros((3, 2, 3, 3)))),
+    ("conv2d_backward_data", (np.zeros((1, 3, 2, 2)), np.zeros((3, 2, 3, 3)), (4, 4))),
+    ("conv2d_backward_filter", (np.zeros((1, 2, 4, 4)), np.zeros((1, 3, 2, 2)), (3, 3))),
+    ("max_pool2d_forward", (np.zeros((1, 2, 4, 4)), (2, 2))),
+    ("avg_pool2d_forward", (np.zeros((1, 2, 4, 4)), (2, 2))),
+    ("bn_local_stats", (np.zeros((1, 2, 4, 4)),)),
+    ("relu_forward", (np.zeros((1, 2, 4, 4)),)),
+])
+def test_ops_dispatch_cupy_arrays_to_cuda(monkeypatch, name, args):
+    """For a CuPy array, each op hands the call to the CUDA implementation in ops/cuda.py;
+    for a NumPy array it never does."""
+    import distconv.ops as ops
+    from distconv.ops import _gpu, cuda as cuda_mod
+    calls = []
+    monkeypatch.setattr(cuda_mod, name, lambda *a, **k: calls.append(a) or "gpu-result")
+    getattr(ops, name)(*args)
+    assert calls == []  # numpy input: CPU path
+    monkeypatch.setattr(_gpu, "array_module", lambda a: object())  # pretend: a CuPy array
+    assert getattr(ops, name)(*args) == "gpu-result"
+    assert len(calls) == 1 and calls[0][0] is args[0]

@@ -45,7 +45,7 @@ def _trim() -> None:
 
 
 def get(xp, tag: str, shape, dtype, zero: bool = False):
-    """A scratch array of ``shape``/``dtype`` for ``tag``; zero-filled when first made if ``zero``."""
+    """A scratch array of ``shape``/``dtype`` for ``tag``; zero-filled when made if ``zero``."""
     global _BYTES
     shape = tuple(int(s) for s in shape)
     key = (xp.__name__, tag, shape, str(dtype))

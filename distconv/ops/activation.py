@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..backend import array_module
+from ._gpu import gpu_impl
 
 
 def relu_forward(x, out=None):
@@ -9,6 +10,9 @@ def relu_forward(x, out=None):
 
     ``out`` may be given (it may be ``x`` itself for an in-place ReLU).
     """
+    _g = gpu_impl("relu_forward", x)
+    if _g is not None:
+        return _g(x, out)
     xp = array_module(x)
     if out is None:
         out = xp.empty_like(x)
@@ -23,6 +27,9 @@ def relu_backward(dy, y, out=None):
     dy, y: same shape (y is the forward output, or its input: the sign is the
     same) -> dx of dy's dtype. ``out`` may be ``dy`` for in-place.
     """
+    _g = gpu_impl("relu_backward", dy)
+    if _g is not None:
+        return _g(dy, y, out)
     xp = array_module(dy)
     if out is None:
         out = xp.empty_like(dy)

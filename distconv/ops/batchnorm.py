@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
+from ._gpu import gpu_impl
 
 _CHUNK_ELEMS = 1 << 20  # elements converted to float64 at a time
 
@@ -47,6 +48,9 @@ def bn_local_stats(x):
 
     x: (N, C, H, W) -> (sum (C,) float64, sumsq (C,) float64, count int = N*H*W).
     """
+    _g = gpu_impl("bn_local_stats", x)
+    if _g is not None:
+        return _g(x)
     _check4(x)
     xp = array_module(x)
     N, C, H, W = (int(s) for s in x.shape)
@@ -96,6 +100,9 @@ def bn_forward_apply(x, mean, invstd, weight=None, bias=None):
     x: (N, C, H, W); mean, invstd, weight, bias: (C,) (weight/bias may be None)
     -> y: (N, C, H, W) of x's dtype.
     """
+    _g = gpu_impl("bn_forward_apply", x)
+    if _g is not None:
+        return _g(x, mean, invstd, weight, bias)
     _check4(x)
     xp = array_module(x)
     dt = x.dtype
@@ -118,6 +125,9 @@ def bn_backward_reduce(dy, x, mean):
     dy, x: (N, C, H, W); mean: (C,) -> (sum_dy (C,) float64, sum_dy_xmu (C,)
     float64) where sum_dy_xmu = sum(dy * (x - mean)).
     """
+    _g = gpu_impl("bn_backward_reduce", x)
+    if _g is not None:
+        return _g(dy, x, mean)
     _check4(x)
     _check4(dy, "dy")
     xp = array_module(x)
@@ -149,6 +159,9 @@ def bn_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
     (C,); count: global number of elements per channel -> dx: (N, C, H, W) of
     dy's dtype.
     """
+    _g = gpu_impl("bn_backward_apply", dy)
+    if _g is not None:
+        return _g(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
     _check4(x)
     xp = array_module(dy)
     dt = dy.dtype

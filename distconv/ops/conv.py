@@ -36,6 +36,7 @@ import numpy as np
 
 from ..backend import array_module
 from . import _workspace
+from ._gpu import gpu_impl
 
 # Fold samples into one GEMM until it has at least this many columns.
 _TARGET_COLS = 4096
@@ -246,6 +247,9 @@ def conv2d_forward(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
 
     x: (N, C, H, W); w: (F, C, kh, kw) -> y: (N, F, Ho, Wo), dtype of x.
     """
+    _g = gpu_impl("conv2d_forward", x)
+    if _g is not None:
+        return _g(x, w, stride, padding, dilation)
     xp = array_module(x)
     g = _Geom(x.shape, w.shape, stride, padding, dilation)
     dt = x.dtype
@@ -281,6 +285,9 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
 
     dy: (N, F, Ho, Wo); w: (F, C, kh, kw); x_hw = (H, W) -> dx: (N, C, H, W), dtype of dy.
     """
+    _g = gpu_impl("conv2d_backward_data", dy)
+    if _g is not None:
+        return _g(dy, w, x_hw, stride, padding, dilation)
     xp = array_module(dy)
     H, W = (int(v) for v in x_hw)
     N, F = int(dy.shape[0]), int(dy.shape[1])
@@ -383,6 +390,9 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
 
     x: (N, C, H, W); dy: (N, F, Ho, Wo); kernel_hw = (kh, kw) -> dw: (F, C, kh, kw), dtype of x.
     """
+    _g = gpu_impl("conv2d_backward_filter", x)
+    if _g is not None:
+        return _g(x, dy, kernel_hw, stride, padding, dilation)
     xp = array_module(x)
     kh, kw = _pair(kernel_hw, "kernel_hw")
     F = int(dy.shape[1])

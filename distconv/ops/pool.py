@@ -14,6 +14,7 @@ import numpy as np
 
 from ..backend import array_module
 from .conv import _pair, conv2d_output_hw
+from ._gpu import gpu_impl
 
 
 def _pool_geom(x_shape, kernel, stride, padding):
@@ -41,6 +42,9 @@ def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0)):
     chosen element in each window (pass it unchanged to
     :func:`max_pool2d_backward`). ``stride`` None means ``kernel``.
     """
+    _g = gpu_impl("max_pool2d_forward", x)
+    if _g is not None:
+        return _g(x, kernel, stride, padding)
     xp = array_module(x)
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding)
     idt = np.uint8 if kh * kw <= 256 else np.int32
@@ -76,6 +80,9 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)
     dy: (N, C, Ho, Wo); argmax from :func:`max_pool2d_forward`; x_shape =
     (N, C, H, W) -> dx: (N, C, H, W) of dy's dtype.
     """
+    _g = gpu_impl("max_pool2d_backward", dy)
+    if _g is not None:
+        return _g(dy, argmax, x_shape, kernel, stride, padding)
     xp = array_module(dy)
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding)
     dxp = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dy.dtype)
@@ -97,6 +104,9 @@ def avg_pool2d_forward(x, kernel, stride=None, padding=(0, 0)):
 
     x: (N, C, H, W) -> y: (N, C, Ho, Wo) of x's dtype.
     """
+    _g = gpu_impl("avg_pool2d_forward", x)
+    if _g is not None:
+        return _g(x, kernel, stride, padding)
     xp = array_module(x)
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding)
     y = xp.zeros((N, C, Ho, Wo), x.dtype)
@@ -119,6 +129,9 @@ def avg_pool2d_backward(dy, x_shape, kernel, stride=None, padding=(0, 0)):
 
     dy: (N, C, Ho, Wo); x_shape = (N, C, H, W) -> dx: (N, C, H, W) of dy's dtype.
     """
+    _g = gpu_impl("avg_pool2d_backward", dy)
+    if _g is not None:
+        return _g(dy, x_shape, kernel, stride, padding)
     xp = array_module(dy)
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding)
     dxp = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dy.dtype)
