@@ -102,6 +102,9 @@ def load_strategy(text: str, nranks: int):
     return dc.Strategy.parse(text)
 
 
+_EXIT_COMM = None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import distconv as dc
@@ -110,6 +113,8 @@ def main(argv=None) -> int:
 
     comm = world()
     rank, size = comm.rank, comm.size
+    global _EXIT_COMM
+    _EXIT_COMM = comm.mpi.Dup()  # used only when an exception ends the job (see below)
     if args.backend != "auto":
         backend.set_backend(args.backend)
     backend.configure_threads()
@@ -126,8 +131,11 @@ def main(argv=None) -> int:
         train_path = os.path.join("data", "digits_train.h5")
         test_path = test_path or os.path.join("data", "digits_test.h5")
         data.ensure_digits("data", seed=0)
-    train_set = data.H5Dataset(train_path)
-    test_set = data.H5Dataset(test_path) if test_path else None
+    train_set = data.H5Dataset(train_path, num_classes=args.num_classes)
+    test_set = data.H5Dataset(test_path, num_classes=args.num_classes) if test_path else None
+    if min(train_set.image_shape) < 1:
+        raise ValueError(f"HDF5 dataset file {train_path!r}: images of shape (C, H, W) = "
+                         f"{train_set.image_shape} are empty; the model needs C, H, W >= 1")
     num_classes = args.num_classes or train_set.num_classes
     in_ch = train_set.image_shape[0]
 
@@ -266,5 +274,14 @@ if __name__ == "__main__":
         sys.stderr.write(f"[rank {r}] uncaught exception, aborting the job:\n"
                          f"{traceback.format_exc()}")
         sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+        # distconv raises bad-input errors on every rank alike: when every rank gets here,
+        # exit with status 1 without MPI_Abort, which can kill the job before mpiexec has
+        # forwarded the message above. A rank that fails alone aborts the job after 3 s.
+        req = _EXIT_COMM.Ibarrier() if _EXIT_COMM is not None else None
+        t_end = time.monotonic() + 3.0
+        while req is not None and not req.Test() and time.monotonic() < t_end:
+            time.sleep(0.002)
+        if req is None or not req.Test():
+            MPI.COMM_WORLD.Abort(1)
+        rc = 1
     sys.exit(rc)
