@@ -83,7 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="CI-sized run: 3 small shapes, batch 8, few repeats (< 30 s)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 32; 8 with --quick)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size (default 32; 8 with --quick)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per measurement (default 5; 2 with --quick)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
@@ -215,7 +216,8 @@ def main(argv=None):
         "host": platform.node(), "python": platform.python_version(), "numpy": np.__version__,
         "torch": getattr(torch, "__version__", None), "backend": args.backend,
         "dtype": str(dtype), "batch": batch, "threads": threads, "repeats": repeats,
-        "quick": args.quick, "clock": args.clock, "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "quick": args.quick, "clock": args.clock,
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "blas": blas_info(),
         "loadavg_start": list(os.getloadavg()),
     }
@@ -237,7 +239,8 @@ def main(argv=None):
 
     rng = np.random.default_rng(0)
     rows = []
-    hdr = f"{'shape':32s} {'pass':10s} {'dc GF/s':>8s} {'pt GF/s':>8s} {'ratio':>6s} {'dc ms':>8s} {'pt ms':>8s}"
+    hdr = (f"{'shape':32s} {'pass':10s} {'dc GF/s':>8s} {'pt GF/s':>8s} {'ratio':>6s} "
+           f"{'dc ms':>8s} {'pt ms':>8s}")
     print(hdr)
     print("-" * len(hdr))
     for name, c, f, h, k, s, p in shapes:
@@ -285,7 +288,6 @@ def main(argv=None):
                   f"{(f'{g_pt:8.1f}' if g_pt else '     n/a')} "
                   f"{(f'{ratio:6.2f}' if ratio else '   n/a')} {t_dc * 1e3:8.2f} "
                   f"{(f'{t_pt * 1e3:8.2f}' if t_pt else '     n/a')}", flush=True)
-        del x, w, dy
     summary = {}
     for q in PASSES:
         summary[q] = geomean([r["ratio"] for r in rows if r["pass"] == q])
