@@ -230,14 +230,7 @@ def _suffix(dtype, what="data"):
 
 
 # ------------------------------------------------------------------- geometry
-def _pair(v, name):
-    if isinstance(v, (int, np.integer)):
-        return (int(v), int(v))
-    try:
-        a, b = v
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
-    return (int(a), int(b))
+from .conv import _pair  # noqa: E402  (one argument parser for the CPU and GPU ops)
 
 
 def _out_hw(H, W, kh, kw, sh, sw, ph, pw, dh, dw):
