@@ -361,24 +361,34 @@ class Communicator:
         pre = int(np.prod(x.shape[:sa], dtype=np.int64))
         post = int(np.prod(x.shape[sa + 1:], dtype=np.int64))
         ssizes = [pre * c * post for c in send_counts]
-        send = _pack(xp, x, sa, send_counts, pre, post)
         chunk_shape = list(x.shape)
         chunk_shape[sa] = send_counts[me]
         other = int(np.prod([n for i, n in enumerate(chunk_shape) if i != ca], dtype=np.int64))
         rsizes = [other * c for c in recv_counts]
-        rb, get = self._recv_buf(xp, (sum(rsizes),), x.dtype)
-        if all(n == ssizes[0] for n in ssizes) and all(n == rsizes[0] for n in rsizes):
-            self.mpi.Alltoall(self._send_buf(send), rb)  # faster than Alltoallv in MPICH
-        else:
-            t = _mpi_type(x.dtype)
-            self.mpi.Alltoallv([self._send_buf(send), ssizes, _displs(ssizes), t],
-                               [rb, rsizes, _displs(rsizes), t])
-        flat = get()
         out_shape = list(chunk_shape)
         out_shape[ca] = sum(recv_counts)
         pre2 = int(np.prod(out_shape[:ca], dtype=np.int64))
         post2 = int(np.prod(out_shape[ca + 1:], dtype=np.int64))
-        out = _assemble(xp, flat, tuple(out_shape), ca, recv_counts, pre2, post2)
+        even = (all(n == ssizes[0] for n in ssizes) and all(n == rsizes[0] for n in rsizes)
+                and ssizes[0] > 0 and rsizes[0] > 0)
+        if even and xp is np:
+            # strided datatypes on both sides: no pack and no unpack copy
+            x = np.ascontiguousarray(x)
+            out = np.empty(tuple(out_shape), x.dtype)
+            c, r = send_counts[0], recv_counts[0]
+            st = _block_type(x.dtype, pre, c * post, x.shape[sa] * post)
+            rt = _block_type(x.dtype, pre2, r * post2, out_shape[ca] * post2)
+            self.mpi.Alltoall([x, 1, st], [out, 1, rt])
+        else:
+            send = _pack(xp, x, sa, send_counts, pre, post)
+            rb, get = self._recv_buf(xp, (sum(rsizes),), x.dtype)
+            if even:
+                self.mpi.Alltoall(self._send_buf(send), rb)  # faster than Alltoallv in MPICH
+            else:
+                t = _mpi_type(x.dtype)
+                self.mpi.Alltoallv([self._send_buf(send), ssizes, _displs(ssizes), t],
+                                   [rb, rsizes, _displs(rsizes), t])
+            out = _assemble(xp, get(), tuple(out_shape), ca, recv_counts, pre2, post2)
         item = x.dtype.itemsize
         self._record("alltoall", (sum(ssizes) - ssizes[me]) * item,
                      (sum(rsizes) - rsizes[me]) * item, t0)
