@@ -27,7 +27,25 @@ def _add(a: DistTensor, b: DistTensor) -> DistTensor:
     return DistTensor(a.local + b.local, a.distribution, a.shape)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """Shared residual join of the blocks: ``relu(body + shortcut(x))`` and its adjoint."""
+
+    def _join(self, x, out, relu):
+        if not isinstance(x, DistTensor):
+            x = DistTensor.from_global(x, self.conv1.input_distribution)
+        idn = self.downsample(x) if self.downsample is not None else x
+        self._xdist, self._idist = x.distribution, idn.distribution
+        return relu(_add(out, idn))
+
+    def _split(self, d, dx_body):
+        """``d``: gradient at the sum; ``dx_body``: the body's input gradient -> dx."""
+        di = d.redistribute(self._idist)
+        if self.downsample is not None:
+            di = self.downsample.backward(di)
+        return _add(dx_body.redistribute(self._xdist), di)
+
+
+class BasicBlock(_Block):
     """conv3x3-bn-relu-conv3x3-bn + shortcut, relu. x: (N, inplanes, H, W) ->
     (N, planes, H/stride, W/stride)."""
 
@@ -51,25 +69,15 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if not isinstance(x, DistTensor):
-            x = DistTensor.from_global(x, self.conv1.input_distribution)
-        idn = self.downsample(x) if self.downsample is not None else x
-        self._xdist = x.distribution
-        self._idist = idn.distribution
-        return self.relu2(_add(out, idn))
+        return self._join(x, self.bn2(self.conv2(out)), self.relu2)
 
     def backward(self, dy):
         d = self.relu2.backward(dy)
         g = self.conv2.backward(self.bn2.backward(d))
-        dx = self.conv1.backward(self.bn1.backward(self.relu.backward(g)))
-        di = d.redistribute(self._idist)
-        if self.downsample is not None:
-            di = self.downsample.backward(di)
-        return _add(dx.redistribute(self._xdist), di)
+        return self._split(d, self.conv1.backward(self.bn1.backward(self.relu.backward(g))))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """1x1-3x3-1x1 bottleneck (stride on the 3x3, as torchvision v1.5), expansion 4.
     x: (N, inplanes, H, W) -> (N, 4*planes, H/stride, W/stride)."""
 
@@ -96,23 +104,13 @@ class Bottleneck(nn.Module):
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if not isinstance(x, DistTensor):
-            x = DistTensor.from_global(x, self.conv1.input_distribution)
-        idn = self.downsample(x) if self.downsample is not None else x
-        self._xdist = x.distribution
-        self._idist = idn.distribution
-        return self.relu3(_add(out, idn))
+        return self._join(x, self.bn3(self.conv3(out)), self.relu3)
 
     def backward(self, dy):
         d = self.relu3.backward(dy)
         g = self.conv3.backward(self.bn3.backward(d))
         g = self.conv2.backward(self.bn2.backward(self.relu2.backward(g)))
-        dx = self.conv1.backward(self.bn1.backward(self.relu.backward(g)))
-        di = d.redistribute(self._idist)
-        if self.downsample is not None:
-            di = self.downsample.backward(di)
-        return _add(dx.redistribute(self._xdist), di)
+        return self._split(d, self.conv1.backward(self.bn1.backward(self.relu.backward(g))))
 
 
 class ResNet(nn.Module):
