@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "segmented allreduce with backward (to measure the hidden share)")
     p.add_argument("--bucket-kb", type=int, default=4096,
                    help="gradient bucket size for the overlapped allreduce")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step whose loss or gradients are not finite instead of "
+                        "stopping (the last good checkpoint is kept either way)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps in total (for tests and benchmarks)")
     return p
@@ -209,6 +212,21 @@ def main(argv=None) -> int:
             "epoch": epoch, "step": step, "model": args.model, "strategy": args.strategy,
             "loader": loader.state_dict(), "seed": args.seed, "args": vars(args)})
 
+    named = [(n, p) for n, p in model.named_parameters()]
+
+    def nonfinite(loss):
+        """Names of what is not finite this step (loss, then layers), agreed on all ranks
+        with one tiny allreduce; [] when all is finite."""
+        xp = backend.get_xp()
+        mine = [n for n, p in named
+                if p.grad is not None and not bool(xp.isfinite(p.grad.local).all())]
+        flag = comm.allreduce(np.asarray([1.0 if mine else 0.0]), op="max")
+        out = [] if np.isfinite(loss) else ["loss"]  # the loss is the same on every rank
+        if flag[0]:
+            out += sorted({n.rpartition(".")[0] or n
+                           for r in comm.allgather_obj(mine) for n in r})
+        return out
+
     t_run = time.perf_counter()
     done = False
     for epoch in range(start_epoch, args.epochs):
@@ -218,11 +236,28 @@ def main(argv=None) -> int:
         comm.reset_stats()
         for x, y in loader:
             opt.zero_grad()
+            running = ([(b, b.local.copy()) for _, b in model.named_buffers()]
+                       if args.skip_nonfinite else [])
             logits = model(x)
             loss = crit(logits, y)
             model.backward(crit.backward())
-            opt.step()
-            sched.step()
+            bad = nonfinite(loss)
+            if bad:
+                sync.wait()  # finish the allreduces in flight before leaving the step
+                where = (f"step {step + 1} (epoch {epoch + 1}): non-finite values in "
+                         f"{', '.join(bad)}")
+                if not args.skip_nonfinite:
+                    kept = (f"the last good checkpoint {ckpt_path} is kept"
+                            if os.path.exists(ckpt_path) else "no checkpoint was written yet")
+                    raise FloatingPointError(f"{where}; training stopped, {kept}")
+                say(f"skipping {where} (--skip-nonfinite)")
+                log({"kind": "skipped", "epoch": epoch + 1, "step": step + 1, "reason": where})
+                opt.zero_grad()
+                for b, saved in running:  # this step's batch statistics are not kept either
+                    b.local[...] = saved
+            else:
+                opt.step()
+                sched.step()
             step += 1
             pred = backend.to_numpy(logits.to_global()).argmax(1)
             win_loss += loss

@@ -399,3 +399,41 @@ def test_help():
     for flag in ("--model", "--strategy", "--epochs", "--batch-size", "--data", "--out",
                  "--resume", "--seed"):
         assert flag in r.stdout
+
+
+# ------------------------------------------------------------------ non-finite steps
+@pytest.fixture(scope="module")
+def nan_data(tmp_path_factory):
+    """Digits-like data whose sample 5 is NaN: the batch holding it has a NaN loss."""
+    from distconv.data import write_h5_dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 1, 8, 8))
+    x[5] = np.nan
+    p = tmp_path_factory.mktemp("nan") / "nan.h5"
+    return write_h5_dataset(str(p), x.astype(np.float32), rng.integers(0, 10, 64),
+                            num_classes=10)
+
+
+def test_nonfinite_step_stops_training_and_keeps_checkpoint(digits, nan_data, tmp_path):
+    out = tmp_path / "out"
+    train(2, out, "--epochs", "1", "--max-steps", "1", data=digits[0])  # a good checkpoint
+    before = (out / "checkpoint.h5").read_bytes()
+    r = train(2, out, "--epochs", "2", "--batch-size", "16", data=nan_data, ok=False)
+    assert r.returncode != 0
+    assert "FloatingPointError" in r.stderr and "non-finite values in loss" in r.stderr
+    assert "(epoch 1)" in r.stderr and "conv1" in r.stderr  # names the step and layers
+    assert (out / "checkpoint.h5").read_bytes() == before
+
+
+def test_skip_nonfinite_skips_the_step(nan_data, tmp_path):
+    import h5py
+
+    out = tmp_path / "out"
+    train(2, out, "--epochs", "1", "--batch-size", "16", "--skip-nonfinite", data=nan_data)
+    recs = metrics(out)
+    skipped = [r for r in recs if r["kind"] == "skipped"]
+    assert len(skipped) == 1 and "non-finite values in loss" in skipped[0]["reason"]
+    with h5py.File(out / "checkpoint.h5", "r") as f:
+        for k, d in f["model"].items():
+            assert np.isfinite(d[()]).all(), k  # weights and running statistics stay finite
