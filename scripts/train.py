@@ -13,12 +13,18 @@ one line per epoch with the test accuracy; ``OUT/metrics.jsonl`` gets a JSON
 record per logged step and per epoch; ``OUT/checkpoint.h5`` is written every
 epoch and at the end (atomically). An uncaught exception on any rank prints the
 rank and traceback and aborts the whole job, so no rank is left hanging.
+
+SIGTERM or SIGUSR1 (e.g. ``sbatch --signal=USR1@120``) makes every rank write a
+checkpoint at the next step boundary and exit 0; ``--resume`` continues from it.
+A non-finite loss or gradient stops the run (``--skip-nonfinite`` skips the step).
+``DISTCONV_FAULT`` injects faults for tests (see :func:`parse_fault`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -106,6 +112,28 @@ def load_strategy(text: str, nranks: int):
 
 
 _EXIT_COMM = None
+_STOP = {"signal": None}  # set by SIGTERM/SIGUSR1; acted on at the next step boundary
+
+
+def _on_signal(signum, frame):
+    _STOP["signal"] = signum
+
+
+def parse_fault(text: str | None) -> dict:
+    """``DISTCONV_FAULT`` (testing only): ``raise@rank=1,step=3`` (that rank raises at the
+    start of that step), ``kill@rank=1,step=3`` (it dies with SIGKILL), or
+    ``checkpoint@epoch=2`` (rank 0 fails between writing and renaming that epoch's
+    checkpoint)."""
+    if not text:
+        return {}
+    kind, _, rest = text.partition("@")
+    out = {"kind": kind}
+    for part in filter(None, rest.split(",")):
+        k, _, v = part.partition("=")
+        out[k] = int(v)
+    if kind not in ("raise", "kill", "checkpoint"):
+        raise ValueError(f"DISTCONV_FAULT: unknown fault {kind!r} in {text!r}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -116,6 +144,9 @@ def main(argv=None) -> int:
 
     comm = world()
     rank, size = comm.rank, comm.size
+    fault = parse_fault(os.environ.get("DISTCONV_FAULT"))
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _on_signal)
     global _EXIT_COMM
     _EXIT_COMM = comm.mpi.Dup()  # used only when an exception ends the job (see below)
     if args.backend != "auto":
@@ -208,24 +239,30 @@ def main(argv=None) -> int:
         return correct / max(n, 1)
 
     def save(epoch):
+        if fault.get("kind") == "checkpoint" and fault.get("epoch") == epoch:
+            def fail(tmp):
+                raise OSError(f"injected fault (DISTCONV_FAULT) before renaming {tmp}")
+            checkpoint._before_rename = fail
         checkpoint.save_checkpoint(ckpt_path, model, opt, sched, meta={
             "epoch": epoch, "step": step, "model": args.model, "strategy": args.strategy,
             "loader": loader.state_dict(), "seed": args.seed, "args": vars(args)})
 
     named = [(n, p) for n, p in model.named_parameters()]
 
-    def nonfinite(loss):
-        """Names of what is not finite this step (loss, then layers), agreed on all ranks
-        with one tiny allreduce; [] when all is finite."""
+    def step_checks(loss):
+        """``(names of what is not finite this step, stop requested)``, agreed on all ranks
+        with one tiny allreduce: a non-finite gradient on any rank, or a SIGTERM/SIGUSR1
+        that reached any rank."""
         xp = backend.get_xp()
         mine = [n for n, p in named
                 if p.grad is not None and not bool(xp.isfinite(p.grad.local).all())]
-        flag = comm.allreduce(np.asarray([1.0 if mine else 0.0]), op="max")
+        flag = comm.allreduce(np.asarray([1.0 if mine else 0.0,
+                                          1.0 if _STOP["signal"] else 0.0]), op="max")
         out = [] if np.isfinite(loss) else ["loss"]  # the loss is the same on every rank
         if flag[0]:
             out += sorted({n.rpartition(".")[0] or n
                            for r in comm.allgather_obj(mine) for n in r})
-        return out
+        return out, bool(flag[1])
 
     t_run = time.perf_counter()
     done = False
@@ -235,13 +272,18 @@ def main(argv=None) -> int:
         win_t, win_n, win_loss, win_acc, win_steps = time.perf_counter(), 0, 0.0, 0, 0
         comm.reset_stats()
         for x, y in loader:
+            if fault.get("kind") in ("raise", "kill") and fault.get("rank") == rank \
+                    and fault.get("step") == step + 1:
+                if fault["kind"] == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError(f"injected fault (DISTCONV_FAULT) at step {step + 1}")
             opt.zero_grad()
             running = ([(b, b.local.copy()) for _, b in model.named_buffers()]
                        if args.skip_nonfinite else [])
             logits = model(x)
             loss = crit(logits, y)
             model.backward(crit.backward())
-            bad = nonfinite(loss)
+            bad, stop = step_checks(loss)
             if bad:
                 sync.wait()  # finish the allreduces in flight before leaving the step
                 where = (f"step {step + 1} (epoch {epoch + 1}): non-finite values in "
@@ -278,6 +320,12 @@ def main(argv=None) -> int:
                 log(rec)
                 comm.reset_stats()
                 win_t, win_n, win_loss, win_acc, win_steps = time.perf_counter(), 0, 0.0, 0, 0
+            if stop:
+                save(epoch + 1)  # the loader's position says where to continue
+                name = signal.Signals(_STOP["signal"]).name if _STOP["signal"] else "a signal"
+                say(f"{name} received (on some rank): checkpoint written at step {step} to "
+                    f"{ckpt_path}; exiting 0, continue with --resume")
+                return 0
             if args.max_steps is not None and step >= args.max_steps:
                 done = True
                 break

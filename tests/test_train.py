@@ -43,15 +43,15 @@ def digits(tmp_path_factory):
     return tuple(str(p) for p in make_digits(tmp_path_factory.mktemp("digits")))
 
 
-def train(nranks, out, *args, data=None, test_data=None, ok=True):
+def train(nranks, out, *args, data=None, test_data=None, ok=True, env=None):
     """Run train.py on ``nranks`` ranks in ``out``'s parent folder; returns the
-    CompletedProcess (and checks the exit status if ``ok``)."""
+    CompletedProcess (and checks the exit status if ``ok``); ``env`` adds variables."""
     argv = SMALL + ["--out", str(out)] + [str(a) for a in args]
     if data is not None:
         argv += ["--data", data]
     if test_data is not None:
         argv += ["--test-data", test_data]
-    r = run_mpi_script(TRAIN, nranks, TIMEOUT, args=argv, cwd=str(Path(out).parent))
+    r = run_mpi_script(TRAIN, nranks, TIMEOUT, args=argv, cwd=str(Path(out).parent), env=env)
     if ok:
         assert r.returncode == 0, f"train.py failed:\n{r.stdout}\n{r.stderr}"
     return r

@@ -1,0 +1,105 @@
+"""Failure behaviour of scripts/train.py under real mpiexec jobs.
+
+* a rank that raises, or is killed with SIGKILL, mid-step ends the whole 2- or 4-rank
+  job with a non-zero status within 15 s (no rank left hanging);
+* a crash between writing and renaming a checkpoint keeps the previous checkpoint
+  valid, and ``--resume`` from it ends exactly where a run that never crashed ends;
+* SIGUSR1/SIGTERM (what Slurm's ``--signal`` sends) make every rank write a checkpoint
+  at the next step boundary and exit 0, and ``--resume`` continues exactly.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.mpi_harness import child_env, mpiexec_command, run_mpi_script
+from tests.test_train import (RESUME, TRAIN, assert_same_checkpoint, ckpt, digits,  # noqa: F401
+                              metrics, steps, straight, train)
+
+
+@pytest.mark.parametrize("kind", ["raise", "kill"])
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_failing_rank_ends_the_job_quickly(digits, tmp_path, nranks, kind):  # noqa: F811
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    r = run_mpi_script(TRAIN, nranks, 60, args=["--width", "4", "--batch-size", "32",
+                                                "--data", digits[0], "--out", str(out)],
+                       env={"DISTCONV_FAULT": f"{kind}@rank=1,step=3"}, cwd=str(tmp_path))
+    took = time.monotonic() - t0
+    assert r.returncode != 0
+    assert took < 15, f"the job took {took:.1f} s to end after rank 1 failed"
+    if kind == "raise":
+        assert "[rank 1] uncaught exception" in r.stderr and "injected fault" in r.stderr
+
+
+def test_crash_while_writing_checkpoint_keeps_previous(digits, straight, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    r = train(2, out, *RESUME, data=digits[0], test_data=digits[1], ok=False,
+              env={"DISTCONV_FAULT": "checkpoint@epoch=2"})
+    assert r.returncode != 0 and "injected fault" in r.stderr
+    assert ckpt(out)[1]["loader"]["epoch"] == 1  # the epoch-1 checkpoint is intact
+    assert not [p for p in os.listdir(out) if ".tmp" in p]  # no temporary file left
+    train(2, out, *RESUME, "--resume", data=digits[0], test_data=digits[1])
+    assert_same_checkpoint(out, straight)
+
+
+def _ranks_of(out: Path):
+    """PIDs of the python ranks whose command line names ``out``."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in cmd and any(b"python" in c for c in cmd[:1]) \
+                and any(c.endswith(b"train.py") for c in cmd):
+            pids.append(int(d))
+    return pids
+
+
+WIDE = ["--width", "16", "--log-every", "1", "--dtype", "float64"]  # slow enough to signal
+
+
+@pytest.fixture(scope="module")
+def straight16(digits, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("straight16") / "out"
+    train(2, out, *WIDE, *RESUME, data=digits[0], test_data=digits[1])
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_checkpoints_and_exits_zero(digits, straight16, tmp_path, sig):  # noqa: F811
+    out = tmp_path / "out"
+    argv = [*WIDE, *RESUME,
+            "--data", digits[0], "--test-data", digits[1], "--out", str(out)]
+    p = subprocess.Popen(mpiexec_command(2) + [sys.executable, TRAIN] + argv,
+                         cwd=str(tmp_path), env=child_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        t_end = time.monotonic() + 60
+        while time.monotonic() < t_end:  # wait for a few logged steps
+            f = out / "metrics.jsonl"
+            if f.exists() and sum(1 for _ in open(f)) >= 3:
+                break
+            time.sleep(0.01)
+        pids = _ranks_of(out)
+        assert len(pids) == 2, pids
+        for pid in pids[:1]:  # like Slurm's signal to one task: the ranks agree anyway
+            os.kill(pid, sig)
+        so, se = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, se
+    assert "checkpoint written at step" in so
+    stopped_at = ckpt(out)[1]["step"]
+    assert 3 <= stopped_at < 46
+    train(2, out, *WIDE, *RESUME, "--resume", data=digits[0], test_data=digits[1])
+    assert_same_checkpoint(out, straight16)
+    assert [r["step"] for r in steps(metrics(out))][-1] == 46
