@@ -561,3 +561,36 @@ def wrap(comm) -> Communicator:
 def abort(code: int = 1) -> None:
     """``MPI_Abort`` on COMM_WORLD: ends every rank of the job."""
     MPI.COMM_WORLD.Abort(code)
+
+
+def run_guarded(main, *args, grace: float = 3.0) -> int:
+    """Run ``main(*args)`` so that an uncaught exception on any rank ends the whole job.
+
+    The failing rank prints ``[rank r] uncaught exception`` and its traceback to stderr.
+    When every rank fails alike (distconv raises bad-input errors on all ranks at once)
+    they meet in a nonblocking barrier and exit with status 1, so mpiexec forwards every
+    message; a rank that fails alone calls ``MPI_Abort`` after ``grace`` seconds, which
+    ends the ranks still waiting in a collective. Returns ``main``'s status (0 if None).
+    Use it in every entry point: ``sys.exit(run_guarded(main))``.
+    """
+    import sys
+    import traceback
+    exit_comm = MPI.COMM_WORLD.Dup()  # only for the exit handshake
+    try:
+        rc = main(*args)
+        exit_comm.Free()
+        return 0 if rc is None else int(rc)
+    except SystemExit:
+        raise
+    except BaseException:
+        r = MPI.COMM_WORLD.Get_rank()
+        sys.stderr.write(f"[rank {r}] uncaught exception, aborting the job:\n"
+                         f"{traceback.format_exc()}")
+        sys.stderr.flush()
+        req = exit_comm.Ibarrier()
+        t_end = time.monotonic() + grace
+        while not req.Test() and time.monotonic() < t_end:
+            time.sleep(0.002)
+        if not req.Test():
+            MPI.COMM_WORLD.Abort(1)
+        return 1

@@ -398,4 +398,5 @@ def _environment(np, MPI, p):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distconv.comm import run_guarded  # a failing rank ends the whole job
+    sys.exit(run_guarded(main))

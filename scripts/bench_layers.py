@@ -798,4 +798,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distconv.comm import run_guarded  # a failing rank ends the whole job
+    sys.exit(run_guarded(main))

@@ -27,7 +27,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -111,7 +110,6 @@ def load_strategy(text: str, nranks: int):
     return dc.Strategy.parse(text)
 
 
-_EXIT_COMM = None
 _STOP = {"signal": None}  # set by SIGTERM/SIGUSR1; acted on at the next step boundary
 
 
@@ -147,8 +145,6 @@ def main(argv=None) -> int:
     fault = parse_fault(os.environ.get("DISTCONV_FAULT"))
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _on_signal)
-    global _EXIT_COMM
-    _EXIT_COMM = comm.mpi.Dup()  # used only when an exception ends the job (see below)
     if args.backend != "auto":
         backend.set_backend(args.backend)
     backend.configure_threads()
@@ -347,24 +343,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        rc = main()
-    except SystemExit:
-        raise
-    except BaseException:
-        from mpi4py import MPI
-        r = MPI.COMM_WORLD.Get_rank()
-        sys.stderr.write(f"[rank {r}] uncaught exception, aborting the job:\n"
-                         f"{traceback.format_exc()}")
-        sys.stderr.flush()
-        # distconv raises bad-input errors on every rank alike: when every rank gets here,
-        # exit with status 1 without MPI_Abort, which can kill the job before mpiexec has
-        # forwarded the message above. A rank that fails alone aborts the job after 3 s.
-        req = _EXIT_COMM.Ibarrier() if _EXIT_COMM is not None else None
-        t_end = time.monotonic() + 3.0
-        while req is not None and not req.Test() and time.monotonic() < t_end:
-            time.sleep(0.002)
-        if req is None or not req.Test():
-            MPI.COMM_WORLD.Abort(1)
-        rc = 1
-    sys.exit(rc)
+    from distconv.comm import run_guarded
+    sys.exit(run_guarded(main))

@@ -103,3 +103,37 @@ def test_signal_checkpoints_and_exits_zero(digits, straight16, tmp_path, sig):  
     train(2, out, *WIDE, *RESUME, "--resume", data=digits[0], test_data=digits[1])
     assert_same_checkpoint(out, straight16)
     assert [r["step"] for r in steps(metrics(out))][-1] == 46
+
+
+GUARDED = """
+import sys
+from mpi4py import MPI
+from distconv.comm import run_guarded
+
+def main(mode):
+    r = MPI.COMM_WORLD.Get_rank()
+    if mode == "alone" and r == 1:
+        raise ValueError("rank 1 alone fails")
+    if mode == "all":
+        raise ValueError(f"every rank fails (rank {r})")
+    MPI.COMM_WORLD.Barrier()  # the others wait here for rank 1 forever
+
+sys.exit(run_guarded(main, sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["alone", "all"])
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_run_guarded_entry_point(tmp_path, nranks, mode):
+    """The guard every script uses: a lone failing rank aborts the job; ranks failing alike
+    all get their message out and exit 1."""
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED)
+    t0 = time.monotonic()
+    r = run_mpi_script(str(script), nranks, 30, args=[mode], cwd=str(tmp_path))
+    assert r.returncode != 0 and time.monotonic() - t0 < 15
+    if mode == "alone":
+        assert "[rank 1] uncaught exception" in r.stderr and "rank 1 alone fails" in r.stderr
+    else:
+        for k in range(nranks):
+            assert f"every rank fails (rank {k})" in r.stderr
