@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "segmented allreduce with backward (to measure the hidden share)")
     p.add_argument("--bucket-kb", type=int, default=4096,
                    help="gradient bucket size for the overlapped allreduce")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="also write the checkpoint every K steps (0: only per epoch)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a step whose loss or gradients are not finite instead of "
                         "stopping (the last good checkpoint is kept either way)")
@@ -316,6 +318,8 @@ def main(argv=None) -> int:
                 log(rec)
                 comm.reset_stats()
                 win_t, win_n, win_loss, win_acc, win_steps = time.perf_counter(), 0, 0.0, 0, 0
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and not stop:
+                save(epoch + 1)
             if stop:
                 save(epoch + 1)  # the loader's position says where to continue
                 name = signal.Signals(_STOP["signal"]).name if _STOP["signal"] else "a signal"

@@ -137,3 +137,29 @@ def test_run_guarded_entry_point(tmp_path, nranks, mode):
     else:
         for k in range(nranks):
             assert f"every rank fails (rank {k})" in r.stderr
+
+
+def test_soak_random_crashes_and_resumes_match_straight_run(digits, straight, tmp_path):  # noqa: F811
+    """--quick soak: the 46 steps of the straight run with a checkpoint every 3 steps; the
+    job is crashed at random steps (a rank raises) and resumed from the last periodic
+    checkpoint each time, sometimes on another rank count. It ends with exactly the
+    straight run's weights and optimizer state."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    out = tmp_path / "out"
+    crashes = sorted(rng.choice(np.arange(5, 46), size=5, replace=False).tolist())
+    args = [*RESUME, "--checkpoint-every", "3"]
+    for k, at in enumerate(crashes):
+        nranks = 1 if k % 3 == 2 else 2  # any rank count can resume any checkpoint
+        r = train(nranks, out, *args, *(["--resume"] if k else []), data=digits[0],
+                  test_data=digits[1], ok=False,
+                  env={"DISTCONV_FAULT": f"raise@rank=0,step={at}"})
+        if r.returncode == 0:  # the checkpoint it resumed from was already past `at`
+            continue
+        assert "injected fault" in r.stderr
+        # the last checkpoint before step `at`: periodic (every 3) or end of epoch (23)
+        assert ckpt(out)[1]["step"] == max(3 * ((at - 1) // 3), 23 * ((at - 1) // 23))
+    train(2, out, *args, "--resume", data=digits[0], test_data=digits[1])
+    assert ckpt(out)[1]["step"] == 46
+    assert_same_checkpoint(out, straight, rtol=1e-10)
