@@ -165,6 +165,8 @@ def main(argv=None) -> int:
         data.ensure_digits("data", seed=0)
     train_set = data.H5Dataset(train_path, num_classes=args.num_classes)
     test_set = data.H5Dataset(test_path, num_classes=args.num_classes) if test_path else None
+    if len(train_set) == 0:
+        raise ValueError(f"HDF5 dataset file {train_path!r} holds no samples: nothing to train")
     if min(train_set.image_shape) < 1:
         raise ValueError(f"HDF5 dataset file {train_path!r}: images of shape (C, H, W) = "
                          f"{train_set.image_shape} are empty; the model needs C, H, W >= 1")

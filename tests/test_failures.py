@@ -163,3 +163,14 @@ def test_soak_random_crashes_and_resumes_match_straight_run(digits, straight, tm
     train(2, out, *args, "--resume", data=digits[0], test_data=digits[1])
     assert ckpt(out)[1]["step"] == 46
     assert_same_checkpoint(out, straight, rtol=1e-10)
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    import numpy as np
+
+    from distconv.data import write_h5_dataset
+
+    p = write_h5_dataset(str(tmp_path / "zero.h5"), np.zeros((0, 1, 8, 8), np.float32),
+                         np.zeros((0,), np.int64), num_classes=10)
+    r = train(2, tmp_path / "out", data=p, ok=False)
+    assert r.returncode != 0 and "holds no samples" in r.stderr and "zero.h5" in r.stderr
