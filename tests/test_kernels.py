@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as TF
 
 from distconv.ops import cuda as K
+from tests.tolerance import rel_err
 
 torch.set_num_threads(1)
 
@@ -39,16 +40,6 @@ DTYPES = [np.float32, np.float64]
 NVCC_FLAGS = list(K.COMPILE_OPTIONS)
 
 
-def rel_err(actual, expected):
-    """Normwise relative error max|a - e| / max|e|."""
-    a = np.asarray(actual, dtype=np.float64)
-    e = np.asarray(expected, dtype=np.float64)
-    assert a.shape == e.shape, f"shape {a.shape} != {e.shape}"
-    if e.size == 0:
-        return 0.0
-    diff = np.abs(a - e).max()
-    scale = np.abs(e).max()
-    return float(diff if scale == 0 else diff / scale)
 
 
 def assert_close(actual, expected, dtype, what="", tol=None):

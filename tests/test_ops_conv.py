@@ -4,24 +4,12 @@ import pytest
 import torch
 
 from distconv.ops import conv as C
+from tests.tolerance import RTOL, rel_err  # noqa: F401
 
 torch.set_num_threads(1)
 
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
 
-def rel_err(actual, expected):
-    """Normwise relative error max|a - e| / max|e| (0 for empty or all-zero e and equal a)."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
-    if expected.size == 0:
-        return 0.0
-    diff = np.abs(actual - expected).max()
-    scale = np.abs(expected).max()
-    if scale == 0:
-        return float(diff)
-    return float(diff / scale)
 
 
 def assert_close(actual, expected, dtype, what=""):

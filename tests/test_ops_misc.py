@@ -7,22 +7,12 @@ from distconv.ops import activation as A
 from distconv.ops import batchnorm as BN
 from distconv.ops import loss as LS
 from distconv.ops import pool as P
+from tests.tolerance import RTOL, rel_err  # noqa: F401
 
 torch.set_num_threads(1)
 
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
 
-def rel_err(actual, expected):
-    """Normwise relative error max|a - e| / max|e|."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
-    if expected.size == 0:
-        return 0.0
-    diff = np.abs(actual - expected).max()
-    scale = np.abs(expected).max()
-    return float(diff if scale == 0 else diff / scale)
 
 
 def assert_close(actual, expected, dtype, what="", rtol=None):
