@@ -1,0 +1,13 @@
+"""Automatic per-layer strategy planner (OptCNN / FlexFlow style).
+
+* :mod:`.graph`: the layer graph of a model (shapes, kinds, residual blocks).
+* :mod:`.compute`: seconds of the local kernels of a layer's shard, measured on
+  this machine and cached, or from a fitted model.
+* :mod:`.machine`: a machine description (ranks per node, link α–β per collective,
+  compute scale) saved as JSON; calibrated on the current job or written by hand.
+* :mod:`.commmodel`: bytes each rank sends and receives in every collective that a
+  layer under a strategy issues (an exact mirror of :mod:`distconv.tensor`).
+* :mod:`.costs`: per-layer time and memory of a strategy.
+* :mod:`.search`: dynamic programming over the layer chain and residual blocks.
+* :mod:`.simulate`: step-time replay of a plan with overlapped gradient allreduces.
+"""
