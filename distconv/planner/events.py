@@ -1,0 +1,152 @@
+"""Collectives a layer issues under a strategy, per rank (mirror of :mod:`distconv.nn`).
+
+:func:`layer_events` returns, for one :class:`~distconv.planner.graph.LayerSpec`, the
+strategy ``(s, c, f)`` it runs under and the :class:`~distconv.distribution.Distribution`
+its input arrives in, the events of its ``forward``, its ``backward`` and the gradient
+sync (:func:`distconv.nn.sync_gradients`, one allreduce per parameter) on one rank, and
+the distribution of its output. :func:`join_events` does the same for a residual join.
+Layers follow :mod:`distconv.nn.conv` (Conv2d, Linear), :mod:`distconv.nn.batchnorm`
+(global batch statistics, float64 sums) and :mod:`distconv.nn.layers`.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from ..distribution import Distribution
+from .commmodel import allreduce_event, redistribute_events, vgrid
+
+
+@lru_cache(maxsize=None)
+def act_dist(st, ndim=4) -> Distribution:
+    """Between-layer layout of strategy ``st = (s, c, f)``: N over sample, C over (c, f)."""
+    g = vgrid(*st)
+    return Distribution(g, [("sample",), ("channel", "filter")] + [None] * (ndim - 2))
+
+
+@lru_cache(maxsize=None)
+def _xc(st, ndim):
+    return Distribution(vgrid(*st), [("sample",), ("channel",)] + [None] * (ndim - 2))
+
+
+@lru_cache(maxsize=None)
+def _yf(st, ndim):
+    return Distribution(vgrid(*st), [("sample",), ("filter",)] + [None] * (ndim - 2))
+
+
+@lru_cache(maxsize=None)
+def _wdist(st, wndim):
+    return Distribution(vgrid(*st), [("filter",), ("channel",)] + [None] * (wndim - 2))
+
+
+@lru_cache(maxsize=None)
+def _cdist(st):
+    return Distribution(vgrid(*st), [("channel", "filter")])
+
+
+def free_out_dist(layer, in_dist: Distribution) -> Distribution:
+    """Output distribution of a non-strategic layer for input ``in_dist``."""
+    if layer.kind == "flatten":
+        rest = 1
+        for s in layer.in_shape[2:]:
+            rest *= s
+        d = in_dist
+        if rest != 1 and d.split[1]:
+            d = Distribution(d.grid, [d.split[0]] + [None] * (len(layer.in_shape) - 1))
+        return Distribution(d.grid, [d.split[0], d.split[1]])
+    return in_dist
+
+
+def layer_events(layer, st, in_dist: Distribution, rank: int, item: int = 4):
+    """``(forward, backward, sync, out_dist)`` event lists of ``layer`` on ``rank``.
+
+    ``st``: ``(s, c, f)`` of a strategic layer (ignored for the others); ``in_dist``: the
+    distribution its input arrives in (its gradient leaves in the same one).
+    """
+    fwd, bwd, sync = [], [], []
+    xs, ys = layer.in_shape, layer.out_shape
+    k = layer.kind
+    if k in ("conv", "linear"):
+        nd = len(xs)
+        act, xc, yf = act_dist(st, nd), _xc(st, nd), _yf(st, nd)
+        fwd += redistribute_events(xs, in_dist, xc, rank, item)
+        fwd += redistribute_events(ys, yf.replace(pending=("channel",)), act, rank, item)
+        bwd += redistribute_events(ys, act, yf, rank, item)
+        bwd += redistribute_events(xs, xc.replace(pending=("filter",)), in_dist, rank, item)
+        wd = _wdist(st, len(layer.weight_shape))
+        rep = wd.replica_axes
+        if rep:
+            g = wd.grid
+            sync.append(allreduce_event(g, rep, rank, wd.local_size(layer.weight_shape,
+                                                                    g.coords_of(rank)), item))
+            if layer.attrs.get("bias"):
+                cd = _cdist(st)
+                sync.append(allreduce_event(g, cd.replica_axes, rank,
+                                            cd.local_size((ys[1],), g.coords_of(rank)), item))
+        return fwd, bwd, sync, act
+    if k == "bn":
+        act = act_dist(st, 4)
+        g = act.grid
+        fwd += redistribute_events(xs, in_dist, act, rank, item)
+        c_loc = act.local_shape(xs, g.coords_of(rank))[1]
+        fwd.append(allreduce_event(g, act.split[0], rank, 2 * c_loc + 1, 8))
+        bwd.append(allreduce_event(g, act.split[0], rank, 2 * c_loc, 8))
+        bwd += redistribute_events(xs, act, in_dist, rank, item)
+        return fwd, bwd, sync, act
+    if k == "flatten":
+        out = free_out_dist(layer, in_dist)
+        mid = Distribution(in_dist.grid, [out.split[0]] + [None] * (len(xs) - 1)) \
+            if not out.split[1] and in_dist.split[1] else in_dist
+        fwd += redistribute_events(xs, in_dist, mid, rank, item)
+        return fwd, bwd, sync, out
+    if k in ("relu", "maxpool", "avgpool", "gap"):
+        return fwd, bwd, sync, in_dist
+    raise ValueError(f"unknown layer kind {k!r}")
+
+
+def join_events(shape, body_dist, short_dist, rank, item=4):
+    """``(forward, backward)`` events of a residual join: the shortcut's output moves to the
+    body's distribution, and the gradient back."""
+    return (redistribute_events(shape, short_dist, body_dist, rank, item),
+            redistribute_events(shape, body_dist, short_dist, rank, item))
+
+
+def _first_strategic(graph):
+    for layer in graph.layers():
+        if layer.strategic:
+            return layer
+    raise ValueError("graph has no strategic layer")
+
+
+def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
+    """Events of one training step of ``graph`` under ``plan`` (``{layer name: (s, c, f)}``
+    for every strategic layer) on ``rank``: ``{layer name: {"forward", "backward",
+    "sync"}}`` plus ``"(joins)"`` for the residual joins. The input arrives in the first
+    strategic layer's activation distribution (as ``DistLoader`` delivers it)."""
+    from .graph import BlockSpec
+    out: dict = {}
+    joins = {"forward": [], "backward": [], "sync": []}
+    first = _first_strategic(graph)
+    dist = act_dist(tuple(plan[first.name]), len(graph.in_shape))
+
+    def run(layer, d):
+        st = tuple(plan[layer.name]) if layer.strategic else None
+        f, b, s, o = layer_events(layer, st, d, rank, item)
+        out[layer.name] = {"forward": f, "backward": b, "sync": s}
+        return o
+
+    for it in graph.items:
+        if isinstance(it, BlockSpec):
+            x = dist
+            for layer in it.body:
+                dist = run(layer, dist)
+            sd = x
+            for layer in it.shortcut:
+                sd = run(layer, sd)
+            f, b = join_events(it.out_shape, dist, sd, rank, item)
+            joins["forward"] += f
+            joins["backward"] += b
+            dist = run(it.join, dist)
+        else:
+            dist = run(it, dist)
+    out["(joins)"] = joins
+    return out
