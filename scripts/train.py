@@ -18,6 +18,17 @@ SIGTERM or SIGUSR1 (e.g. ``sbatch --signal=USR1@120``) makes every rank write a
 checkpoint at the next step boundary and exit 0; ``--resume`` continues from it.
 A non-finite loss or gradient stops the run (``--skip-nonfinite`` skips the step).
 ``DISTCONV_FAULT`` injects faults for tests (see :func:`parse_fault`).
+
+``--profile`` times every training step (forward, loss, backward and ``opt.step()``,
+not the test-accuracy evaluation) per layer with :class:`distconv.profile.Profiler`:
+wall, compute and communication time and bytes of every leaf module, and the exposed
+communication of the step (including the time blocked waiting for the overlapped
+gradient allreduce). At the end of the run, also after ``--max-steps`` or a signal
+stop, rank 0 prints its per-layer table and writes ``OUT/profile.json``:
+``{"ranks", "skip", "per_rank": [Profiler.summary() of rank 0, 1, ...],
+"max_over_ranks": {wall_s, comm_s, exposed_comm_s, bytes_sent}}`` (per-step means,
+maximum over the ranks). The first step (warm-up) is left out unless it is the only one.
+Without ``--profile`` no wrappers are installed.
 """
 from __future__ import annotations
 
@@ -82,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "stopping (the last good checkpoint is kept either way)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps in total (for tests and benchmarks)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile every training step per layer (distconv.profile.Profiler: "
+                        "wall, compute, communication time and bytes, exposed communication "
+                        "incl. time blocked on the overlapped gradient allreduce; evaluation "
+                        "is not profiled); at the end rank 0 prints its per-layer table and "
+                        "writes OUT/profile.json with every rank's summary. The first "
+                        "(warm-up) step is left out unless it is the only one")
     return p
 
 
@@ -198,6 +216,10 @@ def main(argv=None) -> int:
     sync = optim.GradientSync(model, opt, bucket_bytes=args.bucket_kb << 10,
                               overlap=not args.no_overlap)
     crit = dc.nn.CrossEntropyLoss()
+    prof = None
+    if args.profile:
+        from distconv.profile import Profiler
+        prof = Profiler(model, sync=sync)  # after GradientSync: its backward hooks are timed
 
     os.makedirs(args.out, exist_ok=True) if rank == 0 else None
     comm.barrier()
@@ -249,6 +271,30 @@ def main(argv=None) -> int:
 
     named = [(n, p) for n, p in model.named_parameters()]
 
+    def report_profile():
+        """Collective (every rank calls it): rank 0 prints its per-layer table and writes
+        OUT/profile.json with the summaries of all ranks."""
+        if prof is None:
+            return
+        skip = 1 if len(prof.steps) > 1 else 0
+        per_rank = comm.allgather_obj(prof.summary(skip))
+        if rank != 0:
+            return
+        keys = ("wall_s", "comm_s", "exposed_comm_s", "bytes_sent")
+        worst = {k: max(s["per_step"][k] for s in per_rank) for k in keys}
+        path = os.path.join(args.out, "profile.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"ranks": size, "skip": skip, "per_rank": per_rank,
+                       "max_over_ranks": worst}, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"profile of rank 0, per-step means over {per_rank[0]['nsteps']} step(s)"
+              f"{' (first step skipped)' if skip else ''}:", flush=True)
+        print(prof.table(skip), flush=True)
+        print(f"max over {size} rank(s), per step: wall {1e3 * worst['wall_s']:.3f} ms, "
+              f"comm {1e3 * worst['comm_s']:.3f} ms, exposed comm "
+              f"{1e3 * worst['exposed_comm_s']:.3f} ms, sent {worst['bytes_sent'] / 1e3:.1f} kB;"
+              f" all ranks in {path}", flush=True)
+
     def step_checks(loss):
         """``(names of what is not finite this step, stop requested)``, agreed on all ranks
         with one tiny allreduce: a non-finite gradient on any rank, or a SIGTERM/SIGUSR1
@@ -280,6 +326,8 @@ def main(argv=None) -> int:
             opt.zero_grad()
             running = ([(b, b.local.copy()) for _, b in model.named_buffers()]
                        if args.skip_nonfinite else [])
+            if prof is not None:
+                prof.step_begin()
             logits = model(x)
             loss = crit(logits, y)
             model.backward(crit.backward())
@@ -300,6 +348,8 @@ def main(argv=None) -> int:
             else:
                 opt.step()
                 sched.step()
+            if prof is not None:
+                prof.step_end()
             step += 1
             pred = backend.to_numpy(logits.to_global()).argmax(1)
             win_loss += loss
@@ -327,6 +377,7 @@ def main(argv=None) -> int:
                 name = signal.Signals(_STOP["signal"]).name if _STOP["signal"] else "a signal"
                 say(f"{name} received (on some rank): checkpoint written at step {step} to "
                     f"{ckpt_path}; exiting 0, continue with --resume")
+                report_profile()
                 return 0
             if args.max_steps is not None and step >= args.max_steps:
                 done = True
@@ -345,6 +396,7 @@ def main(argv=None) -> int:
     say(f"finished in {time.perf_counter() - t_run:.1f} s; gradient allreduce: "
         f"{sync.bytes / 2**20:.1f} MiB in buckets, {sync.exposed_time:.2f} s exposed "
         f"(blocked in opt.step); checkpoint {ckpt_path}, metrics {metrics_path}")
+    report_profile()
     return 0
 
 
