@@ -21,6 +21,9 @@ from functools import lru_cache
 from ..distribution import Distribution, block_sizes
 
 AXES = ("sample", "channel", "filter")
+# False: a between-grid alltoallv counts the bytes a rank receives (O(1)) as its sent bytes
+# too, instead of looping over every rank (used by the planner on many ranks)
+EXACT = True
 
 
 class VGrid:
@@ -56,7 +59,9 @@ class VGrid:
 
     def group(self, axes, rank):
         """World ranks of ``rank``'s sub-communicator over ``axes``, in sub-rank order."""
-        axes = tuple(axes)
+        return _group(self, tuple(axes), rank)
+
+    def _group(self, axes, rank):
         me = list(self.coords_of(rank))
         idx = [self.index(a) for a in axes]
         out = [()]
@@ -79,6 +84,16 @@ class VGrid:
 
     def __repr__(self):
         return f"VGrid({dict(zip(self.names, self.shape))})"
+
+
+@lru_cache(maxsize=None)
+def _group(grid, axes, rank):
+    return grid._group(axes, rank)
+
+
+@lru_cache(maxsize=None)
+def _all_ranks(p):
+    return tuple(range(p))
 
 
 @lru_cache(maxsize=None)
@@ -120,14 +135,30 @@ def allreduce_event(grid, axes, rank, n, item) -> Event:
 def redistribute_events(shape, src: Distribution, dst: Distribution, rank: int,
                         item: int) -> list:
     """Events of ``DistTensor.redistribute(src -> dst)`` on ``rank`` (global ``shape``)."""
-    shape = tuple(int(s) for s in shape)
+    return list(_redistribute_cached(tuple(int(s) for s in shape), src, dst, rank, item,
+                                     EXACT))
+
+
+@lru_cache(maxsize=200000)
+def _redistribute_cached(shape, src, dst, rank, item, exact):
     ev: list = []
     _redistribute(shape, src, dst, rank, item, ev)
-    return ev
+    return tuple(ev)
+
+
+@lru_cache(maxsize=200000)
+def _needs_general(cur, target):
+    from ..tensor import _needs_general as ng
+    return ng(cur, target)
+
+
+@lru_cache(maxsize=500000)
+def _box(d: Distribution, shape, rank):
+    return d.box(shape, d.grid.coords_of(rank))
 
 
 def _local(d: Distribution, shape, rank):
-    return d.local_shape(shape, d.grid.coords_of(rank))
+    return tuple(e - s for s, e in _box(d, shape, rank))
 
 
 def _redistribute(shape, cur, target, rank, item, ev):
@@ -140,7 +171,6 @@ def _redistribute(shape, cur, target, rank, item, ev):
         if a in target.pending:
             continue
         t = _reduce_axis(shape, t, a, target, rank, item, ev)
-    from ..tensor import _needs_general
     if _needs_general(t, target):
         g = _general(shape, t, target.replace(pending=t.pending), rank, item, ev)
         return _redistribute(shape, g, target, rank, item, ev)
@@ -224,7 +254,7 @@ def _cross_grid(shape, cur, target, rank, item, ev):
         return _redistribute(shape, base, target, rank, item, ev)
     if cur.pending:
         split = [list(s) for s in cur.split]
-        first = cur.local_shape(shape, [0] * len(cur.grid.names))
+        first = _local(cur, shape, 0)
         dims = [i for i in range(len(shape)) if target.split[i]] or list(range(len(shape)))
         for a in cur.pending:
             d = max(dims, key=lambda i: (first[i], -i))
@@ -244,29 +274,40 @@ def _inter_size(b1, b2):
 
 
 def _general(shape, src, target, rank, item, ev):
-    sg, dg = src.grid, target.grid
+    sg = src.grid
+    p = sg.size
+    if not EXACT:
+        b = general_recv_fast(shape, src, target, rank, item)
+        ev.append(Event("alltoall", _all_ranks(p), b, b))
+        return target
+    sent, recv = _general_all(shape, src, target)
+    ev.append(Event("alltoall", _all_ranks(p), int(sent[rank]) * item, int(recv[rank]) * item))
+    return target
+
+
+@lru_cache(maxsize=20000)
+def _general_all(shape, src, target):
+    """Elements every rank sends and receives in a between-grid alltoallv (exact: a rank
+    exchanges with the ranks of its replica group only), as two length-``p`` arrays."""
+    import numpy as np
+    sg = src.grid
     p = sg.size
     rep_idx = [sg.index(a) for a in src.replica_axes + src.pending]
-    my_sc = sg.coords_of(rank)
-    my_rep = tuple(my_sc[i] for i in rep_idx)
-    my_src = src.box(shape, my_sc)
-    my_dst = target.box(shape, dg.coords_of(rank))
-    sent = recv = 0
-    for q in range(p):
-        if q == rank:
-            continue
-        q_sc = sg.coords_of(q)
-        if tuple(q_sc[i] for i in rep_idx) != my_rep:
-            continue
-        sent += _inter_size(my_src, target.box(shape, dg.coords_of(q)))
-        recv += _inter_size(src.box(shape, q_sc), my_dst)
-    ev.append(Event("alltoall", tuple(range(p)), sent * item, recv * item))
-    return target
+    reps = np.array([[sg.coords_of(q)[i] for i in rep_idx] for q in range(p)],
+                    dtype=np.int64).reshape(p, len(rep_idx))
+    same = (reps[:, None, :] == reps[None, :, :]).all(axis=2)
+    np.fill_diagonal(same, False)
+    sb = np.array([_box(src, shape, q) for q in range(p)], dtype=np.int64)  # (p, nd, 2)
+    db = np.array([_box(target, shape, q) for q in range(p)], dtype=np.int64)
+    lo = np.maximum(sb[:, None, :, 0], db[None, :, :, 0])
+    hi = np.minimum(sb[:, None, :, 1], db[None, :, :, 1])
+    inter = np.clip(hi - lo, 0, None).prod(axis=2) * same  # [i, j]: i's source in j's target
+    return inter.sum(axis=1), inter.sum(axis=0)
 
 
 def general_recv_fast(shape, src, target, rank, item) -> int:
     """Bytes ``rank`` receives in a between-grid alltoallv without pending sums: its target
     block minus what it holds (O(1); the exact path loops over all ranks)."""
-    sb = src.box(shape, src.grid.coords_of(rank))
-    db = target.box(shape, target.grid.coords_of(rank))
+    sb = _box(src, shape, rank)
+    db = _box(target, shape, rank)
     return (_prod(e - s for s, e in db) - _inter_size(sb, db)) * item

@@ -29,6 +29,16 @@ def _xc(st, ndim):
 
 
 @lru_cache(maxsize=None)
+def _xc_pending(st, ndim):
+    return _xc(st, ndim).replace(pending=("filter",))
+
+
+@lru_cache(maxsize=None)
+def _yf_pending(st, ndim):
+    return _yf(st, ndim).replace(pending=("channel",))
+
+
+@lru_cache(maxsize=None)
 def _yf(st, ndim):
     return Distribution(vgrid(*st), [("sample",), ("filter",)] + [None] * (ndim - 2))
 
@@ -56,22 +66,41 @@ def free_out_dist(layer, in_dist: Distribution) -> Distribution:
     return in_dist
 
 
-def layer_events(layer, st, in_dist: Distribution, rank: int, item: int = 4):
-    """``(forward, backward, sync, out_dist)`` event lists of ``layer`` on ``rank``.
+def entry_events(layer, st, in_dist: Distribution, rank: int, item: int = 4):
+    """``(forward, backward)`` events that move ``layer``'s input from ``in_dist`` to where
+    the layer computes on it, and its input gradient back."""
+    xs = layer.in_shape
+    k = layer.kind
+    if k in ("conv", "linear"):
+        xc = _xc(st, len(xs))
+        return (redistribute_events(xs, in_dist, xc, rank, item),
+                redistribute_events(xs, _xc_pending(st, len(xs)), in_dist, rank, item))
+    if k == "bn":
+        act = act_dist(st, 4)
+        return (redistribute_events(xs, in_dist, act, rank, item),
+                redistribute_events(xs, act, in_dist, rank, item))
+    if k == "flatten":
+        out = free_out_dist(layer, in_dist)
+        if not out.split[1] and in_dist.split[1]:
+            mid = Distribution(in_dist.grid, [out.split[0]] + [None] * (len(xs) - 1))
+            return redistribute_events(xs, in_dist, mid, rank, item), []
+        return [], []
+    if k in ("relu", "maxpool", "avgpool", "gap"):
+        return [], []
+    raise ValueError(f"unknown layer kind {k!r}")
 
-    ``st``: ``(s, c, f)`` of a strategic layer (ignored for the others); ``in_dist``: the
-    distribution its input arrives in (its gradient leaves in the same one).
-    """
+
+def inner_events(layer, st, rank: int, item: int = 4):
+    """``(forward, backward, sync)`` events of a strategic layer that do not depend on where
+    its input comes from (output reductions, statistics, gradient allreduces)."""
     fwd, bwd, sync = [], [], []
     xs, ys = layer.in_shape, layer.out_shape
     k = layer.kind
     if k in ("conv", "linear"):
         nd = len(xs)
-        act, xc, yf = act_dist(st, nd), _xc(st, nd), _yf(st, nd)
-        fwd += redistribute_events(xs, in_dist, xc, rank, item)
-        fwd += redistribute_events(ys, yf.replace(pending=("channel",)), act, rank, item)
+        act, yf = act_dist(st, nd), _yf(st, nd)
+        fwd += redistribute_events(ys, _yf_pending(st, nd), act, rank, item)
         bwd += redistribute_events(ys, act, yf, rank, item)
-        bwd += redistribute_events(xs, xc.replace(pending=("filter",)), in_dist, rank, item)
         wd = _wdist(st, len(layer.weight_shape))
         rep = wd.replica_axes
         if rep:
@@ -82,25 +111,33 @@ def layer_events(layer, st, in_dist: Distribution, rank: int, item: int = 4):
                 cd = _cdist(st)
                 sync.append(allreduce_event(g, cd.replica_axes, rank,
                                             cd.local_size((ys[1],), g.coords_of(rank)), item))
-        return fwd, bwd, sync, act
-    if k == "bn":
+    elif k == "bn":
         act = act_dist(st, 4)
         g = act.grid
-        fwd += redistribute_events(xs, in_dist, act, rank, item)
         c_loc = act.local_shape(xs, g.coords_of(rank))[1]
         fwd.append(allreduce_event(g, act.split[0], rank, 2 * c_loc + 1, 8))
         bwd.append(allreduce_event(g, act.split[0], rank, 2 * c_loc, 8))
-        bwd += redistribute_events(xs, act, in_dist, rank, item)
-        return fwd, bwd, sync, act
-    if k == "flatten":
-        out = free_out_dist(layer, in_dist)
-        mid = Distribution(in_dist.grid, [out.split[0]] + [None] * (len(xs) - 1)) \
-            if not out.split[1] and in_dist.split[1] else in_dist
-        fwd += redistribute_events(xs, in_dist, mid, rank, item)
-        return fwd, bwd, sync, out
-    if k in ("relu", "maxpool", "avgpool", "gap"):
-        return fwd, bwd, sync, in_dist
-    raise ValueError(f"unknown layer kind {k!r}")
+    return fwd, bwd, sync
+
+
+def out_dist_of(layer, st, in_dist):
+    if layer.strategic:
+        return act_dist(tuple(st), len(layer.out_shape))
+    return free_out_dist(layer, in_dist)
+
+
+def layer_events(layer, st, in_dist: Distribution, rank: int, item: int = 4):
+    """``(forward, backward, sync, out_dist)`` event lists of ``layer`` on ``rank``.
+
+    ``st``: ``(s, c, f)`` of a strategic layer (ignored for the others); ``in_dist``: the
+    distribution its input arrives in (its gradient leaves in the same one).
+    """
+    ef, eb = entry_events(layer, st, in_dist, rank, item)
+    if layer.strategic:
+        f, b, s = inner_events(layer, st, rank, item)
+    else:
+        f, b, s = [], [], []
+    return ef + f, b + eb, s, out_dist_of(layer, st, in_dist)
 
 
 def join_events(shape, body_dist, short_dist, rank, item=4):

@@ -1,0 +1,287 @@
+"""Per-layer time and memory of a strategy: the cost model the search and simulator use.
+
+:class:`CostModel` combines
+
+* the bytes of every collective a layer issues (:func:`.events.layer_events`, an exact
+  mirror of distconv's layers) turned into seconds by the machine's α–β model
+  (:meth:`.machine.Machine.collective_time`, per link class: a group within one node
+  is ``intra``, else ``inter``);
+* the seconds of the layer's local kernels on the largest shard (rank 0's: floor+1
+  blocks put the extra elements first) from a :class:`.compute.ComputeModel`
+  (measured on this machine and cached, or fitted);
+* memory per rank: weight shards with their gradients and optimizer state, what
+  backward keeps (the gathered input of a conv, the input of a batch-norm, the output
+  of a ReLU, a max-pool's argmax) and the largest transient workspace (a conv's column
+  buffer).
+
+Bytes are evaluated on every rank for up to 16 ranks (the maximum over ranks of each
+collective sets its time) and on rank 0 beyond that; between-grid alltoallvs on more
+than 64 ranks count the bytes a rank receives for both directions (O(1) per rank).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..distribution import block_sizes
+from . import commmodel
+from .events import act_dist, entry_events, inner_events, join_events, out_dist_of
+
+_OPT_SLOTS = {"sgd": 1, "adam": 2}
+
+
+def factorizations(p: int) -> list:
+    """Every ``(s, c, f)`` with ``s*c*f == p``, sample-major order."""
+    return [(s, c, p // (s * c)) for s in range(p, 0, -1) for c in range(1, p // s + 1)
+            if p % s == 0 and (p // s) % c == 0]
+
+
+def strategy_text(st) -> str:
+    return f"sample={st[0]},channel={st[1]},filter={st[2]}"
+
+
+def parse_strategy(text) -> tuple:
+    """``"sample=2,channel=1,filter=1"`` (all three given) -> ``(2, 1, 1)``."""
+    from ..strategy import Strategy
+    s = Strategy.parse(text) if isinstance(text, str) else Strategy(**text)
+    if s.sample is None:
+        raise ValueError(f"a plan entry must name sample, channel and filter, got {text!r}")
+    return (s.sample, s.channel, s.filter)
+
+
+@dataclass
+class LayerCost:
+    """Seconds and bytes of one layer under one strategy and input distribution (rank max)."""
+
+    compute_fwd: float = 0.0
+    compute_bwd: float = 0.0
+    comm_fwd: float = 0.0
+    comm_bwd: float = 0.0
+    sync: float = 0.0          # gradient allreduce of this layer's shards
+    update: float = 0.0        # optimizer step over this rank's shards
+    bytes: int = 0             # max(sent, recv) summed over the layer's collectives
+    sync_bytes: int = 0
+    mem: int = 0               # bytes kept until backward + parameters/grads/optimizer
+    work: int = 0              # transient workspace bytes
+    out_dist: object = None
+
+    @property
+    def time(self) -> float:
+        return (self.compute_fwd + self.compute_bwd + self.comm_fwd + self.comm_bwd
+                + self.sync + self.update)
+
+
+def _prod(xs):
+    n = 1
+    for s in xs:
+        n *= int(s)
+    return n
+
+
+class CostModel:
+    """Costs of every layer of ``graph`` on ``nranks`` ranks of ``machine``.
+
+    ``compute``: a :class:`.compute.ComputeModel` (default: fitted defaults, no
+    measuring); ``item``: bytes per element (4: float32); ``optimizer``: ``sgd``
+    (one momentum slot) or ``adam`` (two).
+    """
+
+    def __init__(self, graph, nranks, machine=None, compute=None, item=4, optimizer="sgd"):
+        from .compute import ComputeModel
+        from .machine import Machine
+        self.graph = graph
+        self.p = int(nranks)
+        self.machine = machine if machine is not None else Machine()
+        self.compute = compute if compute is not None else ComputeModel(
+            measure=False, **_compute_kw(self.machine))
+        self.item = int(item)
+        self.optimizer = optimizer
+        if optimizer not in _OPT_SLOTS:
+            raise ValueError(f"optimizer must be one of {sorted(_OPT_SLOTS)}, got {optimizer!r}")
+        self.strategies = factorizations(self.p)
+        self.ranks = list(range(self.p)) if self.p <= 16 else [0]
+        self._cache: dict = {}
+        self._ab: dict = {}
+        self._ccache: dict = {}
+        self._inner: dict = {}
+        self._entry: dict = {}
+
+    # ----------------------------------------------------------- communication
+    def events_time(self, per_rank: list) -> tuple:
+        """``(seconds, bytes)`` of event lists evaluated on several ranks (same structure)."""
+        t = 0.0
+        nb = 0
+        for evs in zip(*per_rank):
+            b = max(max(e.sent, e.recv) for e in evs)
+            if b == 0:
+                continue
+            key = (evs[0].kind, evs[0].group)
+            ab = self._ab.get(key)
+            if ab is None:  # alpha*steps and beta of this group (the model is affine in bytes)
+                t0 = self.machine.collective_time(key[0], 0, key[1])
+                ab = self._ab[key] = (t0, self.machine.collective_time(key[0], 1 << 20, key[1])
+                                      - t0)
+            t += ab[0] + ab[1] * (b / float(1 << 20))
+            nb += b
+        return t, nb
+
+    def _events(self, fn):
+        exact = self.p <= 16
+        old = commmodel.EXACT
+        commmodel.EXACT = exact
+        try:
+            return [fn(r) for r in self.ranks]
+        finally:
+            commmodel.EXACT = old
+
+    # ----------------------------------------------------------- one layer
+    def layer(self, layer, st, in_dist) -> LayerCost:
+        """Cost of ``layer`` under strategy ``st`` (``None`` for non-strategic layers) with
+        its input in ``in_dist``."""
+        key = (layer.kind, layer.in_shape, layer.out_shape, tuple(sorted(layer.attrs.items())),
+               st, in_dist)
+        got = self._cache.get(key)
+        if got is not None:
+            return got
+        sig = key[:4]
+        inner = None
+        if st is not None:
+            inner = self._inner.get((sig, st))
+            if inner is None:
+                per = self._events(lambda r: inner_events(layer, st, r, self.item))
+                inner = self._inner[(sig, st)] = tuple(
+                    self.events_time([x[i] for x in per]) for i in range(3))
+        # the entry redistribution depends only on the input shape, where it comes from
+        # and where the layer needs it: shared by every layer with the same input
+        ekey = ("conv" if layer.kind == "linear" else layer.kind, layer.in_shape, st,
+                _layout(in_dist, st))
+        if layer.kind == "flatten":
+            ekey = key
+        entry = self._entry.get(ekey)
+        if entry is None:
+            per = self._events(lambda r: entry_events(layer, st, in_dist, r, self.item))
+            entry = self._entry[ekey] = tuple(self.events_time([x[i] for x in per])
+                                              for i in range(2))
+        c = LayerCost(out_dist=out_dist_of(layer, st, in_dist))
+        (c.comm_fwd, b1), (c.comm_bwd, b2) = entry
+        if inner is not None:
+            c.comm_fwd += inner[0][0]
+            c.comm_bwd += inner[1][0]
+            c.sync, c.sync_bytes = inner[2]
+            b1 += inner[0][1] + inner[1][1]
+        c.bytes = b1 + b2
+        ckey = key[:5] + ((in_dist.local_shape(layer.in_shape, [0] * len(in_dist.grid.names)),
+                           in_dist.split) if st is None else (),)
+        got = self._ccache.get(ckey)
+        if got is None:
+            tmp = LayerCost(out_dist=c.out_dist)
+            self._compute(layer, st, in_dist, tmp)
+            got = self._ccache[ckey] = (tmp.compute_fwd, tmp.compute_bwd, tmp.update, tmp.mem,
+                                        tmp.work)
+        c.compute_fwd, c.compute_bwd, c.update, c.mem, c.work = got
+        self._cache[key] = c
+        return c
+
+    def join(self, shape, body_dist, short_dist) -> LayerCost:
+        """Cost of a residual join (the add forward, the gradient split backward)."""
+        key = ("join", shape, body_dist, short_dist)
+        got = self._cache.get(key)
+        if got is not None:
+            return got
+        per = self._events(lambda r: join_events(shape, body_dist, short_dist, r, self.item))
+        c = LayerCost(out_dist=body_dist)
+        c.comm_fwd, b1 = self.events_time([x[0] for x in per])
+        c.comm_bwd, b2 = self.events_time([x[1] for x in per])
+        c.bytes = b1 + b2
+        n = _prod(body_dist.local_shape(shape, [0, 0, 0]))
+        c.compute_fwd = self.compute.add(n)
+        c.compute_bwd = self.compute.add(n)
+        self._cache[key] = c
+        return c
+
+    def _compute(self, layer, st, in_dist, c: LayerCost) -> None:
+        cm, it = self.compute, self.item
+        zero = [0, 0, 0]
+        xs, ys = layer.in_shape, layer.out_shape
+        k, a = layer.kind, layer.attrs
+        slots = 2 + _OPT_SLOTS[self.optimizer]
+        if k in ("conv", "linear"):
+            s, ch, f = st
+            n = block_sizes(xs[0], s)[0]
+            cl = block_sizes(xs[1], ch)[0]
+            fl = block_sizes(ys[1], f)[0]
+            if k == "conv":
+                kh, kw = a["kernel_size"]
+                fw, bd, bf = cm.conv(n, cl, xs[2], xs[3], fl, a["kernel_size"], a["stride"],
+                                     a["padding"], a["dilation"])
+                ho, wo = ys[2], ys[3]
+                c.mem = n * cl * xs[2] * xs[3] * it
+                c.work = cl * kh * kw * n * ho * wo * it if (kh, kw) != (1, 1) else 0
+                nparam = fl * cl * kh * kw
+            else:
+                fw, bd, bf = cm.linear(n, cl, fl)
+                c.mem = n * cl * it
+                nparam = fl * cl
+            if a.get("bias"):
+                nparam += block_sizes(ys[1], ch * f)[0]
+            c.compute_fwd, c.compute_bwd = fw, bd + bf
+            c.mem += nparam * slots * it
+            c.update = cm.update(nparam, self.optimizer)
+        elif k == "bn":
+            loc = act_dist(st, 4).local_shape(xs, zero)
+            fw, bw = cm.bn(*loc)
+            c.compute_fwd, c.compute_bwd = fw, bw
+            c.mem = _prod(loc) * it + 2 * loc[1] * slots * it
+            c.update = cm.update(2 * loc[1], self.optimizer)
+        else:
+            loc = in_dist.local_shape(xs, [0] * len(in_dist.grid.names))
+            if k == "relu":
+                fw, bw = cm.relu(_prod(loc))
+                c.mem = _prod(loc) * it
+            elif k in ("maxpool", "avgpool"):
+                fn = cm.maxpool if k == "maxpool" else cm.avgpool
+                fw, bw = fn(*loc, a["kernel_size"], a["stride"], a["padding"])
+                if k == "maxpool":
+                    oloc = c.out_dist.local_shape(ys, [0] * len(in_dist.grid.names))
+                    c.mem = _prod(oloc) * 8
+            elif k == "gap":
+                fw, bw = cm.global_avgpool(*loc)
+            else:
+                fw = bw = 0.0
+            c.compute_fwd, c.compute_bwd = fw, bw
+
+    # ----------------------------------------------------------- helpers
+    def input_dist(self, st):
+        return act_dist(tuple(st), len(self.graph.in_shape))
+
+
+def _layout(d, st):
+    """Cache key of where a tensor in ``d`` lives, as seen by a layer of strategy ``st``.
+
+    A between-layer distribution (N over ``sample``, C over ``(channel, filter)``, no
+    replicas, nothing pending) of grid ``(s, c, f)`` puts every element on the same rank
+    as that of grid ``(s, 1, c*f)``, and moving it to a *different* grid is the same
+    between-grid alltoallv whatever ``c`` and ``f`` are; only a move within one grid
+    takes other collectives. So such a source is keyed by ``(s, c*f)`` unless its grid is
+    the layer's own.
+    """
+    if st is None or d.pending or d.grid.shape == tuple(st):
+        return d
+    sp = d.split
+    if (sp[0] in ((), ("sample",)) and sp[1] in ((), ("channel",), ("filter",),
+                                                ("channel", "filter"))
+            and not any(sp[2:]) and d.grid.names == ("sample", "channel", "filter")):
+        s, c, f = d.grid.shape
+        used = set(sp[0]) | set(sp[1])  # axes of size 1 are dropped from a split
+        if all(n == 1 or a in used for a, n in zip(d.grid.names, d.grid.shape)):
+            return ("act", s, c * f, len(sp))
+    return d
+
+
+def _compute_kw(machine) -> dict:
+    comp = getattr(machine, "compute", None) or {}
+    kw = {}
+    if comp.get("rates"):
+        kw["rates"] = comp["rates"]
+    if comp.get("scale") is not None:
+        kw["scale"] = float(comp["scale"])
+    return kw

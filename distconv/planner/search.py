@@ -1,0 +1,243 @@
+"""Exact dynamic programming over the layer chain and residual blocks (OptCNN-style).
+
+State: the strategy ``(s, c, f)`` of the last strategic layer, i.e. the activation
+distribution the tensor is in (non-strategic layers — ReLU, pools, Flatten — run on it
+as it comes). For a strategic layer the cost of strategy ``b`` given state ``a`` is the
+layer's time with its input in ``a``'s distribution (the redistribution both ways is
+part of it), so a chain is a sequence of ``K x K`` cost matrices combined with min-plus
+products. A residual block is eliminated into one ``K x K`` matrix (entry state ->
+exit state) by the min-plus product of its body and, for the shortcut, the min-plus
+product of its downsample layers and of the join (shortcut state -> body state), as
+OptCNN eliminates nodes. The result is the optimum of the additive cost (forward +
+backward compute + communication + gradient allreduce + optimizer step) over all
+per-layer plans; :func:`brute_force` checks it on small chains in the tests.
+
+Memory: each (layer, strategy) also has a per-rank memory; :func:`search` minimises
+``time + lam * memory`` and bisects ``lam`` until the plan's memory fits
+``memory_limit`` (Lagrangian relaxation), returning the fastest plan found that fits,
+or raises ``ValueError`` naming the smallest memory any plan needs.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+
+from .graph import BlockSpec
+
+INF = float("inf")
+
+
+def _minplus(A, B):
+    """``(C, arg)`` with ``C[a, b] = min_m A[a, m] + B[m, b]`` and ``arg`` the minimising m."""
+    S = A[:, :, None] + B[None, :, :]
+    arg = S.argmin(axis=1)
+    return np.take_along_axis(S, arg[:, None, :], axis=1)[:, 0, :], arg
+
+
+class _Chain:
+    """Min-plus product of a list of matrices, keeping argmins to read the path back."""
+
+    def __init__(self, mats):
+        self.mats = mats
+        self.total = mats[0]
+        self.args = [None]
+        for M in mats[1:]:
+            self.total, arg = _minplus(self.total, M)
+            self.args.append(arg)
+
+    def path(self, a, b):
+        """States after each matrix on the best path from ``a`` ending in ``b``."""
+        out = [b]
+        for k in range(len(self.mats) - 1, 0, -1):
+            b = int(self.args[k][a, b])
+            out.append(b)
+        return out[::-1]
+
+
+class Planner:
+    """DP over ``cost.graph`` with the costs of :class:`.costs.CostModel` ``cost``."""
+
+    def __init__(self, cost, lam: float = 0.0):
+        self.cost = cost
+        self.K = len(cost.strategies)
+        self.S = cost.strategies
+        self.lam = lam
+        self._mats: dict = {}
+
+    def _val(self, c):
+        return c.time + self.lam * c.mem
+
+    # ------------------------------------------------------------ matrices
+    def _dists(self, ndim):
+        from .events import act_dist
+        return [act_dist(st, ndim) for st in self.S]
+
+    def _layer_matrix(self, layer, in_dists):
+        """``M[a, b]``: layer with strategy ``b`` on input in ``in_dists[a]``."""
+        K = self.K
+        key = (layer.kind, layer.in_shape, layer.out_shape, tuple(sorted(layer.attrs.items())),
+               tuple(in_dists))
+        got = self._mats.get(key)
+        if got is not None:
+            return got.copy()
+        M = np.empty((K, K))
+        for a in range(K):
+            for b in range(K):
+                M[a, b] = self._val(self.cost.layer(layer, self.S[b], in_dists[a]))
+        self._mats[key] = M
+        return M.copy()
+
+    def _free_vector(self, layer, dists):
+        return np.array([self._val(self.cost.layer(layer, None, d)) for d in dists])
+
+    def _segment(self, layers, in_dists):
+        """Matrices of a run of layers from states with ``in_dists``; returns
+        (matrices, output dists, [strategic layers])."""
+        mats, names, dists = [], [], list(in_dists)
+        pending_free = np.zeros(self.K)
+        for layer in layers:
+            if layer.strategic:
+                M = self._layer_matrix(layer, dists)
+                M += pending_free[:, None]
+                pending_free = np.zeros(self.K)
+                mats.append(M)
+                names.append(layer.name)
+                dists = [self.cost.layer(layer, st, dists[0]).out_dist for st in self.S]
+            else:
+                pending_free += self._free_vector(layer, dists)
+                dists = [self.cost.layer(layer, None, d).out_dist for d in dists]
+        return mats, names, dists, pending_free
+
+    # ------------------------------------------------------------ search
+    def run(self):
+        """``(plan {name: (s,c,f)}, predicted additive cost)``."""
+        K = self.K
+        graph = self.cost.graph
+        V = None  # None: input not yet placed (the first strategic layer picks it)
+        dists = self._dists(len(graph.in_shape))
+        trail = []  # (kind, data) to read the plan back
+        for it in graph.items:
+            if isinstance(it, BlockSpec):
+                mats, names, bdists, free = self._segment(it.body, dists)
+                if V is None:
+                    # the input arrives in the first body layer's own layout: entry = b0
+                    m0 = np.full((K, K), INF)
+                    m0[np.arange(K), np.arange(K)] = np.diag(mats[0])
+                    mats[0] = m0
+                body = _Chain(mats)
+                Bm = body.total + free[None, :]
+                smats, snames, sdists, sfree = self._segment(it.shortcut, dists)
+                J = np.empty((K, K))
+                for d in range(K):
+                    for b in range(K):
+                        J[d, b] = self._val(self.cost.join(it.out_shape, bdists[b], sdists[d]))
+                if smats:
+                    smats[-1] = smats[-1] + sfree[None, :]
+                    short = _Chain(smats + [J])
+                    Sm = short.total
+                else:
+                    short = None
+                    Sm = J + sfree[:, None]  # identity: shortcut state = entry state
+                total = Bm + Sm
+                jfree = self._free_vector(it.join, bdists)
+                total += jfree[None, :]
+                if V is None:
+                    newV, arg = total.min(axis=0), total.argmin(axis=0)
+                else:
+                    S2 = V[:, None] + total
+                    arg = S2.argmin(axis=0)
+                    newV = S2[arg, np.arange(K)]
+                trail.append(("block", (it, names, snames, body, short, arg)))
+                V, dists = newV, bdists
+            elif it.strategic:
+                mats, names, odists, _ = self._segment([it], dists)
+                M = mats[0]
+                if V is None:
+                    newV = np.diag(M).copy()
+                    arg = np.arange(K)
+                else:
+                    S2 = V[:, None] + M
+                    arg = S2.argmin(axis=0)
+                    newV = S2[arg, np.arange(K)]
+                trail.append(("layer", (it.name, arg)))
+                V, dists = newV, odists
+            else:
+                if V is None:
+                    raise ValueError(f"layer {it.name!r} comes before any conv, linear or "
+                                     f"batch-norm layer; the planner cannot place its input")
+                V = V + self._free_vector(it, dists)
+                dists = [self.cost.layer(it, None, d).out_dist for d in dists]
+        state = int(np.argmin(V))
+        best = float(V[state])
+        plan = {}
+        for kind, data in reversed(trail):
+            if kind == "layer":
+                name, arg = data
+                plan[name] = self.S[state]
+                state = int(arg[state])
+            else:
+                it, names, snames, body, short, arg = data
+                exit_b = state
+                entry = int(arg[exit_b])
+                path = body.path(entry, exit_b)
+                for n, k in zip(names, path):
+                    plan[n] = self.S[k]
+                if short is not None:
+                    spath = short.path(entry, exit_b)[:-1]  # last is the join's (= exit)
+                    for n, k in zip(snames, spath):
+                        plan[n] = self.S[k]
+                state = entry
+        return plan, best
+
+
+def search(cost, memory_limit=None, iters: int = 30) -> dict:
+    """Best plan of ``cost.graph``: ``{"plan", "time", "memory", "lam", "seconds"}``.
+
+    ``memory_limit``: bytes per rank (``None``: unlimited).
+    """
+    from .simulate import plan_memory
+    t0 = time.perf_counter()
+    plan, val = Planner(cost).run()
+    mem = plan_memory(cost, plan)
+    lam_used = 0.0
+    if memory_limit is not None and mem > memory_limit:
+        lo, hi = 0.0, 1e-9
+        while True:
+            p2, _ = Planner(cost, hi).run()
+            m2 = plan_memory(cost, p2)
+            if m2 <= memory_limit:
+                break
+            hi *= 10
+            if hi > 1e3:
+                raise ValueError(f"no plan fits the memory limit of {memory_limit / 2**30:.2f} "
+                                 f"GiB per rank: the smallest found needs {m2 / 2**30:.2f} GiB")
+        best = (p2, m2, hi)
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            p3, _ = Planner(cost, mid).run()
+            m3 = plan_memory(cost, p3)
+            if m3 <= memory_limit:
+                hi, best = mid, (p3, m3, mid)
+            else:
+                lo = mid
+        plan, mem, lam_used = best
+    from .simulate import additive_time
+    return {"plan": plan, "time": additive_time(cost, plan), "memory": mem,
+            "lam": lam_used, "seconds": time.perf_counter() - t0}
+
+
+def brute_force(cost, memory_limit=None):
+    """Every plan of the graph's strategic layers (tests only: K**L plans)."""
+    from .simulate import additive_time, plan_memory
+    names = cost.graph.strategic_names()
+    best = (INF, None)
+    for combo in itertools.product(cost.strategies, repeat=len(names)):
+        plan = dict(zip(names, combo))
+        if memory_limit is not None and plan_memory(cost, plan) > memory_limit:
+            continue
+        t = additive_time(cost, plan)
+        if t < best[0]:
+            best = (t, plan)
+    return best[1], best[0]
