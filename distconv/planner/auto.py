@@ -1,0 +1,109 @@
+"""One call from a model to a searched plan, and the table ``scripts/plan.py`` prints.
+
+:func:`plan_model` traces the model, builds a :class:`.costs.CostModel` for the ranks
+and machine, runs the DP search (:func:`.search.search`) under the memory limit,
+and simulates the plan and pure data parallelism (every layer ``(p, 1, 1)``) with
+overlapped gradient allreduces (:func:`.simulate.simulate`).
+"""
+from __future__ import annotations
+
+import os
+
+from .costs import CostModel, strategy_text
+from .graph import trace
+from .search import search
+from .simulate import simulate
+
+
+def default_cache_path() -> str:
+    """Where measured kernel times are cached: ``$DISTCONV_CACHE_DIR/compute_profile.json``
+    (default ``~/.cache/distconv``)."""
+    d = os.environ.get("DISTCONV_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "distconv")
+    return os.path.join(d, "compute_profile.json")
+
+
+def data_parallel(graph, p: int) -> dict:
+    """The pure data-parallel plan: every strategic layer ``(p, 1, 1)``."""
+    return {n: (p, 1, 1) for n in graph.strategic_names()}
+
+
+def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit=None,
+               item=4, optimizer="sgd", overlap=True) -> dict:
+    """Search the best per-layer plan of ``model`` for a global input ``in_shape``
+    ``(N, C, H, W)`` on ``nranks`` ranks.
+
+    ``machine``: :class:`.machine.Machine` (default: free communication);
+    ``compute``: :class:`.compute.ComputeModel` (default: fitted, nothing measured);
+    ``memory_limit``: bytes per rank (default: the machine's ``memory_per_rank``).
+
+    Returns ``{"plan": {name: (s, c, f)}, "predicted": simulate(plan), "dp":
+    simulate(data parallel), "speedup_vs_dp": dp step / plan step, "search_s": seconds,
+    "cost": the CostModel, "graph": the traced Graph}``.
+    """
+    graph = trace(model, tuple(int(s) for s in in_shape))
+    cost = CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer)
+    if memory_limit is None:
+        memory_limit = getattr(cost.machine, "memory_per_rank", None)
+    res = search(cost, memory_limit)
+    pred = simulate(cost, res["plan"], overlap=overlap)
+    dp = simulate(cost, data_parallel(graph, cost.p), overlap=overlap)
+    return {"plan": res["plan"], "predicted": pred, "dp": dp,
+            "speedup_vs_dp": dp["step_s"] / pred["step_s"] if pred["step_s"] > 0 else 1.0,
+            "search_s": res["seconds"], "memory_limit": memory_limit,
+            "cost": cost, "graph": graph}
+
+
+def predicted_summary(result: dict) -> dict:
+    """The JSON-able ``"predicted"`` block of a plan file."""
+    pr, dp = result["predicted"], result["dp"]
+    keys = ("step_s", "compute_s", "comm_s", "sync_s", "exposed_sync_s", "update_s", "memory")
+    out = {k: pr[k] for k in keys}
+    out.update({"dp_" + k: dp[k] for k in keys})
+    out["speedup_vs_dp"] = result["speedup_vs_dp"]
+    out["search_s"] = result["search_s"]
+    out["memory_limit"] = result["memory_limit"]
+    return out
+
+
+def _shape(s):
+    return "x".join(str(int(v)) for v in s)
+
+
+def format_table(result: dict) -> str:
+    """Per-layer table of a plan: layer, kind, input -> output shape, strategy, predicted
+    compute / communication / gradient-allreduce milliseconds and memory MiB per rank,
+    then the totals and the data-parallel comparison."""
+    graph = result["graph"]
+    shapes = {layer.name: (layer.in_shape, layer.out_shape) for layer in graph.layers()}
+    pr, dp = result["predicted"], result["dp"]
+    rows = []
+    for r in pr["layers"]:
+        ins, outs = shapes.get(r["name"], ((), ()))
+        st = "" if r["strategy"] is None else strategy_text(r["strategy"]).replace(
+            "sample=", "s").replace(",channel=", " c").replace(",filter=", " f")
+        rows.append((r["name"] or "(model)", r["kind"],
+                     f"{_shape(ins)} -> {_shape(outs)}" if ins else "", st,
+                     f"{r['compute_s'] * 1e3:.3f}", f"{r['comm_s'] * 1e3:.3f}",
+                     f"{r['sync_s'] * 1e3:.3f}", f"{r['memory'] / 2**20:.1f}"))
+    head = ("layer", "kind", "shape (global)", "strategy", "compute ms", "comm ms", "sync ms",
+            "mem MiB")
+    w = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
+    lines = ["  ".join(h.ljust(w[i]) for i, h in enumerate(head))]
+    lines.append("  ".join("-" * x for x in w))
+    for r in rows:
+        lines.append("  ".join(v.ljust(w[i]) if i < 4 else v.rjust(w[i])
+                               for i, v in enumerate(r)))
+
+    def tot(d, label):
+        return (f"{label}: step {d['step_s'] * 1e3:.3f} ms = compute {d['compute_s'] * 1e3:.3f}"
+                f" + comm {d['comm_s'] * 1e3:.3f} + exposed allreduce "
+                f"{d['exposed_sync_s'] * 1e3:.3f} (of {d['sync_s'] * 1e3:.3f}) + update "
+                f"{d['update_s'] * 1e3:.3f}; memory {d['memory'] / 2**20:.1f} MiB per rank")
+    lines.append("")
+    lines.append(tot(pr, "plan         "))
+    lines.append(tot(dp, "data parallel"))
+    lines.append(f"predicted speedup over pure data parallelism: {result['speedup_vs_dp']:.2f}x"
+                 f"; allreduce time {dp['sync_s'] / max(pr['sync_s'], 1e-30):.2f}x less"
+                 f"; search {result['search_s']:.2f} s")
+    return "\n".join(lines)
