@@ -16,7 +16,9 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["distconv", "distconv.*"]) + ["distconv.kernels"],
     package_dir={"distconv.kernels": "kernels"},
-    package_data={"distconv.kernels": ["*.cu", "*.cuh"]},
+    package_data={"distconv.kernels": ["*.cu", "*.cuh"],
+                  # shipped machine files of the planner (planner.machine.builtin)
+                  "distconv.planner": ["machines/*.json"]},
     include_package_data=False,
     install_requires=["mpi4py", "numpy", "h5py"],
     extras_require={

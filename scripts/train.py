@@ -4,6 +4,7 @@
     mpiexec -n 2 python scripts/train.py                  # small ResNet on the digits data
     mpiexec -n 4 python scripts/train.py --strategy sample=2,channel=2 --epochs 5
     mpiexec -n 2 python scripts/train.py --strategy plan.json --out runs/x --resume
+    mpiexec -n 2 python scripts/train.py --strategy auto  # searched plan, OUT/plan.json
 
 With no flags it writes the digits HDF5 files (scikit-learn's 1,797 handwritten
 digits) to ``data/`` on first use and trains ``small_resnet`` with a mixed plan:
@@ -55,8 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small_resnet, resnet18, resnet34, resnet50 or wide_resnet50_2")
     p.add_argument("--strategy", default="mixed",
                    help="'sample=2,channel=2' for every layer, a per-layer plan file (JSON: "
-                        "layer name -> strategy text), or 'mixed' (data-parallel stem, "
-                        "filter-parallel last stage, channel-parallel classifier)")
+                        "layer name -> strategy text, as scripts/plan.py writes), 'mixed' "
+                        "(data-parallel stem, filter-parallel last stage, channel-parallel "
+                        "classifier) or 'auto' (search a plan for this job: calibrated links, "
+                        "measured kernels; written to OUT/plan.json)")
+    p.add_argument("--machine", default="calibrate",
+                   help="for --strategy auto: 'calibrate' (measure the links of this job), "
+                        "a machine JSON file or a built-in name (dev_2core, v100_ib)")
+    p.add_argument("--compute-cache", default=None, metavar="FILE.json",
+                   help="for --strategy auto: cache of measured kernel times (default "
+                        "$DISTCONV_CACHE_DIR/compute_profile.json, ~/.cache/distconv)")
     p.add_argument("--epochs", type=int, default=12, help="number of epochs")
     p.add_argument("--batch-size", type=int, default=64, help="global mini-batch size")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
@@ -126,8 +135,59 @@ def load_strategy(text: str, nranks: int):
         return {k: dc.Strategy.parse(v) if isinstance(v, str) else dc.Strategy(**v)
                 for k, v in plan.items()}
     if text == "auto":
-        raise ValueError("--strategy auto needs the planner, which is not part of this build")
+        return "auto"
     return dc.Strategy.parse(text)
+
+
+def auto_plan(args, model, comm, in_shape, say) -> dict:
+    """``--strategy auto``: search a per-layer plan for this job (every rank returns it).
+
+    Every rank takes part in calibrating the α–β model of the links (``--machine
+    calibrate``, the default) or reads the machine file; rank 0 measures the local kernel
+    times of every shard shape it considers (cached in ``--compute-cache``), runs the
+    search and writes ``OUT/plan.json``; the plan reaches the other ranks by an
+    allgather. With ``--resume`` an existing ``OUT/plan.json`` is reused.
+    """
+    from distconv.planner import auto, machine, planfile
+    from distconv.planner.compute import ComputeModel
+    path = os.path.join(args.out, "plan.json")
+    if args.resume and os.path.exists(path):
+        plan = planfile.load_plan(path)
+        say(f"--strategy auto: reusing the plan in {path}")
+        return plan
+    if args.machine == "calibrate":
+        say(f"--strategy auto: calibrating the links of this job ({comm.size} ranks)")
+        mach = machine.calibrate(comm)
+    else:
+        src = args.machine if os.path.exists(args.machine) else machine.builtin(args.machine)
+        mach = machine.Machine.load(src)
+    got = None
+    if comm.rank == 0:
+        try:
+            cache = args.compute_cache or auto.default_cache_path()
+            compute = ComputeModel(cache_path=cache, measure=True, dtype=args.dtype)
+            say(f"--strategy auto: measuring kernel times (cache {cache}) and searching")
+            t0 = time.perf_counter()
+            res = auto.plan_model(model, in_shape, comm.size, mach, compute,
+                                  optimizer=args.optimizer, item=np.dtype(args.dtype).itemsize,
+                                  overlap=not args.no_overlap)
+            compute.save()
+            say(auto.format_table(res))
+            say(f"--strategy auto: planned in {time.perf_counter() - t0:.1f} s "
+                f"({compute.measured} kernel passes measured, {compute.hits} from the cache)")
+            os.makedirs(args.out, exist_ok=True)
+            planfile.save_plan(path, res["plan"], auto.predicted_summary(res),
+                               {"model": args.model, "input_shape": list(in_shape),
+                                "ranks": comm.size, "machine": mach.name,
+                                "machine_file": mach.to_dict(),
+                                "written_by": "scripts/train.py --strategy auto"})
+            got = ("ok", res["plan"])
+        except Exception as e:  # every rank raises the same error below
+            got = ("error", f"--strategy auto failed on rank 0: {type(e).__name__}: {e}")
+    got = comm.allgather_obj(got)[0]
+    if got[0] != "ok":
+        raise RuntimeError(got[1])
+    return got[1]
 
 
 _STOP = {"signal": None}  # set by SIGTERM/SIGUSR1; acted on at the next step boundary
@@ -193,6 +253,9 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- model
     strategy = load_strategy(args.strategy, size)
+    planned = strategy == "auto"
+    if planned:
+        strategy = None
     if args.model == "small_resnet":
         model = models.small_resnet(num_classes, in_channels=in_ch, width=args.width,
                                     strategy=strategy)
@@ -202,6 +265,10 @@ def main(argv=None) -> int:
                                           strategy=strategy)
     else:
         raise ValueError(f"unknown --model {args.model!r}; choose from {sorted(models.MODELS)}")
+    if planned:
+        from distconv.planner.planfile import to_strategies
+        in_shape = (args.batch_size,) + tuple(train_set.image_shape)
+        model.set_strategy(to_strategies(auto_plan(args, model, comm, in_shape, say)))
     in_dist = model.conv1.input_distribution
     loader = data.DistLoader(train_set, args.batch_size, in_dist, shuffle=True, seed=args.seed)
     steps_per_epoch = len(loader)

@@ -148,6 +148,43 @@ def test_same_loss_trajectory_on_any_ranks_and_strategy(digits, reference_run, t
         assert all(x["bytes_sent"] > 0 for x in steps(recs))
 
 
+def test_strategy_auto_plans_for_the_job_and_resume_reuses_the_plan(digits, reference_run,
+                                                                    tmp_path):
+    """``--strategy auto``: calibrate + measure + search on the job, OUT/plan.json names a
+    strategy for every conv/linear/bn layer, the run follows the 1-rank trajectory, and
+    ``--resume`` keeps that plan."""
+    from distconv import models
+    from distconv.planner.graph import trace
+    from distconv.planner.planfile import load_plan
+
+    out = tmp_path / "out"
+    env = {"DISTCONV_CACHE_DIR": str(tmp_path / "cache")}
+    r = train(2, out, "--max-steps", 15, "--epochs", 1, "--strategy", "auto", data=digits[0],
+              env=env)
+    assert "calibrating the links" in r.stdout
+    assert "predicted speedup over pure data parallelism" in r.stdout
+    plan = load_plan(out / "plan.json")
+    names = trace(models.small_resnet(10, in_channels=1, width=4), (32, 1, 8, 8)).strategic_names()
+    assert sorted(plan) == sorted(names)
+    assert all(s * c * f == 2 for s, c, f in plan.values())
+    assert (tmp_path / "cache" / "compute_profile.json").exists()
+    assert_same_records(steps(metrics(out)), steps(reference_run), rtol=1e-9)
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["predicted"]["step_s"] > 0 and doc["meta"]["ranks"] == 2
+    r = train(2, out, "--resume", "--epochs", 2, "--max-steps", 17, "--strategy", "auto",
+              data=digits[0], env=env)
+    assert "reusing the plan" in r.stdout and "calibrating" not in r.stdout
+    assert load_plan(out / "plan.json") == plan
+
+
+def test_strategy_auto_with_an_unknown_machine_fails_on_every_rank(digits, tmp_path):
+    t0 = time.monotonic()
+    r = train(2, tmp_path / "out", "--strategy", "auto", "--machine", "nosuch_cluster",
+              "--max-steps", 2, data=digits[0], ok=False)
+    assert r.returncode != 0 and time.monotonic() - t0 < TIMEOUT
+    assert "no built-in machine 'nosuch_cluster'" in r.stdout + r.stderr
+
+
 # ------------------------------------------------------------------ 2. resume
 RESUME = ["--batch-size", "64", "--epochs", "2"]  # 23 steps per epoch, last batch partial
 
