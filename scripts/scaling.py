@@ -14,9 +14,21 @@ that does not fit a rank count is skipped with a note. Each worker runs with ONE
 BLAS/OpenMP thread per rank, runs ``--warmup`` untimed and ``--steps`` timed
 training steps under :class:`distconv.profile.Profiler` and rank 0 writes
 ``OUT/points/*.json``. The driver writes ``OUT/scaling.csv`` (one row per point)
-and PNG plots (matplotlib, Agg backend): ``speedup.png`` and ``efficiency.png``
-(vs ranks, one line per strategy) and ``breakdown.png`` (stacked bar of the step
-time: compute, exposed communication, other communication).
+and PNG plots (matplotlib, Agg backend: no display needed): ``speedup.png`` and
+``efficiency.png`` (vs ranks, one line per strategy) and ``breakdown.png`` (stacked
+bar of the step time: compute, exposed communication, other communication = time in
+MPI calls that is not exposed, e.g. starting and testing the nonblocking allreduces).
+
+Strategies (``--strategies``, ';'-separated): :meth:`distconv.Strategy.parse` texts
+(``sample``, ``channel=2``, ``sample=1,channel=2,filter=2``, ...), used by every layer,
+or ``auto``, which fits any rank count: every rank runs
+:func:`distconv.planner.machine.calibrate`, rank 0 runs
+:func:`distconv.planner.auto.plan_model` with a ``ComputeModel`` that times kernels with
+one BLAS thread and caches them in :func:`distconv.planner.auto.default_cache_path`
+(``$DISTCONV_CACHE_DIR``; the other ranks wait without spinning), and the per-layer plan
+is broadcast and applied with ``model.set_strategy``. For hand strategies the same
+calibration and compute model predict the step of their uniform plan
+(:func:`distconv.planner.simulate.simulate`), so every point has ``predicted_step_s``.
 
 Model (``--model``):
 
@@ -25,21 +37,42 @@ Model (``--model``):
   on ``--size`` x ``--size`` (28) inputs: a wide-ResNet stage-2 block.
 * ``convs``: ``Sequential(Conv2d(C,C,3,pad 1,no bias), BatchNorm2d, ReLU) x 2``.
 
-Every layer uses the point's strategy. One step: ``y = model(x)``,
-``model.backward(dy)``, ``sync_gradients(params)`` (the segmented gradient
-allreduce), with a barrier before each step; a step's time is the max over ranks.
+The input arrives in the first conv's input distribution (the activation layout of its
+strategy). One step: ``y = model(x)``, ``model.backward(dy)``, ``GradientSync.wait()``
+(:class:`distconv.optim.GradientSync`, the bucketed segmented gradient allreduce,
+``--bucket-kb`` buckets; ``--overlap on`` starts each full bucket while backward runs,
+``off`` sends every bucket in ``wait()``, so all of it is exposed), with a barrier before
+each step and no optimizer update; a step's time is the max over ranks.
 
 Batch (``--batch``): strong scaling keeps the global batch N fixed; weak
-scaling gives every sample group ``--batch`` samples (global N = batch x s).
+scaling gives every sample group ``--batch`` samples (global N = batch x s;
+for ``auto``, batch x ranks as data parallelism would).
 
-CSV columns: ranks, strategy, mode, global_batch, step_s (median), step_iqr_s,
-images_per_s, compute_s, comm_s, exposed_comm_s (medians of max-over-ranks),
-bytes_sent_per_rank (max over ranks, per step), grad_bytes_per_rank (bytes a rank
-sends in ``sync_gradients``), dp_grad_bytes_per_rank (what pure data parallelism
-sends for the same weights: an allreduce of all of them over all ranks, byte model
-of ``distconv/comm.py``), peak_rss_mb (max over ranks of ``ru_maxrss``),
+Bytes: every rank compares, for every step (warm-up included), the bytes it sent and
+received (``comm.stats()``: forward, backward and gradient sync) with the planner's
+MPI-free mirror: :func:`distconv.planner.events.graph_events` for the layers and
+residual joins, plus :func:`gradient_sync_events`, a mirror of ``GradientSync``'s
+buckets (one allreduce per bucket). BatchNorm gradients are never allreduced (their
+sums are global after ``BatchNorm2d.backward``). The driver prints a ``WARNING`` line
+for any point where they differ.
+
+CSV columns: ranks, strategy (as given), grid (``SxCxF`` of the uniform plan, or
+``layer:SxCxF ...`` per layer for a mixed ``auto`` plan), mode, model, overlap,
+global_batch, channels, size, steps, step_s (median), step_iqr_s, predicted_step_s
+(simulated step of the point's plan on the calibrated machine, without the optimizer
+update, which the worker does not run), images_per_s, compute_s, comm_s,
+exposed_comm_s (medians of max-over-ranks), bytes_sent_per_rank (measured, max over
+ranks and steps), model_bytes_sent_per_rank (analytic, max over ranks),
+grad_bytes_per_rank (bytes a rank sends in the gradient allreduces, measured: the
+``iallreduce`` kind), model_grad_bytes_per_rank (analytic), dp_grad_bytes_per_rank
+(what pure data parallelism, every layer ``(p, 1, 1)``, sends for the same model with
+the same buckets: analytic), grad_bytes_ratio_vs_dp (grad / dp; empty on 1 rank),
+bytes_match (True when, on every rank and step, sent and received bytes, total and
+gradient sync, equal the model), peak_rss_mb (max over ranks of ``ru_maxrss``),
 speedup and efficiency (images/s relative to the fastest 1-rank point; efficiency
-= speedup / ranks).
+= speedup / ranks). The point JSON holds the per-layer plan (strategy texts), the
+predicted breakdown, per-rank model and measured bytes, the step times and rank 0's
+profile.
 """
 from __future__ import annotations
 
@@ -62,13 +95,15 @@ import time  # noqa: E402
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 
-DEFAULTS = dict(ranks="1,2", strategies="sample;channel=2;filter=2", batch=8, size=28,
+DEFAULTS = dict(ranks="1,2", strategies="sample;channel=2;filter=2;auto", batch=8, size=28,
                 channels=256, steps=10, warmup=2)
 QUICK = dict(ranks="1,2", strategies="sample", batch=4, size=6, channels=8, steps=3, warmup=1)
-COLUMNS = ["ranks", "strategy", "mode", "model", "global_batch", "channels", "size", "steps",
-           "step_s", "step_iqr_s", "images_per_s", "compute_s", "comm_s", "exposed_comm_s",
-           "bytes_sent_per_rank", "grad_bytes_per_rank", "dp_grad_bytes_per_rank",
-           "peak_rss_mb", "speedup", "efficiency"]
+COLUMNS = ["ranks", "strategy", "grid", "mode", "model", "overlap", "global_batch", "channels",
+           "size", "steps", "step_s", "step_iqr_s", "predicted_step_s", "images_per_s",
+           "compute_s", "comm_s", "exposed_comm_s", "bytes_sent_per_rank",
+           "model_bytes_sent_per_rank", "grad_bytes_per_rank", "model_grad_bytes_per_rank",
+           "dp_grad_bytes_per_rank", "grad_bytes_ratio_vs_dp", "bytes_match", "peak_rss_mb",
+           "speedup", "efficiency"]
 
 
 def parse_args(argv=None):
@@ -78,8 +113,8 @@ def parse_args(argv=None):
     ap.add_argument("--mode", choices=("strong", "weak"), default="strong")
     ap.add_argument("--ranks", default=None, help="rank counts, comma separated (default 1,2)")
     ap.add_argument("--strategies", default=None,
-                    help="';'-separated Strategy.parse texts (default "
-                         "'sample;channel=2;filter=2')")
+                    help="';'-separated Strategy.parse texts or 'auto' (planner's "
+                         "per-layer plan; default 'sample;channel=2;filter=2;auto')")
     ap.add_argument("--model", choices=("block", "convs"), default="block",
                     help="block: one resnet BasicBlock(C, C); convs: (Conv2d+BN+ReLU) x 2")
     ap.add_argument("--batch", type=int, default=None,
@@ -88,6 +123,11 @@ def parse_args(argv=None):
     ap.add_argument("--channels", type=int, default=None, help="C (default 256)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
+    ap.add_argument("--overlap", choices=("on", "off"), default="on",
+                    help="GradientSync overlap: on = bucketed allreduces start during "
+                         "backward; off = all sent in wait() (default on)")
+    ap.add_argument("--bucket-kb", type=int, default=4096,
+                    help="GradientSync bucket size in KiB (default 4096)")
     ap.add_argument("--out", default="scaling_out", help="output folder")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--quick", action="store_true",
@@ -107,6 +147,8 @@ def parse_args(argv=None):
             ap.error(f"--{k} must be >= 1")
     if a.warmup < 0:
         ap.error("--warmup must be >= 0")
+    if a.bucket_kb < 1:
+        ap.error("--bucket-kb must be >= 1")
     try:
         a.rank_list = [int(r) for r in str(a.ranks).split(",") if r.strip()]
     except ValueError:
@@ -120,34 +162,164 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------- worker
 def build_model(args, st):
+    """The model under strategy ``st`` on every layer (``set_strategy`` may change it later)."""
     from distconv import nn
     from distconv.models.resnet import BasicBlock
     C = args.channels
     if args.model == "block":
-        m = BasicBlock(C, C, strategy=st)
-        return m, m.conv1.input_distribution
+        return BasicBlock(C, C, strategy=st)
     layers = []
     for _ in range(2):
         layers += [nn.Conv2d(C, C, 3, padding=1, bias=False, strategy=st),
                    nn.BatchNorm2d(C, strategy=st), nn.ReLU()]
-    m = nn.Sequential(*layers)
-    return m, layers[0].input_distribution
+    return nn.Sequential(*layers)
 
 
-def allreduce_sent_bytes(n, p, item):
-    from distconv.distribution import block_sizes
-    if p == 1:
-        return 0
-    b = block_sizes(n, p)
-    return max((n - b[r] + b[r] * (p - 1)) * item for r in range(p))
+def input_distribution(model):
+    """Where the model's input must arrive: its first conv's input distribution (the
+    activation layout of that layer's strategy, which is what ``graph_events`` assumes)."""
+    first = model.conv1 if hasattr(model, "conv1") else model[0]
+    return first.input_distribution
+
+
+def backward_order(graph):
+    """Layers in the order their ``backward`` runs: items reversed; in a residual block the
+    body (reversed) before the shortcut (reversed), as ``_Block._split`` calls them."""
+    from distconv.planner.graph import BlockSpec
+    out = []
+    for it in reversed(graph.items):
+        if isinstance(it, BlockSpec):
+            out += [it.join] + list(reversed(it.body)) + list(reversed(it.shortcut))
+        else:
+            out.append(it)
+    return out
+
+
+def gradient_sync_events(graph, plan, rank, item=4, bucket_bytes=4 << 20, overlap=True):
+    """Allreduce events of :class:`distconv.optim.GradientSync` in one step, on ``rank``.
+
+    Mirrors ``GradientSync``: when a layer's backward ends, each parameter whose gradient
+    is pending (conv/linear weight and bias, pending over the weight's replica axes, i.e.
+    ``sample``) joins the bucket of its (grid, pending axes, dtype); with ``overlap`` a
+    bucket whose local bytes reach ``bucket_bytes`` is sent at once, and ``wait()`` sends
+    the rest. One bucket = ONE allreduce of the concatenated shards over the replica
+    group, so its bytes are :func:`distconv.planner.commmodel.allreduce_event` of the
+    bucket's total length (not the sum of per-parameter allreduces, which differs when the
+    lengths do not divide the group size). BatchNorm gradients are never sent: in training
+    with global statistics their sums are already allreduced in ``BatchNorm2d.backward``.
+    """
+    from distconv.planner.commmodel import allreduce_event, vgrid
+    from distconv.planner.events import _cdist, _wdist
+    events, buckets = [], {}
+
+    def flush(key):
+        sizes = buckets.pop(key, [])
+        if sizes:
+            events.append(allreduce_event(vgrid(*key[0]), key[1], rank, sum(sizes), item))
+
+    for layer in backward_order(graph):
+        if layer.kind not in ("conv", "linear"):
+            continue
+        st = tuple(plan[layer.name])
+        wd = _wdist(st, len(layer.weight_shape))
+        rep = wd.replica_axes
+        if not rep:
+            continue
+        coords = wd.grid.coords_of(rank)
+        sizes = [wd.local_size(layer.weight_shape, coords)]
+        if layer.attrs.get("bias"):  # split like the output channels, same pending axes
+            sizes.append(_cdist(st).local_size((layer.weight_shape[0],), coords))
+        key = (st, rep)
+        for n in sizes:
+            b = buckets.setdefault(key, [])
+            b.append(n)
+            if overlap and sum(b) * item >= bucket_bytes:
+                flush(key)
+    for key in list(buckets):
+        flush(key)
+    return events
+
+
+def model_bytes(graph, plan, rank, item=4, bucket_bytes=4 << 20, overlap=True) -> dict:
+    """Analytic bytes of one worker step on ``rank`` (no MPI): ``{"sent", "recv",
+    "grad_sent", "grad_recv"}``. Forward and backward of every layer and residual join
+    from :func:`distconv.planner.events.graph_events`; the gradient sync from
+    :func:`gradient_sync_events` (the worker syncs with ``GradientSync``, whose buckets
+    replace ``graph_events``' one-allreduce-per-parameter ``sync`` lists)."""
+    from distconv.planner.events import graph_events
+    ev = graph_events(graph, plan, rank, item=item)
+    out = {"sent": 0, "recv": 0}
+    for d in ev.values():
+        for e in d["forward"] + d["backward"]:
+            out["sent"] += e.sent
+            out["recv"] += e.recv
+    sync = gradient_sync_events(graph, plan, rank, item, bucket_bytes, overlap)
+    out["grad_sent"] = sum(e.sent for e in sync)
+    out["grad_recv"] = sum(e.recv for e in sync)
+    out["sent"] += out["grad_sent"]
+    out["recv"] += out["grad_recv"]
+    return out
+
+
+def grid_text(plan, names) -> str:
+    """``"SxCxF"`` if every layer has the same strategy, else ``"layer:SxCxF ..."``."""
+    txt = {n: "x".join(str(v) for v in plan[n]) for n in names}
+    if len(set(txt.values())) == 1:
+        return next(iter(txt.values()))
+    return " ".join(f"{n}:{t}" for n, t in txt.items())
+
+
+def _quiet_wait(comm):
+    """Barrier that sleeps between polls: a blocking MPICH call spins a core, which would
+    steal the cores rank 0 is timing kernels on."""
+    if comm.size == 1:
+        return
+    req = comm.mpi.Ibarrier()
+    while not req.Test():
+        time.sleep(0.005)
+
+
+def plan_and_predict(args, comm, model, x_shape, fixed_plan):
+    """Calibrate the machine (all ranks), then on rank 0 search a plan (``fixed_plan is
+    None``: strategy ``auto``) or take ``fixed_plan``, and simulate its step; the other
+    ranks wait without spinning. Returns ``(plan, predicted, machine notes)`` on every rank."""
+    from distconv.planner.auto import default_cache_path, plan_model
+    from distconv.planner.compute import ComputeModel
+    from distconv.planner.costs import CostModel
+    from distconv.planner.graph import trace
+    from distconv.planner.machine import calibrate
+    from distconv.planner.simulate import simulate
+    machine = calibrate(comm)
+    res = None
+    if comm.rank == 0:
+        compute = ComputeModel(cache_path=default_cache_path(), threads=1)
+        overlap = args.overlap == "on"
+        if fixed_plan is None:
+            r = plan_model(model, x_shape, comm.size, machine, compute, overlap=overlap)
+            plan, pred = r["plan"], r["predicted"]
+        else:
+            plan = fixed_plan
+            pred = simulate(CostModel(trace(model, x_shape), comm.size, machine, compute),
+                            plan, overlap=overlap)
+        if compute.measured:
+            compute.save()
+        keys = ("step_s", "compute_s", "comm_s", "sync_s", "exposed_sync_s", "update_s")
+        res = ({k: tuple(v) for k, v in plan.items()}, {k: pred[k] for k in keys},
+               machine.notes)
+    _quiet_wait(comm)
+    return comm.allgather_obj(res)[0]
 
 
 def worker(args):
     import resource
 
     import numpy as np
-    from distconv import DistTensor, Strategy, manual_seed, sync_gradients
+    from distconv import DistTensor, Strategy, manual_seed
     from distconv.comm import world
+    from distconv.optim import GradientSync
+    from distconv.planner.auto import data_parallel
+    from distconv.planner.graph import trace
+    from distconv.planner.planfile import plan_to_json, to_strategies
     from distconv.profile import Profiler
     try:
         from threadpoolctl import threadpool_limits
@@ -156,42 +328,69 @@ def worker(args):
         pass
     comm = world()
     p = comm.size
-    st = Strategy.parse(args.strategy)
-    s, c, f = st.resolve(p)
+    auto = args.strategy.strip().lower() == "auto"
+    st = Strategy() if auto else Strategy.parse(args.strategy)
+    s = p if auto else st.resolve(p)[0]
     n = args.batch if args.mode == "strong" else args.batch * s
+    x_shape = (n, args.channels, args.size, args.size)
     manual_seed(args.seed)
-    model, dist = build_model(args, st)
+    model = build_model(args, st)
+    graph = trace(model, x_shape)
+    names = graph.strategic_names()
+    fixed = None if auto else {k: st.resolve(p) for k in names}
+    plan, predicted, machine_notes = plan_and_predict(args, comm, model, x_shape, fixed)
+    if auto:
+        model.set_strategy(to_strategies(plan))
+    overlap = args.overlap == "on"
+    bucket = args.bucket_kb << 10
+    mb = model_bytes(graph, plan, comm.rank, 4, bucket, overlap)
+    dp = model_bytes(graph, data_parallel(graph, p), comm.rank, 4, bucket, overlap)
+
     rng = np.random.default_rng(args.seed)
     dtype = np.float32
-    x_glob = rng.standard_normal((n, args.channels, args.size, args.size)).astype(dtype)
-    x = DistTensor.from_global(x_glob, dist)
+    x = DistTensor.from_global(rng.standard_normal(x_shape).astype(dtype),
+                               input_distribution(model))
     y = model(x)
     dy = DistTensor.from_global(rng.standard_normal(y.shape).astype(dtype), y.distribution)
     params = model.parameters()
-    prof = Profiler(model)
-    steps, grad_sent = [], []
+    sync = GradientSync(model, bucket_bytes=bucket, overlap=overlap)
+    prof = Profiler(model, sync=sync)  # after GradientSync: its backward hooks are timed
+    steps, sent, recv, gsent, grecv = [], [], [], [], []
+
+    def kind_bytes(st0, st1, pred):
+        return [sum(v[f] - st0.get(k, {}).get(f, 0) for k, v in st1.items()
+                    if k != "total" and pred(k)) for f in ("bytes_sent", "bytes_recv")]
+
     for i in range(args.warmup + args.steps):
         for q in params:
             q.grad = None
         comm.barrier()
+        st0 = comm.stats()
         prof.step_begin()
         t0 = time.perf_counter()
         model(x)
         model.backward(dy)
-        s0 = comm.stats()["total"]["bytes_sent"]
-        sync_gradients(params)
-        s1 = comm.stats()["total"]["bytes_sent"]
+        sync.wait()
         t1 = time.perf_counter()
         prof.step_end()
+        st1 = comm.stats()
+        a, b = kind_bytes(st0, st1, lambda k: True)
+        ga, gb = kind_bytes(st0, st1, lambda k: k == "iallreduce")
+        sent.append(a)
+        recv.append(b)
+        gsent.append(ga)
+        grecv.append(gb)
         if i >= args.warmup:
             steps.append(t1 - t0)
-            grad_sent.append(s1 - s0)
     summ = prof.summary(skip=args.warmup)
-    nw = sum(int(np.prod(q.data.shape)) for q in params)
+    bad = [f"step {i}: sent {a} recv {b} (gradient sync {c}/{d}); model sent {mb['sent']} "
+           f"recv {mb['recv']} (gradient sync {mb['grad_sent']}/{mb['grad_recv']})"
+           for i, (a, b, c, d) in enumerate(zip(sent, recv, gsent, grecv))
+           if (a, b, c, d) != (mb["sent"], mb["recv"], mb["grad_sent"], mb["grad_recv"])]
     mine = {"steps": steps, "comm": [x["comm_s"] for x in summ["steps"]],
             "exposed": [x["exposed_comm_s"] for x in summ["steps"]],
-            "bytes_sent": summ["per_step"]["bytes_sent"],
-            "grad_sent": float(np.median(grad_sent)),
+            "bytes_sent": max(sent), "grad_sent": max(gsent), "model": mb, "dp": dp,
+            "mismatch": bad[:3],
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     allr = comm.allgather_obj(mine)
     if comm.rank == 0:
@@ -200,15 +399,27 @@ def worker(args):
         exp_max = [max(r["exposed"][i] for r in allr) for i in range(args.steps)]
         q1, med, q3 = (float(v) for v in np.percentile(step_max, [25, 50, 75]))
         cmed = float(np.median(comm_max))
-        rec = {"ranks": p, "strategy": args.strategy, "grid": [s, c, f], "mode": args.mode,
-               "model": args.model, "global_batch": n, "channels": args.channels,
-               "size": args.size, "steps": args.steps,
-               "step_s": med, "step_iqr_s": q3 - q1, "images_per_s": n / med,
-               "compute_s": med - cmed, "comm_s": cmed,
+        grad = max(r["grad_sent"] for r in allr)
+        dpg = max(r["dp"]["grad_sent"] for r in allr)
+        mismatch = {str(rk): r["mismatch"] for rk, r in enumerate(allr) if r["mismatch"]}
+        rec = {"ranks": p, "strategy": args.strategy, "grid": grid_text(plan, names),
+               "plan": plan_to_json({k: plan[k] for k in names}), "mode": args.mode,
+               "model": args.model, "overlap": args.overlap, "bucket_kb": args.bucket_kb,
+               "global_batch": n, "channels": args.channels, "size": args.size,
+               "steps": args.steps, "step_s": med, "step_iqr_s": q3 - q1,
+               "predicted_step_s": predicted["step_s"] - predicted["update_s"],
+               "predicted": predicted, "machine_notes": machine_notes,
+               "images_per_s": n / med, "compute_s": med - cmed, "comm_s": cmed,
                "exposed_comm_s": float(np.median(exp_max)),
                "bytes_sent_per_rank": max(r["bytes_sent"] for r in allr),
-               "grad_bytes_per_rank": max(r["grad_sent"] for r in allr),
-               "dp_grad_bytes_per_rank": allreduce_sent_bytes(int(nw), p, 4),
+               "model_bytes_sent_per_rank": max(r["model"]["sent"] for r in allr),
+               "grad_bytes_per_rank": grad,
+               "model_grad_bytes_per_rank": max(r["model"]["grad_sent"] for r in allr),
+               "dp_grad_bytes_per_rank": dpg,
+               "grad_bytes_ratio_vs_dp": grad / dpg if dpg else None,
+               "bytes_match": not mismatch, "bytes_mismatch": mismatch,
+               "bytes_per_rank": [{"measured_sent": r["bytes_sent"], "model": r["model"],
+                                   "dp_model": r["dp"]} for r in allr],
                "peak_rss_mb": max(r["rss_mb"] for r in allr),
                "step_s_reps": step_max, "profile_rank0": summ}
         with open(args.json, "w") as fh:
@@ -219,7 +430,10 @@ def worker(args):
 
 # ----------------------------------------------------------------- driver
 def fits(strategy, p):
+    """Whether ``strategy`` runs on ``p`` ranks (``auto`` always does)."""
     from distconv.strategy import Strategy
+    if strategy.strip().lower() == "auto":
+        return True
     try:
         Strategy.parse(strategy).resolve(p)
         return True
@@ -250,7 +464,8 @@ def point_command(args, p, strategy, json_path):
         "--strategy", strategy, "--json", json_path, "--mode", args.mode,
         "--model", args.model, "--batch", str(args.batch), "--size", str(args.size),
         "--channels", str(args.channels), "--steps", str(args.steps),
-        "--warmup", str(args.warmup), "--seed", str(args.seed)]
+        "--warmup", str(args.warmup), "--seed", str(args.seed), "--overlap", args.overlap,
+        "--bucket-kb", str(args.bucket_kb)]
     return cmd
 
 
@@ -264,6 +479,19 @@ def add_speedups(rows):
         sp = r["images_per_s"] / b["images_per_s"] * b["ranks"]
         r["speedup"] = sp
         r["efficiency"] = sp / r["ranks"]
+
+
+def bytes_warnings(rows) -> list:
+    """One ``WARNING`` line per point whose measured bytes differ from the analytic model."""
+    out = []
+    for r in rows:
+        if not r.get("bytes_match", False):
+            detail = "; ".join(f"rank {k}: {' | '.join(v)}"
+                               for k, v in (r.get("bytes_mismatch") or {}).items())
+            out.append(f"WARNING: {r['ranks']} rank(s), {r['strategy']}: measured bytes per "
+                       f"rank ({r.get('bytes_sent_per_rank')}) differ from the analytic "
+                       f"model ({r.get('model_bytes_sent_per_rank')}): {detail}")
+    return out
 
 
 def plot(rows, out, mode):
@@ -355,8 +583,10 @@ def driver(args):
         with open(path) as fh:
             rec = json.load(fh)
         rows.append(rec)
-        print(f"   step {1e3 * rec['step_s']:.3f} ms (IQR {1e3 * rec['step_iqr_s']:.3f}), "
-              f"{rec['images_per_s']:.1f} img/s", flush=True)
+        print(f"   step {1e3 * rec['step_s']:.3f} ms (IQR {1e3 * rec['step_iqr_s']:.3f}; "
+              f"predicted {1e3 * rec['predicted_step_s']:.3f}), {rec['images_per_s']:.1f} "
+              f"img/s, grid {rec['grid']}, bytes/rank {rec['bytes_sent_per_rank']} "
+              f"(model {'equal' if rec['bytes_match'] else 'DIFFERS'})", flush=True)
     if not rows:
         print("every point failed", file=sys.stderr)
         return 1
@@ -366,7 +596,10 @@ def driver(args):
         w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow(r)
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in COLUMNS})
+    for msg in bytes_warnings(rows):
+        print(msg, flush=True)
+        print(msg, file=sys.stderr, flush=True)
     files = plot(rows, out, args.mode)
     print(f"wrote {csv_path} and {', '.join(files)}", flush=True)
     return 0 if len(rows) == len(plan) else 1

@@ -115,47 +115,167 @@ def test_profiler_bytes_and_outputs(comm, which):
     assert len(prof.steps) == 2
 
 
-def _script(*args, timeout=60):
+def _script(*args, timeout=60, cache=None):
+    extra = {"DISTCONV_CACHE_DIR": cache} if cache is not None else None
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=timeout)
+                          env=child_env(extra), capture_output=True, text=True, timeout=timeout)
+
+
+def _module():
+    from importlib.util import module_from_spec, spec_from_file_location
+    spec = spec_from_file_location("scaling_script", SCRIPT)
+    mod = module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rows(out):
+    with open(out / "scaling.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _point(out, p, strategy):
+    import json
+    slug = "".join(ch if ch.isalnum() else "_" for ch in strategy)
+    return json.loads((out / "points" / f"p{p}_{slug}.json").read_text())
 
 
 def test_help_and_dry_run(tmp_path):
     r = _script("--help")
-    assert r.returncode == 0 and "--strategies" in r.stdout and "--launcher" in r.stdout
+    assert r.returncode == 0, r.stderr
+    for flag in ("--strategies", "--launcher", "--overlap", "--bucket-kb", "auto",
+                 "model_bytes_sent_per_rank", "grad_bytes_ratio_vs_dp", "predicted_step_s",
+                 "bytes_match"):
+        assert flag in r.stdout, flag
     r = _script("--dry-run", "--ranks", "1,2", "--strategies", "sample;filter=2",
                 "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     cmds = [ln for ln in r.stdout.splitlines() if "--worker" in ln]
     assert len(cmds) == 3
     assert any("-n 2" in c and "--strategy filter=2" in c for c in cmds)
+    assert all("--overlap on" in c for c in cmds)
     assert "does not fit 1 rank" in r.stdout
     assert not (tmp_path / "scaling.csv").exists()
     r = _script("--dry-run", "--launcher", "srun", "--ranks", "2", "--strategies", "sample")
     assert r.returncode == 0 and r.stdout.strip().startswith("srun -n 2")
+    # auto fits every rank count; --overlap off reaches the workers
+    r = _script("--dry-run", "--ranks", "1,3", "--strategies", "auto", "--overlap", "off")
+    cmds = [ln for ln in r.stdout.splitlines() if "--worker" in ln]
+    assert r.returncode == 0 and len(cmds) == 2, r.stdout + r.stderr
+    assert all("--strategy auto" in c and "--overlap off" in c for c in cmds)
 
 
-def test_quick_end_to_end(tmp_path):
-    from importlib.util import module_from_spec, spec_from_file_location
-    spec = spec_from_file_location("scaling_script", SCRIPT)
-    mod = module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = tmp_path / "tmp"
-    r = _script("--quick", "--out", out, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    with open(out / "scaling.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    assert len(rows) == 2
-    assert list(rows[0].keys()) == mod.COLUMNS
-    assert [int(r["ranks"]) for r in rows] == [1, 2]
+def _check_rows(mod, rows):
     for row in rows:
+        assert list(row.keys()) == mod.COLUMNS
         for k, v in row.items():
-            if k not in ("strategy", "mode", "model"):
+            if k in ("strategy", "grid", "mode", "model", "overlap"):
+                continue
+            if k == "bytes_match":
+                assert v == "True", row
+            elif k == "grad_bytes_ratio_vs_dp" and int(row["ranks"]) == 1:
+                assert v == ""  # nothing to compare with on one rank
+            else:
                 assert np.isfinite(float(v)), (k, v)
         assert float(row["step_s"]) > 0 and float(row["images_per_s"]) > 0
+        assert float(row["predicted_step_s"]) > 0
         assert float(row["peak_rss_mb"]) > 0
+        # the analytic model equals what comm.stats() counted, to the byte
+        assert row["bytes_sent_per_rank"] == row["model_bytes_sent_per_rank"]
+        assert row["grad_bytes_per_rank"] == row["model_grad_bytes_per_rank"]
+
+
+@pytest.mark.timeout(60)
+def test_quick_end_to_end(tmp_path):
+    mod = _module()
+    out = tmp_path / "tmp"
+    r = _script("--quick", "--out", out, timeout=60, cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "WARNING" not in r.stdout + r.stderr
+    rows = _rows(out)
+    assert len(rows) == 2
+    assert [int(r["ranks"]) for r in rows] == [1, 2]
+    _check_rows(mod, rows)
+    assert [r["overlap"] for r in rows] == ["on", "on"]
     assert float(rows[0]["speedup"]) == pytest.approx(1.0)
+    assert float(rows[0]["bytes_sent_per_rank"]) == 0
+    # sample=2: the whole gradient is allreduced, exactly what data parallelism sends
     assert float(rows[1]["grad_bytes_per_rank"]) > 0
-    assert float(rows[1]["dp_grad_bytes_per_rank"]) > 0
+    assert rows[1]["grad_bytes_per_rank"] == rows[1]["dp_grad_bytes_per_rank"]
+    assert float(rows[1]["grad_bytes_ratio_vs_dp"]) == 1.0
     for name in ("speedup.png", "efficiency.png", "breakdown.png"):
         assert (out / name).read_bytes()[:8] == PNG_SIG
+
+
+@pytest.mark.timeout(60)
+def test_quick_channel_filter_auto_bytes_exact(tmp_path):
+    """channel=2, filter=2 and the planner's plan at 2 ranks with --overlap off: bytes per
+    rank equal the analytic model; negative controls: another strategy's model differs,
+    and a mismatching point makes the driver warn."""
+    mod = _module()
+    out = tmp_path / "cf"
+    r = _script("--quick", "--ranks", "2", "--strategies", "channel=2;filter=2;auto",
+                "--overlap", "off", "--out", out, timeout=60, cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "WARNING" not in r.stdout + r.stderr
+    rows = _rows(out)
+    assert [r["strategy"] for r in rows] == ["channel=2", "filter=2", "auto"]
+    _check_rows(mod, rows)
+    assert {r["overlap"] for r in rows} == {"off"}
+    for row in rows[:2]:  # s = 1: no gradient allreduce at all
+        assert float(row["grad_bytes_per_rank"]) == 0
+        assert float(row["grad_bytes_ratio_vs_dp"]) == 0
+        assert float(row["dp_grad_bytes_per_rank"]) > 0
+        assert float(row["bytes_sent_per_rank"]) > 0
+    assert rows[0]["grid"] == "1x2x1" and rows[1]["grid"] == "1x1x2"
+    auto = _point(out, 2, "auto")
+    assert set(auto["plan"]) == {"conv1", "bn1", "conv2", "bn2"}
+    assert auto["predicted"]["step_s"] > 0 and auto["bytes_match"]
+
+    # negative control 1: the data-parallel plan's model is not the channel=2 measurement
+    from distconv.models.resnet import BasicBlock
+    from distconv.planner.graph import trace
+    ch = _point(out, 2, "channel=2")
+    graph = trace(BasicBlock(8, 8), (4, 8, 6, 6))
+    dp = {n: (2, 1, 1) for n in graph.strategic_names()}
+    for rank, per in enumerate(ch["bytes_per_rank"]):
+        assert mod.model_bytes(graph, dp, rank, overlap=False)["sent"] != per["measured_sent"]
+        right = {n: (1, 2, 1) for n in graph.strategic_names()}
+        assert mod.model_bytes(graph, right, rank, overlap=False)["sent"] == \
+            per["measured_sent"]
+    # negative control 2: the driver's warning fires on a mismatching point
+    bad = dict(ch, bytes_match=False, bytes_mismatch={"1": ["step 0: sent 1 recv 1"]})
+    msgs = mod.bytes_warnings([ch, bad])
+    assert len(msgs) == 1 and msgs[0].startswith("WARNING") and "rank 1" in msgs[0]
+
+
+@pytest.mark.timeout(60)
+def test_bucketed_sync_bytes_exact_4_ranks(tmp_path):
+    """4 ranks (oversubscribed), C=5: a 225-element weight does not split evenly in 4, so
+    one bucketed allreduce of both convs' gradients sends fewer bytes on rank 0 than two
+    per-parameter allreduces. The mirror of GradientSync matches the measurement; the
+    per-parameter model of ``graph_events`` (negative control) does not."""
+    import os
+    if int(os.environ.get("DISTCONV_TEST_MAX_RANKS", "4")) < 4:
+        pytest.skip("DISTCONV_TEST_MAX_RANKS < 4")
+    from distconv.models.resnet import BasicBlock
+    from distconv.planner.events import graph_events
+    from distconv.planner.graph import trace
+    mod = _module()
+    out = tmp_path / "p4"
+    r = _script("--ranks", "4", "--strategies", "sample", "--channels", "5", "--size", "4",
+                "--batch", "4", "--steps", "1", "--warmup", "1", "--out", out, timeout=60,
+                cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = _rows(out)
+    _check_rows(mod, rows)
+    pt = _point(out, 4, "sample")
+    graph = trace(BasicBlock(5, 5), (4, 5, 4, 4))
+    plan = {n: (4, 1, 1) for n in graph.strategic_names()}
+    per_param = []
+    for rank, per in enumerate(pt["bytes_per_rank"]):
+        assert per["model"] == mod.model_bytes(graph, plan, rank)
+        ev = graph_events(graph, plan, rank)
+        per_param.append(sum(e.sent for d in ev.values() for e in d["sync"]))
+    grads = [per["model"]["grad_sent"] for per in pt["bytes_per_rank"]]
+    assert per_param[0] != grads[0], (per_param, grads)
