@@ -257,9 +257,6 @@ def test_impossible_small_memory_limit_raises():
     assert brute_force(cost, memory_limit=least // 2) == (None, float("inf"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "search formats the limit only as GiB with 2 decimals: a limit below ~5 MiB reads "
-    "'0.00 GiB' and the message does not name it; proposed: also print the bytes"))
 def test_impossible_small_memory_limit_message_names_the_bytes():
     graph = graph_of("seq_uneven")
     cost = cost_of(graph, 4)
@@ -270,11 +267,6 @@ def test_impossible_small_memory_limit_message_names_the_bytes():
     assert str(limit) in str(err.value), str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG search.py: plan_memory = sum(mem) + max(work) but the Lagrangian DP only sees "
-    "sum(mem); at lam=1e3 it minimises sum(mem) with a 3x larger conv workspace "
-    "(17676+8748 B) than the true least-memory plan (17892+2916 B), so search raises "
-    "'no plan fits' for a limit a plan meets"))
 def test_search_finds_a_plan_at_the_least_memory():
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32),
                           nn.ReLU(), nn.Conv2d(32, 64, 1, bias=False))
@@ -282,7 +274,7 @@ def test_search_finds_a_plan_at_the_least_memory():
     cost = cost_of(graph, 4)
     least = min(plan_memory(cost, q) for q in _all_plans(cost))
     _, btime = brute_force(cost, memory_limit=least)
-    res = search(cost, memory_limit=least)  # raises ValueError today
+    res = search(cost, memory_limit=least)  # raised ValueError before the work_cap retry
     assert res["memory"] <= least and res["time"] >= btime - 1e-12
 
 

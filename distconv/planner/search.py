@@ -59,38 +59,71 @@ class _Chain:
 class Planner:
     """DP over ``cost.graph`` with the costs of :class:`.costs.CostModel` ``cost``."""
 
-    def __init__(self, cost, lam: float = 0.0):
+    def __init__(self, cost, lam: float = 0.0, work_cap=None):
         self.cost = cost
+        self.work_cap = work_cap  # strategies whose workspace exceeds it are excluded
         self.K = len(cost.strategies)
         self.S = cost.strategies
         self.lam = lam
-        self._mats: dict = {}
-
-    def _val(self, c):
-        return c.time + self.lam * c.mem
 
     # ------------------------------------------------------------ matrices
     def _dists(self, ndim):
         from .events import act_dist
         return [act_dist(st, ndim) for st in self.S]
 
+    def _tables(self, key, fill):
+        """``(time, memory, workspace)`` arrays cached on the cost model across ``lam``
+        values and planner runs (the memory-limited search runs the DP dozens of times)."""
+        store = self.cost.__dict__.setdefault("_dp_tables", {})
+        got = store.get(key)
+        if got is None:
+            got = store[key] = fill()
+        return got
+
+    def _combine(self, tables):
+        T, Mm, W = tables
+        M = T + self.lam * Mm if self.lam else T.copy()
+        if self.work_cap is not None:
+            M[W > self.work_cap] = INF
+        return M
+
     def _layer_matrix(self, layer, in_dists):
         """``M[a, b]``: layer with strategy ``b`` on input in ``in_dists[a]``."""
         K = self.K
-        key = (layer.kind, layer.in_shape, layer.out_shape, tuple(sorted(layer.attrs.items())),
-               tuple(in_dists))
-        got = self._mats.get(key)
-        if got is not None:
-            return got.copy()
-        M = np.empty((K, K))
-        for a in range(K):
-            for b in range(K):
-                M[a, b] = self._val(self.cost.layer(layer, self.S[b], in_dists[a]))
-        self._mats[key] = M
-        return M.copy()
+        key = ("layer", layer.kind, layer.in_shape, layer.out_shape,
+               tuple(sorted(layer.attrs.items())), tuple(in_dists))
+
+        def fill():
+            T, Mm, W = np.empty((K, K)), np.empty((K, K)), np.empty((K, K))
+            for a in range(K):
+                for b in range(K):
+                    c = self.cost.layer(layer, self.S[b], in_dists[a])
+                    T[a, b], Mm[a, b], W[a, b] = c.time, c.mem, c.work
+            return T, Mm, W
+        return self._combine(self._tables(key, fill))
 
     def _free_vector(self, layer, dists):
-        return np.array([self._val(self.cost.layer(layer, None, d)) for d in dists])
+        key = ("free", layer.kind, layer.in_shape, layer.out_shape,
+               tuple(sorted(layer.attrs.items())), tuple(dists))
+
+        def fill():
+            cs = [self.cost.layer(layer, None, d) for d in dists]
+            return (np.array([c.time for c in cs]), np.array([float(c.mem) for c in cs]),
+                    np.zeros(len(cs)))
+        return self._combine(self._tables(key, fill))
+
+    def _join_matrix(self, shape, bdists, sdists):
+        """``J[d, b]``: the join of a shortcut in ``sdists[d]`` with a body in ``bdists[b]``."""
+        K = self.K
+
+        def fill():
+            T, Mm = np.empty((K, K)), np.empty((K, K))
+            for d in range(K):
+                for b in range(K):
+                    c = self.cost.join(shape, bdists[b], sdists[d])
+                    T[d, b], Mm[d, b] = c.time, c.mem
+            return T, Mm, np.zeros((K, K))
+        return self._combine(self._tables(("join", shape, tuple(bdists), tuple(sdists)), fill))
 
     def _segment(self, layers, in_dists):
         """Matrices of a run of layers from states with ``in_dists``; returns
@@ -129,10 +162,7 @@ class Planner:
                 body = _Chain(mats)
                 Bm = body.total + free[None, :]
                 smats, snames, sdists, sfree = self._segment(it.shortcut, dists)
-                J = np.empty((K, K))
-                for d in range(K):
-                    for b in range(K):
-                        J[d, b] = self._val(self.cost.join(it.out_shape, bdists[b], sdists[d]))
+                J = self._join_matrix(it.out_shape, bdists, sdists)
                 if smats:
                     smats[-1] = smats[-1] + sfree[None, :]
                     short = _Chain(smats + [J])
@@ -197,35 +227,75 @@ def search(cost, memory_limit=None, iters: int = 30) -> dict:
 
     ``memory_limit``: bytes per rank (``None``: unlimited).
     """
-    from .simulate import plan_memory
+    from .simulate import additive_time, plan_memory
     t0 = time.perf_counter()
     plan, val = Planner(cost).run()
     mem = plan_memory(cost, plan)
     lam_used = 0.0
     if memory_limit is not None and mem > memory_limit:
-        lo, hi = 0.0, 1e-9
-        while True:
-            p2, _ = Planner(cost, hi).run()
-            m2 = plan_memory(cost, p2)
-            if m2 <= memory_limit:
-                break
-            hi *= 10
-            if hi > 1e3:
-                raise ValueError(f"no plan fits the memory limit of {memory_limit / 2**30:.2f} "
-                                 f"GiB per rank: the smallest found needs {m2 / 2**30:.2f} GiB")
-        best = (p2, m2, hi)
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            p3, _ = Planner(cost, mid).run()
-            m3 = plan_memory(cost, p3)
-            if m3 <= memory_limit:
-                hi, best = mid, (p3, m3, mid)
-            else:
-                lo = mid
+        best = _lagrange(cost, memory_limit, iters, None)
+        smallest = INF
+        if not isinstance(best, tuple):
+            best = None
+            # plan_memory is sum(mem) + max(work) but the relaxation only sees sum(mem):
+            # retry with the workspace capped at each size a layer can have (exact for
+            # the feasibility question: some cap equals the fitting plan's max(work))
+            for cap in _work_caps(cost):  # (caps above the limit only size the message)
+                got = _lagrange(cost, memory_limit, iters, cap)
+                if isinstance(got, tuple) and (
+                        best is None or additive_time(cost, got[0]) < additive_time(cost, best[0])):
+                    best = got
+                elif not isinstance(got, tuple) and got is not None:
+                    smallest = min(smallest, got)
+        if not isinstance(best, tuple):
+            need = (f"{smallest} bytes ({smallest / 2**30:.2f} GiB)" if smallest < INF
+                    else "a larger workspace")
+            raise ValueError(f"no plan fits the memory limit of {memory_limit} bytes "
+                             f"({memory_limit / 2**30:.2f} GiB) per rank: the smallest plan "
+                             f"needs {need}")
         plan, mem, lam_used = best
-    from .simulate import additive_time
     return {"plan": plan, "time": additive_time(cost, plan), "memory": mem,
             "lam": lam_used, "seconds": time.perf_counter() - t0}
+
+
+def _lagrange(cost, memory_limit, iters, work_cap):
+    """Bisection on ``lam`` of ``time + lam * sum(mem)`` (workspace <= ``work_cap``):
+    ``(plan, memory, lam)`` of the fastest fitting plan found, else the least memory
+    seen (``None`` if no plan respects the cap)."""
+    from .simulate import plan_memory
+    lo, hi = 0.0, 1e-9
+    while True:
+        p2, v2 = Planner(cost, hi, work_cap).run()
+        if not np.isfinite(v2):
+            return None
+        m2 = plan_memory(cost, p2)
+        if m2 <= memory_limit:
+            break
+        hi *= 10
+        if hi > 1e3:
+            return m2
+    best = (p2, m2, hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        p3, _v = Planner(cost, mid, work_cap).run()
+        m3 = plan_memory(cost, p3)
+        if m3 <= memory_limit:
+            hi, best = mid, (p3, m3, mid)
+        else:
+            lo = mid
+    return best
+
+
+def _work_caps(cost) -> list:
+    """Every workspace size a strategic layer can have (a conv's depends only on its
+    strategy; the other layers need none), ascending, with 0."""
+    from .events import act_dist
+    caps = {0}
+    for layer in cost.graph.layers():
+        if layer.strategic:
+            for st in cost.strategies:
+                caps.add(cost.layer(layer, st, act_dist(st, len(layer.in_shape))).work)
+    return sorted(caps)
 
 
 def brute_force(cost, memory_limit=None):
