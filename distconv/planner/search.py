@@ -250,7 +250,7 @@ def search(cost, memory_limit=None, iters: int = 30) -> dict:
         if not isinstance(best, tuple):
             need = (f"{smallest} bytes ({smallest / 2**30:.2f} GiB)" if smallest < INF
                     else "a larger workspace")
-            raise ValueError(f"no plan fits the memory limit of {memory_limit} bytes "
+            raise ValueError(f"no plan fits the memory limit of {int(memory_limit)} bytes "
                              f"({memory_limit / 2**30:.2f} GiB) per rank: the smallest plan "
                              f"needs {need}")
         plan, mem, lam_used = best
