@@ -6,6 +6,7 @@ Run::
     python scripts/scaling.py --mode strong --ranks 1,2,4 --out scaling_out
     python scripts/scaling.py --quick --out tmp          # 2 tiny points, seconds
     python scripts/scaling.py --dry-run                  # print the child commands only
+    python scripts/scaling.py --summarize run1 run2 run3 --out summary   # merge repeated runs
 
 The driver launches each point (rank count x strategy) as its own job,
 ``mpiexec -n N python -m mpi4py scripts/scaling.py --worker ...`` (``srun -n N ...``
@@ -56,9 +57,16 @@ buckets (one allreduce per bucket). BatchNorm gradients are never allreduced (th
 sums are global after ``BatchNorm2d.backward``). The driver prints a ``WARNING`` line
 for any point where they differ.
 
+Repetitions (``--repeat K``): the whole list of points runs K times, round robin, so
+that each point's steps are spread over the sweep and a slow phase of a shared machine
+does not land on one point only; a point's row then gives medians over the steps of
+all K runs (``OUT/points/p{ranks}_{strategy}_rep{k}.json`` per run, and the merged
+``p{ranks}_{strategy}.json``).
+
 CSV columns: ranks, strategy (as given), grid (``SxCxF`` of the uniform plan, or
-``layer:SxCxF ...`` per layer for a mixed ``auto`` plan), mode, model, overlap,
-global_batch, channels, size, steps, step_s (median), step_iqr_s, predicted_step_s
+``layer:SxCxF ...`` per layer for a mixed ``auto`` plan; " / "-joined if repetitions
+chose different plans), mode, model, overlap, global_batch, channels, size, steps,
+reps, step_s (median of the per-step max over ranks), step_iqr_s, predicted_step_s
 (simulated step of the point's plan on the calibrated machine, without the optimizer
 update, which the worker does not run), images_per_s, compute_s, comm_s,
 exposed_comm_s (medians of max-over-ranks), bytes_sent_per_rank (measured, max over
@@ -73,6 +81,14 @@ speedup and efficiency (images/s relative to the fastest 1-rank point; efficienc
 = speedup / ranks). The point JSON holds the per-layer plan (strategy texts), the
 predicted breakdown, per-rank model and measured bytes, the step times and rank 0's
 profile.
+
+``--summarize DIR ...`` merges repetitions of one sweep (on a shared, noisy machine one
+run is not enough): ``OUT/summary.csv`` has, per (ranks, strategy), the number of runs,
+the median/min/max over runs of step_s and of speedup (each run's speedup is relative to
+that run's own fastest 1-rank point), the median predicted step and exposed
+communication, the bytes (per-run values joined by " / " if they differ, which they
+should not), the DP comparison and whether bytes matched in every run; a markdown table
+of the same is printed.
 """
 from __future__ import annotations
 
@@ -99,7 +115,7 @@ DEFAULTS = dict(ranks="1,2", strategies="sample;channel=2;filter=2;auto", batch=
                 channels=256, steps=10, warmup=2)
 QUICK = dict(ranks="1,2", strategies="sample", batch=4, size=6, channels=8, steps=3, warmup=1)
 COLUMNS = ["ranks", "strategy", "grid", "mode", "model", "overlap", "global_batch", "channels",
-           "size", "steps", "step_s", "step_iqr_s", "predicted_step_s", "images_per_s",
+           "size", "steps", "reps", "step_s", "step_iqr_s", "predicted_step_s", "images_per_s",
            "compute_s", "comm_s", "exposed_comm_s", "bytes_sent_per_rank",
            "model_bytes_sent_per_rank", "grad_bytes_per_rank", "model_grad_bytes_per_rank",
            "dp_grad_bytes_per_rank", "grad_bytes_ratio_vs_dp", "bytes_match", "peak_rss_mb",
@@ -123,6 +139,9 @@ def parse_args(argv=None):
     ap.add_argument("--channels", type=int, default=None, help="C (default 256)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the whole list of points this many times, round robin, and "
+                         "report medians over the steps of all repetitions (default 1)")
     ap.add_argument("--overlap", choices=("on", "off"), default="on",
                     help="GradientSync overlap: on = bucketed allreduces start during "
                          "backward; off = all sent in wait() (default on)")
@@ -135,6 +154,9 @@ def parse_args(argv=None):
     ap.add_argument("--launcher", choices=("auto", "mpiexec", "srun"), default="auto")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per point")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--summarize", nargs="+", metavar="DIR", default=None,
+                    help="merge the scaling.csv of several runs (repetitions of one sweep) "
+                         "into OUT/summary.csv and print a markdown table; runs nothing")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
@@ -149,6 +171,8 @@ def parse_args(argv=None):
         ap.error("--warmup must be >= 0")
     if a.bucket_kb < 1:
         ap.error("--bucket-kb must be >= 1")
+    if a.repeat < 1:
+        ap.error("--repeat must be >= 1")
     try:
         a.rank_list = [int(r) for r in str(a.ranks).split(",") if r.strip()]
     except ValueError:
@@ -421,7 +445,8 @@ def worker(args):
                "bytes_per_rank": [{"measured_sent": r["bytes_sent"], "model": r["model"],
                                    "dp_model": r["dp"]} for r in allr],
                "peak_rss_mb": max(r["rss_mb"] for r in allr),
-               "step_s_reps": step_max, "profile_rank0": summ}
+               "step_s_reps": step_max, "comm_s_reps": comm_max, "exposed_s_reps": exp_max,
+               "profile_rank0": summ}
         with open(args.json, "w") as fh:
             json.dump(rec, fh, indent=1)
         print(prof.table(skip=args.warmup), flush=True)
@@ -543,17 +568,54 @@ def plot(rows, out, mode):
     return files
 
 
+def merge_reps(recs) -> dict:
+    """One record from repetitions of a point (``--repeat``): medians over the steps of all
+    repetitions together, bytes checked in every one, grids joined if ``auto`` chose
+    different plans."""
+    import numpy as np
+    if len(recs) == 1:
+        return dict(recs[0], reps=1)
+    step = [v for r in recs for v in r["step_s_reps"]]
+    comm = [v for r in recs for v in r["comm_s_reps"]]
+    exp = [v for r in recs for v in r["exposed_s_reps"]]
+    q1, med, q3 = (float(v) for v in np.percentile(step, [25, 50, 75]))
+    cmed = float(np.median(comm))
+    out = dict(recs[0])
+    out.update({
+        "reps": len(recs), "grid": " / ".join(dict.fromkeys(r["grid"] for r in recs)),
+        "plans": [r["plan"] for r in recs], "step_s": med, "step_iqr_s": q3 - q1,
+        "images_per_s": out["global_batch"] / med, "compute_s": med - cmed, "comm_s": cmed,
+        "exposed_comm_s": float(np.median(exp)),
+        "predicted_step_s": float(np.median([r["predicted_step_s"] for r in recs])),
+        "bytes_match": all(r["bytes_match"] for r in recs),
+        "bytes_mismatch": {f"rep {i + 1}, {k}": v for i, r in enumerate(recs)
+                           for k, v in r["bytes_mismatch"].items()},
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in recs),
+        "step_s_reps": step, "comm_s_reps": comm, "exposed_s_reps": exp,
+        "rep_step_s": [r["step_s"] for r in recs]})
+    for k in ("bytes_sent_per_rank", "model_bytes_sent_per_rank", "grad_bytes_per_rank",
+              "model_grad_bytes_per_rank", "dp_grad_bytes_per_rank"):
+        out[k] = max(r[k] for r in recs)
+    dpg = out["dp_grad_bytes_per_rank"]
+    out["grad_bytes_ratio_vs_dp"] = out["grad_bytes_per_rank"] / dpg if dpg else None
+    return out
+
+
 def driver(args):
     out = os.path.abspath(args.out)
     pts = os.path.join(out, "points")
     plan = []
-    for p in args.rank_list:
-        for st in args.strategy_list:
-            if not fits(st, p):
-                print(f"note: strategy {st!r} does not fit {p} rank(s); skipped", flush=True)
-                continue
-            path = os.path.join(pts, f"p{p}_{slug(st)}.json")
-            plan.append((p, st, path, point_command(args, p, st, path)))
+    for rep in range(args.repeat):
+        for p in args.rank_list:
+            for st in args.strategy_list:
+                if not fits(st, p):
+                    if rep == 0:
+                        print(f"note: strategy {st!r} does not fit {p} rank(s); skipped",
+                              flush=True)
+                    continue
+                tag = f"_rep{rep + 1}" if args.repeat > 1 else ""
+                path = os.path.join(pts, f"p{p}_{slug(st)}{tag}.json")
+                plan.append((p, st, path, point_command(args, p, st, path)))
     if args.dry_run:
         for *_, cmd in plan:
             print(shlex.join(cmd))
@@ -567,7 +629,8 @@ def driver(args):
         env[v] = "1"
     env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
                                  else "")
-    rows = []
+    got: dict = {}
+    nok = 0
     for p, st, path, cmd in plan:
         print(f"== {p} rank(s), {st}: {shlex.join(cmd)}", flush=True)
         try:
@@ -582,14 +645,20 @@ def driver(args):
             continue
         with open(path) as fh:
             rec = json.load(fh)
-        rows.append(rec)
+        got.setdefault((p, st), []).append(rec)
+        nok += 1
         print(f"   step {1e3 * rec['step_s']:.3f} ms (IQR {1e3 * rec['step_iqr_s']:.3f}; "
               f"predicted {1e3 * rec['predicted_step_s']:.3f}), {rec['images_per_s']:.1f} "
               f"img/s, grid {rec['grid']}, bytes/rank {rec['bytes_sent_per_rank']} "
               f"(model {'equal' if rec['bytes_match'] else 'DIFFERS'})", flush=True)
-    if not rows:
+    if not got:
         print("every point failed", file=sys.stderr)
         return 1
+    rows = [merge_reps(recs) for recs in got.values()]
+    if args.repeat > 1:
+        for (p, st), r in zip(got, rows):
+            with open(os.path.join(pts, f"p{p}_{slug(st)}.json"), "w") as fh:
+                json.dump({k: v for k, v in r.items() if k != "profile_rank0"}, fh, indent=1)
     add_speedups(rows)
     csv_path = os.path.join(out, "scaling.csv")
     with open(csv_path, "w", newline="") as fh:
@@ -602,7 +671,70 @@ def driver(args):
         print(msg, file=sys.stderr, flush=True)
     files = plot(rows, out, args.mode)
     print(f"wrote {csv_path} and {', '.join(files)}", flush=True)
-    return 0 if len(rows) == len(plan) else 1
+    return 0 if nok == len(plan) else 1
+
+
+SUMMARY_COLUMNS = ["ranks", "strategy", "grid", "global_batch", "runs", "step_s_median",
+                   "step_s_min", "step_s_max", "predicted_step_s_median", "speedup_median",
+                   "speedup_min", "speedup_max", "exposed_comm_s_median",
+                   "bytes_sent_per_rank", "grad_bytes_per_rank", "dp_grad_bytes_per_rank",
+                   "grad_bytes_ratio_vs_dp", "bytes_match_all"]
+
+
+def summarize(dirs, out) -> int:
+    """Merge repeated runs of one sweep: per (ranks, strategy), the median, min and max over
+    the runs of each run's median step and of its speedup (each run's speedup is against
+    that run's own fastest 1-rank point, so it pairs points measured minutes apart)."""
+    import statistics
+    groups: dict = {}
+    for d in dirs:
+        path = os.path.join(d, "scaling.csv")
+        if not os.path.exists(path):
+            print(f"--summarize: {path} does not exist", file=sys.stderr)
+            return 1
+        with open(path) as fh:
+            for r in csv.DictReader(fh):
+                groups.setdefault((int(r["ranks"]), r["strategy"]), []).append(r)
+    rows = []
+    for (p, st), rs in groups.items():
+        def col(k, rs=rs):
+            return [float(r[k]) for r in rs if r.get(k) not in ("", None)]
+        grids = sorted({r["grid"] for r in rs})
+        first = rs[0]
+        rows.append({
+            "ranks": p, "strategy": st, "grid": " / ".join(grids),
+            "global_batch": first["global_batch"], "runs": len(rs),
+            "step_s_median": statistics.median(col("step_s")), "step_s_min": min(col("step_s")),
+            "step_s_max": max(col("step_s")),
+            "predicted_step_s_median": statistics.median(col("predicted_step_s")),
+            "speedup_median": statistics.median(col("speedup")),
+            "speedup_min": min(col("speedup")), "speedup_max": max(col("speedup")),
+            "exposed_comm_s_median": statistics.median(col("exposed_comm_s")),
+            "bytes_sent_per_rank": " / ".join(sorted({r["bytes_sent_per_rank"] for r in rs})),
+            "grad_bytes_per_rank": " / ".join(sorted({r["grad_bytes_per_rank"] for r in rs})),
+            "dp_grad_bytes_per_rank": first["dp_grad_bytes_per_rank"],
+            "grad_bytes_ratio_vs_dp": first["grad_bytes_ratio_vs_dp"],
+            "bytes_match_all": all(r["bytes_match"] == "True" for r in rs)})
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "summary.csv")
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    print("| ranks | strategy | grid | runs | step ms median [min, max] | predicted ms | "
+          "speedup median [min, max] | bytes/rank = model | grad bytes / DP |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["grad_bytes_ratio_vs_dp"]
+        print(f"| {r['ranks']} | {r['strategy']} | {r['grid']} | {r['runs']} | "
+              f"{1e3 * r['step_s_median']:.1f} [{1e3 * r['step_s_min']:.1f}, "
+              f"{1e3 * r['step_s_max']:.1f}] | {1e3 * r['predicted_step_s_median']:.1f} | "
+              f"{r['speedup_median']:.2f} [{r['speedup_min']:.2f}, {r['speedup_max']:.2f}] | "
+              f"{r['bytes_sent_per_rank']} ({'yes' if r['bytes_match_all'] else 'NO'}) | "
+              f"{r['grad_bytes_per_rank']} / {r['dp_grad_bytes_per_rank']}"
+              f"{f' = {float(ratio):.3f}' if ratio else ''} |")
+    print(f"wrote {path}")
+    return 0
 
 
 def main(argv=None):
@@ -611,6 +743,8 @@ def main(argv=None):
         sys.path.insert(0, _ROOT)
         from distconv.comm import run_guarded
         return run_guarded(worker, args)
+    if args.summarize:
+        return summarize(args.summarize, args.out)
     return driver(args)
 
 

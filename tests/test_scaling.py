@@ -205,6 +205,16 @@ def test_quick_end_to_end(tmp_path):
     assert float(rows[1]["grad_bytes_ratio_vs_dp"]) == 1.0
     for name in ("speedup.png", "efficiency.png", "breakdown.png"):
         assert (out / name).read_bytes()[:8] == PNG_SIG
+    # --summarize merges repeated runs (here the same run twice)
+    r = _script("--summarize", out, out, "--out", tmp_path / "sum")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| 2 | sample | 2x1x1 | 2 |" in r.stdout
+    with open(tmp_path / "sum" / "summary.csv") as fh:
+        summ = list(csv.DictReader(fh))
+    assert list(summ[0].keys()) == mod.SUMMARY_COLUMNS
+    assert [int(s["runs"]) for s in summ] == [2, 2]
+    assert all(s["bytes_match_all"] == "True" for s in summ)
+    assert float(summ[1]["step_s_median"]) == pytest.approx(float(rows[1]["step_s"]))
 
 
 @pytest.mark.timeout(60)
@@ -215,13 +225,17 @@ def test_quick_channel_filter_auto_bytes_exact(tmp_path):
     mod = _module()
     out = tmp_path / "cf"
     r = _script("--quick", "--ranks", "2", "--strategies", "channel=2;filter=2;auto",
-                "--overlap", "off", "--out", out, timeout=60, cache=tmp_path / "cache")
+                "--overlap", "off", "--repeat", "2", "--out", out, timeout=60,
+                cache=tmp_path / "cache")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "WARNING" not in r.stdout + r.stderr
     rows = _rows(out)
     assert [r["strategy"] for r in rows] == ["channel=2", "filter=2", "auto"]
     _check_rows(mod, rows)
     assert {r["overlap"] for r in rows} == {"off"}
+    assert {r["reps"] for r in rows} == {"2"} and {r["steps"] for r in rows} == {"3"}
+    assert len(_point(out, 2, "channel=2")["step_s_reps"]) == 6  # 3 steps x 2 repetitions
+    assert (out / "points" / "p2_channel_2_rep2.json").exists()
     for row in rows[:2]:  # s = 1: no gradient allreduce at all
         assert float(row["grad_bytes_per_rank"]) == 0
         assert float(row["grad_bytes_ratio_vs_dp"]) == 0
@@ -235,7 +249,7 @@ def test_quick_channel_filter_auto_bytes_exact(tmp_path):
     # negative control 1: the data-parallel plan's model is not the channel=2 measurement
     from distconv.models.resnet import BasicBlock
     from distconv.planner.graph import trace
-    ch = _point(out, 2, "channel=2")
+    ch = _point(out, 2, "channel=2_rep1")
     graph = trace(BasicBlock(8, 8), (4, 8, 6, 6))
     dp = {n: (2, 1, 1) for n in graph.strategic_names()}
     for rank, per in enumerate(ch["bytes_per_rank"]):
