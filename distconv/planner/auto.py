@@ -7,6 +7,7 @@ overlapped gradient allreduces (:func:`.simulate.simulate`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from .costs import CostModel, strategy_text
@@ -23,6 +24,27 @@ def default_cache_path() -> str:
     return os.path.join(d, "compute_profile.json")
 
 
+class _SyncWeighted:
+    """A view of a :class:`.costs.CostModel` whose layers count their gradient allreduce
+    at ``weight`` of its time (the search's tables are cached on the view, apart)."""
+
+    def __init__(self, cost, weight):
+        self._cost, self._w = cost, float(weight)
+
+    def __getattr__(self, name):
+        return getattr(self._cost, name)
+
+    def layer(self, *args):
+        c = self._cost.layer(*args)
+        return dataclasses.replace(c, sync=c.sync * self._w)
+
+
+# The DP minimises an additive cost, but an overlapped allreduce costs only what backward
+# does not hide: search with the allreduce counted in full, half and not at all, and keep
+# whichever plan (or pure data parallelism) the simulator finds fastest.
+SYNC_WEIGHTS = (1.0, 0.5, 0.0)
+
+
 def data_parallel(graph, p: int) -> dict:
     """The pure data-parallel plan: every strategic layer ``(p, 1, 1)``."""
     return {n: (p, 1, 1) for n in graph.strategic_names()}
@@ -37,20 +59,38 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     ``compute``: :class:`.compute.ComputeModel` (default: fitted, nothing measured);
     ``memory_limit``: bytes per rank (default: the machine's ``memory_per_rank``).
 
+    The DP (:func:`.search.search`) runs with the gradient allreduce counted at each
+    weight of :data:`SYNC_WEIGHTS` (the simulator overlaps it with backward, which an
+    additive cost cannot express); the fastest of those plans and pure data parallelism
+    under :func:`.simulate.simulate` that fits the memory limit is returned.
+    ``memory_limit=float("inf")`` means no limit even where the machine has one.
+
     Returns ``{"plan": {name: (s, c, f)}, "predicted": simulate(plan), "dp":
-    simulate(data parallel), "speedup_vs_dp": dp step / plan step, "search_s": seconds,
-    "cost": the CostModel, "graph": the traced Graph}``.
+    simulate(data parallel), "chosen": which candidate won, "candidates": {candidate:
+    predicted step seconds}, "speedup_vs_dp": dp step / plan step, "search_s": seconds
+    of all searches, "memory_limit", "cost": the CostModel, "graph": the traced Graph}``.
     """
     graph = trace(model, tuple(int(s) for s in in_shape))
     cost = CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer)
     if memory_limit is None:
         memory_limit = getattr(cost.machine, "memory_per_rank", None)
-    res = search(cost, memory_limit)
-    pred = simulate(cost, res["plan"], overlap=overlap)
-    dp = simulate(cost, data_parallel(graph, cost.p), overlap=overlap)
-    return {"plan": res["plan"], "predicted": pred, "dp": dp,
+    elif memory_limit == float("inf"):
+        memory_limit = None  # explicitly unlimited, even if the machine has a limit
+    dp_plan = data_parallel(graph, cost.p)
+    dp = simulate(cost, dp_plan, overlap=overlap)
+    cands, seconds = [], 0.0
+    for w in (SYNC_WEIGHTS if overlap else (1.0,)):
+        res = search(cost if w == 1.0 else _SyncWeighted(cost, w), memory_limit)
+        seconds += res["seconds"]
+        cands.append((f"search (allreduce weight {w:g})", res["plan"]))
+    if memory_limit is None or dp["memory"] <= memory_limit:
+        cands.append(("data parallel", dp_plan))
+    sims = [(n, q, simulate(cost, q, overlap=overlap)) for n, q in cands]
+    name, plan, pred = min(sims, key=lambda x: x[2]["step_s"])
+    return {"plan": plan, "predicted": pred, "dp": dp, "chosen": name,
+            "candidates": {n: sm["step_s"] for n, _, sm in sims},
             "speedup_vs_dp": dp["step_s"] / pred["step_s"] if pred["step_s"] > 0 else 1.0,
-            "search_s": res["seconds"], "memory_limit": memory_limit,
+            "search_s": seconds, "memory_limit": memory_limit,
             "cost": cost, "graph": graph}
 
 
@@ -62,6 +102,8 @@ def predicted_summary(result: dict) -> dict:
     out.update({"dp_" + k: dp[k] for k in keys})
     out["speedup_vs_dp"] = result["speedup_vs_dp"]
     out["search_s"] = result["search_s"]
+    out["chosen"] = result.get("chosen")
+    out["candidates"] = result.get("candidates")
     out["memory_limit"] = result["memory_limit"]
     return out
 
