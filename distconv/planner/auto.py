@@ -7,7 +7,6 @@ overlapped gradient allreduces (:func:`.simulate.simulate`).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from .costs import CostModel, strategy_text
@@ -22,21 +21,6 @@ def default_cache_path() -> str:
     d = os.environ.get("DISTCONV_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "distconv")
     return os.path.join(d, "compute_profile.json")
-
-
-class _SyncWeighted:
-    """A view of a :class:`.costs.CostModel` whose layers count their gradient allreduce
-    at ``weight`` of its time (the search's tables are cached on the view, apart)."""
-
-    def __init__(self, cost, weight):
-        self._cost, self._w = cost, float(weight)
-
-    def __getattr__(self, name):
-        return getattr(self._cost, name)
-
-    def layer(self, *args):
-        c = self._cost.layer(*args)
-        return dataclasses.replace(c, sync=c.sync * self._w)
 
 
 # The DP minimises an additive cost, but an overlapped allreduce costs only what backward
@@ -80,7 +64,7 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     dp = simulate(cost, dp_plan, overlap=overlap)
     cands, seconds = [], 0.0
     for w in (SYNC_WEIGHTS if overlap else (1.0,)):
-        res = search(cost if w == 1.0 else _SyncWeighted(cost, w), memory_limit)
+        res = search(cost, memory_limit, sync_weight=w)
         seconds += res["seconds"]
         cands.append((f"search (allreduce weight {w:g})", res["plan"]))
     if memory_limit is None or dp["memory"] <= memory_limit:

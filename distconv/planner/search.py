@@ -59,9 +59,10 @@ class _Chain:
 class Planner:
     """DP over ``cost.graph`` with the costs of :class:`.costs.CostModel` ``cost``."""
 
-    def __init__(self, cost, lam: float = 0.0, work_cap=None):
+    def __init__(self, cost, lam: float = 0.0, work_cap=None, sync_weight: float = 1.0):
         self.cost = cost
         self.work_cap = work_cap  # strategies whose workspace exceeds it are excluded
+        self.sync_weight = float(sync_weight)  # share of the gradient allreduce counted
         self.K = len(cost.strategies)
         self.S = cost.strategies
         self.lam = lam
@@ -81,8 +82,10 @@ class Planner:
         return got
 
     def _combine(self, tables):
-        T, Mm, W = tables
+        T, Mm, W, Sy = tables
         M = T + self.lam * Mm if self.lam else T.copy()
+        if self.sync_weight != 1.0:
+            M -= (1.0 - self.sync_weight) * Sy
         if self.work_cap is not None:
             M[W > self.work_cap] = INF
         return M
@@ -94,12 +97,12 @@ class Planner:
                tuple(sorted(layer.attrs.items())), tuple(in_dists))
 
         def fill():
-            T, Mm, W = np.empty((K, K)), np.empty((K, K)), np.empty((K, K))
+            T, Mm, W, Sy = (np.empty((K, K)) for _ in range(4))
             for a in range(K):
                 for b in range(K):
                     c = self.cost.layer(layer, self.S[b], in_dists[a])
-                    T[a, b], Mm[a, b], W[a, b] = c.time, c.mem, c.work
-            return T, Mm, W
+                    T[a, b], Mm[a, b], W[a, b], Sy[a, b] = c.time, c.mem, c.work, c.sync
+            return T, Mm, W, Sy
         return self._combine(self._tables(key, fill))
 
     def _free_vector(self, layer, dists):
@@ -109,7 +112,7 @@ class Planner:
         def fill():
             cs = [self.cost.layer(layer, None, d) for d in dists]
             return (np.array([c.time for c in cs]), np.array([float(c.mem) for c in cs]),
-                    np.zeros(len(cs)))
+                    np.zeros(len(cs)), np.zeros(len(cs)))
         return self._combine(self._tables(key, fill))
 
     def _join_matrix(self, shape, bdists, sdists):
@@ -122,7 +125,7 @@ class Planner:
                 for b in range(K):
                     c = self.cost.join(shape, bdists[b], sdists[d])
                     T[d, b], Mm[d, b] = c.time, c.mem
-            return T, Mm, np.zeros((K, K))
+            return T, Mm, np.zeros((K, K)), np.zeros((K, K))
         return self._combine(self._tables(("join", shape, tuple(bdists), tuple(sdists)), fill))
 
     def _segment(self, layers, in_dists):
@@ -222,18 +225,27 @@ class Planner:
         return plan, best
 
 
-def search(cost, memory_limit=None, iters: int = 30) -> dict:
+def _weighted_time(cost, plan, w):
+    """Additive time of ``plan`` with the gradient allreduces counted at weight ``w``."""
+    from .simulate import walk
+    return sum(c.time - (1.0 - w) * c.sync for _, _, c, _ in walk(cost, plan))
+
+
+def search(cost, memory_limit=None, iters: int = 30, sync_weight: float = 1.0) -> dict:
     """Best plan of ``cost.graph``: ``{"plan", "time", "memory", "lam", "seconds"}``.
 
-    ``memory_limit``: bytes per rank (``None``: unlimited).
+    ``memory_limit``: bytes per rank (``None``: unlimited); ``sync_weight``: the share of
+    each gradient allreduce's time counted (1: all of it, the additive step time; less
+    when overlap hides part of it). ``time`` is the additive cost at that weight.
     """
-    from .simulate import additive_time, plan_memory
+    from .simulate import plan_memory
+    w = float(sync_weight)
     t0 = time.perf_counter()
-    plan, val = Planner(cost).run()
+    plan, val = Planner(cost, sync_weight=w).run()
     mem = plan_memory(cost, plan)
     lam_used = 0.0
     if memory_limit is not None and mem > memory_limit:
-        best = _lagrange(cost, memory_limit, iters, None)
+        best = _lagrange(cost, memory_limit, iters, None, w)
         smallest = INF
         if not isinstance(best, tuple):
             best = None
@@ -241,9 +253,10 @@ def search(cost, memory_limit=None, iters: int = 30) -> dict:
             # retry with the workspace capped at each size a layer can have (exact for
             # the feasibility question: some cap equals the fitting plan's max(work))
             for cap in _work_caps(cost):  # (caps above the limit only size the message)
-                got = _lagrange(cost, memory_limit, iters, cap)
+                got = _lagrange(cost, memory_limit, iters, cap, w)
                 if isinstance(got, tuple) and (
-                        best is None or additive_time(cost, got[0]) < additive_time(cost, best[0])):
+                        best is None
+                        or _weighted_time(cost, got[0], w) < _weighted_time(cost, best[0], w)):
                     best = got
                 elif not isinstance(got, tuple) and got is not None:
                     smallest = min(smallest, got)
@@ -254,18 +267,18 @@ def search(cost, memory_limit=None, iters: int = 30) -> dict:
                              f"({memory_limit / 2**30:.2f} GiB) per rank: the smallest plan "
                              f"needs {need}")
         plan, mem, lam_used = best
-    return {"plan": plan, "time": additive_time(cost, plan), "memory": mem,
+    return {"plan": plan, "time": _weighted_time(cost, plan, w), "memory": mem,
             "lam": lam_used, "seconds": time.perf_counter() - t0}
 
 
-def _lagrange(cost, memory_limit, iters, work_cap):
+def _lagrange(cost, memory_limit, iters, work_cap, w=1.0):
     """Bisection on ``lam`` of ``time + lam * sum(mem)`` (workspace <= ``work_cap``):
     ``(plan, memory, lam)`` of the fastest fitting plan found, else the least memory
     seen (``None`` if no plan respects the cap)."""
     from .simulate import plan_memory
     lo, hi = 0.0, 1e-9
     while True:
-        p2, v2 = Planner(cost, hi, work_cap).run()
+        p2, v2 = Planner(cost, hi, work_cap, w).run()
         if not np.isfinite(v2):
             return None
         m2 = plan_memory(cost, p2)
@@ -277,7 +290,7 @@ def _lagrange(cost, memory_limit, iters, work_cap):
     best = (p2, m2, hi)
     for _ in range(iters):
         mid = (lo + hi) / 2
-        p3, _v = Planner(cost, mid, work_cap).run()
+        p3, _v = Planner(cost, mid, work_cap, w).run()
         m3 = plan_memory(cost, p3)
         if m3 <= memory_limit:
             hi, best = mid, (p3, m3, mid)
