@@ -68,19 +68,22 @@ CSV columns: ranks, strategy (as given), grid (``SxCxF`` of the uniform plan, or
 chose different plans), mode, model, overlap, global_batch, channels, size, steps,
 reps, step_s (median of the per-step max over ranks), step_iqr_s, predicted_step_s
 (simulated step of the point's plan on the calibrated machine, without the optimizer
-update, which the worker does not run), images_per_s, compute_s, comm_s,
-exposed_comm_s (medians of max-over-ranks), bytes_sent_per_rank (measured, max over
-ranks and steps), model_bytes_sent_per_rank (analytic, max over ranks),
+update, which the worker does not run), images_per_s, comm_s and
+exposed_comm_s (medians of the per-step max over ranks; time inside collectives, so it
+includes waiting for a slower rank), compute_s (step_s - comm_s), bytes_sent_per_rank
+(measured, max over ranks and steps), model_bytes_sent_per_rank (analytic, max over ranks),
 grad_bytes_per_rank (bytes a rank sends in the gradient allreduces, measured: the
 ``iallreduce`` kind), model_grad_bytes_per_rank (analytic), dp_grad_bytes_per_rank
 (what pure data parallelism, every layer ``(p, 1, 1)``, sends for the same model with
 the same buckets: analytic), grad_bytes_ratio_vs_dp (grad / dp; empty on 1 rank),
 bytes_match (True when, on every rank and step, sent and received bytes, total and
 gradient sync, equal the model), peak_rss_mb (max over ranks of ``ru_maxrss``),
-speedup and efficiency (images/s relative to the fastest 1-rank point; efficiency
-= speedup / ranks). The point JSON holds the per-layer plan (strategy texts), the
-predicted breakdown, per-rank model and measured bytes, the step times and rank 0's
-profile.
+speedup and efficiency (images/s relative to the fastest 1-rank point; without a 1-rank
+point, relative to the fastest point at the smallest rank count q, times q; efficiency =
+speedup / ranks). A point JSON holds the per-layer plan (strategy texts), the predicted
+breakdown, per-rank model and measured bytes, the per-step times and rank 0's per-layer
+profile (with ``--repeat``, the merged JSON keeps all but the profile, which stays in
+the ``_rep{k}`` files).
 
 ``--summarize DIR ...`` merges repetitions of one sweep (on a shared, noisy machine one
 run is not enough): ``OUT/summary.csv`` has, per (ranks, strategy), the number of runs,
