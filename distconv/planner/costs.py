@@ -8,7 +8,12 @@
   is ``intra``, else ``inter``);
 * the seconds of the layer's local kernels on the largest shard (rank 0's: floor+1
   blocks put the extra elements first) from a :class:`.compute.ComputeModel`
-  (measured on this machine and cached, or fitted);
+  (measured on this machine and cached, or fitted), plus the layer's own Python around
+  them (:meth:`.compute.ComputeModel.layer_overhead`, measured once per layer kind);
+* every collective issued by ``DistTensor.redistribute`` over more than one rank also
+  costs the measured Python of a redistribution step (``layer_overhead(
+  "redistribute")``), even one that moves no bytes (a move between two grids that
+  leaves every element in place still runs the between-grid path);
 * memory per rank: weight shards with their gradients and optimizer state, what
   backward keeps (the gathered input of a conv, the input of a batch-norm, the output
   of a ReLU, a max-pool's argmax) and the largest transient workspace (a conv's column
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 
 from ..distribution import block_sizes
 from . import commmodel
+from .compute import OVERHEAD_KINDS
 from .events import act_dist, entry_events, inner_events, join_events, out_dist_of
 
 _OPT_SLOTS = {"sgd": 1, "adam": 2}
@@ -106,13 +112,27 @@ class CostModel:
         self._entry: dict = {}
 
     # ----------------------------------------------------------- communication
-    def events_time(self, per_rank: list) -> tuple:
-        """``(seconds, bytes)`` of event lists evaluated on several ranks (same structure)."""
+    def events_time(self, per_rank: list, redistribute: bool = True) -> tuple:
+        """``(seconds, bytes)`` of event lists evaluated on several ranks (same structure).
+
+        Each collective over more than one rank that moves bytes costs the machine's
+        alpha-beta time of its busiest member's bytes. ``redistribute``: the events come
+        from ``DistTensor.redistribute`` (everything but batch norm's statistics), which
+        adds its own Python to each collective, the compute model's
+        ``layer_overhead("redistribute")``; that is charged for collectives with no bytes
+        too (a move between two grids that leaves every element where it is still runs
+        the between-grid path). Not charged: the alpha of such an empty collective (the
+        MPI alltoallv is still called, ~30 us on 2 ranks of the dev machine).
+        """
         t = 0.0
         nb = 0
+        o = _overhead(self.compute, "redistribute")[0] if redistribute else 0.0
         for evs in zip(*per_rank):
+            if len(evs[0].group) <= 1:
+                continue
             b = max(max(e.sent, e.recv) for e in evs)
             if b == 0:
+                t += o
                 continue
             key = (evs[0].kind, evs[0].group)
             ab = self._ab.get(key)
@@ -120,7 +140,7 @@ class CostModel:
                 t0 = self.machine.collective_time(key[0], 0, key[1])
                 ab = self._ab[key] = (t0, self.machine.collective_time(key[0], 1 << 20, key[1])
                                       - t0)
-            t += ab[0] + ab[1] * (b / float(1 << 20))
+            t += ab[0] + ab[1] * (b / float(1 << 20)) + o
             nb += b
         return t, nb
 
@@ -148,8 +168,10 @@ class CostModel:
             inner = self._inner.get((sig, st))
             if inner is None:
                 per = self._events(lambda r: inner_events(layer, st, r, self.item))
+                # batch norm reduces its statistics with bare allreduces
                 inner = self._inner[(sig, st)] = tuple(
-                    self.events_time([x[i] for x in per]) for i in range(3))
+                    self.events_time([x[i] for x in per], redistribute=layer.kind != "bn")
+                    for i in range(3))
         # the entry redistribution depends only on the input shape, where it comes from
         # and where the layer needs it: shared by every layer with the same input
         ekey = ("conv" if layer.kind == "linear" else layer.kind, layer.in_shape, st,
@@ -193,8 +215,9 @@ class CostModel:
         c.comm_bwd, b2 = self.events_time([x[1] for x in per])
         c.bytes = b1 + b2
         n = _prod(body_dist.local_shape(shape, [0, 0, 0]))
-        c.compute_fwd = self.compute.add(n)
-        c.compute_bwd = self.compute.add(n)
+        of, ob = _overhead(self.compute, "join")
+        c.compute_fwd = self.compute.add(n) + of
+        c.compute_bwd = self.compute.add(n) + ob
         self._cache[key] = c
         return c
 
@@ -248,10 +271,22 @@ class CostModel:
             else:
                 fw = bw = 0.0
             c.compute_fwd, c.compute_bwd = fw, bw
+        # the layer's own Python around its kernels (measured once per kind)
+        of, ob = _overhead(cm, k, bool(a.get("bias")))
+        c.compute_fwd += of
+        c.compute_bwd += ob
 
     # ----------------------------------------------------------- helpers
     def input_dist(self, st):
         return act_dist(tuple(st), len(self.graph.in_shape))
+
+
+def _overhead(cm, kind, bias=False):
+    """``cm.layer_overhead`` where the compute model has one (a stand-in may not)."""
+    fn = getattr(cm, "layer_overhead", None)
+    if fn is None or kind not in OVERHEAD_KINDS:
+        return 0.0, 0.0
+    return fn(kind, bias)
 
 
 def _layout(d, st):

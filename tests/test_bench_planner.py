@@ -1,0 +1,180 @@
+"""scripts/bench_planner.py: the planner's predicted vs measured validation, CI-sized.
+
+The script runs on 2 ranks with ``--quick`` (tiny model, 2 repetitions) and on 4 ranks
+with ``--bytes-only``; the tests check the JSON's structure, that every number is finite,
+that the auto plan is one of the entries and that the predicted bytes per rank equal the
+measured ones. Times are never asserted (the machine is shared).
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.mpi_harness import max_ranks, run_mpi_script
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "bench_planner.py"
+
+
+def _run(tmp_path, nranks, *extra, timeout=60):
+    out = tmp_path / "v.json"
+    md = tmp_path / "v.md"
+    r = run_mpi_script(str(SCRIPT), nranks, timeout,
+                       args=["--quick", "--cache", str(tmp_path / "cache.json"), "--out", str(out),
+                             "--md", str(md), *extra], cwd=str(ROOT))
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
+    return json.loads(out.read_text()), md.read_text(), r.stdout
+
+
+def test_help():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0
+    for flag in ("--quick", "--out", "--cache", "--bytes-only", "--machine", "--profile"):
+        assert flag in r.stdout
+
+
+def test_quick_two_ranks(tmp_path):
+    doc, md, stdout = _run(tmp_path, 2)
+    plans = doc["plans"]
+    labels = [p["label"] for p in plans]
+    assert len(labels) == len(set(labels)) >= 7  # >= 6 hand plans and the auto plan
+    for want in ("sample", "channel", "filter", "auto"):
+        assert want in labels
+    names = None
+    for p in plans:
+        assert math.isfinite(p["predicted_s"]) and p["predicted_s"] > 0
+        assert math.isfinite(p["measured_s"]) and p["measured_s"] > 0
+        assert math.isfinite(p["error"])
+        assert p["measured"]["reps"] >= 2
+        assert p["bytes"]["equal"], (p["label"], p["bytes"]["per_rank"])
+        assert len(p["bytes"]["per_rank"]) == 2
+        for r in p["bytes"]["per_rank"]:
+            assert r["measured"] == r["predicted"]
+        # every plan names every strategic layer, with s*c*f = 2
+        if names is None:
+            names = set(p["plan"])
+        assert set(p["plan"]) == names
+        assert all(s * c * f == 2 for s, c, f in p["plan"].values())
+    # the ranks are permutations
+    assert sorted(p["rank_predicted"] for p in plans) == list(range(1, len(plans) + 1))
+    assert sorted(p["rank_measured"] for p in plans) == list(range(1, len(plans) + 1))
+    s = doc["summary"]
+    assert s["bytes_all_equal"] is True
+    assert math.isfinite(s["mae"]) and s["mae"] >= 0
+    assert 0 <= s["rank_pairs_agree"] <= s["rank_pairs"]
+    assert math.isfinite(s["auto_over_best_hand"])
+    assert set(s["targets"]) == {"mae_le_20pct", "ranking_agrees", "auto_le_1.05x_best_hand",
+                                 "bytes_equal"}
+    # machine constants calibrated on the job, compute model context and environment
+    assert doc["machine"]["name"] == "calibrated_2rank"
+    assert doc["compute_model"]["context"] == "float32|numpy|t1"
+    assert doc["environment"]["ranks"] == 2 and doc["environment"]["date"]
+    assert doc["simulate"]["overlap"] is False
+    # the cache was written where asked
+    cache = json.loads((tmp_path / "cache.json").read_text())
+    assert any(k.startswith("conv_fwd|") for k in cache["entries"])
+    assert "| auto |" in md and "MAE" in md
+    assert "MAE" in stdout
+
+
+@pytest.mark.skipif(max_ranks() < 4, reason="needs 4 ranks")
+def test_bytes_only_four_ranks(tmp_path):
+    doc, _, _ = _run(tmp_path, 4, "--bytes-only")
+    assert doc["bytes_only"] is True
+    labels = [p["label"] for p in doc["plans"]]
+    assert "auto" in labels and "s2c2f1" in labels
+    for p in doc["plans"]:
+        assert "measured_s" not in p
+        assert math.isfinite(p["predicted_s"])
+        assert len(p["bytes"]["per_rank"]) == 4
+        assert p["bytes"]["equal"], (p["label"], p["bytes"]["per_rank"])
+    assert doc["summary"]["bytes_all_equal"] is True
+
+
+# ----------------------------------------------- the planner changes this validation made
+# (deterministic: nothing timed except where a test only checks types and caching)
+
+CTX = "float32|numpy|t1"
+
+
+def _cm(**kw):
+    from distconv.planner.compute import ComputeModel
+    kw.setdefault("threads", 1)
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("backend", "numpy")
+    return ComputeModel(**kw)
+
+
+def test_cache_entries_timed_without_eviction_are_ignored(tmp_path):
+    path = tmp_path / "c.json"
+    key = f"relu_fwd|numel=64|{CTX}"
+    path.write_text(json.dumps({"format": 1, "entries": {key: 1.0}, "rates": {}}))
+    with pytest.warns(UserWarning, match="evict0"):
+        m = _cm(cache_path=path, measure=False)
+    assert key not in m.entries and m.evict_bytes == 32 << 20
+    old = _cm(cache_path=path, measure=False, evict_bytes=0)  # timed the same way: kept
+    assert old.entries[key] == 1.0
+    m.entries[key] = 2.0
+    m.save()
+    d = json.loads(path.read_text())
+    assert d["timing"][CTX] == "evict33554432" and d["entries"][key] == 2.0
+    assert _cm(cache_path=path, measure=False).entries[key] == 2.0
+
+
+def test_layer_overhead_measured_cached_and_zero_when_not_measured():
+    from distconv.planner.compute import OVERHEAD_KINDS
+    assert _cm(measure=False).layer_overhead("conv") == (0.0, 0.0)
+    m = _cm(reps=1)
+    for kind in OVERHEAD_KINDS:
+        t = m.layer_overhead(kind, bias=kind == "linear")
+        assert len(t) == 2 and all(isinstance(x, float) and x >= 0 for x in t), kind
+    assert m.measured == 2 * len(OVERHEAD_KINDS)
+    before = m.measured
+    m.layer_overhead("bn")
+    assert m.measured == before  # cached
+    assert f"overhead_fwd|kind=linear,bias=1|{CTX}" in m.entries
+    with pytest.raises(ValueError, match="unknown kind"):
+        m.layer_overhead("softmax")
+
+
+def _toy_cost(overheads):
+    from distconv import nn
+    from distconv.planner.costs import CostModel
+    from distconv.planner.graph import trace
+    m = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
+                      nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, bias=False))
+    cm = _cm(measure=False)
+    for (kind, b), (f, w) in overheads.items():
+        cm.entries[f"overhead_fwd|kind={kind},bias={b}|{CTX}"] = f
+        cm.entries[f"overhead_bwd|kind={kind},bias={b}|{CTX}"] = w
+    return CostModel(trace(m, (2, 4, 6, 6)), 2, None, cm)  # Machine(): free links
+
+
+def test_costs_add_layer_and_redistribution_overheads():
+    from distconv.planner.events import act_dist
+    o = {("conv", 0): (1e-3, 2e-3), ("bn", 0): (3e-3, 4e-3), ("relu", 0): (5e-3, 6e-3),
+         ("redistribute", 0): (7e-3, 7e-3)}
+    plain, with_o = _toy_cost({}), _toy_cost(o)
+    conv, bn, relu = list(plain.graph.layers())[:3]
+    ch, fi = (1, 2, 1), (1, 1, 2)
+    for layer, st, (f, b) in ((conv, ch, o[("conv", 0)]), (bn, ch, o[("bn", 0)]),
+                              (relu, None, o[("relu", 0)])):
+        src = act_dist(ch, 4)
+        a, c = plain.layer(layer, st, src), with_o.layer(layer, st, src)
+        assert abs(c.compute_fwd - a.compute_fwd - f) < 1e-12
+        assert abs(c.compute_bwd - a.compute_bwd - b) < 1e-12
+    # the links are free: what comm costs is the redistribution's Python per collective
+    # (a channel conv's forward reduce-scatter, its backward allgather), and a move
+    # between two grids that keeps every element in place is one (empty) collective too
+    c = with_o.layer(conv, ch, act_dist(ch, 4))
+    assert abs(c.comm_fwd - 7e-3) < 1e-12 and abs(c.comm_bwd - 7e-3) < 1e-12
+    moved = with_o.layer(conv, ch, act_dist(fi, 4))  # (1,1,2) -> (1,2,1): nothing moves
+    assert moved.bytes == c.bytes
+    assert abs(moved.comm_fwd - 2 * 7e-3) < 1e-12 and abs(moved.comm_bwd - 2 * 7e-3) < 1e-12
+    # batch norm's statistics are bare allreduces (no redistribution): no overhead
+    assert with_o.layer(bn, (2, 1, 1), act_dist((2, 1, 1), 4)).comm_fwd == 0.0
+    assert plain.layer(conv, ch, act_dist(fi, 4)).comm_fwd == 0.0
