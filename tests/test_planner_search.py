@@ -291,17 +291,8 @@ def _cache_graph(cmid):
 FIELDS = ("comm_fwd", "comm_bwd", "bytes", "sync", "sync_bytes", "compute_fwd",
           "compute_bwd", "update", "mem", "work", "out_dist")
 
-_NESTED_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG costs.py _layout: a split of C over (channel, filter) is nested (distribution.py: "
-    "C in c floor+1 blocks, each in f), not the flat split in c*f blocks _layout assumes; "
-    "with C=10 at p=4, (1,2,2) holds channels [0,3),[3,5),[5,8),[8,10) but (1,4,1) holds "
-    "[0,3),[3,6),[6,8),[8,10), yet both share one entry-cache key, so a layer's comm "
-    "time depends on which source was asked first"))
 
-
-@pytest.mark.parametrize("p,cmid", [pytest.param(4, 10, marks=_NESTED_BUG),
-                                    pytest.param(6, 10, marks=_NESTED_BUG),
-                                    (4, 12), (6, 12)])
+@pytest.mark.parametrize("p,cmid", [(4, 10), (6, 10), (4, 12), (6, 12)])
 def test_entry_cache_never_returns_another_layouts_numbers(p, cmid):
     """Every (layer, strategy, source strategy) queried on one shared CostModel, in two
     orders, equals a fresh CostModel asked only that one question. ``cmid`` = 12 divides
@@ -339,7 +330,6 @@ def test_entry_cache_never_returns_another_layouts_numbers(p, cmid):
                 assert getattr(got, f) == getattr(want, f), (lay.name, st, src, f)
 
 
-@_NESTED_BUG
 def test_plan_time_does_not_depend_on_earlier_queries():
     """The consequence at plan level: after the DP has asked its questions, a plan's
     additive time on that cost model equals the time on a fresh one (every 5th plan of
@@ -395,11 +385,6 @@ def test_comm_time_matches_an_event_oracle(p):
     assert _oracle_mismatches(MID, p) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG costs.py CostModel.events_time: the link class (intra/inter) of a collective is "
-    "taken from rank 0's group only; with 4 ranks per node at p=6 the channel groups of "
-    "a (3,2,1) grid are {0,1},{2,3} (intra) and {4,5} (inter), so the cost is up to "
-    "~100x too low; proposed: max over ranks of each rank's own group time"))
 def test_comm_time_uses_the_slowest_groups_link():
     assert _oracle_mismatches(machine((1e-5, 1e-9), (1e-3, 1e-7), ranks_per_node=4), 6) == []
 

@@ -134,13 +134,18 @@ class CostModel:
             if b == 0:
                 t += o
                 continue
-            key = (evs[0].kind, evs[0].group)
-            ab = self._ab.get(key)
-            if ab is None:  # alpha*steps and beta of this group (the model is affine in bytes)
-                t0 = self.machine.collective_time(key[0], 0, key[1])
-                ab = self._ab[key] = (t0, self.machine.collective_time(key[0], 1 << 20, key[1])
-                                      - t0)
-            t += ab[0] + ab[1] * (b / float(1 << 20)) + o
+            # each rank's own group sets its link class (a grid's groups can lie within a
+            # node on some ranks and across nodes on others): the slowest member counts
+            worst = 0.0
+            for e in evs:
+                key = (e.kind, e.group)
+                ab = self._ab.get(key)
+                if ab is None:  # alpha*steps and beta of this group (affine in bytes)
+                    t0 = self.machine.collective_time(key[0], 0, key[1])
+                    ab = self._ab[key] = (
+                        t0, self.machine.collective_time(key[0], 1 << 20, key[1]) - t0)
+                worst = max(worst, ab[0] + ab[1] * (max(e.sent, e.recv) / float(1 << 20)))
+            t += worst + o
             nb += b
         return t, nb
 
@@ -175,7 +180,7 @@ class CostModel:
         # the entry redistribution depends only on the input shape, where it comes from
         # and where the layer needs it: shared by every layer with the same input
         ekey = ("conv" if layer.kind == "linear" else layer.kind, layer.in_shape, st,
-                _layout(in_dist, st))
+                _layout(in_dist, st, layer.in_shape))
         if layer.kind == "flatten":
             ekey = key
         entry = self._entry.get(ekey)
@@ -289,12 +294,13 @@ def _overhead(cm, kind, bias=False):
     return fn(kind, bias)
 
 
-def _layout(d, st):
+def _layout(d, st, shape):
     """Cache key of where a tensor in ``d`` lives, as seen by a layer of strategy ``st``.
 
     A between-layer distribution (N over ``sample``, C over ``(channel, filter)``, no
     replicas, nothing pending) of grid ``(s, c, f)`` puts every element on the same rank
-    as that of grid ``(s, 1, c*f)``, and moving it to a *different* grid is the same
+    as that of grid ``(s, 1, c*f)`` when ``c*f`` divides C or ``c`` or ``f`` is 1 (C is
+    split in ``c`` blocks, each in ``f``), and moving it to a *different* grid is the same
     between-grid alltoallv whatever ``c`` and ``f`` are; only a move within one grid
     takes other collectives. So such a source is keyed by ``(s, c*f)`` unless its grid is
     the layer's own.
@@ -306,6 +312,8 @@ def _layout(d, st):
                                                 ("channel", "filter"))
             and not any(sp[2:]) and d.grid.names == ("sample", "channel", "filter")):
         s, c, f = d.grid.shape
+        if c > 1 and f > 1 and shape[1] % (c * f):
+            return d  # C splits in c blocks, each in f: not the flat c*f blocks when uneven
         used = set(sp[0]) | set(sp[1])  # axes of size 1 are dropped from a split
         if all(n == 1 or a in used for a, n in zip(d.grid.names, d.grid.shape)):
             return ("act", s, c * f, len(sp))
