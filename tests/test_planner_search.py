@@ -418,6 +418,7 @@ def _perturb(monkeypatch, scale, seed, joins=True):
         return bump(c, ("join", shape, body_dist, short_dist)) if joins else c
 
     monkeypatch.setattr(CostModel, "layer", layer)
+    monkeypatch.delattr(CostModel, "layer_table", raising=False)  # DP reads layer() then
     monkeypatch.setattr(CostModel, "join", join)
 
 
@@ -438,6 +439,7 @@ def test_targeted_penalty_moves_the_optimum(monkeypatch):
         return c
 
     monkeypatch.setattr(CostModel, "layer", layer)
+    monkeypatch.delattr(CostModel, "layer_table", raising=False)  # DP reads layer() then
     cost = cost_of(graph, 4)
     plan, value = Planner(cost).run()
     assert plan["0"] != target and value > value0
@@ -539,3 +541,24 @@ def test_factorizations_are_all_and_only_the_triples():
         got = factorizations(p)
         assert len(got) == len(set(got)) and set(got) == want, p
     assert len(factorizations(4)) == 6 and len(factorizations(6)) == 9
+
+
+@pytest.mark.parametrize("p", [3, 4, 6])
+def test_fast_layer_table_equals_layer_by_layer(p):
+    """CostModel.layer_table (one column at a time, entry costs by layout) gives the same
+    arrays as asking CostModel.layer for every (input layout, strategy) pair."""
+    from distconv.planner.events import act_dist
+    from distconv.planner.search import generic_layer_table
+    for builder in (seq_uneven, lambda: nn.Sequential(
+            nn.Conv2d(5, 10, 3, padding=1, bias=True), nn.BatchNorm2d(10), nn.ReLU(),
+            nn.Conv2d(10, 7, 1, bias=False))):
+        graph = graph_of(builder) if builder is seq_uneven else trace(builder(), (5, 5, 6, 6))
+        cost = cost_of(graph, p)
+        dists = [act_dist(st, 4) for st in cost.strategies]
+        for layer in graph.layers():
+            if not layer.strategic:
+                continue
+            fast = cost.layer_table(layer, dists)
+            slow = generic_layer_table(cost_of(graph, p), layer, dists, cost.strategies)
+            for f, g in zip(fast, slow):
+                np.testing.assert_allclose(f, g, rtol=1e-12, atol=0)

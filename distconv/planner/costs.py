@@ -177,17 +177,7 @@ class CostModel:
                 inner = self._inner[(sig, st)] = tuple(
                     self.events_time([x[i] for x in per], redistribute=layer.kind != "bn")
                     for i in range(3))
-        # the entry redistribution depends only on the input shape, where it comes from
-        # and where the layer needs it: shared by every layer with the same input
-        ekey = ("conv" if layer.kind == "linear" else layer.kind, layer.in_shape, st,
-                _layout(in_dist, st, layer.in_shape))
-        if layer.kind == "flatten":
-            ekey = key
-        entry = self._entry.get(ekey)
-        if entry is None:
-            per = self._events(lambda r: entry_events(layer, st, in_dist, r, self.item))
-            entry = self._entry[ekey] = tuple(self.events_time([x[i] for x in per])
-                                              for i in range(2))
+        entry = self._entry_cost(layer, st, in_dist, key)
         c = LayerCost(out_dist=out_dist_of(layer, st, in_dist))
         (c.comm_fwd, b1), (c.comm_bwd, b2) = entry
         if inner is not None:
@@ -207,6 +197,44 @@ class CostModel:
         c.compute_fwd, c.compute_bwd, c.update, c.mem, c.work = got
         self._cache[key] = c
         return c
+
+    def _entry_cost(self, layer, st, in_dist, key=None, lay=None):
+        """``((fwd s, fwd bytes), (bwd s, bwd bytes))`` of moving ``layer``'s input from
+        ``in_dist`` to where strategy ``st`` computes on it, and its gradient back. It
+        depends only on the input shape, where the input comes from and where the layer
+        needs it: shared by every layer with the same input."""
+        if layer.kind == "flatten":
+            ekey = key
+        else:
+            if lay is None:
+                lay = _layout(in_dist, st, layer.in_shape)
+            ekey = ("conv" if layer.kind == "linear" else layer.kind, layer.in_shape, st, lay)
+        entry = self._entry.get(ekey)
+        if entry is None:
+            per = self._events(lambda r: entry_events(layer, st, in_dist, r, self.item))
+            entry = self._entry[ekey] = tuple(self.events_time([x[i] for x in per])
+                                              for i in range(2))
+        return entry
+
+    def layer_table(self, layer, in_dists) -> tuple:
+        """Arrays ``(time, mem, work, sync)``, each ``[a, b]``, of strategic ``layer`` under
+        strategy ``self.strategies[b]`` with its input in ``in_dists[a]``: the fields of
+        :meth:`layer` for every pair, computed once per column (only the entry
+        redistribution depends on ``a``)."""
+        import numpy as np
+        K = len(self.strategies)
+        T, Mm, W, Sy = (np.empty((len(in_dists), K)) for _ in range(4))
+        for b, st in enumerate(self.strategies):
+            base = self.layer(layer, st, in_dists[0])
+            (f0, _), (b0, _) = self._entry_cost(layer, st, in_dists[0])
+            rest = base.time - f0 - b0
+            Mm[:, b], W[:, b], Sy[:, b] = base.mem, base.work, base.sync
+            own = st
+            for a, d in enumerate(in_dists):
+                lay = d if d.grid.shape == own else _layout(d, st, layer.in_shape)
+                (fa, _), (ba, _) = self._entry_cost(layer, st, d, lay=lay)
+                T[a, b] = rest + fa + ba
+        return T, Mm, W, Sy
 
     def join(self, shape, body_dist, short_dist) -> LayerCost:
         """Cost of a residual join (the add forward, the gradient split backward)."""

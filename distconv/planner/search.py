@@ -56,6 +56,18 @@ class _Chain:
         return out[::-1]
 
 
+def generic_layer_table(cost, layer, in_dists, strategies):
+    """``(time, mem, work, sync)`` arrays ``[a, b]`` from ``cost.layer`` pair by pair (what
+    :meth:`.costs.CostModel.layer_table` computes faster; used for cost models without it)."""
+    K, A = len(strategies), len(in_dists)
+    T, Mm, W, Sy = (np.empty((A, K)) for _ in range(4))
+    for a in range(A):
+        for b in range(K):
+            c = cost.layer(layer, strategies[b], in_dists[a])
+            T[a, b], Mm[a, b], W[a, b], Sy[a, b] = c.time, c.mem, c.work, c.sync
+    return T, Mm, W, Sy
+
+
 class Planner:
     """DP over ``cost.graph`` with the costs of :class:`.costs.CostModel` ``cost``."""
 
@@ -92,17 +104,13 @@ class Planner:
 
     def _layer_matrix(self, layer, in_dists):
         """``M[a, b]``: layer with strategy ``b`` on input in ``in_dists[a]``."""
-        K = self.K
         key = ("layer", layer.kind, layer.in_shape, layer.out_shape,
                tuple(sorted(layer.attrs.items())), tuple(in_dists))
 
         def fill():
-            T, Mm, W, Sy = (np.empty((K, K)) for _ in range(4))
-            for a in range(K):
-                for b in range(K):
-                    c = self.cost.layer(layer, self.S[b], in_dists[a])
-                    T[a, b], Mm[a, b], W[a, b], Sy[a, b] = c.time, c.mem, c.work, c.sync
-            return T, Mm, W, Sy
+            fast = getattr(self.cost, "layer_table", None)
+            return (fast(layer, in_dists) if fast is not None
+                    else generic_layer_table(self.cost, layer, in_dists, self.S))
         return self._combine(self._tables(key, fill))
 
     def _free_vector(self, layer, dists):
