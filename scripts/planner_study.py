@@ -8,20 +8,23 @@ small global batches N over growing P, strong-scaling style, where data parallel
 out of samples once P > N), this runs :func:`distconv.planner.auto.plan_model` on a
 machine file (default the shipped ``v100_ib``: 4 V100 16 GB per node, InfiniBand; fitted
 compute rates from the file, alpha-beta links, memory limit = the file's
-``memory_per_rank``) and records the predicted step time of the plan and of pure data
-parallelism (every layer ``(P, 1, 1)``), the gradient-allreduce time and bytes, the
-exposed (not overlapped) allreduce, memory per rank, search seconds and which
-strategies the plan uses in which stage. When P > N it also simulates data parallelism
-on only N of the ranks (the rest idle), the better data-parallel baseline there.
+``memory_per_rank``) and records the predicted step time of the plan it returns (the
+fastest under :func:`distconv.planner.simulate.simulate` of the searches with the
+gradient allreduce weighted 1, 1/2 and 0 and of pure data parallelism; which one is
+``chosen``) and of pure data parallelism (every layer ``(P, 1, 1)``), the step of the
+weight-1 (additive) search alone, the gradient-allreduce time and bytes, the exposed (not
+overlapped) allreduce, memory per rank, search seconds (all three searches) and the wall
+time of the whole ``plan_model`` call, and which strategies the plan uses in which stage.
+When P > N it also simulates data parallelism on only N of the ranks (the rest idle), the
+better data-parallel baseline there.
 
 Nothing here runs a network: every number is the planner's cost model. It is CPU-bound
-(about 5-10 s per case at 1024 ranks): run it under ``flock`` on a shared machine.
+(several seconds per case at 1024 ranks): run it under ``flock`` on a shared machine.
 Prints a Markdown table (``--markdown`` also writes it to a file).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -33,6 +36,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
+# plan_model's name for the search with the gradient allreduce counted in full (the
+# additive DP cost alone: what plan_model returned before commit 6bbccff)
+ADDITIVE = "search (allreduce weight 1)"
 
 
 def _ints(text):
@@ -137,41 +143,6 @@ def simulate_local_bn(cost, plan, overlap=True) -> float:
     return t + sum(c.update for _, c in rows)
 
 
-class SyncWeighted:
-    """A view of a :class:`~distconv.planner.costs.CostModel` whose layers count their
-    gradient allreduce at ``weight`` of its time; the DP search caches its tables on the
-    view, apart from the model's own."""
-
-    def __init__(self, cost, weight):
-        self._cost, self._w = cost, float(weight)
-
-    def __getattr__(self, name):
-        return getattr(self._cost, name)
-
-    def layer(self, *args):
-        c = self._cost.layer(*args)
-        return dataclasses.replace(c, sync=c.sync * self._w)
-
-
-def sync_weighted_candidates(cost, memory_limit, weights=(0.5, 0.0)):
-    """Plans of the planner's search (:func:`distconv.planner.search.search`, under the
-    memory limit) with the gradient allreduce counted at ``weight`` of its time (the
-    search itself counts it fully, weight 1, although the simulator overlaps it with
-    backward): ``[(weight, plan, simulate(plan))]``. The proposed fix studied in
-    benchmarks/planner.md, not what plan_model returns."""
-    from distconv.planner.search import search
-    from distconv.planner.simulate import simulate
-
-    out = []
-    for w in weights:
-        try:
-            plan = search(SyncWeighted(cost, w), memory_limit)["plan"]
-        except ValueError:  # nothing fits: plan_model raised already for weight 1
-            continue
-        out.append((w, plan, simulate(cost, plan)))
-    return out
-
-
 def run_case(model_name, n, p, shape, classes, machine, optimizer):
     from distconv import models
     from distconv.planner import auto
@@ -210,15 +181,12 @@ def run_case(model_name, n, p, shape, classes, machine, optimizer):
     cost = res["cost"]
     rec["dp_local_bn_step_s"] = simulate_local_bn(cost, auto.data_parallel(res["graph"], p))
     rec["speedup_vs_dp_local_bn"] = rec["dp_local_bn_step_s"] / pr["step_s"]
-    cands = [("search (sync weight 1, plan_model)", pr["step_s"])]
-    if dp["memory"] <= (res["memory_limit"] or float("inf")):
-        cands.append(("data parallel", dp["step_s"]))
-    cands += [(f"search (sync weight {w})", sim["step_s"])
-              for w, _, sim in sync_weighted_candidates(cost, res["memory_limit"])]
-    best = min(cands, key=lambda c: c[1])
-    rec["best_candidate"] = {"which": best[0], "step_s": best[1],
-                             "speedup_vs_dp": dp["step_s"] / best[1],
-                             "candidates": {k: v for k, v in cands}}
+    rec["chosen"] = res["chosen"]
+    rec["candidates_step_s"] = dict(res["candidates"])
+    add = res["candidates"].get(ADDITIVE)
+    rec["additive_only"] = None if add is None else {
+        "step_s": add, "speedup_vs_dp": dp["step_s"] / add,
+        "plan_speedup_over_it": add / pr["step_s"]}
     if p > n:  # data parallelism on only N ranks (the others idle): the better DP baseline
         cost_n = CostModel(res["graph"], n, machine, optimizer=optimizer)
         dpn = simulate(cost_n, auto.data_parallel(res["graph"], n))
@@ -265,8 +233,9 @@ def _table(head, rows) -> list:
 
 
 def markdown(records) -> str:
-    """Three Markdown tables: step times and speedups, communication and memory, and the
-    strategies per stage with the sync-weighted candidates of the proposed fix."""
+    """Three Markdown tables: step times and speedups (with the candidate plan_model chose
+    and the weight-1 search alone), communication and memory, and the strategies per
+    stage."""
     t1, t2, t3 = [], [], []
     for r in records:
         pl, dp = r["plan"], r["dp"]
@@ -277,7 +246,9 @@ def markdown(records) -> str:
             f"{dp['step_s'] * 1e3:.2f}" + ("" if r["fits"]["dp"] else " (does not fit)"),
             f"**{r['speedup_vs_dp']:.2f}x**", "" if dpn is None else f"{dpn:.2f}x",
             f"{r['speedup_vs_dp_local_bn']:.2f}x",
-            f"{r['best_candidate']['speedup_vs_dp']:.2f}x", f"{r['search_s']:.1f}"])
+            _chosen(r["chosen"]) + (" (= DP)" if r["chosen"] != "data parallel"
+                                    and _is_dp(r) else ""), _additive(r),
+            f"{r['search_s']:.1f}", f"{r['plan_model_s']:.1f}"])
         t2.append(base + [
             f"{pl['compute_s'] * 1e3:.1f} / {dp['compute_s'] * 1e3:.1f}",
             f"{pl['comm_s'] * 1e3:.1f} / {dp['comm_s'] * 1e3:.1f}",
@@ -289,9 +260,15 @@ def markdown(records) -> str:
     out = ["Step time (predicted, ms) and speedup of the plan over pure data parallelism "
            "(DP, every layer (P,1,1), synchronised batch norm); DP-on-N: over DP on only N "
            "of the ranks (P > N); local-BN: over DP without the batch-norm statistics "
-           "allreduces; fix: plan_model with the proposed candidate selection.", ""]
+           "allreduces. chosen: the candidate plan_model returned (w1, w1/2, w0: its search with "
+           "the gradient allreduce counted at that weight; DP: pure data parallelism). "
+           "additive only: speedup over DP of the weight-1 search's plan alone (what "
+           "plan_model returned before commit 6bbccff; = when it is the chosen plan; (= DP): "
+           "the chosen search plan is pure data parallelism, which ties DP). "
+           "search s: the three searches; plan_model s: the whole call (trace, cost model, "
+           "searches, simulations).", ""]
     out += _table(["model", "P", "N", "N/P", "plan ms", "DP ms", "speedup", "vs DP-on-N",
-                   "vs local-BN DP", "with fix", "search s"], t1)
+                   "vs local-BN DP", "chosen", "additive only", "search s", "plan_model s"], t1)
     out += ["", "Where the time goes, plan / DP (ms per step; sync = gradient allreduce, "
             "exposed = the part not hidden behind backward), allreduce time and bytes "
             "ratios DP / plan, memory per rank (GB, limit 16 GB).", ""]
@@ -303,6 +280,25 @@ def markdown(records) -> str:
             ""]
     out += _table(["model", "P", "N", "N/P"] + list(STAGES), t3)
     return "\n".join(out)
+
+
+def _chosen(name: str) -> str:
+    if name == "data parallel":
+        return "DP"
+    w = name.rsplit(" ", 1)[-1].rstrip(")")
+    return {"1": "w1", "0.5": "w1/2", "0": "w0"}.get(w, name)
+
+
+def _is_dp(r) -> bool:
+    """Whether the recorded plan is pure data parallelism (every layer (P, 1, 1))."""
+    return all(tuple(v) == (r["ranks"], 1, 1) for v in r["plan_strategies"].values())
+
+
+def _additive(r) -> str:
+    a = r.get("additive_only")
+    if a is None:
+        return "n/a"
+    return "=" if r["chosen"] == ADDITIVE else f"{a['speedup_vs_dp']:.2f}x"
 
 
 def _ratio(x):
@@ -362,7 +358,8 @@ def main(argv=None) -> int:
         print(f"[{i + 1}/{len(cases)}] {m} {'x'.join(map(str, shp))} P={p} N={n}: plan "
               f"{rec['plan']['step_s'] * 1e3:.2f} ms, DP {rec['dp']['step_s'] * 1e3:.2f} ms, "
               f"speedup {rec['speedup_vs_dp']:.2f}x, sync {_ratio(rec['sync_time_ratio'])} less, "
-              f"search {rec['search_s']:.1f} s", flush=True)
+              f"chosen {rec['chosen']}, search {rec['search_s']:.1f} s, plan_model "
+              f"{rec['plan_model_s']:.1f} s", flush=True)
     doc = {
         "what": "simulated (cost model only, nothing run on GPUs): planner plan vs pure "
                 "data parallelism",
