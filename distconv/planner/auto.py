@@ -63,12 +63,12 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     dp_plan = data_parallel(graph, cost.p)
     dp = simulate(cost, dp_plan, overlap=overlap)
     cands, seconds = [], 0.0
+    if memory_limit is None or dp["memory"] <= memory_limit:
+        cands.append(("data parallel", dp_plan))  # first: a tie keeps the plainer plan
     for w in (SYNC_WEIGHTS if overlap else (1.0,)):
         res = search(cost, memory_limit, sync_weight=w)
         seconds += res["seconds"]
         cands.append((f"search (allreduce weight {w:g})", res["plan"]))
-    if memory_limit is None or dp["memory"] <= memory_limit:
-        cands.append(("data parallel", dp_plan))
     sims = [(n, q, simulate(cost, q, overlap=overlap)) for n, q in cands]
     name, plan, pred = min(sims, key=lambda x: x[2]["step_s"])
     return {"plan": plan, "predicted": pred, "dp": dp, "chosen": name,
