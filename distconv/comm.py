@@ -547,6 +547,12 @@ def world() -> Communicator:
     return _WORLD
 
 
+def self_comm() -> Communicator:
+    """A new :class:`Communicator` over ``MPI.COMM_SELF`` (this process alone) with its own
+    statistics: collectives on it move nothing and never wait for another rank."""
+    return Communicator(MPI.COMM_SELF, CommStats())
+
+
 def wrap(comm) -> Communicator:
     """A :class:`Communicator` for ``comm`` (an mpi4py communicator, a Communicator, or None)."""
     if comm is None:

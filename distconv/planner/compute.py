@@ -671,14 +671,12 @@ _SELF_GRID = []
 def _self_grid(fresh=False):
     """A (1, 1, 1) ProcessGrid of this process alone (``MPI.COMM_SELF``, private
     statistics); ``fresh``: another one, not the same grid to ``same_grid``."""
-    from mpi4py import MPI
     from .. import comm as _comm
     from ..grid import ProcessGrid
     from ..strategy import AXES
 
     def make():
-        return ProcessGrid(_comm.Communicator(MPI.COMM_SELF, _comm.CommStats()), (1, 1, 1),
-                           AXES)
+        return ProcessGrid(_comm.self_comm(), (1, 1, 1), AXES)
     if fresh:
         return make()
     if not _SELF_GRID:
