@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
+from distconv.envinfo import blas_info  # noqa: E402
+
 # (name, C, F, H(=W), kernel, stride, padding)
 RESNET50 = [
     ("conv1 7x7/2 3->64 @224", 3, 64, 224, 7, 2, 3),
@@ -101,15 +103,6 @@ def parse_args(argv=None):
 def conv_flops(n, c, f, ho, wo, k):
     """Multiply-adds x2 of one pass (the same count for all three passes)."""
     return 2.0 * n * c * f * ho * wo * k * k
-
-
-def blas_info():
-    from threadpoolctl import threadpool_info
-    out = []
-    for d in threadpool_info():
-        out.append({k: d.get(k) for k in ("user_api", "internal_api", "prefix", "version",
-                                          "architecture", "num_threads", "threading_layer")})
-    return out
 
 
 CLOCK = time.perf_counter

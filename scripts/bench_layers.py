@@ -90,6 +90,8 @@ sys.path.insert(0, _ROOT)
 
 import numpy as np  # noqa: E402
 
+from distconv.envinfo import blas_info, cpu_model, git_state  # noqa: E402
+
 MB = 1e6
 DEFAULTS = dict(batch=8, channels=256, filters=256, size=28, kernel=3, repeats=20, warmup=3)
 QUICK = dict(batch=4, channels=16, filters=16, size=8, kernel=3, repeats=2, warmup=1)
@@ -228,39 +230,6 @@ def is_clean(steps, losts, frac):
 
 def med(vals):
     return float(np.median(vals)) if len(vals) else None
-
-
-def blas_info():
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return [{"error": "threadpoolctl not installed"}]
-    keys = ("user_api", "internal_api", "prefix", "version", "architecture", "num_threads",
-            "threading_layer")
-    return [{k: d.get(k) for k in keys} for d in threadpool_info()]
-
-
-def git_state():
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
-                                "distconv"], cwd=_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return {"commit": head or None, "distconv_modified": bool(dirty)}
-    except Exception as e:  # pragma: no cover - no git
-        return {"commit": None, "error": str(e)}
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def idle_wait(comm):

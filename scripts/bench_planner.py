@@ -76,7 +76,6 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import socket  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -85,6 +84,8 @@ _ROOT = os.path.dirname(_HERE)
 sys.path.insert(0, _ROOT)
 
 import numpy as np  # noqa: E402
+
+from distconv.envinfo import blas_info, cpu_model, git_state  # noqa: E402
 
 DEFAULTS = dict(width=256, blocks="1,1", size=8, batch=4, classes=10, repeats=15, warmup=2,
                 calib_reps=21, compute_reps=9)
@@ -264,38 +265,6 @@ def plan_text(plan):
 
 
 # ------------------------------------------------------------------ environment
-def blas_info():
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return [{"error": "threadpoolctl not installed"}]
-    keys = ("user_api", "internal_api", "version", "architecture", "num_threads")
-    return [{k: d.get(k) for k in keys} for d in threadpool_info()]
-
-
-def git_state():
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
-                                "distconv"], cwd=_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return {"commit": head or None, "distconv_modified": bool(dirty)}
-    except Exception as e:  # pragma: no cover - no git
-        return {"commit": None, "error": str(e)}
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def environment(comm):
     import mpi4py
     from mpi4py import MPI

@@ -1,0 +1,51 @@
+"""Machine and software facts that benchmark scripts record next to their figures.
+
+Used by ``scripts/bench_conv.py``, ``scripts/bench_layers.py`` and
+``scripts/bench_planner.py`` so that every results JSON names the BLAS, the CPU and the
+code it was measured with. Nothing here imports MPI.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BLAS_KEYS = ("user_api", "internal_api", "prefix", "version", "architecture", "num_threads",
+              "threading_layer")
+
+
+def blas_info() -> list:
+    """One dict per BLAS/OpenMP library threadpoolctl sees (its API, version, CPU kernel
+    architecture and current thread count); ``[{"error": ...}]`` without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return [{"error": "threadpoolctl not installed"}]
+    return [{k: d.get(k) for k in _BLAS_KEYS} for d in threadpool_info()]
+
+
+def git_state(root: str = _ROOT) -> dict:
+    """``{"commit": HEAD or None, "distconv_modified": uncommitted changes under
+    distconv/}`` of the checkout at ``root`` (``{"commit": None, "error"}`` without git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
+                                "distconv"], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return {"commit": head or None, "distconv_modified": bool(dirty)}
+    except Exception as e:  # no git, not a checkout
+        return {"commit": None, "error": str(e)}
+
+
+def cpu_model():
+    """The CPU's model name from ``/proc/cpuinfo`` (else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
