@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""1 rank vs P ranks on a wide-ResNet block, paired step by step inside ONE job.
+
+    mpiexec -n 2 python -m mpi4py scripts/bench_paired.py --json paired.json
+    mpiexec -n 2 python -m mpi4py scripts/bench_paired.py --quick --json /tmp/p.json
+
+The shared 2-core dev VM changes speed by up to ~1.6x over seconds, so a 1-rank job and
+a 2-rank job run a minute apart (what ``scripts/scaling.py`` does, one job per point)
+time two different machines. Here one ``mpiexec -n P`` job alternates, round after round:
+
+* **A**: rank 0 alone trains the block on a grid of itself (``distconv.comm.self_comm``:
+  the same layers and kernels as a 1-rank job, no collective) while the other ranks wait
+  in a nonblocking barrier, sleeping, so they do not take a core;
+* **B** (one per strategy): all P ranks train the same block under that strategy.
+
+Every rank uses ONE BLAS thread (one rank stands for one device). A step is forward,
+backward and the gradient sync (``GradientSync``, ``--bucket-kb`` buckets, overlapped);
+a barrier precedes each step and a B step's time is the maximum over ranks. The
+speedup of a strategy is the median over rounds of ``A / B`` of the same round (rounds
+last well under a second, so drift cancels), reported with the quartiles and next to
+the ratio of the medians. Rank 0 prints a table and writes ``--json``.
+"""
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
+    os.environ[_v] = "1"
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+DEFAULTS = dict(channels=256, size=28, batch=1, rounds=40, warmup=3)
+QUICK = dict(channels=8, size=6, batch=1, rounds=3, warmup=1)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="bench_paired.py", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategies", default="channel=2;filter=2;sample",
+                    help="';'-separated Strategy texts for the B steps (default "
+                         "'channel=2;filter=2;sample', for 2 ranks)")
+    ap.add_argument("--channels", type=int, default=None, help="C of BasicBlock(C, C) (256)")
+    ap.add_argument("--size", type=int, default=None, help="H = W (28)")
+    ap.add_argument("--batch", type=int, default=None, help="global batch N (1)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (40)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (3)")
+    ap.add_argument("--bucket-kb", type=int, default=1024,
+                    help="GradientSync bucket size (1024: the block's two conv gradients "
+                         "go into separate buckets, so the first overlaps)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (tests)")
+    ap.add_argument("--json", default=None, help="rank 0 writes every step time here")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    for k, v in DEFAULTS.items():
+        if getattr(a, k) is None:
+            setattr(a, k, QUICK[k] if a.quick else v)
+    for k in ("channels", "size", "batch", "rounds"):
+        if getattr(a, k) < 1:
+            ap.error(f"--{k} must be >= 1, got {getattr(a, k)}")
+    if a.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {a.warmup}")
+    a.strategy_list = [s.strip() for s in a.strategies.split(";") if s.strip()]
+    if not a.strategy_list:
+        ap.error("--strategies names no strategy")
+    return a
+
+
+def _self_strategy():
+    """A Strategy whose grid is this process alone (a 1-rank job inside a P-rank one)."""
+    from distconv.comm import self_comm
+    from distconv.grid import ProcessGrid
+    from distconv.strategy import AXES, Strategy
+    grid = ProcessGrid(self_comm(), (1, 1, 1), AXES)
+
+    class _Self(Strategy):
+        def grid(self, comm=None):
+            return grid
+    return _Self(sample=1, channel=1, filter=1)
+
+
+class _Case:
+    """One model with its input, output gradient and gradient sync."""
+
+    def __init__(self, args, strategy, x_glob, dy_glob):
+        from distconv import DistTensor, manual_seed
+        from distconv.models.resnet import BasicBlock
+        from distconv.optim import GradientSync
+        manual_seed(args.seed)
+        self.model = BasicBlock(args.channels, args.channels, strategy=strategy)
+        self.x = DistTensor.from_global(x_glob, self.model.conv1.input_distribution)
+        y = self.model(self.x)
+        self.dy = DistTensor.from_global(dy_glob, y.distribution)
+        self.params = self.model.parameters()
+        self.sync = GradientSync(self.model, bucket_bytes=args.bucket_kb << 10, overlap=True)
+
+    def step(self):
+        for q in self.params:
+            q.grad = None
+        t0 = time.perf_counter()
+        self.model(self.x)
+        self.model.backward(self.dy)
+        self.sync.wait()
+        return time.perf_counter() - t0
+
+
+def _idle_barrier(comm):
+    """Barrier without spinning on a core (the waiting ranks must leave rank 0 alone)."""
+    req = comm.mpi.Ibarrier()
+    while not req.Test():
+        time.sleep(0.002)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)
+    import distconv as dc
+    from distconv.comm import world
+    from distconv.envinfo import blas_info, cpu_model, git_state
+    comm = world()
+    p, me = comm.size, comm.rank
+    dc.set_default_dtype(np.float32)
+    for s in args.strategy_list:
+        comm.agree(_fits(s, p), f"strategy {s!r} does not fit {p} ranks")
+    rng = np.random.default_rng(args.seed)
+    shape = (args.batch, args.channels, args.size, args.size)
+    x_glob = rng.standard_normal(shape).astype(np.float32)
+    dy_glob = rng.standard_normal(shape).astype(np.float32)
+    single = _Case(args, _self_strategy(), x_glob, dy_glob) if me == 0 else None
+    cases = {s: _Case(args, dc.Strategy.parse(s), x_glob, dy_glob) for s in args.strategy_list}
+    t_a, t_b = [], {s: [] for s in args.strategy_list}
+    t_start = time.perf_counter()
+    for r in range(args.warmup + args.rounds):
+        _idle_barrier(comm)
+        ta = single.step() if me == 0 else 0.0
+        _idle_barrier(comm)
+        tb = {}
+        for s, case in cases.items():
+            comm.barrier()
+            tb[s] = case.step()
+        tb = {s: max(comm.allgather_obj(v)) for s, v in tb.items()}
+        if r >= args.warmup:
+            t_a.append(ta)
+            for s in args.strategy_list:
+                t_b[s].append(tb[s])
+        if me == 0 and (r + 1) % 10 == 0:
+            print(f"[{time.perf_counter() - t_start:7.1f} s] round {r + 1}/"
+                  f"{args.warmup + args.rounds}", flush=True)
+    if me != 0:
+        return 0
+    a = np.array(t_a)
+    rows = []
+    for s in args.strategy_list:
+        b = np.array(t_b[s])
+        ratio = a / b
+        q1, med, q3 = (float(v) for v in np.percentile(ratio, [25, 50, 75]))
+        rows.append({"strategy": s, "one_rank_ms": float(np.median(a)) * 1e3,
+                     "p_ranks_ms": float(np.median(b)) * 1e3,
+                     "speedup_paired_median": med, "speedup_paired_q1": q1,
+                     "speedup_paired_q3": q3,
+                     "speedup_ratio_of_medians": float(np.median(a) / np.median(b)),
+                     "rounds_above_1_6": int((ratio >= 1.6).sum()),
+                     "step_s": b.tolist()})
+    print(f"BasicBlock({args.channels}, {args.channels}) on {shape}, {p} ranks x 1 thread, "
+          f"{args.rounds} paired rounds; 1 rank (rank 0 alone, same job): "
+          f"{np.median(a) * 1e3:.1f} ms median")
+    print(f"{'strategy':<12} {'P-rank ms':>10} {'paired speedup (q1-q3)':>24} "
+          f"{'ratio of medians':>17} {'rounds >= 1.6x':>15}")
+    for r in rows:
+        print(f"{r['strategy']:<12} {r['p_ranks_ms']:>10.1f} "
+              f"{r['speedup_paired_median']:>9.2f} ({r['speedup_paired_q1']:.2f}-"
+              f"{r['speedup_paired_q3']:.2f}) {r['speedup_ratio_of_medians']:>17.2f} "
+              f"{r['rounds_above_1_6']:>9}/{args.rounds}")
+    if args.json:
+        doc = {"benchmark": "bench_paired", "ranks": p, "shape": list(shape),
+               "channels": args.channels, "rounds": args.rounds, "warmup": args.warmup,
+               "bucket_kb": args.bucket_kb, "one_rank_step_s": a.tolist(), "results": rows,
+               "cpu": cpu_model(), "blas": blas_info(), "git": git_state(),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               "command": " ".join(sys.argv)}
+        with open(args.json, "w") as fh:
+            json.dump(doc, fh, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _fits(text, p):
+    from distconv.strategy import Strategy
+    try:
+        Strategy.parse(text).resolve(p)
+        return True
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":
+    from distconv.comm import run_guarded
+    sys.exit(run_guarded(main))
