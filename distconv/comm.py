@@ -127,6 +127,16 @@ class Communicator:
     def barrier(self) -> None:
         self.mpi.Barrier()
 
+    def idle_barrier(self, poll: float = 0.005) -> None:
+        """A barrier that sleeps ``poll`` seconds between tests instead of spinning: a
+        blocking MPICH wait keeps a core busy, which would steal it from a rank that is
+        timing work alone (benchmarks)."""
+        if self.size == 1:
+            return
+        req = self.mpi.Ibarrier()
+        while not req.Test():
+            time.sleep(poll)
+
     def _record(self, kind, sent, recv, t0):
         self._stats.add(kind, sent, recv, time.perf_counter() - t0)
 

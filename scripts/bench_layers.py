@@ -232,13 +232,6 @@ def med(vals):
     return float(np.median(vals)) if len(vals) else None
 
 
-def idle_wait(comm):
-    """Wait for the other ranks without spinning on a core (nonblocking barrier + sleep)."""
-    req = comm.mpi.Ibarrier()
-    while not req.Test():
-        time.sleep(0.02)
-
-
 def configure(args):
     from distconv import set_default_dtype
     from distconv.backend import configure_threads
@@ -625,7 +618,7 @@ def main(argv=None):
         # rank 0 starts the 1-rank child; the others sleep until it is warm
         if comm.rank == 0:
             child = BaselineChild(args)
-        idle_wait(comm)
+        comm.idle_barrier(0.02)
 
     cases = make_cases(strategies, args)
     for case in cases:
@@ -641,7 +634,7 @@ def main(argv=None):
         if do_child:
             if child is not None:
                 child.step()
-            idle_wait(comm)
+            comm.idle_barrier(0.02)
         rounds += 1
         # which strategies had a clean repetition this round (decided on rank 0)
         last = comm.allgather_obj([(c.recs[-1]["step"], c.recs[-1]["lost"]) for c in cases])

@@ -112,13 +112,6 @@ class _Case:
         return time.perf_counter() - t0
 
 
-def _idle_barrier(comm):
-    """Barrier without spinning on a core (the waiting ranks must leave rank 0 alone)."""
-    req = comm.mpi.Ibarrier()
-    while not req.Test():
-        time.sleep(0.002)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from threadpoolctl import threadpool_limits
@@ -140,9 +133,9 @@ def main(argv=None) -> int:
     t_a, t_b = [], {s: [] for s in args.strategy_list}
     t_start = time.perf_counter()
     for r in range(args.warmup + args.rounds):
-        _idle_barrier(comm)
+        comm.idle_barrier(0.002)
         ta = single.step() if me == 0 else 0.0
-        _idle_barrier(comm)
+        comm.idle_barrier(0.002)
         tb = {}
         for s, case in cases.items():
             comm.barrier()

@@ -296,16 +296,6 @@ def grid_text(plan, names) -> str:
     return " ".join(f"{n}:{t}" for n, t in txt.items())
 
 
-def _quiet_wait(comm):
-    """Barrier that sleeps between polls: a blocking MPICH call spins a core, which would
-    steal the cores rank 0 is timing kernels on."""
-    if comm.size == 1:
-        return
-    req = comm.mpi.Ibarrier()
-    while not req.Test():
-        time.sleep(0.005)
-
-
 def plan_and_predict(args, comm, model, x_shape, fixed_plan):
     """Calibrate the machine (all ranks), then on rank 0 search a plan (``fixed_plan is
     None``: strategy ``auto``) or take ``fixed_plan``, and simulate its step; the other
@@ -333,7 +323,7 @@ def plan_and_predict(args, comm, model, x_shape, fixed_plan):
         keys = ("step_s", "compute_s", "comm_s", "sync_s", "exposed_sync_s", "update_s")
         res = ({k: tuple(v) for k, v in plan.items()}, {k: pred[k] for k in keys},
                machine.notes)
-    _quiet_wait(comm)
+    comm.idle_barrier()
     return comm.allgather_obj(res)[0]
 
 

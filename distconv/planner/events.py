@@ -159,7 +159,6 @@ def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
     for every strategic layer) on ``rank``: ``{layer name: {"forward", "backward",
     "sync"}}`` plus ``"(joins)"`` for the residual joins. The input arrives in the first
     strategic layer's activation distribution (as ``DistLoader`` delivers it)."""
-    from .graph import BlockSpec
     out: dict = {}
     joins = {"forward": [], "backward": [], "sync": []}
     first = _first_strategic(graph)
@@ -171,19 +170,11 @@ def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
         out[layer.name] = {"forward": f, "backward": b, "sync": s}
         return o
 
-    for it in graph.items:
-        if isinstance(it, BlockSpec):
-            x = dist
-            for layer in it.body:
-                dist = run(layer, dist)
-            sd = x
-            for layer in it.shortcut:
-                sd = run(layer, sd)
-            f, b = join_events(it.out_shape, dist, sd, rank, item)
-            joins["forward"] += f
-            joins["backward"] += b
-            dist = run(it.join, dist)
-        else:
-            dist = run(it, dist)
+    def join(block, body_dist, short_dist):
+        f, b = join_events(block.out_shape, body_dist, short_dist, rank, item)
+        joins["forward"] += f
+        joins["backward"] += b
+
+    graph.traverse(dist, run, join)
     out["(joins)"] = joins
     return out

@@ -90,6 +90,25 @@ class Graph:
             else:
                 yield it
 
+    def traverse(self, dist, layer_fn, join_fn):
+        """Run through the graph in execution order, threading the input distribution:
+        ``layer_fn(layer, in_dist) -> out_dist`` for every layer and ``join_fn(block,
+        body_dist, shortcut_dist)`` at each residual join (before the ReLU after it).
+        Returns the distribution of the output."""
+        for it in self.items:
+            if isinstance(it, BlockSpec):
+                x = dist
+                for layer in it.body:
+                    dist = layer_fn(layer, dist)
+                sd = x
+                for layer in it.shortcut:
+                    sd = layer_fn(layer, sd)
+                join_fn(it, dist, sd)
+                dist = layer_fn(it.join, dist)
+            else:
+                dist = layer_fn(it, dist)
+        return dist
+
     def strategic_names(self) -> list:
         return [layer.name for layer in self.layers() if layer.strategic]
 

@@ -14,8 +14,6 @@ simulator does, with one compute stream and one stream for gradient allreduces:
 """
 from __future__ import annotations
 
-from .graph import BlockSpec
-
 
 def walk(cost, plan: dict) -> list:
     """``[(name, kind, LayerCost, strategy or None), ...]`` in execution order."""
@@ -33,19 +31,11 @@ def walk(cost, plan: dict) -> list:
         rows.append((layer.name, layer.kind, c, st))
         return c.out_dist
 
-    for it in graph.items:
-        if isinstance(it, BlockSpec):
-            x = dist
-            for layer in it.body:
-                dist = one(layer, dist)
-            sd = x
-            for layer in it.shortcut:
-                sd = one(layer, sd)
-            rows.append((it.name + ".(join)" if it.name else "(join)", "join",
-                         cost.join(it.out_shape, dist, sd), None))
-            dist = one(it.join, dist)
-        else:
-            dist = one(it, dist)
+    def join(block, body_dist, short_dist):
+        rows.append((block.name + ".(join)" if block.name else "(join)", "join",
+                     cost.join(block.out_shape, body_dist, short_dist), None))
+
+    graph.traverse(dist, one, join)
     return rows
 
 
