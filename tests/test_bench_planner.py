@@ -67,6 +67,12 @@ def test_quick_two_ranks(tmp_path):
     assert math.isfinite(s["mae"]) and s["mae"] >= 0
     assert 0 <= s["rank_pairs_agree"] <= s["rank_pairs"]
     assert math.isfinite(s["auto_over_best_hand"])
+    # paired: one entry per hand plan, the largest median is the reported ratio
+    hands = [lab for lab in labels if lab != "auto"]
+    assert set(s["auto_paired"]) == set(hands)
+    assert s["best_hand_paired"] in hands
+    assert s["auto_over_best_hand_paired"] == max(q["median"] for q in s["auto_paired"].values())
+    assert "paired" in md
     assert set(s["targets"]) == {"mae_le_20pct", "ranking_agrees", "auto_le_1.05x_best_hand",
                                  "bytes_equal"}
     # machine constants calibrated on the job, compute model context and environment
@@ -178,3 +184,63 @@ def test_costs_add_layer_and_redistribution_overheads():
     # batch norm's statistics are bare allreduces (no redistribution): no overhead
     assert with_o.layer(bn, (2, 1, 1), act_dist((2, 1, 1), 4)).comm_fwd == 0.0
     assert plain.layer(conv, ch, act_dist(fi, 4)).comm_fwd == 0.0
+
+
+# ------------------------------------------------------------------ planner_report, no MPI
+def _report():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import planner_report
+    return planner_report
+
+
+def _row(label, steps, clean=None, predicted=1.0):
+    import numpy as np
+    return {"label": label, "predicted_s": predicted, "measured_s": float(np.median(steps)),
+            "measured": {"steps_s": list(steps), "clean": clean or [True] * len(steps)}}
+
+
+def test_paired_ratio_follows_the_repetitions_not_the_medians():
+    """A VM that flips between a fast and a slow mode: the medians of two equally fast
+    plans land in different modes (ratio of medians 1.25), the per-repetition ratio is 1."""
+    rep = _report()
+    # the VM is slow (57 ms) for repetitions 0-6 and fast (45 ms) from 9 on; in 7 and 8
+    # the mode flips between the auto plan's step and the hand plan's: the auto plan has
+    # 9 slow steps, the hand plan 7, so their medians land in different modes
+    auto = _row("auto", [57.0] * 9 + [45.0] * 7)
+    hand = _row("hand", [57.0] * 7 + [45.0] * 9)
+    q = rep.paired_ratio(auto["measured"], hand["measured"])
+    assert q["n"] == 16
+    # the ratio per repetition is auto_i / hand_i: 57/57, 45/45 or 57/45 where the modes
+    # differ (2 of 16), so the median is 1
+    assert q["median"] == 1.0
+    c = rep.compare([hand, auto], 0.2)
+    assert c["auto_over_best_hand"] == 57.0 / 45.0  # the medians' ratio is fooled
+    assert c["auto_over_best_hand_paired"] == 1.0 and c["best_hand_paired"] == "hand"
+
+
+def test_paired_ratio_negative_control_a_slower_auto_plan_fails():
+    """An auto plan 10% slower in every repetition, under the same mode flips, is
+    reported 1.10x: the paired target can fail."""
+    rep = _report()
+    modes = [45.0, 57.0] * 8
+    hand_a = _row("channel", modes)
+    hand_b = _row("filter", [m * 1.02 for m in modes])
+    auto = _row("auto", [m * 1.10 for m in modes])
+    c = rep.compare([hand_a, hand_b, auto], 0.2)
+    assert abs(c["auto_over_best_hand_paired"] - 1.10) < 1e-12
+    assert c["best_hand_paired"] == "channel"
+    assert abs(c["auto_paired"]["filter"]["median"] - 1.10 / 1.02) < 1e-12
+    assert not c["auto_over_best_hand_paired"] <= 1.05
+
+
+def test_paired_ratio_uses_repetitions_clean_for_both():
+    rep = _report()
+    a = _row("auto", [10.0, 10.0, 10.0, 99.0], clean=[True, True, True, False])
+    h = _row("hand", [10.0, 10.0, 10.0, 10.0])
+    q = rep.paired_ratio(a["measured"], h["measured"])
+    assert q["n"] == 3 and q["from_clean"] and q["median"] == 1.0
+    # fewer than 3 clean for both: every repetition
+    a = _row("auto", [10.0, 20.0, 20.0], clean=[True, False, False])
+    q = rep.paired_ratio(a["measured"], _row("h", [10.0] * 3)["measured"])
+    assert q["n"] == 3 and not q["from_clean"] and q["median"] == 2.0
+    assert rep.paired_ratio({"steps_s": []}, h["measured"]) is None
