@@ -16,7 +16,8 @@ One MPI job does everything:
    model's largest message), or read with ``--machine FILE``.
 3. The local kernel times come from a :class:`distconv.planner.compute.ComputeModel`
    measured with threads=1 on every rank at the same time (so the two cores are as busy
-   as in training), cached in ``--cache`` (default: ``distconv.planner.auto.
+   as in training), each shape in ``--compute-rounds`` sweeps over all shapes (the median
+   of the rounds: ``ComputeModel.refine``), cached in ``--cache`` (default: ``distconv.planner.auto.
    default_cache_path()``). After measuring, each entry keeps the largest of the ranks'
    medians (a step waits for the slowest rank at every collective) and every rank
    rebuilds the same cost model from them, so every rank plans alike.
@@ -41,10 +42,7 @@ One MPI job does everything:
    time is the max over ranks; a repetition is *clean* when no rank lost more than
    ``--clean-frac`` of it to other processes (wall - CPU time: MPICH busy-polls, so a
    rank's core is busy for the whole step). ``measured`` is the median over clean
-   repetitions when there are at least 3, else over all; both are written. A speed probe
-   (one fixed conv, :class:`SpeedProbe`) runs 5 times before and after each kernel pass
-   and once per repetition; its ratio (timing / kernel passes) is reported with the MAE
-   of the prediction scaled by it, as a diagnostic of the VM's speed drift.
+   repetitions when there are at least 3, else over all; both are written.
 7. Bytes: one more step per plan with ``comm.stats()`` snapshots around the model's
    forward, backward and gradient sync (the loss's own scalar allreduces are reported
    apart); on every rank the bytes sent and received per collective kind must equal
@@ -98,9 +96,9 @@ from planner_report import (  # noqa: E402  (scripts/planner_report.py, beside t
     _json_default, compare, is_clean, markdown, print_table, rank_order, summarize)
 
 DEFAULTS = dict(width=256, blocks="1,1", size=8, batch=4, classes=10, repeats=25, warmup=2,
-                calib_reps=21, compute_reps=9)
+                calib_reps=21, compute_reps=9, compute_rounds=3)
 QUICK = dict(width=8, blocks="1,1", size=8, batch=2, classes=4, repeats=2, warmup=1,
-             calib_reps=2, compute_reps=1)
+             calib_reps=2, compute_reps=1, compute_rounds=2)
 KINDS = ("allreduce", "allgather", "reduce_scatter", "alltoall")
 
 
@@ -139,6 +137,9 @@ def parse_args(argv=None):
                     help="measure every kernel afresh; do not read or write a cache")
     ap.add_argument("--compute-reps", type=int,
                     help="timed calls per kernel shape in the compute model (default 9)")
+    ap.add_argument("--compute-rounds", type=int,
+                    help="sweeps over all kernel shapes, each shape's time the median of "
+                         "its rounds (ComputeModel.refine; default 3)")
     ap.add_argument("--bytes-only", action="store_true",
                     help="only the bytes check (default when ranks > CPU cores)")
     ap.add_argument("--wait-quiet", type=float, default=None, metavar="S",
@@ -168,7 +169,8 @@ def parse_args(argv=None):
         ap.error(f"--blocks must be integers separated by commas, got {a.blocks!r}")
     if not a.blocks or min(a.blocks) < 1:
         ap.error("--blocks needs at least one stage of at least one block")
-    for k in ("width", "size", "batch", "classes", "repeats", "calib_reps", "compute_reps"):
+    for k in ("width", "size", "batch", "classes", "repeats", "calib_reps", "compute_reps",
+              "compute_rounds"):
         if getattr(a, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1")
     if a.warmup < 0 or a.max_repeats < a.repeats:
@@ -378,38 +380,6 @@ def predicted_bytes(graph, plan, rank, item):
     return {k: v for k, v in out.items() if v[0] or v[1]}
 
 
-# ------------------------------------------------------------------ VM speed probe
-class SpeedProbe:
-    """One fixed kernel (``ops.conv2d_forward`` of (4, 128, 8, 8) by (256, 128, 3, 3)
-    float32, after writing ``EVICT_BYTES`` as the compute model does) timed on every rank
-    at the same moment -> the slower rank's seconds. Called during the kernel passes and
-    once per timing repetition, it tells how fast the VM ran while the kernels were
-    measured and while the steps were timed (its cores switch between speed states)."""
-
-    def __init__(self):
-        from distconv.planner.compute import EVICT_BYTES
-        rng = np.random.default_rng(1)
-        self.x = rng.standard_normal((4, 128, 8, 8)).astype(np.float32)
-        self.w = rng.standard_normal((256, 128, 3, 3)).astype(np.float32)
-        self.buf = np.zeros(EVICT_BYTES // 8)
-        self.kernel, self.timing = [], []
-
-    def __call__(self, comm, into):
-        from distconv import ops
-        comm.barrier()
-        self.buf += 1.0
-        t = time.perf_counter()
-        ops.conv2d_forward(self.x, self.w, 1, 1, 1)
-        into.append(max(comm.allgather_obj(time.perf_counter() - t)))
-
-    def drift(self):
-        """median probe while timing / median probe while measuring kernels (None if
-        either is empty): > 1 when the VM was slower during the timed steps."""
-        if not self.kernel or not self.timing:
-            return None
-        return float(np.median(self.timing) / np.median(self.kernel))
-
-
 # ------------------------------------------------------------------ one plan
 class Case:
     """One plan: its model instance, optimizer, inputs and this rank's step records."""
@@ -554,8 +524,6 @@ def main(argv=None):
 
     hands = hand_plans(graph, p)
 
-    probe = SpeedProbe()
-
     def kernel_pass(label, cache_path, more_plans):
         """Measure every kernel the search and the plans need, on every rank at once ->
         ``(entries, measured, hits)``. Every rank measures the same shapes (rank 0's
@@ -565,19 +533,18 @@ def main(argv=None):
         at the same speed, so each entry keeps the largest of the ranks' medians; every
         rank then plans from the same numbers."""
         settle(label)
-        for _ in range(5):
-            probe(comm, probe.kernel)
         cm = ComputeModel(cache_path=cache_path, measure=True, dtype="float32",
-                          backend="numpy", threads=1, reps=args.compute_reps)
+                          backend="numpy", threads=1, reps=args.compute_reps,
+                          rounds=args.compute_rounds)
         n0 = len(cm.entries)
         say(f"{label}: measuring kernel times on every rank at once (threads=1, "
-            f"{args.compute_reps} reps; cache {cache_path or 'off'} with {n0} entries)")
+            f"{args.compute_reps} reps x {args.compute_rounds} rounds; cache "
+            f"{cache_path or 'off'} with {n0} entries)")
         cost_m = cost_with(cm)
         search(cost_m)
         for _, plan in more_plans:
             simulate(cost_m, plan, overlap=False)
-        for _ in range(5):
-            probe(comm, probe.kernel)
+        cm.refine()  # every shape again, in --compute-rounds sweeps: the median of the rounds
         mine = {k: v for k, v in cm.entries.items() if k.endswith(cm.context)}
         allv = comm.allgather_obj(mine)
         merged = {k: float(max(d[k] for d in allv if k in d)) for k in set().union(*allv)}
@@ -662,7 +629,6 @@ def main(argv=None):
             k = rep % len(cases)  # rotate the order: no plan always runs first
             for c in cases[k:] + cases[:k]:
                 c.step(comm)
-            probe(comm, probe.timing)
             rep += 1
             # a repetition is kept clean only if every plan's step was clean on every rank
             last = comm.allgather_obj([(c.recs[-1]["step"], c.recs[-1]["lost"])
@@ -704,7 +670,8 @@ def main(argv=None):
         preds = predictions(compute)
     compute_info = {"context": compute.context, "cache": cache, "cache_entries_before": hits0,
                     "entries_used": len(compute.entries), "measured": measure,
-                    "reps": args.compute_reps, "evict_bytes": compute.evict_bytes,
+                    "reps": args.compute_reps, "rounds": args.compute_rounds,
+                    "evict_bytes": compute.evict_bytes,
                     "passes": kernel_info, "rates": compute.rates}
 
     profile = {}
@@ -793,19 +760,6 @@ def main(argv=None):
                     summary[f"{k}_only"] = {x: c[x] for x in (
                         "mae", "max_abs_err", "signed_mean_err", "rank_pairs",
                         "rank_pairs_agree")}
-            drift = probe.drift()
-            if drift is not None:
-                # how much of the error is the VM's speed: the prediction scaled by the
-                # probe's slowdown between the kernel passes and the timing (diagnostic;
-                # the targets use the raw prediction)
-                c = compare([dict(r, predicted_s=r["predicted_s"] * drift) for r in rows],
-                            args.rank_margin)
-                summary["drift"] = {
-                    "probe_kernel_passes_s": float(np.median(probe.kernel)),
-                    "probe_timing_s": float(np.median(probe.timing)),
-                    "timing_over_kernel_passes": drift,
-                    "corrected": {x: c[x] for x in ("mae", "max_abs_err", "signed_mean_err",
-                                                    "rank_pairs", "rank_pairs_agree")}}
             summary["targets"] = {
                 "mae_le_20pct": summary["mae"] <= 0.20,
                 "ranking_agrees": summary["rank_pairs_agree"] == summary["rank_pairs"],
@@ -826,7 +780,6 @@ def main(argv=None):
                                    "after backward"},
                "machine": machine.to_dict(), "compute_model": compute_info,
                "environment": env, "quiet_waits": quiet, "timing": timing_info,
-               "speed_probe": {"kernel_passes_s": probe.kernel, "timing_s": probe.timing},
                "plans": rows, "summary": summary,
                "elapsed_s": time.perf_counter() - T0}
         if profile:

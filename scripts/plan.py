@@ -274,7 +274,9 @@ def make_compute(mode: str, machine, dtype: str, cache_path, threads):
     if comp.get("rates"):
         kw["rates"] = comp["rates"]
     if mode == "measure":
-        return ComputeModel(cache_path=cache_path, measure=True, threads=threads, **kw)
+        from distconv.planner.auto import MEASURE_ROUNDS
+        return ComputeModel(cache_path=cache_path, measure=True, threads=threads,
+                            rounds=MEASURE_ROUNDS, **kw)
     return ComputeModel(cache_path=cache_path, measure=False, **kw)
 
 

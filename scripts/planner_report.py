@@ -190,15 +190,6 @@ def summary_lines(summary):
                        f"measured {1e3 * c['auto_s']:.2f} ms (auto) and {1e3 * c['hand_s']:.2f}"
                        f" ms (hand): {100 * c['diff']:.1f}% apart, the resolution of the "
                        f"measurement between two model instances")
-        if summary.get("drift"):
-            d, q = summary["drift"], summary["drift"]["corrected"]
-            out.append(f"VM speed probe (one fixed conv): "
-                       f"{1e3 * d['probe_kernel_passes_s']:.2f} ms while the kernels were "
-                       f"measured, {1e3 * d['probe_timing_s']:.2f} ms while the steps were "
-                       f"timed ({d['timing_over_kernel_passes']:.3f}x); the prediction "
-                       f"scaled by that: MAE {100 * q['mae']:.1f}% (signed "
-                       f"{100 * q['signed_mean_err']:+.1f}%), ranking "
-                       f"{q['rank_pairs_agree']}/{q['rank_pairs']} (diagnostic only)")
         for k in ("pass1", "pass2"):
             if f"{k}_only" in summary:
                 q = summary[f"{k}_only"]

@@ -300,7 +300,7 @@ def plan_and_predict(args, comm, model, x_shape, fixed_plan):
     """Calibrate the machine (all ranks), then on rank 0 search a plan (``fixed_plan is
     None``: strategy ``auto``) or take ``fixed_plan``, and simulate its step; the other
     ranks wait without spinning. Returns ``(plan, predicted, machine notes)`` on every rank."""
-    from distconv.planner.auto import default_cache_path, plan_model
+    from distconv.planner.auto import MEASURE_ROUNDS, default_cache_path, plan_model
     from distconv.planner.compute import ComputeModel
     from distconv.planner.costs import CostModel
     from distconv.planner.graph import trace
@@ -309,7 +309,8 @@ def plan_and_predict(args, comm, model, x_shape, fixed_plan):
     machine = calibrate(comm)
     res = None
     if comm.rank == 0:
-        compute = ComputeModel(cache_path=default_cache_path(), threads=1)
+        compute = ComputeModel(cache_path=default_cache_path(), threads=1,
+                               rounds=MEASURE_ROUNDS)
         overlap = args.overlap == "on"
         if fixed_plan is None:
             r = plan_model(model, x_shape, comm.size, machine, compute, overlap=overlap)

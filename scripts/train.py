@@ -165,7 +165,8 @@ def auto_plan(args, model, comm, in_shape, say) -> dict:
     if comm.rank == 0:
         try:
             cache = args.compute_cache or auto.default_cache_path()
-            compute = ComputeModel(cache_path=cache, measure=True, dtype=args.dtype)
+            compute = ComputeModel(cache_path=cache, measure=True, dtype=args.dtype,
+                                   rounds=auto.MEASURE_ROUNDS)
             say(f"--strategy auto: measuring kernel times (cache {cache}) and searching")
             t0 = time.perf_counter()
             res = auto.plan_model(model, in_shape, comm.size, mach, compute,

@@ -171,3 +171,73 @@ def test_all_ops_measure_on_tiny_shapes():
     assert {k.split("|")[0] for k in m.entries} == set(FAMILIES)
     with pytest.raises(ValueError):
         m.update(10, "rmsprop")
+
+
+def _scripted(cm, values):
+    """Replace ``cm._measured`` by a script: each call returns the next value per family."""
+    it = iter(values)
+    calls = []
+
+    def fake(families, measure_fn):
+        calls.append(tuple(families))
+        v = next(it)
+        return {f: v for f in families}
+    cm._measured = fake
+    return calls
+
+
+def test_refine_takes_the_median_of_the_rounds():
+    cm = ComputeModel(measure=True, rounds=3, dtype="float32", backend="numpy")
+    # first round: a measured 9.0 (a slow moment of the VM), b 1.0; then two sweeps over
+    # both: a 2.0, b 1.5, a 3.0, b 0.5
+    calls = _scripted(cm, [9.0, 1.0, 2.0, 1.5, 3.0, 0.5])
+    a = cm.relu(1000)
+    b = cm.relu(2000)
+    assert a == (9.0, 9.0) and b == (1.0, 1.0)
+    assert cm.refine() == 4  # two families (relu_fwd, relu_bwd) of two shapes
+    # sweeps: a, b, a, b (not a, a, b, b): every shape is timed once per round
+    assert len(calls) == 6 and calls[2] == calls[0] and calls[3] == calls[1]
+    assert cm.relu(1000) == (3.0, 3.0)  # median of 9, 2, 3
+    assert cm.relu(2000) == (1.0, 1.0)  # median of 1, 1.5, 0.5
+    assert cm.refine() == 0  # nothing new measured since
+    assert len(calls) == 6
+
+
+def test_refine_with_one_round_or_cached_entries_changes_nothing(tmp_path):
+    cm = ComputeModel(measure=True, rounds=1, dtype="float32", backend="numpy")
+    _scripted(cm, [4.0])
+    cm.relu(1000)
+    assert cm.refine() == 0 and cm.relu(1000) == (4.0, 4.0)
+    # a cache hit is not re-timed
+    path = tmp_path / "c.json"
+    cm.cache_path = str(path)
+    cm.save()
+    cm2 = ComputeModel(cache_path=path, measure=True, rounds=3, dtype="float32",
+                       backend="numpy")
+    calls = _scripted(cm2, [])
+    assert cm2.relu(1000) == (4.0, 4.0)
+    assert cm2.refine() == 0 and calls == []
+
+
+def test_plan_model_refines_a_measuring_compute_model():
+    """plan_model with rounds > 1: every kernel entry is timed ``rounds`` times and the
+    plan is searched on the medians (a cost model built after the refinement)."""
+    from distconv import nn
+    from distconv.planner.auto import plan_model
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1))
+    cm = ComputeModel(measure=True, rounds=2, reps=1, dtype="float32", backend="numpy")
+    seen = []
+    real = cm._measured
+
+    def counting(families, fn):
+        seen.append(tuple(families))
+        return real(families, fn)
+    cm._measured = counting
+    res = plan_model(model, (2, 3, 6, 6), 2, memory_limit=float("inf"), compute=cm)
+    kernel_calls = [f for f in seen if f]  # () are layer-overhead measurements
+    assert kernel_calls and len(kernel_calls) % 2 == 0
+    first = kernel_calls[:len(kernel_calls) // 2]
+    assert kernel_calls[len(kernel_calls) // 2:] == first  # one more sweep, same order
+    assert cm._recipes == {}
+    assert res["plan"] and res["predicted"]["step_s"] > 0

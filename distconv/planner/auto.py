@@ -34,6 +34,11 @@ def data_parallel(graph, p: int) -> dict:
     return {n: (p, 1, 1) for n in graph.strategic_names()}
 
 
+#: ``rounds`` of the ComputeModels that ``train.py``, ``scaling.py`` and ``plan.py``
+#: measure with (see :meth:`.compute.ComputeModel.refine`)
+MEASURE_ROUNDS = 3
+
+
 def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit=None,
                item=4, optimizer="sgd", overlap=True) -> dict:
     """Search the best per-layer plan of ``model`` for a global input ``in_shape``
@@ -42,6 +47,8 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     ``machine``: :class:`.machine.Machine` (default: free communication);
     ``compute``: :class:`.compute.ComputeModel` (default: fitted, nothing measured);
     ``memory_limit``: bytes per rank (default: the machine's ``memory_per_rank``).
+    A measuring ``compute`` with ``rounds > 1`` is refined (:meth:`.compute.ComputeModel.
+    refine`) after a first search has measured every kernel shape.
 
     The DP (:func:`.search.search`) runs with the gradient allreduce counted at each
     weight of :data:`SYNC_WEIGHTS` (the simulator overlaps it with backward, which an
@@ -61,6 +68,13 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     elif memory_limit == float("inf"):
         memory_limit = None  # explicitly unlimited, even if the machine has a limit
     dp_plan = data_parallel(graph, cost.p)
+    if compute is not None and compute.measure and getattr(compute, "rounds", 1) > 1:
+        # one search measures every kernel shape a plan can use; time them all again in
+        # sweeps (ComputeModel.refine) and plan from a cost model built on the result
+        search(cost, memory_limit)
+        simulate(cost, dp_plan, overlap=overlap)
+        if compute.refine():
+            cost = CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer)
     dp = simulate(cost, dp_plan, overlap=overlap)
     cands, seconds = [], 0.0
     if memory_limit is None or dp["memory"] <= memory_limit:

@@ -185,12 +185,14 @@ class ComputeModel:
     ``scale``: factor on every returned time; ``dtype``: "float32"/"float64";
     ``backend``: "numpy"/"cupy" (default: the one in use); ``threads``: BLAS threads to
     measure with (default: the current threadpoolctl setting); ``reps``: timed calls.
-    ``measured`` and ``hits`` count cache entries (one per pass) measured and found.
+    ``rounds``: how many times :meth:`refine` times each shape this instance measured
+    (1: once, as first measured). ``measured`` and ``hits`` count cache entries (one per
+    pass) measured and found.
     """
 
     def __init__(self, cache_path=None, measure=True, rates=None, scale=1.0,
                  dtype="float32", backend=None, threads=None, reps=3, verbose=False,
-                 evict_bytes=None):
+                 evict_bytes=None, rounds=1):
         self.cache_path = None if cache_path is None else os.fspath(cache_path)
         self.measure = bool(measure)
         self.scale = float(scale)
@@ -205,6 +207,8 @@ class ComputeModel:
         tag = 0 if self.backend == "cupy" else (self.threads or _blas_threads())
         self.context = f"{self.dtype}|{self.backend}|t{tag}"
         self.reps = max(1, int(reps))
+        self.rounds = max(1, int(rounds))
+        self._recipes = {}  # keys measured here -> how to time them again (refine)
         if evict_bytes is None:
             evict_bytes = 0 if self.backend == "cupy" else EVICT_BYTES
         self.evict_bytes = max(0, int(evict_bytes))
@@ -372,6 +376,8 @@ class ComputeModel:
         self.hits += len(families) - len(missing)
         if missing and self.measure:
             got = self._measured(missing, measure_fn)
+            self._recipes[tuple(self._key(f, args) for f in missing)] = (
+                tuple(missing), measure_fn, [[got[f]] for f in missing])
             for f in missing:
                 k = self._key(f, args)
                 self.entries[k] = got[f]
@@ -385,6 +391,38 @@ class ComputeModel:
                 t = self.predict(f, work(f, args, self.itemsize))
             out.append(t * self.scale)
         return tuple(out)
+
+    def refine(self) -> int:
+        """Time every kernel pass this instance measured ``rounds - 1`` more times, in
+        sweeps over all of them (one sweep per round), and set each entry to the median
+        of its rounds -> the number of entries refined (0 when ``rounds`` is 1 or nothing
+        new was measured; entries from the cache are left as they are).
+
+        Why: the ``reps`` calls of one shape take milliseconds, while a shared VM's cores
+        switch between speed states every few seconds (on the dev VM the same conv took
+        3.4 or 4.6-4.9 ms), so shapes measured at different moments can be 30% apart for
+        no reason of their own, and the search then picks between near-equal plans by
+        that. A sweep spreads each shape's samples over the states. Call it after the
+        search has touched every shape (:func:`.auto.plan_model` does, with a fresh
+        :class:`.costs.CostModel` afterwards, since a cost model keeps the times it read).
+        """
+        if self.rounds <= 1 or not self._recipes:
+            return 0
+        for _ in range(self.rounds - 1):
+            for keys, (fams, fn, samples) in self._recipes.items():
+                got = self._measured(fams, fn)
+                for f, smp in zip(fams, samples):
+                    smp.append(got[f])
+        n = 0
+        for keys, (fams, fn, samples) in self._recipes.items():
+            for k, smp in zip(keys, samples):
+                self.entries[k] = float(np.median(smp))
+                n += 1
+                if self.verbose:
+                    print(f"compute: {k} = {self.entries[k] * 1e3:.4f} ms (median of "
+                          f"{len(smp)} rounds)", file=sys.stderr)
+        self._recipes = {}
+        return n
 
     # ------------------------------------------------------------------ measuring
     def _xp(self):
