@@ -210,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlap", action="store_true",
                    help="predict with gradient allreduces blocking in opt.step() instead of "
                         "overlapped with backward (train.py --no-overlap)")
+    p.add_argument("--min-gain", type=float, default=None, metavar="FRAC",
+                   help="return a mixed plan only if it is predicted faster than every "
+                        "uniform plan (one strategy for all layers) by more than this "
+                        "fraction (default 0.05: distconv.planner.auto.MIN_GAIN; 0 returns "
+                        "the fastest predicted plan)")
     p.add_argument("--out", default="plan.json", metavar="PLAN.json",
                    help="plan file to write (default plan.json)")
     p.add_argument("--quiet", action="store_true",
@@ -346,7 +351,9 @@ def run_plan(args, machine, source: str, ranks: int, say) -> dict:
                               # plan_model reads None as "the machine's limit"
                               memory_limit=float("inf") if limit is None else limit,
                               item=4 if args.dtype == "float32" else 8,
-                              optimizer=args.optimizer, overlap=not args.no_overlap)
+                              optimizer=args.optimizer, overlap=not args.no_overlap,
+                              min_gain=(auto.MIN_GAIN if args.min_gain is None
+                                        else args.min_gain))
     except ValueError as e:
         msg = str(e)
         if msg.startswith("no plan fits") or "memory limit" in msg:
@@ -416,6 +423,8 @@ def main(argv=None) -> int:
     if args.ranks is None and not calibrate:
         parser.error("--ranks: expected the target rank count (an integer >= 1), got "
                      "nothing; it is required unless --machine calibrate")
+    if args.min_gain is not None and not 0.0 <= args.min_gain < 10.0:
+        parser.error(f"--min-gain: expected a fraction >= 0 (e.g. 0.05), got {args.min_gain}")
     ranks = args.ranks if args.ranks is not None else size
 
     def say(msg=""):
