@@ -577,11 +577,19 @@ def main(argv=None):
     auto_plan = comm.mpi.bcast(res["plan"], root=0)
     auto_plan = {n: tuple(auto_plan[n]) for n in graph.strategic_names()}  # graph order
     auto_info = comm.mpi.bcast({"chosen": res.get("chosen"),
+                                "fastest": res.get("fastest"), "min_gain": res.get("min_gain"),
                                 "candidates": res.get("candidates"),
                                 "search_s": res["search_s"]}, root=0)
     say(f"auto plan (plan_model, {auto_info['chosen']}) in {time.perf_counter() - t:.2f} s: "
         f"{plan_text(auto_plan)}")
     plans = list(hands) + [("auto", auto_plan)]
+    fastest = comm.mpi.bcast(res.get("fastest_plan"), root=0)
+    if fastest is not None:
+        fastest = {n: tuple(fastest[n]) for n in graph.strategic_names()}
+        if fastest != auto_plan:  # plan_model kept a uniform plan within min_gain of it
+            plans.append(("auto-fastest", fastest))
+            say(f"the fastest predicted plan ({auto_info['fastest']}, measured too as "
+                f"auto-fastest): {plan_text(fastest)}")
     same_as = next((lab for lab, pl in hands if pl == auto_plan), None)
 
     def predictions(cm):
@@ -752,7 +760,8 @@ def main(argv=None):
                 summary["same_plan_control"] = {
                     "hand": same_as, "auto_s": a["measured_s"], "hand_s": h["measured_s"],
                     "diff": abs(a["measured_s"] - h["measured_s"])
-                    / min(a["measured_s"], h["measured_s"])}
+                    / min(a["measured_s"], h["measured_s"]),
+                    "paired": summary["auto_paired"].get(same_as)}
             if preds2 is not None:
                 for k in ("pass1", "pass2"):
                     alt = [dict(r, predicted_s=r[f"predicted_{k}_s"]) for r in rows]

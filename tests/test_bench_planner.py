@@ -68,7 +68,7 @@ def test_quick_two_ranks(tmp_path):
     assert 0 <= s["rank_pairs_agree"] <= s["rank_pairs"]
     assert math.isfinite(s["auto_over_best_hand"])
     # paired: one entry per hand plan, the largest median is the reported ratio
-    hands = [lab for lab in labels if lab != "auto"]
+    hands = [lab for lab in labels if lab not in ("auto", "auto-fastest")]
     assert set(s["auto_paired"]) == set(hands)
     assert s["best_hand_paired"] in hands
     assert s["auto_over_best_hand_paired"] == max(q["median"] for q in s["auto_paired"].values())
@@ -244,3 +244,19 @@ def test_paired_ratio_uses_repetitions_clean_for_both():
     q = rep.paired_ratio(a["measured"], _row("h", [10.0] * 3)["measured"])
     assert q["n"] == 3 and not q["from_clean"] and q["median"] == 2.0
     assert rep.paired_ratio({"steps_s": []}, h["measured"]) is None
+
+
+def test_auto_fastest_is_not_a_hand_plan():
+    """The planner's fastest predicted plan (measured as "auto-fastest" when plan_model
+    returned a uniform plan within min_gain of it) is compared with the hand plans like
+    the auto plan, never counted as one."""
+    rep = _report()
+    modes = [45.0, 57.0] * 4
+    hand = _row("channel", modes)
+    auto = _row("auto", modes)
+    fastest = _row("auto-fastest", [m * 0.9 for m in modes])
+    c = rep.compare([hand, auto, fastest], 0.2)
+    assert c["best_hand"] == "channel" and set(c["auto_paired"]) == {"channel"}
+    assert c["auto_over_best_hand_paired"] == 1.0
+    assert abs(c["fastest_over_best_hand_paired"] - 0.9) < 1e-12
+    assert c["fastest_best_hand_paired"] == "channel"

@@ -74,7 +74,8 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     simulate(data parallel), "chosen": which candidate won ("data parallel", "search
     (allreduce weight w)" or "uniform sample=s,channel=c,filter=f"), "candidates":
     {candidate: predicted step seconds} (data parallelism, the searches and the fastest
-    other uniform plan), "fastest": the fastest candidate's name, "min_gain",
+    other uniform plan), "fastest" and "fastest_plan": the fastest candidate's name and
+    plan (the result with ``min_gain=0``), "min_gain",
     "speedup_vs_dp": dp step / plan step, "search_s": seconds of all searches,
     "memory_limit", "cost": the CostModel, "graph": the traced Graph}``.
     """
@@ -124,7 +125,7 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
         shown.append(min(others, key=step))
     return {"plan": plan, "predicted": pred, "dp": dp, "chosen": name,
             "candidates": {n: sm["step_s"] for n, _, sm in shown},
-            "fastest": best[0], "min_gain": float(min_gain),
+            "fastest": best[0], "fastest_plan": best[1], "min_gain": float(min_gain),
             "speedup_vs_dp": dp["step_s"] / pred["step_s"] if pred["step_s"] > 0 else 1.0,
             "search_s": seconds, "memory_limit": memory_limit,
             "cost": cost, "graph": graph}
