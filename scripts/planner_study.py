@@ -182,6 +182,8 @@ def run_case(model_name, n, p, shape, classes, machine, optimizer):
     rec["dp_local_bn_step_s"] = simulate_local_bn(cost, auto.data_parallel(res["graph"], p))
     rec["speedup_vs_dp_local_bn"] = rec["dp_local_bn_step_s"] / pr["step_s"]
     rec["chosen"] = res["chosen"]
+    rec["fastest"] = res["fastest"]  # the fastest predicted candidate (min_gain 0)
+    rec["fastest_speedup_vs_dp"] = dp["step_s"] / res["candidates"][res["fastest"]]
     rec["candidates_step_s"] = dict(res["candidates"])
     add = res["candidates"].get(ADDITIVE)
     rec["additive_only"] = None if add is None else {
@@ -247,7 +249,7 @@ def markdown(records) -> str:
             f"**{r['speedup_vs_dp']:.2f}x**", "" if dpn is None else f"{dpn:.2f}x",
             f"{r['speedup_vs_dp_local_bn']:.2f}x",
             _chosen(r["chosen"]) + (" (= DP)" if r["chosen"] != "data parallel"
-                                    and _is_dp(r) else ""), _additive(r),
+                                    and _is_dp(r) else ""), _additive(r), _fastest(r),
             f"{r['search_s']:.1f}", f"{r['plan_model_s']:.1f}"])
         t2.append(base + [
             f"{pl['compute_s'] * 1e3:.1f} / {dp['compute_s'] * 1e3:.1f}",
@@ -264,11 +266,16 @@ def markdown(records) -> str:
            "the gradient allreduce counted at that weight; DP: pure data parallelism). "
            "additive only: speedup over DP of the weight-1 search's plan alone (what "
            "plan_model returned before commit 6bbccff; = when it is the chosen plan; (= DP): "
-           "the chosen search plan is pure data parallelism, which ties DP). "
+           "the chosen search plan is pure data parallelism, which ties DP; U sXcYfZ: the "
+           "uniform plan (sample=X, channel=Y, filter=Z for every layer), returned because "
+           "no mixed plan was predicted more than min_gain = 5% faster). fastest: speedup "
+           "over DP of the fastest predicted candidate (plan_model with min_gain=0; = when "
+           "it is the chosen plan). "
            "search s: the three searches; plan_model s: the whole call (trace, cost model, "
            "searches, simulations).", ""]
     out += _table(["model", "P", "N", "N/P", "plan ms", "DP ms", "speedup", "vs DP-on-N",
-                   "vs local-BN DP", "chosen", "additive only", "search s", "plan_model s"], t1)
+                   "vs local-BN DP", "chosen", "additive only", "fastest", "search s",
+                   "plan_model s"], t1)
     out += ["", "Where the time goes, plan / DP (ms per step; sync = gradient allreduce, "
             "exposed = the part not hidden behind backward), allreduce time and bytes "
             "ratios DP / plan, memory per rank (GB, limit 16 GB).", ""]
@@ -285,6 +292,9 @@ def markdown(records) -> str:
 def _chosen(name: str) -> str:
     if name == "data parallel":
         return "DP"
+    if name.startswith("uniform "):  # "uniform sample=s,channel=c,filter=f" -> "U s.c.f."
+        v = [kv.split("=")[1] for kv in name.split(" ", 1)[1].split(",")]
+        return f"U s{v[0]}c{v[1]}f{v[2]}"
     w = name.rsplit(" ", 1)[-1].rstrip(")")
     return {"1": "w1", "0.5": "w1/2", "0": "w0"}.get(w, name)
 
@@ -299,6 +309,13 @@ def _additive(r) -> str:
     if a is None:
         return "n/a"
     return "=" if r["chosen"] == ADDITIVE else f"{a['speedup_vs_dp']:.2f}x"
+
+
+def _fastest(r) -> str:
+    f = r.get("fastest")
+    if f is None:
+        return "n/a"
+    return "=" if f == r["chosen"] else f"{r['fastest_speedup_vs_dp']:.2f}x"
 
 
 def _ratio(x):

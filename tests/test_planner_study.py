@@ -1,0 +1,40 @@
+"""scripts/planner_study.py on a CI-sized case: the JSON and Markdown it writes.
+
+The paper-scale run (ResNet-50 / Wide-ResNet-50-2 on up to 1024 ranks) takes minutes
+and is committed under benchmarks/results; here a ResNet-18 on 32x32 images on 2 and 4
+ranks checks the records: the chosen plan is the fastest predicted one or a uniform plan
+within ``MIN_GAIN`` of it, and every number is finite.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "planner_study.py"
+
+
+def test_small_study(tmp_path):
+    from distconv.planner.auto import MIN_GAIN
+    out, md = tmp_path / "s.json", tmp_path / "s.md"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--models", "resnet18", "--ranks", "4",
+                        "--per-gpu", "1", "--global-batch", "2", "--extra",
+                        "resnet18:2:2:3x32x32", "--image-shape", "3,32,32",
+                        "--num-classes", "10", "--machine", "dev_2core", "--json", str(out),
+                        "--markdown", str(md)],
+                       capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    recs = doc["records"]
+    assert len(recs) == 3  # P=4 N=4, P=4 N=2, and the extra case
+    for rec in recs:
+        assert math.isfinite(rec["speedup_vs_dp"]) and rec["speedup_vs_dp"] > 0
+        assert rec["fastest"] in rec["candidates_step_s"]
+        assert rec["chosen"] == rec["fastest"] or rec["chosen"].startswith(
+            ("uniform ", "data parallel"))
+        # the chosen plan is at most MIN_GAIN slower than the fastest predicted
+        assert rec["fastest_speedup_vs_dp"] >= rec["speedup_vs_dp"] - 1e-12
+        assert rec["fastest_speedup_vs_dp"] <= rec["speedup_vs_dp"] * (1 + MIN_GAIN) + 1e-12
+    text = md.read_text()
+    assert "| chosen |" in text and "fastest" in text
