@@ -562,3 +562,24 @@ def test_fast_layer_table_equals_layer_by_layer(p):
             slow = generic_layer_table(cost_of(graph, p), layer, dists, cost.strategies)
             for f, g in zip(fast, slow):
                 np.testing.assert_allclose(f, g, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("p,C", [(4, 8), (4, 6), (8, 12), (32, 64)])
+def test_join_cost_shared_by_layout_equals_a_fresh_computation(p, C):
+    """CostModel.join shares one cost among shortcut/body pairs on different grids with
+    the same physical layouts; every pair must still get exactly what a fresh cost model
+    computes for it alone (uneven C included: those are never shared)."""
+    model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1))
+    graph = trace(model, (8, 3, 5, 5))
+    machine = Machine(ranks_per_node=2)
+    shape = (8, C, 5, 5)
+    strategies = factorizations(p)
+    dists = [act_dist(st, 4) for st in strategies]
+    shared = CostModel(graph, p, machine)
+    for b in dists:
+        for d in dists:
+            got = shared.join(shape, b, d)
+            want = CostModel(graph, p, machine).join(shape, b, d)
+            assert got.out_dist == b
+            assert (got.time, got.bytes, got.comm_fwd, got.comm_bwd, got.compute_fwd) == (
+                want.time, want.bytes, want.comm_fwd, want.comm_bwd, want.compute_fwd), (b, d)

@@ -25,6 +25,8 @@ than 64 ranks count the bytes a rank receives for both directions (O(1) per rank
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 from ..distribution import block_sizes
@@ -243,6 +245,18 @@ class CostModel:
         got = self._cache.get(key)
         if got is not None:
             return got
+        # between two grids the join's cost depends only on where the elements lie (see
+        # _layout): pairs with the same physical layouts share it (~K^2 pairs per block,
+        # ~(number of layouts)^2 distinct ones)
+        pkey = None
+        if body_dist.grid.shape != short_dist.grid.shape:
+            lb, ls = _phys_layout(body_dist, shape), _phys_layout(short_dist, shape)
+            if lb is not None and ls is not None:
+                pkey = ("join-layout", shape, lb, ls)
+                twin = self._cache.get(pkey)
+                if twin is not None:
+                    c = self._cache[key] = dataclasses.replace(twin, out_dist=body_dist)
+                    return c
         per = self._events(lambda r: join_events(shape, body_dist, short_dist, r, self.item))
         c = LayerCost(out_dist=body_dist)
         c.comm_fwd, b1 = self.events_time([x[0] for x in per])
@@ -253,6 +267,8 @@ class CostModel:
         c.compute_fwd = self.compute.add(n) + of
         c.compute_bwd = self.compute.add(n) + ob
         self._cache[key] = c
+        if pkey is not None:
+            self._cache[pkey] = c
         return c
 
     def _compute(self, layer, st, in_dist, c: LayerCost) -> None:
@@ -346,17 +362,26 @@ def _layout(d, st, shape):
     """
     if st is None or d.pending or d.grid.shape == tuple(st):
         return d
+    lay = _phys_layout(d, shape)
+    return d if lay is None else lay
+
+
+def _phys_layout(d, shape):
+    """``("act", s, c*f, ndim)`` for a between-layer distribution whose elements lie as on
+    grid ``(s, 1, c*f)`` (see :func:`_layout`), else None."""
+    if d.pending:
+        return None
     sp = d.split
     if (sp[0] in ((), ("sample",)) and sp[1] in ((), ("channel",), ("filter",),
                                                 ("channel", "filter"))
             and not any(sp[2:]) and d.grid.names == ("sample", "channel", "filter")):
         s, c, f = d.grid.shape
         if c > 1 and f > 1 and shape[1] % (c * f):
-            return d  # C splits in c blocks, each in f: not the flat c*f blocks when uneven
+            return None  # C splits in c blocks, each in f: not the flat c*f blocks if uneven
         used = set(sp[0]) | set(sp[1])  # axes of size 1 are dropped from a split
         if all(n == 1 or a in used for a, n in zip(d.grid.names, d.grid.shape)):
             return ("act", s, c * f, len(sp))
-    return d
+    return None
 
 
 def _compute_kw(machine) -> dict:
