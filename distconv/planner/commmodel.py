@@ -253,14 +253,26 @@ def _cross_grid(shape, cur, target, rank, item, ev):
         base = _redistribute(shape, cur, target.replace(pending=()), rank, item, ev)
         return _redistribute(shape, base, target, rank, item, ev)
     if cur.pending:
-        split = [list(s) for s in cur.split]
-        first = _local(cur, shape, 0)
-        dims = [i for i in range(len(shape)) if target.split[i]] or list(range(len(shape)))
-        for a in cur.pending:
-            d = max(dims, key=lambda i: (first[i], -i))
-            split[d].append(a)
-        cur = _redistribute(shape, cur, cur.replace(split=split, pending=()), rank, item, ev)
+        dims = tuple(i for i in range(len(shape)) if target.split[i]) or tuple(range(len(shape)))
+        evs, cur = _unpend(shape, cur, dims, rank, item, EXACT)
+        ev.extend(evs)
     return _general(shape, cur, target, rank, item, ev)
+
+
+@lru_cache(maxsize=200000)
+def _unpend(shape, cur, dims, rank, item, exact):
+    """``(events, distribution)`` of reducing ``cur``'s pending sums before a between-grid
+    move: each pending axis splits the largest of ``dims`` of rank 0's block (as
+    ``DistTensor.redistribute`` does). Cached: one layer's input gradient arrives the
+    same way whatever layout the previous layer wants it in."""
+    split = [list(s) for s in cur.split]
+    first = _local(cur, shape, 0)
+    for a in cur.pending:
+        d = max(dims, key=lambda i: (first[i], -i))
+        split[d].append(a)
+    ev: list = []
+    out = _redistribute(shape, cur, cur.replace(split=split, pending=()), rank, item, ev)
+    return tuple(ev), out
 
 
 def _inter_size(b1, b2):

@@ -227,14 +227,16 @@ class CostModel:
         import numpy as np
         K = len(self.strategies)
         T, Mm, W, Sy = (np.empty((len(in_dists), K)) for _ in range(4))
+        # _layout(d, st) is d on st's own grid, else d's physical layout (if it has one)
+        phys = [_phys_layout(d, layer.in_shape) for d in in_dists]
         for b, st in enumerate(self.strategies):
             base = self.layer(layer, st, in_dists[0])
             (f0, _), (b0, _) = self._entry_cost(layer, st, in_dists[0])
             rest = base.time - f0 - b0
             Mm[:, b], W[:, b], Sy[:, b] = base.mem, base.work, base.sync
-            own = st
+            own = tuple(st)
             for a, d in enumerate(in_dists):
-                lay = d if d.grid.shape == own else _layout(d, st, layer.in_shape)
+                lay = d if (phys[a] is None or d.grid.shape == own) else phys[a]
                 (fa, _), (ba, _) = self._entry_cost(layer, st, d, lay=lay)
                 T[a, b] = rest + fa + ba
         return T, Mm, W, Sy
