@@ -29,7 +29,10 @@ One MPI job does everything:
 5. Plans: the hand plans (uniform sample, channel and filter splits; on 4 ranks the
    2x2 mixes too; and mixed per-layer plans, see ``hand_plans``) and the planner's own
    plan (``auto``: :func:`distconv.planner.auto.plan_model` with the same machine and
-   compute model, ``overlap=False``, no memory limit).
+   compute model, ``overlap=False``, no memory limit); when ``plan_model`` kept a
+   uniform plan within ``MIN_GAIN`` of its fastest predicted plan, that plan is timed
+   too (``auto-fastest``; compared with the hand plans like ``auto``, never counted as
+   one).
    ``predicted`` = :func:`distconv.planner.simulate.simulate` ``(cost, plan,
    overlap=False)``: the gradient allreduce is blocking and not overlapped, exactly as the
    measured step runs it.
