@@ -229,14 +229,16 @@ class LinearWarmup(LRScheduler):
 class GradientSync:
     """Overlap the segmented gradient allreduce with backward.
 
-    Wraps the ``backward`` of every module that owns parameters: as soon as a layer's
-    backward returns, its pending gradients join a bucket (one per replica communicator
-    and dtype); a bucket of at least ``bucket_bytes`` is sent with a nonblocking allreduce
-    over that replica group while earlier layers compute. ``wait()`` (called by
-    :meth:`Optimizer.step`) flushes the rest and stores the summed gradients.
-    ``exposed_time`` is the time spent blocked in ``wait()``. With ``overlap=False`` the
-    same buckets are sent only in ``wait()``, so their whole allreduce time is exposed:
-    the hidden share is ``1 - exposed(overlap) / exposed(no overlap)``.
+    Registers a post-accumulate-grad hook on every parameter of ``model``
+    (:meth:`distconv.nn.Parameter.register_post_accumulate_grad_hook`): as soon as a
+    backward pass has completed a parameter's gradient, a gradient still pending over its
+    replica group joins a bucket (one per replica communicator and dtype); a bucket of at
+    least ``bucket_bytes`` is sent with a nonblocking allreduce over that replica group
+    while earlier layers compute. ``wait()`` (called by :meth:`Optimizer.step`) flushes the
+    rest and stores the summed gradients. ``exposed_time`` is the time spent blocked in
+    ``wait()``. With ``overlap=False`` the same buckets are sent only in ``wait()``, so their
+    whole allreduce time is exposed: the hidden share is
+    ``1 - exposed(overlap) / exposed(no overlap)``. ``remove()`` unregisters the hooks.
     """
 
     def __init__(self, model: Module, optimizer: Optimizer | None = None,
@@ -247,27 +249,20 @@ class GradientSync:
         self._inflight: list = []
         self.exposed_time = 0.0
         self.bytes = 0
-        for _, m in model.named_modules():
-            if m._parameters:
-                self._wrap(m)
+        self._handles = [p.register_post_accumulate_grad_hook(self._grad_ready)
+                         for p in model.parameters()]
         if optimizer is not None:
             optimizer.sync = self
 
-    def _wrap(self, m):
-        orig = m.backward
-        sync = self
+    def remove(self) -> None:
+        """Unregister the hooks (the model's backward no longer starts allreduces)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
-        def backward(dy):
-            dx = orig(dy)
-            sync._layer_done(m)
-            return dx
-        object.__setattr__(m, "backward", backward)
-
-    def _layer_done(self, m):
-        for p in m._parameters.values():
-            g = p.grad
-            if g is None or not g.distribution.pending:
-                continue
+    def _grad_ready(self, p):
+        g = p.grad
+        if g is not None and g.distribution.pending:
             key = (id(g.grid), g.distribution.pending, str(g.dtype))
             b = self._buckets.setdefault(key, [])
             b.append(p)

@@ -2,15 +2,16 @@
 
 ::
 
-    prof = Profiler(model)               # wraps forward/backward of every leaf module
+    prof = Profiler(model)               # hooks on every leaf module
     for step in range(n):
         prof.step_begin()
-        y = model(x); model.backward(dy); sync_gradients(model.parameters())
+        loss = crit(model(x), labels); loss.backward(); sync_gradients(model.parameters())
         prof.step_end()
     print(prof.table()); prof.to_json("profile.json"); d = prof.summary()
 
 A *leaf* is a module with no sub-modules (Conv2d, BatchNorm2d, ReLU, ...). Each call of a
-leaf's ``forward`` / ``backward`` records its wall time and the difference of
+leaf's forward and the backward of each recorded call (forward pre/post hooks and full
+backward pre/post hooks, PyTorch's names) record its wall time and the difference of
 ``distconv.comm.world().stats()`` before and after it (sub-communicators share that
 statistics object), per collective kind: calls, bytes sent, bytes received, time.
 Communication during a step but outside every leaf call (e.g. a residual join's
@@ -20,8 +21,8 @@ so the layers' bytes plus ``"(outside)"`` equal the step's ``stats()`` totals.
 ``compute = wall - comm time`` per layer. ``exposed communication`` of a step = the
 communication time inside leaf calls + the blocking (not ``*_wait``) communication outside
 them + the time blocked in ``GradientSync.wait`` (``Profiler(model, sync=...)``; without
-one, the time of the ``*_wait`` kinds outside the layers). The wrappers only time and call
-the original methods, so results are unchanged. ``remove()`` restores the methods.
+one, the time of the ``*_wait`` kinds outside the layers). The hooks only read clocks and
+counters, so results are unchanged. ``remove()`` unregisters them.
 """
 from __future__ import annotations
 
@@ -87,43 +88,44 @@ class Profiler:
             self._types[name] = type(m).__name__
             self._wrap(name, m)
 
-    # ------------------------------------------------------------ wrapping
+    # ------------------------------------------------------------ hooks
     def _wrap(self, name, m):
         prof = self
-        had = {a: a in m.__dict__ for a in ("forward", "backward")}
-        orig_f, orig_b = m.forward, m.backward
+        open_calls = []  # (phase, t0, stats0) of the calls of m in progress
 
-        def make(orig, phase):
-            def wrapper(arg):
+        def begin(phase):
+            def hook(*args):
                 if prof._cur is None or prof._depth:
-                    return orig(arg)
+                    open_calls.append(None)
+                    return None
                 prof._depth += 1
-                s0 = prof.comm.stats()
-                t0 = time.perf_counter()
-                try:
-                    return orig(arg)
-                finally:
-                    t1 = time.perf_counter()
-                    s1 = prof.comm.stats()
-                    prof._depth -= 1
-                    rec = prof._cur["layers"].setdefault(name, _new_layer())
-                    rec[phase + "_s"] += t1 - t0
-                    rec[phase + "_calls"] += 1
-                    _add_kinds(rec["kinds"], _delta(s1, s0))
-            return wrapper
+                open_calls.append((phase, prof.comm.stats(), time.perf_counter()))
+                return None
+            return hook
 
-        object.__setattr__(m, "forward", make(orig_f, "forward"))
-        object.__setattr__(m, "backward", make(orig_b, "backward"))
-        self._wrapped.append((m, had, orig_f, orig_b))
+        def end(*args):
+            entry = open_calls.pop()
+            if entry is None:
+                return None
+            phase, s0, t0 = entry
+            t1 = time.perf_counter()
+            s1 = prof.comm.stats()
+            prof._depth -= 1
+            rec = prof._cur["layers"].setdefault(name, _new_layer())
+            rec[phase + "_s"] += t1 - t0
+            rec[phase + "_calls"] += 1
+            _add_kinds(rec["kinds"], _delta(s1, s0))
+            return None
+
+        self._wrapped += [m.register_forward_pre_hook(begin("forward")),
+                          m.register_forward_hook(end),
+                          m.register_full_backward_pre_hook(begin("backward")),
+                          m.register_full_backward_hook(end)]
 
     def remove(self) -> None:
-        """Restore the original ``forward``/``backward`` of every wrapped module."""
-        for m, had, of, ob in self._wrapped:
-            for attr, orig in (("forward", of), ("backward", ob)):
-                if had[attr]:
-                    object.__setattr__(m, attr, orig)
-                else:
-                    m.__dict__.pop(attr, None)
+        """Unregister every hook."""
+        for h in self._wrapped:
+            h.remove()
         self._wrapped = []
 
     # ------------------------------------------------------------ steps

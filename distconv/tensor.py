@@ -31,7 +31,7 @@ class DistTensor:
     ``distribution.local_shape(global_shape)``.
     """
 
-    __slots__ = ("local", "distribution", "shape")
+    __slots__ = ("local", "distribution", "shape", "grad_fn", "requires_grad", "grad")
 
     def __init__(self, local, distribution: Distribution, global_shape):
         global_shape = tuple(int(s) for s in global_shape)
@@ -43,6 +43,11 @@ class DistTensor:
         self.local = local
         self.distribution = distribution
         self.shape = global_shape
+        #: the recorded call that produced this tensor (None: a leaf); see distconv.autograd
+        self.grad_fn = None
+        #: a leaf whose gradient ``backward`` adds into ``grad``, as ``torch.Tensor``
+        self.requires_grad = False
+        self.grad = None
 
     # ------------------------------------------------------------- properties
     @property
@@ -93,14 +98,51 @@ class DistTensor:
     def to_global(self):
         """The whole tensor on every rank (allgather / allreduce as needed); an xp array."""
         full = Distribution.replicated(self.grid, self.ndim)
-        return self.redistribute(full).local
+        return self._move(full).local
 
     def copy(self) -> "DistTensor":
         return DistTensor(self.local.copy(), self.distribution, self.shape)
 
+    # ------------------------------------------------------------ autograd
+    def backward(self, gradient=None) -> None:
+        """Backpropagate ``gradient`` (a DistTensor or the same global array on every rank,
+        of this tensor's shape) through the recorded graph, as ``torch.Tensor.backward``:
+        parameter gradients and the ``grad`` of leaves with ``requires_grad`` accumulate."""
+        from . import autograd
+        if gradient is None:
+            raise RuntimeError(f"backward of a tensor of shape {self.shape} needs a gradient "
+                               f"of that shape (only a loss is differentiated implicitly)")
+        if not isinstance(gradient, DistTensor):
+            from .backend import get_xp
+            gradient = DistTensor.from_global(get_xp().asarray(gradient),
+                                              self.distribution.replace(pending=()))
+        if tuple(gradient.shape) != tuple(self.shape):
+            raise ValueError(f"backward: gradient has shape {tuple(gradient.shape)}, expected "
+                             f"{tuple(self.shape)}")
+        autograd.backward([self], [gradient])
+
+    def __add__(self, other):
+        from .functional import add
+        return add(self, other)
+
+    def __radd__(self, other):
+        if isinstance(other, (int, float)) and other == 0:  # sum([a, b, ...])
+            return self
+        return NotImplemented
+
     # ------------------------------------------------------------ redistribute
     def redistribute(self, target: Distribution) -> "DistTensor":
-        """This tensor laid out as ``target`` (same global shape); self if already so."""
+        """This tensor laid out as ``target`` (same global shape); self if already so.
+
+        Differentiable: when gradients are recorded and this tensor is part of the graph,
+        the move is recorded and its adjoint is the move back (a pending sum's gradient is
+        the value replicated over the pending axes)."""
+        if self.grad_fn is None and not self.requires_grad:
+            return self._move(target)
+        return recorded_move(self, target)
+
+    def _move(self, target: Distribution) -> "DistTensor":
+        """``redistribute`` without recording."""
         if target.ndim != self.ndim:
             raise ValueError(f"cannot redistribute a {self.ndim}-d tensor to {target}")
         if target == self.distribution:
@@ -119,7 +161,7 @@ class DistTensor:
         if _needs_general(t.distribution, target):
             # pending axes still here are kept by the target: they stay where they are
             return _general(t, target.replace(pending=t.distribution.pending)
-                            ).redistribute(target)
+                            )._move(target)
         changed = True
         while changed:
             changed = False
@@ -146,6 +188,18 @@ class DistTensor:
             t = DistTensor(local, t.distribution.replace(pending=target.pending), t.shape)
         assert t.distribution == target, (t.distribution, target)
         return t
+
+
+def recorded_move(t: DistTensor, target: Distribution) -> DistTensor:
+    """``t._move(target)``, recorded as an autograd node (when recording) even for a leaf
+    that does not require grad, so the gradient of the result reaches ``t``."""
+    out = t._move(target)
+    if out is not t:
+        from . import autograd
+        src = t.distribution.replace(pending=())
+        autograd.record("redistribute", lambda dy, needs: (dy._move(src) if needs[0] else None,),
+                        [t], out)
+    return out
 
 
 # ---------------------------------------------------------------- the steps
@@ -243,8 +297,8 @@ def _cross_grid(t: DistTensor, target: Distribution) -> DistTensor:
                          f"{src_grid} and {dst_grid}")
     if target.pending:
         # go to the target's layout without pending, then add the pending axes locally
-        base = DistTensor.redistribute(t, target.replace(pending=()))
-        return base.redistribute(target)
+        base = DistTensor._move(t, target.replace(pending=()))
+        return base._move(target)
     if t.distribution.pending:
         # reduce-scatter each pending axis onto the dimension with the largest blocks; judged
         # by the block at grid coordinate 0 so that every rank picks the same dimension
@@ -256,7 +310,7 @@ def _cross_grid(t: DistTensor, target: Distribution) -> DistTensor:
         for a in src.pending:
             d = max(dims, key=lambda i: (first[i], -i))
             split[d].append(a)
-        t = t.redistribute(src.replace(split=split, pending=()))
+        t = t._move(src.replace(split=split, pending=()))
     return _general(t, target)
 
 
@@ -265,57 +319,87 @@ def _general(t: DistTensor, target: Distribution) -> DistTensor:
     block that it does not hold, each from one holder (the one with the same coordinates on
     the source's replica axes). Pending axes of ``t`` (same grid only) must be the
     target's too: addends move only between ranks with the same pending coordinates."""
-    src_grid, dst_grid = t.grid, target.grid
-    comm = src_grid.comm
-    src = t.distribution
-    xp = array_module(t.local)
+    zero = (0,) * t.ndim
+    return exchange([(t, zero)], [(target, t.shape, zero)])[0]
+
+
+def _inter(b1, b2):
+    out = tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(b1, b2))
+    return out if all(e > s for s, e in out) else None
+
+
+def _rel(box, base):
+    return tuple(slice(s - b[0], e - b[0]) for (s, e), b in zip(box, base))
+
+
+def _shift(box, off):
+    return tuple((s + o, e + o) for (s, e), o in zip(box, off))
+
+
+def exchange(sources, targets) -> list:
+    """Move the blocks of several tensors into several layouts with ONE alltoallv.
+
+    sources: ``[(DistTensor, offset)]``; targets: ``[(Distribution, global shape, offset)]``.
+    Every tensor occupies the box ``[offset, offset + shape)`` of one common index space (a
+    concatenation puts its inputs side by side on one dimension). Each rank receives exactly
+    the elements of its target blocks that it does not hold itself, each from one holder per
+    source (the one with the same coordinates on that source's replica axes), so the volume
+    sent is the minimum. All grids must be over the same communicator; sources with pending
+    axes must have them in every target (same grid). Returns one DistTensor per target.
+    """
+    comm = sources[0][0].grid.comm
+    for t, _ in sources:
+        if t.grid.comm is not comm and t.grid.comm.mpi != comm.mpi:
+            raise ValueError(f"exchange: grids on different communicators: {t.grid}, "
+                             f"{sources[0][0].grid}")
     p, me = comm.size, comm.rank
-    shape = t.shape
-    rep_idx = [src_grid.index(a) for a in src.replica_axes + src.pending]
-    my_src_coords = src_grid.coords
-    my_rep = tuple(my_src_coords[i] for i in rep_idx)
-    my_src_box = src.box(shape, my_src_coords)
-    my_dst_box = target.box(shape, dst_grid.coords_of(me))
-
-    def inter(b1, b2):
-        out = tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(b1, b2))
-        return out if all(e > s for s, e in out) else None
-
-    def rel(box, base):
-        return tuple(slice(s - b[0], e - b[0]) for (s, e), b in zip(box, base))
-
-    out = xp.empty(tuple(e - s for s, e in my_dst_box), t.local.dtype)
+    xp = array_module(sources[0][0].local)
+    src = []  # per source: (tensor, distribution, offset, replica axis indices, my coords)
+    for t, off in sources:
+        d = t.distribution
+        rep_idx = [t.grid.index(a) for a in d.replica_axes + d.pending]
+        mine = t.grid.coords
+        src.append((t, d, off, rep_idx, tuple(mine[i] for i in rep_idx),
+                    _shift(d.box(t.shape, mine), off)))
+    dst = []  # per target: (distribution, shape, offset, my box, out array)
+    for dist, shape, off in targets:
+        box = _shift(dist.box(shape, dist.grid.coords_of(me)), off)
+        dst.append((dist, shape, off, box,
+                    xp.empty(tuple(e - s for s, e in box), sources[0][0].local.dtype)))
     send_parts, send_counts, recv_boxes, recv_counts = [], [], [], []
     for q in range(p):
-        q_src_coords = src_grid.coords_of(q)
-        q_rep = tuple(q_src_coords[i] for i in rep_idx)
-        # what I send to q: my block ∩ q's target box, if I am q's chosen replica
-        box = inter(my_src_box, target.box(shape, dst_grid.coords_of(q))) \
-            if q_rep == my_rep else None
-        if q == me:
-            if box is not None:
-                out[rel(box, my_dst_box)] = t.local[rel(box, my_src_box)]
-            send_counts.append(0)
-            recv_counts.append(0)
-            recv_boxes.append(None)
-            continue
-        if box is not None:
-            part = t.local[rel(box, my_src_box)]
-            send_parts.append(part.reshape(-1))
-            send_counts.append(part.size)
-        else:
-            send_counts.append(0)
-        # what I receive from q: q's block ∩ my target box, if q is my chosen replica
-        rbox = inter(src.box(shape, q_src_coords), my_dst_box) if q_rep == my_rep else None
-        recv_boxes.append(rbox)
-        recv_counts.append(0 if rbox is None else int(np.prod([e - s for s, e in rbox])))
-    send = xp.concatenate(send_parts) if send_parts else xp.empty(0, t.local.dtype)
+        sent, boxes, got = 0, [], 0
+        for t, d, off, rep_idx, my_rep, my_box in src:
+            qc = t.grid.coords_of(q)
+            if tuple(qc[i] for i in rep_idx) != my_rep:
+                continue
+            q_box = _shift(d.box(t.shape, qc), off)
+            for j, (dist, shape, doff, dbox, out) in enumerate(dst):
+                # what I send to q: my block ∩ q's target box
+                box = _inter(my_box, _shift(dist.box(shape, dist.grid.coords_of(q)), doff))
+                if q == me:
+                    if box is not None:
+                        out[_rel(box, dbox)] = t.local[_rel(box, my_box)]
+                    continue
+                if box is not None:
+                    part = t.local[_rel(box, my_box)]
+                    send_parts.append(part.reshape(-1))
+                    sent += part.size
+                # what I receive from q: q's block ∩ my target box
+                rbox = _inter(q_box, dbox)
+                if rbox is not None:
+                    boxes.append((j, rbox))
+                    got += int(np.prod([e - s for s, e in rbox]))
+        send_counts.append(sent)
+        recv_counts.append(got)
+        recv_boxes.append(boxes)
+    send = xp.concatenate(send_parts) if send_parts else xp.empty(0, sources[0][0].local.dtype)
     flat = comm.alltoallv_flat(send, send_counts, recv_counts)
     off = 0
-    for q, rbox in enumerate(recv_boxes):
-        if rbox is None:
-            continue
-        n = recv_counts[q]
-        out[rel(rbox, my_dst_box)] = flat[off:off + n].reshape([e - s for s, e in rbox])
-        off += n
-    return DistTensor(out, target, shape)
+    for boxes in recv_boxes:
+        for j, rbox in boxes:
+            n = int(np.prod([e - s for s, e in rbox]))
+            out, dbox = dst[j][4], dst[j][3]
+            out[_rel(rbox, dbox)] = flat[off:off + n].reshape([e - s for s, e in rbox])
+            off += n
+    return [DistTensor(out, dist, shape) for dist, shape, _, _, out in dst]

@@ -9,9 +9,10 @@ or a per-layer plan ``{module name: Strategy or text}`` (names as in
 """
 from __future__ import annotations
 
+from ..functional import add
 from ..strategy import Strategy
-from ..tensor import DistTensor
 from .. import nn
+from ..nn.module import call_input
 
 
 def _conv3x3(cin, cout, stride=1, strategy=None):
@@ -22,27 +23,13 @@ def _conv1x1(cin, cout, stride=1, strategy=None):
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False, strategy=strategy)
 
 
-def _add(a: DistTensor, b: DistTensor) -> DistTensor:
-    b = b.redistribute(a.distribution)
-    return DistTensor(a.local + b.local, a.distribution, a.shape)
-
-
 class _Block(nn.Module):
-    """Shared residual join of the blocks: ``relu(body + shortcut(x))`` and its adjoint."""
+    """Shared residual join of the blocks: ``relu(body + shortcut(x))``."""
 
     def _join(self, x, out, relu):
-        if not isinstance(x, DistTensor):
-            x = DistTensor.from_global(x, self.conv1.input_distribution)
+        x = call_input(x)  # a global input: the tensor conv1 cut
         idn = self.downsample(x) if self.downsample is not None else x
-        self._xdist, self._idist = x.distribution, idn.distribution
-        return relu(_add(out, idn))
-
-    def _split(self, d, dx_body):
-        """``d``: gradient at the sum; ``dx_body``: the body's input gradient -> dx."""
-        di = d.redistribute(self._idist)
-        if self.downsample is not None:
-            di = self.downsample.backward(di)
-        return _add(dx_body.redistribute(self._xdist), di)
+        return relu(add(out, idn))
 
 
 class BasicBlock(_Block):
@@ -71,10 +58,6 @@ class BasicBlock(_Block):
         out = self.relu(self.bn1(self.conv1(x)))
         return self._join(x, self.bn2(self.conv2(out)), self.relu2)
 
-    def backward(self, dy):
-        d = self.relu2.backward(dy)
-        g = self.conv2.backward(self.bn2.backward(d))
-        return self._split(d, self.conv1.backward(self.bn1.backward(self.relu.backward(g))))
 
 
 class Bottleneck(_Block):
@@ -106,11 +89,6 @@ class Bottleneck(_Block):
         out = self.relu2(self.bn2(self.conv2(out)))
         return self._join(x, self.bn3(self.conv3(out)), self.relu3)
 
-    def backward(self, dy):
-        d = self.relu3.backward(dy)
-        g = self.conv3.backward(self.bn3.backward(d))
-        g = self.conv2.backward(self.bn2.backward(self.relu2.backward(g)))
-        return self._split(d, self.conv1.backward(self.bn1.backward(self.relu.backward(g))))
 
 
 class ResNet(nn.Module):
@@ -181,10 +159,6 @@ class ResNet(nn.Module):
             x = m(x)
         return x
 
-    def backward(self, dy):
-        for m in reversed(self._stages()):
-            dy = m.backward(dy)
-        return dy
 
 
 def resnet18(num_classes=1000, **kw) -> ResNet:

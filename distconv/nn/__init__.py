@@ -1,8 +1,8 @@
 """Distributed layers with PyTorch's names, arguments and state-dict layouts."""
-from .module import (Module, Parameter, manual_seed, sync_gradients,  # noqa: F401
-                     start_gradient_sync)
+from .module import (Module, Layer, Parameter, RemovableHandle, manual_seed,  # noqa: F401
+                     sync_gradients)
 from .conv import Conv2d, Linear  # noqa: F401
 from .batchnorm import BatchNorm2d  # noqa: F401
 from .layers import ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten  # noqa: F401
 from .container import Sequential, Residual  # noqa: F401
-from .loss import CrossEntropyLoss  # noqa: F401
+from .loss import CrossEntropyLoss, Loss  # noqa: F401

@@ -8,10 +8,10 @@ from ..backend import get_xp
 from ..distribution import Distribution
 from ..strategy import Strategy
 from ..tensor import DistTensor
-from .module import Module, as_dist, check_dtype, default_dtype, new_param
+from .module import Layer, check_dtype, default_dtype, new_param
 
 
-class BatchNorm2d(Module):
+class BatchNorm2d(Layer):
     """Batch normalisation over (N, H, W) per channel, PyTorch's arguments and state names.
 
     x: (N, C, H, W) -> y: same shape. Weight, bias and running statistics are split on C
@@ -47,7 +47,6 @@ class BatchNorm2d(Module):
             self.register_buffer("running_var", new_param(np.ones(C, dt), self._cdist).data)
             self.register_buffer("num_batches_tracked",
                                  new_param(np.zeros((), np.int64), self._sdist).data)
-        self._saved = None
 
     def _dists(self):
         g = self.strategy.grid()
@@ -72,8 +71,11 @@ class BatchNorm2d(Module):
         """Communicator of the ranks holding the same channels and other samples."""
         return self._act.grid.sub(self._act.split[0])
 
-    def forward(self, x):
-        x = as_dist(x, self._act)
+    @property
+    def input_distribution(self) -> Distribution:
+        return self._act
+
+    def _forward(self, x, save):
         if x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchNorm2d({self.num_features}) expects (N, {self.num_features}, "
                              f"H, W) input, got shape {x.shape}")
@@ -111,8 +113,8 @@ class BatchNorm2d(Module):
             invstd = 1.0 / xp.sqrt(self.running_var.local.astype(np.float64) + self.eps)
             n = None
         y = ops.bn_forward_apply(xl, mean, invstd, w, b)
-        self._saved = (x, mean, invstd, n, use_batch, in_dist)
-        return DistTensor(y, x.distribution, x.shape)
+        ctx = (x, mean, invstd, n, use_batch, in_dist) if save else None
+        return DistTensor(y, x.distribution, x.shape), ctx
 
     def _update_running(self, mean, var_unb, grp):
         xp = get_xp()
@@ -131,13 +133,8 @@ class BatchNorm2d(Module):
         rv *= 1 - mom
         rv += (mom * var_unb).astype(rv.dtype)
 
-    def backward(self, dy):
-        if self._saved is None:
-            raise RuntimeError("BatchNorm2d.backward called before forward")
-        x, mean, invstd, n, use_batch, in_dist = self._saved
-        dy = as_dist(dy, self._act)
-        if tuple(dy.shape) != tuple(x.shape):
-            raise ValueError(f"BatchNorm2d.backward: dy has shape {dy.shape}, expected {x.shape}")
+    def _backward(self, ctx, dy, need_dx):
+        x, mean, invstd, n, use_batch, in_dist = ctx
         dy = dy.redistribute(x.distribution)
         xp = get_xp()
         w = self.weight.data.local if self.weight is not None else None
@@ -161,8 +158,7 @@ class BatchNorm2d(Module):
             dt = self.weight.data.dtype
             self.weight.accumulate(dw.astype(dt), pending)
             self.bias.accumulate(db.astype(dt), pending)
-        self._saved = None
-        return DistTensor(dx, x.distribution, x.shape).redistribute(in_dist)
+        return DistTensor(dx, x.distribution, x.shape).redistribute(in_dist.replace(pending=()))
 
     def __repr__(self):
         return (f"BatchNorm2d({self.num_features}, eps={self.eps}, momentum={self.momentum}, "

@@ -25,7 +25,7 @@ from .. import ops
 from ..distribution import Distribution
 from ..strategy import Strategy
 from ..tensor import DistTensor
-from .module import Module, as_dist, check_dtype, default_dtype, new_param, _init_rng
+from .module import Layer, check_dtype, default_dtype, new_param, _init_rng
 
 
 def _pair(v, name):
@@ -37,7 +37,7 @@ def _pair(v, name):
     return t
 
 
-class _SplitOp(Module):
+class _SplitOp(Layer):
     """Shared channel/filter/sample algorithm; subclasses give the local math."""
 
     ndim = 4
@@ -61,7 +61,6 @@ class _SplitOp(Module):
             self.bias = new_param(b, self._bdist)
         else:
             self.bias = None
-        self._saved = None
 
     def _dists(self):
         g = self.strategy.grid()
@@ -87,8 +86,7 @@ class _SplitOp(Module):
         return self._act
 
     # --------------------------------------------------------------- passes
-    def forward(self, x):
-        x = as_dist(x, self._act)
+    def _forward(self, x, save):
         self._check_input(x)
         check_dtype(x, self.weight.data.dtype, type(self).__name__)
         xc = x.redistribute(self._xc)
@@ -99,20 +97,10 @@ class _SplitOp(Module):
         if self.bias is not None:
             b = self.bias.data.local.reshape((1, -1) + (1,) * (self.ndim - 2))
             y = DistTensor(y.local + b, y.distribution, y.shape)
-        self._saved = (x.distribution, x.shape, xc if self.training else None)
-        return y
+        return y, ((x.distribution, x.shape, xc) if save else None)
 
-    def backward(self, dy):
-        if self._saved is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        x_dist, x_shape, xc = self._saved
-        if xc is None:
-            raise RuntimeError(f"{type(self).__name__}.backward needs a forward in train() mode")
-        y_shape = self._out_shape(x_shape)
-        dy = as_dist(dy, self._act)
-        if tuple(dy.shape) != tuple(y_shape):
-            raise ValueError(f"{type(self).__name__}.backward: dy has shape {dy.shape}, "
-                             f"expected the output shape {y_shape}")
+    def _backward(self, ctx, dy, need_dx):
+        x_dist, x_shape, xc = ctx
         rep = self._wdist.replica_axes
         if self.bias is not None:
             # the bias is split like the output channels: move dy there once, then on
@@ -122,10 +110,11 @@ class _SplitOp(Module):
         dyf = dy.redistribute(self._yf)
         w = self.weight.data.local
         self.weight.accumulate(self._local_backward_filter(xc.local, dyf.local), rep)
+        if not need_dx:
+            return None
         dxp = self._local_backward_data(dyf.local, w, x_shape)
         dx = DistTensor(dxp, self._xc.replace(pending=("filter",)), x_shape)
-        self._saved = (x_dist, x_shape, None)
-        return dx.redistribute(x_dist)
+        return dx.redistribute(x_dist.replace(pending=()))
 
 
 class Conv2d(_SplitOp):

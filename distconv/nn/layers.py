@@ -11,7 +11,7 @@ from .. import ops
 from ..distribution import Distribution
 from ..strategy import Strategy
 from ..tensor import DistTensor
-from .module import Module, as_dist
+from .module import Layer, as_dist
 
 
 def _pair(v):
@@ -30,25 +30,28 @@ def _elementwise_input(x, ndim=4):
     return x
 
 
-class ReLU(Module):
+class _Elementwise(Layer):
+    def _input(self, x):
+        return _elementwise_input(x)
+
+
+class ReLU(_Elementwise):
     """max(x, 0) elementwise; any shape and distribution."""
 
-    def forward(self, x):
-        x = _elementwise_input(x)
+    def _forward(self, x, save):
         y = ops.relu_forward(x.local)
-        self._saved = (x.distribution, y)
-        return DistTensor(y, x.distribution, x.shape)
+        return DistTensor(y, x.distribution, x.shape), ((x.distribution, y) if save else None)
 
-    def backward(self, dy):
-        dist, y = self._saved_state()
-        dy = as_dist(dy, dist).redistribute(dist)
+    def _backward(self, ctx, dy, need_dx):
+        dist, y = ctx
+        dy = dy.redistribute(dist)
         return DistTensor(ops.relu_backward(dy.local, y), dist, dy.shape)
 
     def __repr__(self):
         return "ReLU()"
 
 
-class _Pool(Module):
+class _Pool(_Elementwise):
     def _check(self, x):
         if x.ndim != 4:
             raise ValueError(f"{type(self).__name__} expects a 4-D (N, C, H, W) input, "
@@ -82,16 +85,15 @@ class _Pool(Module):
 class MaxPool2d(_Pool):
     """Max pooling (N, C, H, W) -> (N, C, H', W'); PyTorch's arguments (no ceil_mode)."""
 
-    def forward(self, x):
-        x = _elementwise_input(x)
+    def _forward(self, x, save):
         shape = self._check(x)
         y, arg = ops.max_pool2d_forward(x.local, self.kernel_size, self.stride, self.padding)
-        self._saved = (x.distribution, x.shape, arg)
-        return DistTensor(y, x.distribution, shape)
+        return DistTensor(y, x.distribution, shape), ((x.distribution, x.shape, arg)
+                                                      if save else None)
 
-    def backward(self, dy):
-        dist, xshape, arg = self._saved_state()
-        dy = as_dist(dy, dist).redistribute(dist)
+    def _backward(self, ctx, dy, need_dx):
+        dist, xshape, arg = ctx
+        dy = dy.redistribute(dist)
         xl = dist.local_shape(xshape)
         dx = ops.max_pool2d_backward(dy.local, arg, xl, self.kernel_size, self.stride,
                                      self.padding)
@@ -101,22 +103,20 @@ class MaxPool2d(_Pool):
 class AvgPool2d(_Pool):
     """Average pooling (count_include_pad=True), (N, C, H, W) -> (N, C, H', W')."""
 
-    def forward(self, x):
-        x = _elementwise_input(x)
+    def _forward(self, x, save):
         shape = self._check(x)
         y = ops.avg_pool2d_forward(x.local, self.kernel_size, self.stride, self.padding)
-        self._saved = (x.distribution, x.shape)
-        return DistTensor(y, x.distribution, shape)
+        return DistTensor(y, x.distribution, shape), (x.distribution, x.shape)
 
-    def backward(self, dy):
-        dist, xshape = self._saved_state()
-        dy = as_dist(dy, dist).redistribute(dist)
+    def _backward(self, ctx, dy, need_dx):
+        dist, xshape = ctx
+        dy = dy.redistribute(dist)
         dx = ops.avg_pool2d_backward(dy.local, dist.local_shape(xshape), self.kernel_size,
                                      self.stride, self.padding)
         return DistTensor(dx, dist, xshape)
 
 
-class AdaptiveAvgPool2d(Module):
+class AdaptiveAvgPool2d(_Elementwise):
     """Global average pooling: (N, C, H, W) -> (N, C, 1, 1). Only output size 1 is supported."""
 
     def __init__(self, output_size=1):
@@ -125,17 +125,15 @@ class AdaptiveAvgPool2d(Module):
             raise ValueError(f"AdaptiveAvgPool2d supports output_size 1 only, got {output_size}")
         self.output_size = (1, 1)
 
-    def forward(self, x):
-        x = _elementwise_input(x)
+    def _forward(self, x, save):
         if x.ndim != 4:
             raise ValueError(f"AdaptiveAvgPool2d expects (N, C, H, W), got shape {x.shape}")
         y = ops.global_avg_pool_forward(x.local)
-        self._saved = (x.distribution, x.shape)
-        return DistTensor(y, x.distribution, x.shape[:2] + (1, 1))
+        return DistTensor(y, x.distribution, x.shape[:2] + (1, 1)), (x.distribution, x.shape)
 
-    def backward(self, dy):
-        dist, xshape = self._saved_state()
-        dy = as_dist(dy, dist).redistribute(dist)
+    def _backward(self, ctx, dy, need_dx):
+        dist, xshape = ctx
+        dy = dy.redistribute(dist)
         return DistTensor(ops.global_avg_pool_backward(dy.local, dist.local_shape(xshape)),
                           dist, xshape)
 
@@ -143,13 +141,12 @@ class AdaptiveAvgPool2d(Module):
         return "AdaptiveAvgPool2d(1)"
 
 
-class Flatten(Module):
+class Flatten(_Elementwise):
     """(N, C, H, W) -> (N, C*H*W). A C split carries over to the features when H*W == 1;
     otherwise the channels are gathered first (features of a channel block are not a
     floor+1 block of C*H*W)."""
 
-    def forward(self, x):
-        x = _elementwise_input(x)
+    def _forward(self, x, save):
         if x.ndim < 2:
             raise ValueError(f"Flatten expects at least 2 dims, got shape {x.shape}")
         d = in_dist = x.distribution
@@ -161,18 +158,19 @@ class Flatten(Module):
             x = x.redistribute(d)
         out_dist = Distribution(d.grid, [d.split[0], d.split[1]])
         shape = (x.shape[0], x.shape[1] * rest)
-        self._saved = (x.distribution, x.shape, in_dist)
         n, feats = x.local.shape[0], 1
         for s in x.local.shape[1:]:
             feats *= s  # not reshape(n, -1): that fails on an empty block (n == 0)
-        return DistTensor(x.local.reshape(n, feats), out_dist, shape)
+        y = DistTensor(x.local.reshape(n, feats), out_dist, shape)
+        return y, (x.distribution, x.shape, in_dist)
 
-    def backward(self, dy):
-        dist, xshape, in_dist = self._saved_state()
+    def _backward(self, ctx, dy, need_dx):
+        dist, xshape, in_dist = ctx
         out_dist = Distribution(dist.grid, [dist.split[0], dist.split[1]])
-        dy = as_dist(dy, out_dist).redistribute(out_dist)
+        dy = dy.redistribute(out_dist)
         dx = DistTensor(dy.local.reshape(dist.local_shape(xshape)), dist, xshape)
-        return dx.redistribute(in_dist)  # back to the input's C split: a local slice
+        # back to the input's C split: a local slice
+        return dx.redistribute(in_dist.replace(pending=()))
 
     def __repr__(self):
         return "Flatten()"

@@ -1,12 +1,76 @@
-"""CrossEntropyLoss over a batch split over samples and, optionally, classes."""
+"""CrossEntropyLoss over a batch split over samples and, optionally, classes, and the
+:class:`Loss` value it returns (a float that can ``backward()``)."""
 from __future__ import annotations
 
 import numpy as np
 
+from .. import autograd
 from ..backend import get_xp, to_numpy
+from ..distribution import Distribution
 from ..strategy import Strategy
 from ..tensor import DistTensor
 from .module import as_dist
+
+
+class Loss(float):
+    """A scalar loss: a ``float`` (the mean over the global batch, the same on every rank)
+    that remembers how it was computed.
+
+    ``float(loss)`` and ``loss.item()`` give the value; ``loss.backward()`` backpropagates
+    through the recorded graph (``torch.Tensor.backward`` of a scalar). Losses add and
+    scale (``l1 + 0.4 * l2``) differentiably; other arithmetic gives plain floats.
+    ``distribution``/``shape``: a 0-d tensor replicated over the logits' grid.
+    """
+
+    def __new__(cls, value, distribution=None, grad_fn=None):
+        obj = float.__new__(cls, value)
+        obj.distribution = distribution
+        obj.shape = ()
+        obj.grad_fn = grad_fn
+        return obj
+
+    def item(self) -> float:
+        return float(self)
+
+    def backward(self, gradient=1.0) -> None:
+        """Gradients of every parameter (``p.grad``) through the recorded graph."""
+        if self.grad_fn is None:
+            raise RuntimeError("loss.backward(): nothing was recorded for this loss (it was "
+                               "computed under dc.no_grad(), or is not a loss of recorded "
+                               "logits)")
+        xp = get_xp()
+        g = DistTensor(xp.asarray(float(gradient), dtype=np.float64), self.distribution, ())
+        autograd.backward([self], [g])
+
+    def __add__(self, other):
+        if isinstance(other, Loss) and (self.grad_fn is not None or other.grad_fn is not None):
+            return _combine(float(self) + float(other), [(self, 1.0), (other, 1.0)])
+        return float(self) + other
+
+    __radd__ = __add__
+
+    def __mul__(self, other):
+        if isinstance(other, (int, float)) and not isinstance(other, Loss) \
+                and self.grad_fn is not None:
+            return _combine(float(self) * other, [(self, float(other))])
+        return float(self) * other
+
+    __rmul__ = __mul__
+
+    def __repr__(self):
+        return f"Loss({float(self)!r})"
+
+
+def _combine(value, terms):
+    """``sum(c * loss)`` as a recorded Loss (recorded terms only)."""
+    rec = [(t, c) for t, c in terms if t.grad_fn is not None]
+    out = Loss(value, rec[0][0].distribution)
+
+    def backward(dy, needs):
+        return tuple(DistTensor(dy.local * c, t.distribution, ()) for t, c in rec)
+
+    autograd.record("loss_sum", backward, [t for t, _ in rec], out)
+    return out
 
 
 class CrossEntropyLoss:
@@ -15,15 +79,19 @@ class CrossEntropyLoss:
     ``criterion(logits, labels)``: logits (N, K), a DistTensor (N split over any axes, K
     split or not) or the same global array on every rank; labels (N,) integers in
     ``[0, K)``, a global array every rank passes alike (or a DistTensor). Returns the loss
-    as a float on every rank. ``criterion.backward()`` returns dlogits (N, K) as a
-    DistTensor in the logits' distribution. With K split, the max and the sums over classes
-    are allreduced over the ranks holding the other class blocks.
+    as a :class:`Loss` on every rank (a float; ``loss.backward()`` backpropagates). The older
+    ``criterion.backward()`` returns dlogits (N, K) of the last loss as a DistTensor in the
+    logits' distribution, for ``model.backward(dlogits)``. With K split, the max and the sums
+    over classes are allreduced over the ranks holding the other class blocks.
     """
 
-    def __call__(self, logits, labels) -> float:
+    def __init__(self):
+        self._last = None
+
+    def __call__(self, logits, labels) -> Loss:
         return self.forward(logits, labels)
 
-    def forward(self, logits, labels) -> float:
+    def forward(self, logits, labels) -> Loss:
         xp = get_xp()
         logits = as_dist(logits, Strategy().activation_distribution(2))
         if logits.ndim != 2:
@@ -69,21 +137,41 @@ class CrossEntropyLoss:
         total = xp.asarray([float(per.sum())], dtype=np.float64)
         if ngrp.size > 1:
             total = ngrp.allreduce(total)
-        loss = float(total[0]) / max(N, 1)
-        self._saved = (logits, e, s, loc, mine, k0, N)
+        loss = Loss(float(total[0]) / max(N, 1), Distribution(d.grid, []))
+        if autograd.is_grad_enabled():
+            saved = [(logits, e, s, loc, mine, k0, N)]
+
+            def backward(dy, needs):
+                ctx = saved.pop()
+                return (_dlogits(ctx, float(dy.local)),)
+
+            self._last = (autograd.record("CrossEntropyLoss", backward, [logits], loss), saved)
+        else:
+            self._last = None
         return loss
 
     def backward(self) -> DistTensor:
-        """dlogits of the last loss, (N, K), in the logits' distribution."""
-        if getattr(self, "_saved", None) is None:
-            raise RuntimeError("CrossEntropyLoss.backward called before the loss was computed")
-        xp = get_xp()
-        logits, e, s, loc, mine, k0, N = self._saved
-        g = e / s[:, None]
-        n = g.shape[0]
-        if n:
-            rows = xp.arange(n)[mine]
-            g[rows, (loc - k0)[mine]] -= 1
-        g *= g.dtype.type(1.0 / max(N, 1))
-        self._saved = None
-        return DistTensor(g.astype(logits.dtype, copy=False), logits.distribution, logits.shape)
+        """dlogits of the last loss, (N, K), in the logits' distribution (then
+        ``model.backward(dlogits)``); ``loss.backward()`` does both in one call."""
+        if self._last is None:
+            raise RuntimeError("CrossEntropyLoss.backward called before the loss was computed "
+                               "(or the loss was computed under dc.no_grad())")
+        node, saved = self._last
+        if node.released:
+            raise RuntimeError("CrossEntropyLoss.backward called twice for one loss; compute "
+                               "a new loss first")
+        node.backward_fn = None
+        return _dlogits(saved.pop(), 1.0)
+
+
+def _dlogits(ctx, scale: float) -> DistTensor:
+    """The gradient of the mean cross-entropy w.r.t. the logits, times ``scale``."""
+    xp = get_xp()
+    logits, e, s, loc, mine, k0, N = ctx
+    g = e / s[:, None]
+    n = g.shape[0]
+    if n:
+        rows = xp.arange(n)[mine]
+        g[rows, (loc - k0)[mine]] -= 1
+    g *= g.dtype.type(scale / max(N, 1))
+    return DistTensor(g.astype(logits.dtype, copy=False), logits.distribution, logits.shape)

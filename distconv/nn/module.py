@@ -1,9 +1,13 @@
 """Module and Parameter: the PyTorch-like base of every distributed layer.
 
 A :class:`Module` runs ``forward(x)`` on a :class:`DistTensor` (or a global
-array that every rank passes alike) and ``backward(dy)`` returning ``dx`` in
-the distribution its forward input had. Layers never call MPI: they state the
-distribution they need and :meth:`DistTensor.redistribute` moves the data.
+array that every rank passes alike). Containers and models write ``forward``
+only: every leaf layer (a :class:`Layer`) records one autograd node per call
+(:mod:`distconv.autograd`), and ``loss.backward()`` / ``y.backward(dy)`` derive
+the backward pass from what was recorded. ``module.backward(dy)`` returns the
+input gradient of the module's last call through the same graph. Layers never
+call MPI: they state the distribution they need and
+:meth:`DistTensor.redistribute` moves the data.
 
 A :class:`Parameter` holds ``data`` and ``grad`` as DistTensors. After a
 backward pass ``grad`` is a *pending sum* over the grid axes on which the
@@ -12,14 +16,16 @@ segmented allreduce that sums each shard only over its replica group.
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 import numpy as np
 
+from .. import autograd
 from ..backend import get_default_dtype, get_xp, to_numpy
 from ..distribution import Distribution
 from ..strategy import Strategy
-from ..tensor import DistTensor
+from ..tensor import DistTensor, recorded_move
 
 _SEED = [0]
 _COUNTER = [0]
@@ -47,6 +53,17 @@ class Parameter:
     def __init__(self, data: DistTensor):
         self.data = data
         self.grad: DistTensor | None = None
+        self._post_accumulate_grad_hooks: "OrderedDict[int, object]" = OrderedDict()
+
+    def register_post_accumulate_grad_hook(self, hook) -> "RemovableHandle":
+        """``hook(param)`` runs when a backward pass has added this parameter's last
+        gradient contribution (PyTorch's hook of the same name). Returns a handle whose
+        ``remove()`` unregisters it."""
+        return RemovableHandle(self._post_accumulate_grad_hooks, hook)
+
+    def _grad_complete(self) -> None:
+        for h in list(self._post_accumulate_grad_hooks.values()):
+            h(self)
 
     @property
     def shape(self):
@@ -81,24 +98,22 @@ def sync_gradients(params) -> None:
             p.grad = p.grad.redistribute(p.data.distribution)
 
 
-def start_gradient_sync(param):
-    """Nonblocking segmented allreduce of one parameter's gradient.
+class RemovableHandle:
+    """What a ``register_*_hook`` returns: ``handle.remove()`` unregisters the hook."""
 
-    Returns a request whose ``wait()`` stores the summed gradient in ``param.grad``
-    (``None`` if nothing is pending).
-    """
-    g = param.grad
-    if g is None or not g.distribution.pending:
-        return None
-    sub = g.grid.sub(g.distribution.pending)
-    req = sub.iallreduce(g.local)
-    target = param.data.distribution
+    _ids = itertools.count()
 
-    class _Sync:
-        def wait(self):
-            param.grad = DistTensor(req.wait(), target, g.shape)
+    def __init__(self, hooks: "OrderedDict", hook):
+        self.hooks = hooks
+        self.id = next(RemovableHandle._ids)
+        hooks[self.id] = hook
 
-    return _Sync()
+    def remove(self) -> None:
+        self.hooks.pop(self.id, None)
+
+
+# global inputs converted during the module calls in progress: [raw array, DistTensor]
+_CALL_FRAMES: list = []
 
 
 class Module:
@@ -109,6 +124,10 @@ class Module:
         object.__setattr__(self, "_buffers", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "training", True)
+        for name in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks",
+                     "_backward_hooks"):
+            object.__setattr__(self, name, OrderedDict())
+        object.__setattr__(self, "_last_call", None)
 
     def __setattr__(self, name, value):
         if isinstance(value, Parameter):
@@ -127,21 +146,81 @@ class Module:
         object.__setattr__(self, name, module)
 
     # ------------------------------------------------------------ running
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, *args, **kwargs):
+        for h in list(self._forward_pre_hooks.values()):
+            r = h(self, args)
+            if r is not None:
+                args = r if isinstance(r, tuple) else (r,)
+        x = args[0] if args else None
+        frame = None
+        if x is not None and not isinstance(x, DistTensor):
+            frame = [x, None]
+            _CALL_FRAMES.append(frame)
+        try:
+            y = self.forward(*args, **kwargs)
+        finally:
+            if frame is not None:
+                _CALL_FRAMES.pop()
+        _check_output(self, y)
+        if autograd.is_grad_enabled():
+            inp = x if isinstance(x, DistTensor) else (frame[1] if frame else None)
+            object.__setattr__(self, "_last_call", (inp, y))
+        for h in list(self._forward_hooks.values()):
+            r = h(self, args, y)
+            if r is not None:
+                y = r
+        return y
 
     def forward(self, x):
         raise NotImplementedError(f"{type(self).__name__} does not define forward")
 
     def backward(self, dy):
-        raise NotImplementedError(f"{type(self).__name__} does not define backward")
+        """The input gradient of this module's last call: ``dy`` (the output's gradient, a
+        DistTensor or the same global array on every rank) backpropagated through the
+        nodes that call recorded. Parameter gradients accumulate as in ``loss.backward()``.
+        Returns dx in the input's distribution (``None`` if the input was not a tensor)."""
+        last = self._last_call
+        if last is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward (or "
+                               f"its forward ran under dc.no_grad())")
+        x, y = last
+        if not isinstance(y, DistTensor):
+            raise RuntimeError(f"{type(self).__name__}.backward: the last call returned "
+                               f"{type(y).__name__}; use y.backward(dy) on its outputs")
+        dy = as_dist(dy, y.distribution.replace(pending=()))
+        if tuple(dy.shape) != tuple(y.shape):
+            raise ValueError(f"{type(self).__name__}.backward: dy has shape {dy.shape}, "
+                             f"expected the output shape {tuple(y.shape)}")
+        if y is x:
+            return dy.redistribute(x.distribution.replace(pending=()))
+        if y.grad_fn is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: the output of the last call "
+                               f"was not recorded (forward under dc.no_grad()?)")
+        grads = autograd.backward([y], [dy], inputs=[x] if x is not None else None)
+        dx = grads[0] if x is not None else None
+        if dx is not None:
+            dx = dx._move(x.distribution.replace(pending=()))
+        return dx
 
-    def _saved_state(self):
-        """What forward saved for backward; ``RuntimeError`` if forward has not run."""
-        saved = getattr(self, "_saved", None)
-        if saved is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        return saved
+    # ------------------------------------------------------------ hooks
+    def register_forward_pre_hook(self, hook) -> RemovableHandle:
+        """``hook(module, args)`` before every call; may return replacement args."""
+        return RemovableHandle(self._forward_pre_hooks, hook)
+
+    def register_forward_hook(self, hook) -> RemovableHandle:
+        """``hook(module, args, output)`` after every call; may return a new output."""
+        return RemovableHandle(self._forward_hooks, hook)
+
+    def register_full_backward_pre_hook(self, hook) -> RemovableHandle:
+        """``hook(module, grad_output)`` before the backward of each recorded call of this
+        module; may return a replacement ``grad_output``. Leaf layers only (the modules
+        that record autograd nodes); on a container it never fires."""
+        return RemovableHandle(self._backward_pre_hooks, hook)
+
+    def register_full_backward_hook(self, hook) -> RemovableHandle:
+        """``hook(module, grad_input, grad_output)`` after the backward of each recorded call
+        of this module (leaf layers only), once its parameter gradients are complete."""
+        return RemovableHandle(self._backward_hooks, hook)
 
     def train(self, mode: bool = True) -> "Module":
         object.__setattr__(self, "training", bool(mode))
@@ -252,6 +331,52 @@ class Module:
         return self
 
 
+def _check_output(module, y) -> None:
+    """A module returns a DistTensor (or a tuple/list of them); anything else is an error."""
+    items = y if isinstance(y, (tuple, list)) else (y,)
+    bad = [type(v).__name__ for v in items if not isinstance(v, DistTensor)]
+    if bad or not items:
+        raise TypeError(f"{type(module).__name__}.forward returned {type(y).__name__}"
+                        f"{' holding ' + ', '.join(bad) if bad and items is y else ''}; a module "
+                        f"must return a DistTensor (or a tuple of DistTensors) so that its "
+                        f"backward can be derived")
+
+
+class Layer(Module):
+    """A leaf layer: each call records one autograd node with its own saved state.
+
+    Subclasses define ``_input(x)`` (the input as a DistTensor; a global array is cut
+    with the layer's input distribution), ``_forward(x, save) -> (y, ctx)`` (``save``:
+    whether ``ctx`` must hold what backward needs) and ``_backward(ctx, dy, need_dx)``,
+    which adds the parameter gradients and returns dx in ``x``'s distribution (or None
+    when not ``need_dx``). The forward and backward bodies run with recording off.
+    """
+
+    def forward(self, x):
+        x = self._input(x)
+        rec = autograd.is_grad_enabled()
+        with autograd.set_grad_enabled(False):
+            y, ctx = self._forward(x, rec)
+        if rec:
+            autograd.record(type(self).__name__, _LayerBackward(self, ctx), [x], y,
+                            [p for p in self._parameters.values() if p is not None], self)
+        return y
+
+    def _input(self, x) -> DistTensor:
+        return as_dist(x, self.input_distribution)
+
+
+class _LayerBackward:
+    __slots__ = ("layer", "ctx")
+
+    def __init__(self, layer, ctx):
+        self.layer, self.ctx = layer, ctx
+
+    def __call__(self, dy, needs):
+        ctx, self.ctx = self.ctx, None
+        return (self.layer._backward(ctx, dy, needs[0]),)
+
+
 def _agree_local(ok, message, exc):
     if not ok:
         raise exc(message)
@@ -275,13 +400,37 @@ def _lookup(plan, name, default):
 
 # ------------------------------------------------------------------ helpers
 def as_dist(x, dist: Distribution) -> DistTensor:
-    """``x`` as a DistTensor: a DistTensor passes through; a global array is cut with ``dist``."""
+    """``x`` as a DistTensor: a DistTensor passes through; a global array is cut with ``dist``.
+
+    Inside a module call, the same global array is turned into one tensor only: a second
+    conversion (e.g. a residual block's shortcut) reuses it, moved to ``dist``, so the
+    input gradient of the call collects both paths."""
     if isinstance(x, DistTensor):
         return x
+    for frame in _CALL_FRAMES:
+        if frame[0] is x and frame[1] is not None:
+            return recorded_move(frame[1], dist)
     xp = get_xp()
     arr = x if hasattr(x, "__array_interface__") or hasattr(x, "__cuda_array_interface__") \
         else np.asarray(x)
-    return DistTensor.from_global(xp.asarray(arr), dist)
+    t = DistTensor.from_global(xp.asarray(arr), dist)
+    for frame in _CALL_FRAMES:
+        if frame[0] is x:
+            frame[1] = t
+    return t
+
+
+def call_input(x) -> DistTensor:
+    """The DistTensor that the global array ``x`` became inside the module call in progress
+    (the first layer that read it cut it); ``x`` itself if it is a DistTensor. A container
+    whose second path reads the same input (a residual shortcut) takes it from here."""
+    if isinstance(x, DistTensor):
+        return x
+    for frame in _CALL_FRAMES:
+        if frame[0] is x and frame[1] is not None:
+            return frame[1]
+    raise RuntimeError("call_input: the global input was not converted by any layer yet; "
+                       "convert it with DistTensor.from_global first")
 
 
 def check_dtype(x: DistTensor, dtype, what: str) -> None:

@@ -739,7 +739,7 @@ def _overhead_case(cm, kind, bias):
     real distconv layer of ``kind`` on a one-element input of this model's dtype, one rank
     (callables; ``backward_setup`` runs the untimed forward each backward needs)."""
     from .. import nn
-    from ..models.resnet import _add
+    from ..functional import add as _add
     from ..nn import module as _mod
     from ..tensor import DistTensor
     st = _self_strategy()

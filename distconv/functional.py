@@ -1,0 +1,101 @@
+"""Differentiable functions on DistTensors: ``add`` (``a + b``) and ``cat``.
+
+Both accept inputs in any distributions (on any grids over the same ranks), record
+one autograd node when gradients are enabled, and move data only through
+``DistTensor.redistribute`` / :func:`distconv.tensor.exchange`.
+"""
+from __future__ import annotations
+
+from . import autograd
+from .distribution import Distribution
+from .tensor import DistTensor, exchange
+
+
+def add(a: DistTensor, b: DistTensor) -> DistTensor:
+    """``a + b`` of two DistTensors of the same global shape, in ``a``'s distribution.
+
+    ``b`` is moved to ``a``'s distribution first (a residual join of two branches with
+    different strategies). Backward: ``da = dy``, ``db = dy`` moved to ``b``'s distribution.
+    """
+    if not isinstance(a, DistTensor) or not isinstance(b, DistTensor):
+        raise TypeError(f"add: expected two DistTensors, got {type(a).__name__} and "
+                        f"{type(b).__name__}")
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"add: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    if a.dtype != b.dtype:
+        raise TypeError(f"add: dtypes {a.dtype} and {b.dtype} differ")
+    dist = a.distribution
+    out = DistTensor(a.local + b._move(dist).local, dist, a.shape)
+    da_dist, db_dist = dist.replace(pending=()), b.distribution.replace(pending=())
+
+    def backward(dy, needs):
+        return (dy._move(da_dist) if needs[0] else None,
+                dy._move(db_dist) if needs[1] else None)
+
+    autograd.record("add", backward, [a, b], out)
+    return out
+
+
+def _cat_layout(t: DistTensor, dim: int, shape) -> Distribution:
+    """The output distribution of ``cat``: the first input's splits (no pending) on the
+    concatenated shape."""
+    d = t.distribution
+    return Distribution(d.grid, d.split)
+
+
+def cat(tensors, dim: int = 1) -> DistTensor:
+    """Concatenate DistTensors along ``dim`` (``torch.cat``), e.g. Inception's branches on C.
+
+    tensors: a sequence of DistTensors, all of shape ``(..., C_i, ...)`` equal except on
+    ``dim``, in any distributions over the same ranks. The result has shape
+    ``(..., sum C_i, ...)`` and the first input's splits (floor+1 blocks of the new size,
+    which differ from the inputs' blocks); its blocks are filled by ONE alltoallv of exactly
+    the elements each rank lacks, never a gather. Backward cuts ``dy`` back into each input's
+    own distribution, again with one alltoallv.
+    """
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("cat: expected a non-empty sequence of DistTensors")
+    bad = [f"{i}: {type(t).__name__}" for i, t in enumerate(tensors)
+           if not isinstance(t, DistTensor)]
+    if bad:
+        raise TypeError(f"cat: every input must be a DistTensor; got {', '.join(bad)}")
+    t0 = tensors[0]
+    nd = t0.ndim
+    if not -nd <= dim < nd:
+        raise ValueError(f"cat: dim {dim} is out of range for {nd}-d tensors")
+    dim %= nd
+    for i, t in enumerate(tensors):
+        other = [s for k, s in enumerate(t.shape) if k != dim]
+        want = [s for k, s in enumerate(t0.shape) if k != dim]
+        if t.ndim != nd or other != want:
+            raise ValueError(f"cat: tensor {i} has shape {tuple(t.shape)}, but every "
+                             f"dimension except {dim} must match tensor 0's {tuple(t0.shape)}")
+        if t.dtype != t0.dtype:
+            raise TypeError(f"cat: tensor {i} has dtype {t.dtype}, tensor 0 has {t0.dtype}")
+    # pending sums are resolved first (an exchange moves whole values)
+    plain = [t._move(t.distribution.replace(pending=())) if t.distribution.pending else t
+             for t in tensors]
+    shape = list(t0.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    shape = tuple(shape)
+    offsets, acc = [], 0
+    for t in tensors:
+        off = [0] * nd
+        off[dim] = acc
+        offsets.append(tuple(off))
+        acc += t.shape[dim]
+    out_dist = _cat_layout(t0, dim, shape)
+    zero = (0,) * nd
+    out = exchange(list(zip(plain, offsets)), [(out_dist, shape, zero)])[0]
+    in_layouts = [(t.distribution.replace(pending=()), tuple(t.shape), off)
+                  for t, off in zip(tensors, offsets)]
+
+    def backward(dy, needs):
+        dy = dy._move(out_dist)
+        want = [lay for lay, need in zip(in_layouts, needs) if need]
+        got = iter(exchange([(dy, zero)], want) if want else ())
+        return tuple(next(got) if need else None for need in needs)
+
+    autograd.record("cat", backward, tensors, out)
+    return out
