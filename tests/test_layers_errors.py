@@ -318,15 +318,22 @@ def test_backward_before_forward(comm, name):
 
 
 @mpi(ranks=RANKS, timeout=T)
-def test_backward_needs_train_mode_and_loss_backward_first(comm):
+def test_backward_needs_recorded_forward_and_loss_first(comm):
+    import distconv as dc
     from distconv import nn
 
     f64()
-    conv = _layer("conv", comm.size).eval()
-    conv(np.ones((2, 3, 4, 4)))
-    with pytest.raises(RuntimeError, match=r"Conv2d.backward needs a forward in train\(\) mode"):
+    conv = _layer("conv", comm.size)
+    with dc.no_grad():
+        conv(np.ones((2, 3, 4, 4)))
+    with pytest.raises(RuntimeError, match=r"Conv2d.backward called before forward \(or its "
+                                           r"forward ran under dc.no_grad\(\)\)"):
         conv.backward(np.ones((2, 3, 4, 4)))
     with pytest.raises(RuntimeError, match=r"CrossEntropyLoss.backward called before the "
                                            r"loss was computed"):
         nn.CrossEntropyLoss().backward()
+    # eval mode still records (as torch): backward works and gives a gradient
+    conv.eval()
+    conv(np.ones((2, 3, 4, 4)))
+    assert conv.backward(np.ones((2, 3, 4, 4))).shape == (2, 3, 4, 4)
     still_works(comm)
