@@ -77,7 +77,7 @@ def main(argv=None):
 
     def step():
         loss = crit(model(x), y)
-        model.backward(crit.backward())
+        loss.backward()
         dc.sync_gradients(model.parameters())
         return loss
 

@@ -37,8 +37,8 @@ def main():
     for step in range(20):
         opt.zero_grad()
         logits = model(x)                      # x: the global batch; each rank keeps its block
-        loss = crit(logits, y)                 # float, mean over the global batch
-        model.backward(crit.backward())        # gradients, pending over replica groups
+        loss = crit(logits, y)                 # a float: the mean over the global batch
+        loss.backward()                        # gradients, pending over replica groups
         opt.step()                             # segmented allreduce, then the update
         if world().rank == 0 and step % 5 == 4:
             print(f"step {step + 1}: loss {loss:.4f}", flush=True)

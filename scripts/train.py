@@ -322,7 +322,8 @@ def main(argv=None) -> int:
         tl = data.DistLoader(test_set, args.batch_size, in_dist, shuffle=False)
         correct = n = 0
         for x, y in tl:
-            logits = backend.to_numpy(model(x).to_global())
+            with dc.no_grad():
+                logits = backend.to_numpy(model(x).to_global())
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
         model.train()
@@ -398,7 +399,7 @@ def main(argv=None) -> int:
                 prof.step_begin()
             logits = model(x)
             loss = crit(logits, y)
-            model.backward(crit.backward())
+            loss.backward()
             bad, stop = step_checks(loss)
             if bad:
                 sync.wait()  # finish the allreduces in flight before leaving the step
