@@ -20,12 +20,9 @@ Semantics follow PyTorch:
 All loops are over kernel offsets only (kh*kw iterations of whole-array
 strided operations), never over samples, channels or pixels.
 
-GPU: CuPy arrays go to the CUDA kernels of :mod:`distconv.ops.cuda` whenever
-the requested pooling is the one those kernels compute (same output size as
-``ceil_mode=False``, and for average pooling one divisor kh*kw for every
-window). Otherwise (ceil mode that adds a window, or a per-window divisor)
-the array-module code below runs on CuPy as well: an explicit fallback, the
-kernels are not extended for these modes.
+GPU: CuPy arrays go to the CUDA kernels of :mod:`distconv.ops.cuda` (max and
+average pooling, every mode above; adaptive pooling is two small GEMMs and
+runs as array-module code on either).
 """
 from __future__ import annotations
 
@@ -77,15 +74,6 @@ def _geom(x_shape, kernel, stride, padding, ceil_mode=False):
     return N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo
 
 
-def _pool_geom(x_shape, kernel, stride, padding):
-    """Geometry with ``ceil_mode=False`` (kept for callers of the old helper)."""
-    return _geom(x_shape, kernel, stride, padding, False)
-
-
-def _floor_hw(H, W, kh, kw, sh, sw, ph, pw):
-    return (pool_output_size(H, kh, sh, ph), pool_output_size(W, kw, sw, pw))
-
-
 def _padded_hw(H, W, kh, kw, sh, sw, ph, pw, Ho, Wo):
     """Size of the padded buffer every window fits in (ceil-mode windows may pass H + 2p)."""
     return (max(H + 2 * ph, (Ho - 1) * sh + kh), max(W + 2 * pw, (Wo - 1) * sw + kw))
@@ -129,12 +117,11 @@ def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=Fals
     (pass it unchanged to :func:`max_pool2d_backward`, with the same
     ``ceil_mode``). ``stride`` None means ``kernel``.
     """
+    _g = gpu_impl("max_pool2d_forward", x)
+    if _g is not None:
+        return _g(x, kernel, stride, padding, ceil_mode=ceil_mode)
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x.shape, kernel, stride, padding,
                                                       ceil_mode)
-    if (Ho, Wo) == _floor_hw(H, W, kh, kw, sh, sw, ph, pw):
-        _g = gpu_impl("max_pool2d_forward", x)
-        if _g is not None:
-            return _g(x, kernel, stride, padding)
     xp = array_module(x)
     idt = np.uint8 if kh * kw <= 256 else np.int32
     y = xp.empty((N, C, Ho, Wo), x.dtype)
@@ -172,12 +159,11 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)
     dy: (N, C, Ho, Wo); argmax from :func:`max_pool2d_forward`; x_shape =
     (N, C, H, W) -> dx: (N, C, H, W) of dy's dtype.
     """
+    _g = gpu_impl("max_pool2d_backward", dy)
+    if _g is not None:
+        return _g(dy, argmax, x_shape, kernel, stride, padding, ceil_mode=ceil_mode)
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x_shape, kernel, stride, padding,
                                                       ceil_mode)
-    if (Ho, Wo) == _floor_hw(H, W, kh, kw, sh, sw, ph, pw):
-        _g = gpu_impl("max_pool2d_backward", dy)
-        if _g is not None:
-            return _g(dy, argmax, x_shape, kernel, stride, padding)
     xp = array_module(dy)
     if tuple(dy.shape) != (N, C, Ho, Wo) or tuple(argmax.shape) != (N, C, Ho, Wo):
         raise ValueError(f"dy {tuple(dy.shape)} and argmax {tuple(argmax.shape)} must have the "
@@ -197,24 +183,20 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)
     return dxp
 
 
-def _uniform_divisor(div, kh, kw):
-    return bool((div == kh * kw).all())
-
-
 def avg_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=False,
                        count_include_pad=True):
     """Average pooling, PyTorch's divisor rules (see :func:`avg_pool2d_divisor`).
 
     x: (N, C, H, W) -> y: (N, C, Ho, Wo) of x's dtype.
     """
+    _g = gpu_impl("avg_pool2d_forward", x)
+    if _g is not None:
+        return _g(x, kernel, stride, padding, ceil_mode=ceil_mode,
+                  count_include_pad=count_include_pad)
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x.shape, kernel, stride, padding,
                                                       ceil_mode)
     div = avg_pool2d_divisor(x.shape, kernel, stride, padding, ceil_mode, count_include_pad)
-    uniform = _uniform_divisor(div, kh, kw)
-    if uniform and (Ho, Wo) == _floor_hw(H, W, kh, kw, sh, sw, ph, pw):
-        _g = gpu_impl("avg_pool2d_forward", x)
-        if _g is not None:
-            return _g(x, kernel, stride, padding)
+    uniform = bool((div == kh * kw).all())
     xp = array_module(x)
     y = xp.zeros((N, C, Ho, Wo), x.dtype)
     if y.size == 0:
@@ -241,14 +223,14 @@ def avg_pool2d_backward(dy, x_shape, kernel, stride=None, padding=(0, 0), *, cei
 
     dy: (N, C, Ho, Wo); x_shape = (N, C, H, W) -> dx: (N, C, H, W) of dy's dtype.
     """
+    _g = gpu_impl("avg_pool2d_backward", dy)
+    if _g is not None:
+        return _g(dy, x_shape, kernel, stride, padding, ceil_mode=ceil_mode,
+                  count_include_pad=count_include_pad)
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x_shape, kernel, stride, padding,
                                                       ceil_mode)
     div = avg_pool2d_divisor(x_shape, kernel, stride, padding, ceil_mode, count_include_pad)
-    uniform = _uniform_divisor(div, kh, kw)
-    if uniform and (Ho, Wo) == _floor_hw(H, W, kh, kw, sh, sw, ph, pw):
-        _g = gpu_impl("avg_pool2d_backward", dy)
-        if _g is not None:
-            return _g(dy, x_shape, kernel, stride, padding)
+    uniform = bool((div == kh * kw).all())
     xp = array_module(dy)
     if tuple(dy.shape) != (N, C, Ho, Wo):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(N, C, Ho, Wo)}")
