@@ -334,6 +334,21 @@ def test_dropout_keep_rate_binomial(p):
         assert abs(int(part.sum()) - m * (1 - p)) <= 5 * math.sqrt(m * p * (1 - p))
 
 
+def test_dropout_neighbours_uncorrelated():
+    """Neighbouring flat indices (lag 1, a row apart, a channel apart) are independent:
+    P(both kept) is within 5 sigma of (1-p)**2; a mask repeating with period 2 fails."""
+    p, n = 0.5, 1 << 18
+    keep = D.dropout_keep((n,), [slice(None)], p, 11, 4)
+    for lag in (1, 7, 224, 224 * 224):
+        both = float((keep[:-lag] & keep[lag:]).mean())
+        m = n - lag
+        q = (1 - p) ** 2
+        assert abs(both - q) <= 5 * math.sqrt(q * (1 - q) / m), (lag, both)
+    periodic = np.repeat(keep[::2], 2)
+    both = float((periodic[:-1] & periodic[1:]).mean())
+    assert abs(both - 0.25) > 5 * math.sqrt(0.25 * 0.75 / (n - 1))
+
+
 def test_dropout_depends_on_seed_and_step_only():
     shape, bs, p = (8, 64, 9), (slice(2, 6), slice(10, 50), slice(None)), 0.5
     a = D.dropout_keep(shape, bs, p, 1, 0)
