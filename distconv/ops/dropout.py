@@ -37,12 +37,13 @@ def _splitmix64_int(z: int) -> int:
 
 
 def _mix64(xp, z):
-    """SplitMix64's finaliser on a uint64 array, in place where possible (wraps mod 2**64)."""
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(_C1)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(_C2)
-    z ^= z >> np.uint64(31)
+    """SplitMix64's finaliser on a uint64 array, in place (wraps mod 2**64)."""
+    t = xp.empty_like(z)
+    for shift, mult in ((30, _C1), (27, _C2), (31, None)):
+        xp.right_shift(z, np.uint64(shift), out=t)
+        z ^= t
+        if mult is not None:
+            z *= np.uint64(mult)
     return z
 
 
@@ -99,7 +100,8 @@ def dropout_keep(global_shape, block_slices, p, seed, step, *, xp=np):
     idx += np.uint64((dropout_key(seed, step) + _GAMMA) & _M64)
     h = _mix64(xp, idx)
     threshold = np.uint64(int(round(p * 2.0 ** 53)))
-    return (h >> np.uint64(11)) >= threshold
+    xp.right_shift(h, np.uint64(11), out=h)
+    return h >= threshold
 
 
 def dropout_mask(global_shape, block_slices, p, seed, step, dtype=np.float32, *, xp=np):
