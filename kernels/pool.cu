@@ -1,18 +1,22 @@
-// 2-D max and average pooling on NCHW tensors (ceil_mode=False), forward and backward;
-// the GPU side of distconv.ops.pool.
+// 2-D max and average pooling on NCHW tensors, forward and backward; the GPU side of
+// distconv.ops.pool.
 //
 // Window (ho, wo) reads rows h = ho*sh - ph + i, columns w = wo*sw - pw + j,
-// i < kh, j < kw.
+// i < kh, j < kw. Ho and Wo come from the caller (ceil_mode=True gives windows that
+// reach past the right/bottom padding; every read is bounds-checked on all sides).
 //
-//   max forward:  padding reads as -inf; best starts at offset (0, 0) and moves to
-//                 offset k = i*kw + j when v > best or v is NaN (PyTorch's rule:
-//                 first maximum wins, NaN propagates); argmax = that k (uint8 when
+//   max forward:  out-of-bounds reads as -inf; best starts at -inf with the offset
+//                 of the window's first in-bounds element (PyTorch's initial index)
+//                 and moves to offset k = i*kw + j when v > best or v is NaN
+//                 (first maximum wins, NaN propagates); argmax = that k (uint8 when
 //                 kh*kw <= 256, else int32, as the CPU op).
 //   max backward: dx[h, w] = sum of dy[ho, wo] over the windows whose argmax is
 //                 this pixel; one thread per input pixel gathers them in (i, j) order.
-//   avg forward:  y = (sum of the in-bounds x of the window) * inv, inv = 1/(kh*kw)
-//                 (count_include_pad=True).
-//   avg backward: dx[h, w] = sum over the windows containing it of dy*inv, gathered
+//   avg forward:  y = (sum of the in-bounds x of the window) / div, PyTorch's divisor:
+//                 hs = ho*sh - ph, he = min(hs + kh, H + ph); cip (count_include_pad)
+//                 != 0: div = (he - hs) * (we - ws), else the in-bounds count
+//                 (min(he, H) - max(hs, 0)) * (min(we, W) - max(ws, 0)).
+//   avg backward: dx[h, w] = sum over the windows containing it of dy / div, gathered
 //                 in (i, j) order.
 //
 // No atomics. Twins: distconv.ops.cuda.*_pool2d_*_numpy.
@@ -37,7 +41,7 @@ __device__ __forceinline__ void max_pool_fwd_impl(const T* __restrict__ x, T* __
         const i64 h0 = ho * sh - ph;
         const i64 w0 = wo * sw - pw;
         T best = DcNum<T>::neg_inf();
-        i64 barg = 0;
+        i64 barg = (h0 < 0 ? -h0 : 0) * kw + (w0 < 0 ? -w0 : 0);
         for (i64 i = 0; i < kh; ++i) {
             const i64 h = h0 + i;
             const bool hin = (h >= 0 && h < H);
@@ -45,7 +49,7 @@ __device__ __forceinline__ void max_pool_fwd_impl(const T* __restrict__ x, T* __
                 const i64 w = w0 + j;
                 const T v = (hin && w >= 0 && w < W) ? xp[h * W + w] : DcNum<T>::neg_inf();
                 const i64 k = i * kw + j;
-                if (k == 0 || v > best || v != v) {
+                if (v > best || v != v) {
                     best = v;
                     barg = k;
                 }
@@ -90,9 +94,24 @@ __device__ __forceinline__ void max_pool_bwd_impl(const T* __restrict__ dy,
     }
 }
 
+// PyTorch's average-pooling divisor of window (ho, wo); see the header comment.
+__device__ __forceinline__ i64 avg_pool_divisor(i64 ho, i64 wo, i64 H, i64 W, i64 kh, i64 kw,
+                                                i64 sh, i64 sw, i64 ph, i64 pw, i64 cip) {
+    const i64 hs = ho * sh - ph;
+    const i64 ws = wo * sw - pw;
+    i64 he = hs + kh;
+    if (he > H + ph) he = H + ph;
+    i64 we = ws + kw;
+    if (we > W + pw) we = W + pw;
+    if (cip) return (he - hs) * (we - ws);
+    const i64 nh = (he < H ? he : H) - (hs > 0 ? hs : 0);
+    const i64 nw = (we < W ? we : W) - (ws > 0 ? ws : 0);
+    return nh * nw;
+}
+
 template <typename T>
 __device__ __forceinline__ void avg_pool_fwd_impl(const T* __restrict__ x, T* __restrict__ y,
-                                                  DC_POOL_ARGS, T inv) {
+                                                  DC_POOL_ARGS, i64 cip) {
     const i64 total = N * C * Ho * Wo;
     DC_GRID_STRIDE(idx, total) {
         i64 t = idx;
@@ -113,13 +132,13 @@ __device__ __forceinline__ void avg_pool_fwd_impl(const T* __restrict__ x, T* __
                 acc += xp[h * W + w];
             }
         }
-        y[idx] = acc * inv;
+        y[idx] = acc / (T)avg_pool_divisor(ho, wo, H, W, kh, kw, sh, sw, ph, pw, cip);
     }
 }
 
 template <typename T>
 __device__ __forceinline__ void avg_pool_bwd_impl(const T* __restrict__ dy, T* __restrict__ dx,
-                                                  DC_POOL_ARGS, T inv) {
+                                                  DC_POOL_ARGS, i64 cip) {
     const i64 total = N * C * H * W;
     DC_GRID_STRIDE(idx, total) {
         i64 t = idx;
@@ -141,7 +160,8 @@ __device__ __forceinline__ void avg_pool_bwd_impl(const T* __restrict__ dy, T* _
                 if (tw % sw != 0) continue;
                 const i64 wo = tw / sw;
                 if (wo >= Wo) continue;
-                acc += dyp[ho * Wo + wo] * inv;
+                acc += dyp[ho * Wo + wo] /
+                       (T)avg_pool_divisor(ho, wo, H, W, kh, kw, sh, sw, ph, pw, cip);
             }
         }
         dx[idx] = acc;
@@ -160,12 +180,12 @@ __device__ __forceinline__ void avg_pool_bwd_impl(const T* __restrict__ dy, T* _
 
 #define DC_INSTANTIATE_AVG(T, SUF)                                                           \
     extern "C" __global__ void avg_pool2d_forward_##SUF(const T* x, T* y, DC_POOL_ARGS,      \
-                                                        T inv) {                             \
-        avg_pool_fwd_impl<T>(x, y, DC_POOL_PASS, inv);                                       \
+                                                        i64 cip) {                           \
+        avg_pool_fwd_impl<T>(x, y, DC_POOL_PASS, cip);                                       \
     }                                                                                        \
     extern "C" __global__ void avg_pool2d_backward_##SUF(const T* dy, T* dx, DC_POOL_ARGS,   \
-                                                         T inv) {                            \
-        avg_pool_bwd_impl<T>(dy, dx, DC_POOL_PASS, inv);                                     \
+                                                         i64 cip) {                          \
+        avg_pool_bwd_impl<T>(dy, dx, DC_POOL_PASS, cip);                                     \
     }
 
 DC_INSTANTIATE_MAX(float, unsigned char, f32_u8)

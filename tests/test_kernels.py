@@ -603,6 +603,103 @@ def test_pool_kernels(dev, case, dtype):
                 K.avg_pool2d_backward_numpy(dy, x.shape, k, s, p), dtype, "avg dx")
 
 
+POOL_MODE_CASES = [  # (N, C, H, W, kernel, stride, padding): ceil mode adds clipped windows
+    (2, 3, 8, 10, (3, 3), (2, 2), (0, 0)),
+    (1, 2, 5, 6, (2, 2), (2, 2), (1, 1)),     # PyTorch's last-window rule drops one in H
+    (1, 3, 8, 11, (3, 4), (2, 3), (1, 2)),    # windows past the right padding
+    (2, 2, 13, 13, (3, 3), (2, 2), (0, 0)),
+    (1, 1, 20, 19, (17, 16), (2, 3), (0, 0)),  # int32 argmax
+    (0, 2, 7, 7, (3, 3), (2, 2), (1, 1)),
+]
+POOL_MODES = [(c, cip) for c in (False, True) for cip in (True, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ceil_mode,count_include_pad", POOL_MODES)
+@pytest.mark.parametrize("case", POOL_MODE_CASES)
+def test_pool_modes_numpy_vs_torch(case, ceil_mode, count_include_pad, dtype):
+    N, C, H, W, k, s, p = case
+    rng = rng_for("poolm", case, ceil_mode, count_include_pad)
+    x = _pool_input(rng, (N, C, H, W), dtype)
+    if x.size:
+        x.flat[rng.integers(0, x.size, 3)] = -np.inf
+    y, arg = K.max_pool2d_forward_numpy(x, k, s, p, ceil_mode=ceil_mode)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = K.max_pool2d_backward_numpy(dy, arg, x.shape, k, s, p, ceil_mode=ceil_mode)
+    xt = t64(x, True)
+    yt = TF.max_pool2d(xt, k, s, p, ceil_mode=ceil_mode)
+    yt.backward(t64(dy))
+    np.testing.assert_array_equal(y, yt.detach().numpy().astype(dtype))
+    assert_close(dx, xt.grad.numpy(), dtype, "max dx")
+    x = rng.standard_normal(x.shape).astype(dtype)
+    kw = dict(ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+    ya = K.avg_pool2d_forward_numpy(x, k, s, p, **kw)
+    dxa = K.avg_pool2d_backward_numpy(dy, x.shape, k, s, p, **kw)
+    xt = t64(x, True)
+    yt = TF.avg_pool2d(xt, k, s, p, **kw)
+    yt.backward(t64(dy))
+    assert_close(ya, yt.detach().numpy(), dtype, "avg y")
+    assert_close(dxa, xt.grad.numpy(), dtype, "avg dx")
+
+
+def test_max_pool_all_neg_inf_window_numpy():
+    """A window whose in-bounds values are all -inf sends its gradient to its first
+    in-bounds element, as PyTorch does, not into the padding."""
+    x = np.full((1, 1, 4, 5), -np.inf)
+    x[0, 0, 2:, 3:] = 1.0
+    xt = t64(x, True)
+    yt = TF.max_pool2d(xt, 3, 2, 1, ceil_mode=True)
+    yt.backward(torch.ones_like(yt))
+    y, arg = K.max_pool2d_forward_numpy(x, 3, 2, 1, ceil_mode=True)
+    dx = K.max_pool2d_backward_numpy(np.ones_like(y), arg, x.shape, 3, 2, 1, ceil_mode=True)
+    np.testing.assert_array_equal(y, yt.detach().numpy())
+    np.testing.assert_array_equal(dx, xt.grad.numpy())
+    assert dx.sum() == y.size  # nothing lost in the padding
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ceil_mode,count_include_pad", POOL_MODES)
+@pytest.mark.parametrize("case", POOL_MODE_CASES)
+def test_pool_mode_kernels(dev, case, ceil_mode, count_include_pad, dtype):
+    N, C, H, W, k, s, p = case
+    rng = rng_for("poolmk", case, ceil_mode, count_include_pad)
+    x = _pool_input(rng, (N, C, H, W), dtype)
+    if x.size:
+        x.flat[rng.integers(0, x.size, 3)] = np.nan
+        x.flat[rng.integers(0, x.size, 3)] = -np.inf
+    y, arg = K.max_pool2d_forward(dev.to(x), k, s, p, ceil_mode=ceil_mode)
+    y0, arg0 = K.max_pool2d_forward_numpy(x, k, s, p, ceil_mode=ceil_mode)
+    assert_twin(dev, y, y0, dtype, "max y")
+    np.testing.assert_array_equal(dev.get(arg), arg0)
+    dy = rng.standard_normal(y0.shape).astype(dtype)
+    assert_twin(dev, K.max_pool2d_backward(dev.to(dy), arg, x.shape, k, s, p,
+                                           ceil_mode=ceil_mode),
+                K.max_pool2d_backward_numpy(dy, arg0, x.shape, k, s, p, ceil_mode=ceil_mode),
+                dtype, "max dx")
+    x = rng.standard_normal(x.shape).astype(dtype)
+    kw = dict(ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+    assert_twin(dev, K.avg_pool2d_forward(dev.to(x), k, s, p, **kw),
+                K.avg_pool2d_forward_numpy(x, k, s, p, **kw), dtype, "avg y")
+    assert_twin(dev, K.avg_pool2d_backward(dev.to(dy), x.shape, k, s, p, **kw),
+                K.avg_pool2d_backward_numpy(dy, x.shape, k, s, p, **kw), dtype, "avg dx")
+
+
+def test_cpu_op_dispatches_pool_modes_to_kernels(dev, monkeypatch):
+    """distconv.ops.pool hands ceil_mode/count_include_pad to the CUDA path unchanged."""
+    from distconv.ops import _gpu
+    from distconv.ops import pool as P
+    monkeypatch.setattr(_gpu, "array_module", lambda a: None)  # every array 'is' on the GPU
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 8, 11))
+    k, s, p = (3, 4), (2, 3), (1, 2)
+    y, arg = P.max_pool2d_forward(x, k, s, p, ceil_mode=True)
+    y0, arg0 = K.max_pool2d_forward_numpy(x, k, s, p, ceil_mode=True)
+    assert_twin(dev, y, y0, np.float64, "max y")
+    ya = P.avg_pool2d_forward(x, k, s, p, ceil_mode=True, count_include_pad=False)
+    assert_twin(dev, ya, K.avg_pool2d_forward_numpy(x, k, s, p, ceil_mode=True,
+                                                    count_include_pad=False), np.float64, "avg")
+
+
 # ======================================================================== ReLU
 def _relu_input(dtype):
     x = np.random.default_rng(4).standard_normal((3, 4, 5, 7)).astype(dtype)

@@ -87,8 +87,8 @@ def _kernel_table():
         for a in ("u8", "i32"):
             t["pool.cu"][f"max_pool2d_forward_{s}_{a}"] = "PPP" + i12
             t["pool.cu"][f"max_pool2d_backward_{s}_{a}"] = "PPP" + i12
-        t["pool.cu"][f"avg_pool2d_forward_{s}"] = "PP" + i12 + sc
-        t["pool.cu"][f"avg_pool2d_backward_{s}"] = "PP" + i12 + sc
+        t["pool.cu"][f"avg_pool2d_forward_{s}"] = "PP" + i12 + "i"
+        t["pool.cu"][f"avg_pool2d_backward_{s}"] = "PP" + i12 + "i"
         t["activation.cu"][f"relu_forward_{s}"] = "PPi"
         t["activation.cu"][f"relu_backward_{s}"] = "PPPi"
     for b in ("b1", "b2", "b4", "b8"):
@@ -231,6 +231,7 @@ def _suffix(dtype, what="data"):
 
 # ------------------------------------------------------------------- geometry
 from .conv import _pair  # noqa: E402  (one argument parser for the CPU and GPU ops)
+from . import pool as _pool  # noqa: E402  (one pooling output-size and divisor rule)
 
 
 def _out_hw(H, W, kh, kw, sh, sw, ph, pw, dh, dw):
@@ -273,18 +274,11 @@ class _Geom:
                 self.dh, self.dw, self.Ho, self.Wo)
 
 
-def _pool_geom(x_shape, kernel, stride, padding):
-    kh, kw = _pair(kernel, "kernel")
-    sh, sw = _pair(kernel if stride is None else stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    if ph > kh // 2 or pw > kw // 2:
-        raise ValueError(f"pad should be at most half of the kernel size, got padding {(ph, pw)} "
-                         f"for kernel {(kh, kw)}")
+def _pool_geom(x_shape, kernel, stride, padding, ceil_mode=False):
+    """Pooling geometry; output size by PyTorch's rule, shared with the CPU op."""
     if len(x_shape) != 4:
         raise ValueError(f"expected an NCHW shape, got {tuple(x_shape)}")
-    N, C, H, W = (int(s) for s in x_shape)
-    Ho, Wo = _out_hw(H, W, kh, kw, sh, sw, ph, pw, 1, 1)
-    return N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo
+    return _pool._geom(x_shape, kernel, stride, padding, ceil_mode)
 
 
 def _check4(x, name="x"):
@@ -710,19 +704,22 @@ def _argmax_dtype(kh, kw):
     return np.dtype(np.uint8) if kh * kw <= 256 else np.dtype(np.int32)
 
 
-def max_pool2d_forward_numpy(x, kernel, stride=None, padding=(0, 0)):
+def max_pool2d_forward_numpy(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=False):
     """NumPy twin of :func:`max_pool2d_forward` -> (y, argmax)."""
     x = np.asarray(x)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding,
+                                                           ceil_mode)
     y = np.empty((N, C, Ho, Wo), x.dtype)
     arg = np.zeros((N, C, Ho, Wo), _argmax_dtype(kh, kw))
     if y.size == 0:
         return y, arg
     ninf = x.dtype.type(-np.inf)
-    best = np.full(y.shape, ninf, x.dtype)
-    barg = np.zeros(y.shape, np.int64)
     ho = np.arange(Ho)
     wo = np.arange(Wo)
+    best = np.full(y.shape, ninf, x.dtype)
+    # first in-bounds offset of each window (PyTorch's initial index)
+    barg = np.broadcast_to(np.maximum(ph - ho * sh, 0)[:, None] * kw
+                           + np.maximum(pw - wo * sw, 0)[None, :], y.shape).astype(np.int64)
     for i in range(kh):
         h = ho * sh - ph + i
         hin = (h >= 0) & (h < H)
@@ -733,7 +730,7 @@ def max_pool2d_forward_numpy(x, kernel, stride=None, padding=(0, 0)):
             wc = np.clip(w, 0, W - 1)
             v = np.where(hin[:, None] & win[None, :], x[:, :, hc[:, None], wc[None, :]], ninf)
             k = i * kw + j
-            take = (v > best) | (v != v) if k else np.ones(y.shape, bool)
+            take = (v > best) | (v != v)
             best = np.where(take, v, best)
             barg = np.where(take, k, barg)
     y[...] = best
@@ -741,10 +738,12 @@ def max_pool2d_forward_numpy(x, kernel, stride=None, padding=(0, 0)):
     return y, arg
 
 
-def max_pool2d_backward_numpy(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)):
+def max_pool2d_backward_numpy(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0), *,
+                              ceil_mode=False):
     """NumPy twin of :func:`max_pool2d_backward` (gather per input pixel, (i, j) order)."""
     dy = np.asarray(dy)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding,
+                                                           ceil_mode)
     _check_shape(dy, (N, C, Ho, Wo), "dy")
     _check_shape(argmax, (N, C, Ho, Wo), "argmax")
     dx = np.zeros((N, C, H, W), dy.dtype)
@@ -765,10 +764,13 @@ def max_pool2d_backward_numpy(dy, argmax, x_shape, kernel, stride=None, padding=
     return dx
 
 
-def avg_pool2d_forward_numpy(x, kernel, stride=None, padding=(0, 0)):
-    """NumPy twin of :func:`avg_pool2d_forward`: (sum of the in-bounds window) * (1/(kh*kw))."""
+def avg_pool2d_forward_numpy(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=False,
+                             count_include_pad=True):
+    """NumPy twin of :func:`avg_pool2d_forward`: (sum of the in-bounds window) / divisor
+    (:func:`distconv.ops.pool.avg_pool2d_divisor`)."""
     x = np.asarray(x)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding,
+                                                           ceil_mode)
     acc = np.zeros((N, C, Ho, Wo), x.dtype)
     if acc.size == 0:
         return acc
@@ -777,18 +779,23 @@ def avg_pool2d_forward_numpy(x, kernel, stride=None, padding=(0, 0)):
         for j in range(kw):
             wo, w = _fwd_pairs(Wo, W, sw, pw, 1, j)
             acc[:, :, ho[:, None], wo[None, :]] += x[:, :, h[:, None], w[None, :]]
-    return acc * x.dtype.type(1.0 / (kh * kw))
+    div = _pool.avg_pool2d_divisor(x.shape, kernel, stride, padding, ceil_mode,
+                                   count_include_pad).astype(x.dtype)
+    return acc / div
 
 
-def avg_pool2d_backward_numpy(dy, x_shape, kernel, stride=None, padding=(0, 0)):
-    """NumPy twin of :func:`avg_pool2d_backward`: pixels gather dy*(1/(kh*kw)) of their windows."""
+def avg_pool2d_backward_numpy(dy, x_shape, kernel, stride=None, padding=(0, 0), *,
+                              ceil_mode=False, count_include_pad=True):
+    """NumPy twin of :func:`avg_pool2d_backward`: pixels gather dy/divisor of their windows."""
     dy = np.asarray(dy)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding,
+                                                           ceil_mode)
     _check_shape(dy, (N, C, Ho, Wo), "dy")
     dx = np.zeros((N, C, H, W), dy.dtype)
     if dx.size == 0:
         return dx
-    g = dy * dy.dtype.type(1.0 / (kh * kw))
+    g = dy / _pool.avg_pool2d_divisor(x_shape, kernel, stride, padding, ceil_mode,
+                                      count_include_pad).astype(dy.dtype)
     for i in range(kh):
         h, ho = _adj_pairs(H, Ho, sh, ph, 1, i)
         for j in range(kw):
@@ -798,18 +805,20 @@ def avg_pool2d_backward_numpy(dy, x_shape, kernel, stride=None, padding=(0, 0)):
     return dx
 
 
-def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0)):
+def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=False):
     """Max pooling: x (N, C, H, W) -> (y (N, C, Ho, Wo), argmax).
 
     argmax is the row-major kernel offset i*kw + j of the chosen element
     (uint8 when kh*kw <= 256, else int32), as the CPU op: pass it unchanged to
     :func:`max_pool2d_backward`. Padding reads as -inf; ties keep the first
-    maximum; NaN propagates. ``stride`` None means ``kernel``.
+    maximum; NaN propagates; a window of -inf values picks its first in-bounds
+    element. ``stride`` None means ``kernel``; ``ceil_mode`` as in PyTorch.
     """
     if not is_gpu_array(x):
-        return max_pool2d_forward_numpy(x, kernel, stride, padding)
+        return max_pool2d_forward_numpy(x, kernel, stride, padding, ceil_mode=ceil_mode)
     cp = _cupy()
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding,
+                                                           ceil_mode)
     suf = _suffix(x.dtype)[0]
     adt = _argmax_dtype(kh, kw)
     y = cp.empty((N, C, Ho, Wo), x.dtype)
@@ -821,13 +830,16 @@ def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0)):
     return y, arg
 
 
-def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)):
+def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0), *,
+                        ceil_mode=False):
     """Gradient of max pooling: dy (N, C, Ho, Wo), argmax from :func:`max_pool2d_forward`
     -> dx (N, C, H, W) of dy's dtype (atomic-free gather on the GPU)."""
     if not is_gpu_array(dy):
-        return max_pool2d_backward_numpy(dy, argmax, x_shape, kernel, stride, padding)
+        return max_pool2d_backward_numpy(dy, argmax, x_shape, kernel, stride, padding,
+                                         ceil_mode=ceil_mode)
     cp = _cupy()
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding,
+                                                           ceil_mode)
     _check_shape(dy, (N, C, Ho, Wo), "dy")
     _check_shape(argmax, (N, C, Ho, Wo), "argmax")
     suf = _suffix(dy.dtype)[0]
@@ -846,34 +858,40 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)
     return dx
 
 
-def avg_pool2d_forward(x, kernel, stride=None, padding=(0, 0)):
-    """Average pooling (count_include_pad=True, ceil_mode=False): x -> y (N, C, Ho, Wo)."""
+def avg_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=False,
+                       count_include_pad=True):
+    """Average pooling, PyTorch's ceil_mode and divisor rules: x -> y (N, C, Ho, Wo)."""
     if not is_gpu_array(x):
-        return avg_pool2d_forward_numpy(x, kernel, stride, padding)
+        return avg_pool2d_forward_numpy(x, kernel, stride, padding, ceil_mode=ceil_mode,
+                                        count_include_pad=count_include_pad)
     cp = _cupy()
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding,
+                                                           ceil_mode)
     suf = _suffix(x.dtype)[0]
     y = cp.empty((N, C, Ho, Wo), x.dtype)
     if y.size:
         _launch(f"avg_pool2d_forward_{suf}", y.size,
                 (cp.ascontiguousarray(x), y, N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo,
-                 x.dtype.type(1.0 / (kh * kw))))
+                 int(bool(count_include_pad))))
     return y
 
 
-def avg_pool2d_backward(dy, x_shape, kernel, stride=None, padding=(0, 0)):
+def avg_pool2d_backward(dy, x_shape, kernel, stride=None, padding=(0, 0), *, ceil_mode=False,
+                        count_include_pad=True):
     """Gradient of average pooling: dy (N, C, Ho, Wo) -> dx (N, C, H, W) of dy's dtype."""
     if not is_gpu_array(dy):
-        return avg_pool2d_backward_numpy(dy, x_shape, kernel, stride, padding)
+        return avg_pool2d_backward_numpy(dy, x_shape, kernel, stride, padding,
+                                         ceil_mode=ceil_mode, count_include_pad=count_include_pad)
     cp = _cupy()
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding,
+                                                           ceil_mode)
     _check_shape(dy, (N, C, Ho, Wo), "dy")
     suf = _suffix(dy.dtype)[0]
     dx = cp.empty((N, C, H, W), dy.dtype)
     if dx.size:
         _launch(f"avg_pool2d_backward_{suf}", dx.size,
                 (cp.ascontiguousarray(dy), dx, N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo,
-                 dy.dtype.type(1.0 / (kh * kw))))
+                 int(bool(count_include_pad))))
     return dx
 
 

@@ -1,32 +1,82 @@
-"""Local 2-D pooling (max, average, global average) on NCHW xp arrays.
+"""Local 2-D pooling (max, average, adaptive average, global average) on NCHW xp arrays.
 
-Semantics follow PyTorch with ``ceil_mode=False``: max pooling pads with -inf
-and, on ties, keeps the first maximum in window order (row-major over the
-kernel), so gradients go to the same element as in PyTorch; average pooling
-counts padded zeros (``count_include_pad=True``), so the divisor is kh*kw.
+Semantics follow PyTorch:
+
+* max pooling pads with -inf and, on ties, keeps the first maximum in window
+  order (row-major over the kernel), so gradients go to the same element as in
+  PyTorch; NaN propagates; a window whose in-bounds values are all -inf picks
+  its first in-bounds element (PyTorch's initial index), never the padding.
+* ``ceil_mode=True`` rounds the output size up, except that the last window
+  must start inside the input or the left padding (PyTorch's rule:
+  ``Ho = ceil((H + 2p - k) / s) + 1``, minus one when ``(Ho-1)*s >= H + p``).
+  Those last windows may reach past the right padding; the part beyond it is
+  ignored (-inf for max, not counted for average).
+* average pooling divides by the window clipped to the padded input
+  (``count_include_pad=True``: kh*kw except for windows clipped by ceil mode)
+  or by the number of in-bounds elements (``count_include_pad=False``).
+* adaptive average pooling uses PyTorch's bins ``start = floor(i*H/Ho)``,
+  ``end = ceil((i+1)*H/Ho)`` for any output size, larger than the input too.
 
 All loops are over kernel offsets only (kh*kw iterations of whole-array
 strided operations), never over samples, channels or pixels.
+
+GPU: CuPy arrays go to the CUDA kernels of :mod:`distconv.ops.cuda` (max and
+average pooling, every mode above; adaptive pooling is two small GEMMs and
+runs as array-module code on either).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..backend import array_module
-from .conv import _pair, conv2d_output_hw
+from .conv import _pair
 from ._gpu import gpu_impl
 
 
-def _pool_geom(x_shape, kernel, stride, padding):
+def pool_output_size(n, k, s, p, ceil_mode=False):
+    """Output length of a 1-D pooling window sweep (PyTorch's ``pooling_output_shape``).
+
+    Returns an int that may be < 1; callers raise on it.
+    """
+    num = n + 2 * p - k + ((s - 1) if ceil_mode else 0)
+    out = num // s + 1  # floor division == PyTorch's div_rtn
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def pool2d_output_hw(h, w, kernel, stride=None, padding=0, ceil_mode=False):
+    """Output (Ho, Wo) of 2-D max/average pooling of an (h, w) image, as PyTorch computes it.
+
+    ``stride`` None means ``kernel``. Raises ValueError on a bad geometry
+    (padding above half the kernel, non-positive kernel or stride, empty output).
+    """
+    return _geom((0, 0, h, w), kernel, stride, padding, ceil_mode)[10:12]
+
+
+def _geom(x_shape, kernel, stride, padding, ceil_mode=False):
     kh, kw = _pair(kernel, "kernel")
     sh, sw = _pair(kernel if stride is None else stride, "stride")
     ph, pw = _pair(padding, "padding")
+    if min(kh, kw) < 1 or min(sh, sw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"pooling needs kernel >= 1, stride >= 1, padding >= 0; got kernel "
+                         f"{(kh, kw)}, stride {(sh, sw)}, padding {(ph, pw)}")
     if ph > kh // 2 or pw > kw // 2:
         raise ValueError(f"pad should be at most half of the kernel size, got padding {(ph, pw)} "
                          f"for kernel {(kh, kw)}")
     N, C, H, W = (int(s) for s in x_shape)
-    Ho, Wo = conv2d_output_hw(H, W, (kh, kw), (sh, sw), (ph, pw), (1, 1))
+    Ho = pool_output_size(H, kh, sh, ph, ceil_mode)
+    Wo = pool_output_size(W, kw, sw, pw, ceil_mode)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"pooling output would be empty: input {H}x{W}, kernel {(kh, kw)}, stride "
+            f"{(sh, sw)}, padding {(ph, pw)}, ceil_mode={bool(ceil_mode)} gives {Ho}x{Wo}")
     return N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo
+
+
+def _padded_hw(H, W, kh, kw, sh, sw, ph, pw, Ho, Wo):
+    """Size of the padded buffer every window fits in (ceil-mode windows may pass H + 2p)."""
+    return (max(H + 2 * ph, (Ho - 1) * sh + kh), max(W + 2 * pw, (Wo - 1) * sw + kw))
 
 
 def _window(a, i, j, sh, sw, Ho, Wo):
@@ -34,38 +84,66 @@ def _window(a, i, j, sh, sw, Ho, Wo):
     return a[:, :, i:i + sh * (Ho - 1) + 1:sh, j:j + sw * (Wo - 1) + 1:sw]
 
 
-def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0)):
+def _divisor_1d(n, k, s, p, out, count_include_pad):
+    """Per-window divisor along one dimension (int64 numpy array of length ``out``)."""
+    start = np.arange(out, dtype=np.int64) * s - p
+    end = np.minimum(start + k, n + p)
+    if count_include_pad:
+        return end - start
+    return np.minimum(end, n) - np.maximum(start, 0)
+
+
+def avg_pool2d_divisor(x_shape, kernel, stride=None, padding=0, ceil_mode=False,
+                       count_include_pad=True):
+    """(Ho, Wo) float64 NumPy array: the divisor of each output of :func:`avg_pool2d_forward`.
+
+    PyTorch's rule: the window clipped to the padded input, ``(min(hs+kh, H+ph) - hs) *
+    (min(ws+kw, W+pw) - ws)`` with ``hs = ho*sh - ph``; with ``count_include_pad=False``
+    the window clipped to the input itself.
+    """
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x_shape, kernel, stride, padding,
+                                                      ceil_mode)
+    dh = _divisor_1d(H, kh, sh, ph, Ho, count_include_pad)
+    dw = _divisor_1d(W, kw, sw, pw, Wo, count_include_pad)
+    return np.multiply.outer(dh, dw).astype(np.float64)
+
+
+def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=False):
     """Max pooling.
 
     x: (N, C, H, W) -> (y, argmax): y (N, C, Ho, Wo) of x's dtype and argmax
-    (N, C, Ho, Wo) integer, the row-major kernel offset ``i*kw + j`` of the
-    chosen element in each window (pass it unchanged to
-    :func:`max_pool2d_backward`). ``stride`` None means ``kernel``.
+    (N, C, Ho, Wo) integer (uint8 when kh*kw <= 256, else int32), the
+    row-major kernel offset ``i*kw + j`` of the chosen element in each window
+    (pass it unchanged to :func:`max_pool2d_backward`, with the same
+    ``ceil_mode``). ``stride`` None means ``kernel``.
     """
     _g = gpu_impl("max_pool2d_forward", x)
     if _g is not None:
-        return _g(x, kernel, stride, padding)
+        return _g(x, kernel, stride, padding, ceil_mode=ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x.shape, kernel, stride, padding,
+                                                      ceil_mode)
     xp = array_module(x)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding)
     idt = np.uint8 if kh * kw <= 256 else np.int32
     y = xp.empty((N, C, Ho, Wo), x.dtype)
     arg = xp.zeros((N, C, Ho, Wo), idt)
     if y.size == 0:
         return y, arg
-    if ph or pw:
-        xpad = xp.full((N, C, H + 2 * ph, W + 2 * pw), -np.inf, x.dtype)
+    Hp, Wp = _padded_hw(H, W, kh, kw, sh, sw, ph, pw, Ho, Wo)
+    if (Hp, Wp) != (H, W):
+        xpad = xp.full((N, C, Hp, Wp), -np.inf, x.dtype)
         xpad[:, :, ph:ph + H, pw:pw + W] = x
     else:
         xpad = x
+    # PyTorch starts each window at -inf with the index of its first in-bounds element,
+    # so a window of -inf values sends its gradient there, never into the padding
+    i0 = np.maximum(ph - np.arange(Ho, dtype=np.int64) * sh, 0)
+    j0 = np.maximum(pw - np.arange(Wo, dtype=np.int64) * sw, 0)
+    arg[...] = xp.asarray((i0[:, None] * kw + j0[None, :]).astype(idt))
+    y.fill(-np.inf)
     mask = xp.empty((N, C, Ho, Wo), bool)
-    first = True
     for i in range(kh):
         for j in range(kw):
             v = _window(xpad, i, j, sh, sw, Ho, Wo)
-            if first:
-                xp.copyto(y, v)
-                first = False
-                continue
             # PyTorch: take v when v > current max or v is NaN
             xp.greater(v, y, out=mask)
             mask |= xp.isnan(v)
@@ -74,7 +152,8 @@ def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0)):
     return y, arg
 
 
-def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)):
+def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0), *,
+                        ceil_mode=False):
     """Gradient of max pooling.
 
     dy: (N, C, Ho, Wo); argmax from :func:`max_pool2d_forward`; x_shape =
@@ -82,11 +161,16 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)
     """
     _g = gpu_impl("max_pool2d_backward", dy)
     if _g is not None:
-        return _g(dy, argmax, x_shape, kernel, stride, padding)
+        return _g(dy, argmax, x_shape, kernel, stride, padding, ceil_mode=ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x_shape, kernel, stride, padding,
+                                                      ceil_mode)
     xp = array_module(dy)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding)
-    dxp = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dy.dtype)
-    if dy.size == 0 or dxp.size == 0:
+    if tuple(dy.shape) != (N, C, Ho, Wo) or tuple(argmax.shape) != (N, C, Ho, Wo):
+        raise ValueError(f"dy {tuple(dy.shape)} and argmax {tuple(argmax.shape)} must have the "
+                         f"pooled shape {(N, C, Ho, Wo)}")
+    Hp, Wp = _padded_hw(H, W, kh, kw, sh, sw, ph, pw, Ho, Wo)
+    dxp = xp.zeros((N, C, Hp, Wp), dy.dtype)
+    if dy.size == 0 or N * C * H * W == 0:
         return xp.zeros((N, C, H, W), dy.dtype)
     tmp = xp.empty_like(dy)
     for i in range(kh):
@@ -94,56 +178,159 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)
             # windows of one offset never overlap each other, so slice += is exact
             xp.multiply(dy, argmax == (i * kw + j), out=tmp)
             _window(dxp, i, j, sh, sw, Ho, Wo)[...] += tmp
-    if ph or pw:
+    if (Hp, Wp) != (H, W):
         return xp.ascontiguousarray(dxp[:, :, ph:ph + H, pw:pw + W])
     return dxp
 
 
-def avg_pool2d_forward(x, kernel, stride=None, padding=(0, 0)):
-    """Average pooling (count_include_pad=True, ceil_mode=False).
+def avg_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=False,
+                       count_include_pad=True):
+    """Average pooling, PyTorch's divisor rules (see :func:`avg_pool2d_divisor`).
 
     x: (N, C, H, W) -> y: (N, C, Ho, Wo) of x's dtype.
     """
     _g = gpu_impl("avg_pool2d_forward", x)
     if _g is not None:
-        return _g(x, kernel, stride, padding)
+        return _g(x, kernel, stride, padding, ceil_mode=ceil_mode,
+                  count_include_pad=count_include_pad)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x.shape, kernel, stride, padding,
+                                                      ceil_mode)
+    div = avg_pool2d_divisor(x.shape, kernel, stride, padding, ceil_mode, count_include_pad)
+    uniform = bool((div == kh * kw).all())
     xp = array_module(x)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding)
     y = xp.zeros((N, C, Ho, Wo), x.dtype)
     if y.size == 0:
         return y
-    if ph or pw:
-        xpad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), x.dtype)
+    Hp, Wp = _padded_hw(H, W, kh, kw, sh, sw, ph, pw, Ho, Wo)
+    if (Hp, Wp) != (H, W):
+        xpad = xp.zeros((N, C, Hp, Wp), x.dtype)
         xpad[:, :, ph:ph + H, pw:pw + W] = x
     else:
         xpad = x
     for i in range(kh):
         for j in range(kw):
             y += _window(xpad, i, j, sh, sw, Ho, Wo)
-    y *= x.dtype.type(1.0 / (kh * kw))
+    if uniform:
+        y *= x.dtype.type(1.0 / (kh * kw))
+    else:
+        y /= xp.asarray(div.astype(x.dtype))
     return y
 
 
-def avg_pool2d_backward(dy, x_shape, kernel, stride=None, padding=(0, 0)):
+def avg_pool2d_backward(dy, x_shape, kernel, stride=None, padding=(0, 0), *, ceil_mode=False,
+                        count_include_pad=True):
     """Gradient of average pooling.
 
     dy: (N, C, Ho, Wo); x_shape = (N, C, H, W) -> dx: (N, C, H, W) of dy's dtype.
     """
     _g = gpu_impl("avg_pool2d_backward", dy)
     if _g is not None:
-        return _g(dy, x_shape, kernel, stride, padding)
+        return _g(dy, x_shape, kernel, stride, padding, ceil_mode=ceil_mode,
+                  count_include_pad=count_include_pad)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x_shape, kernel, stride, padding,
+                                                      ceil_mode)
+    div = avg_pool2d_divisor(x_shape, kernel, stride, padding, ceil_mode, count_include_pad)
+    uniform = bool((div == kh * kw).all())
     xp = array_module(dy)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding)
-    dxp = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dy.dtype)
-    if dy.size == 0 or dxp.size == 0:
+    if tuple(dy.shape) != (N, C, Ho, Wo):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(N, C, Ho, Wo)}")
+    Hp, Wp = _padded_hw(H, W, kh, kw, sh, sw, ph, pw, Ho, Wo)
+    dxp = xp.zeros((N, C, Hp, Wp), dy.dtype)
+    if dy.size == 0 or N * C * H * W == 0:
         return xp.zeros((N, C, H, W), dy.dtype)
-    g = dy * dy.dtype.type(1.0 / (kh * kw))
+    if uniform:
+        g = dy * dy.dtype.type(1.0 / (kh * kw))
+    else:
+        g = dy / xp.asarray(div.astype(dy.dtype))
     for i in range(kh):
         for j in range(kw):
             _window(dxp, i, j, sh, sw, Ho, Wo)[...] += g
-    if ph or pw:
+    if (Hp, Wp) != (H, W):
         return xp.ascontiguousarray(dxp[:, :, ph:ph + H, pw:pw + W])
     return dxp
+
+
+# ------------------------------------------------------------ adaptive average
+def _adaptive_size(output_size, H, W):
+    if isinstance(output_size, (int, np.integer)) or output_size is None:
+        output_size = (output_size, output_size)
+    try:
+        oh, ow = output_size
+    except (TypeError, ValueError):
+        raise ValueError(f"output_size must be an int, None or a pair, got {output_size!r}") \
+            from None
+    oh = H if oh is None else int(oh)
+    ow = W if ow is None else int(ow)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"adaptive pooling output size must be >= 1, got {(oh, ow)}")
+    return oh, ow
+
+
+def adaptive_pool_bins(n, out):
+    """PyTorch's adaptive pooling bins along one dimension of length ``n``:
+    (start, end) int64 NumPy arrays of length ``out``, ``start[i] = floor(i*n/out)``,
+    ``end[i] = ceil((i+1)*n/out)``."""
+    i = np.arange(out, dtype=np.int64)
+    return (i * n) // out, -((-(i + 1) * n) // out)
+
+
+def _adaptive_matrix(n, out):
+    """(out, n) float64 averaging matrix: row i has 1/len over bin i."""
+    start, end = adaptive_pool_bins(n, out)
+    idx = np.arange(n, dtype=np.int64)
+    inside = (idx[None, :] >= start[:, None]) & (idx[None, :] < end[:, None])
+    length = (end - start).astype(np.float64)
+    if n and (length < 1).any():  # cannot happen for n >= 1; guards the division
+        raise ValueError(f"empty adaptive pooling bin for input {n}, output {out}")
+    return inside / np.maximum(length, 1)[:, None]
+
+
+def adaptive_avg_pool2d_output_hw(h, w, output_size):
+    """Output (Ho, Wo) of :func:`adaptive_avg_pool2d_forward` (None entries keep h or w)."""
+    return _adaptive_size(output_size, h, w)
+
+
+def adaptive_avg_pool2d_forward(x, output_size):
+    """Adaptive average pooling, PyTorch's bins (:func:`adaptive_pool_bins`).
+
+    x: (N, C, H, W) -> y: (N, C, Ho, Wo) of x's dtype; ``output_size`` an int,
+    a pair, or a pair with None for "the input's size". Computed as
+    ``Ah @ x @ Aw^T`` with the per-dimension averaging matrices (each output is
+    the mean over its bin in H, then in W, which is the mean over the 2-D bin).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x must be NCHW (4-D), got shape {tuple(x.shape)}")
+    xp = array_module(x)
+    N, C, H, W = (int(s) for s in x.shape)
+    Ho, Wo = _adaptive_size(output_size, H, W)
+    if H * W == 0:
+        raise ValueError(f"adaptive average pooling of an empty image: input {tuple(x.shape)}")
+    if N * C == 0:
+        return xp.zeros((N, C, Ho, Wo), x.dtype)
+    ah = xp.asarray(_adaptive_matrix(H, Ho).astype(x.dtype))
+    aw = xp.asarray(_adaptive_matrix(W, Wo).T.astype(x.dtype))
+    t = xp.matmul(x, aw)                   # (N, C, H, Wo)
+    return xp.ascontiguousarray(xp.matmul(ah, t))  # (N, C, Ho, Wo)
+
+
+def adaptive_avg_pool2d_backward(dy, x_shape, output_size=None):
+    """Gradient of :func:`adaptive_avg_pool2d_forward`: dy (N, C, Ho, Wo) -> dx (N, C, H, W).
+
+    ``output_size`` defaults to dy's spatial size; if given it must agree with it.
+    """
+    xp = array_module(dy)
+    N, C, H, W = (int(s) for s in x_shape)
+    Ho, Wo = (int(dy.shape[2]), int(dy.shape[3])) if output_size is None else \
+        _adaptive_size(output_size, H, W)
+    if tuple(dy.shape) != (N, C, Ho, Wo):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(N, C, Ho, Wo)}")
+    if H * W == 0:
+        raise ValueError(f"adaptive average pooling of an empty image: input {tuple(x_shape)}")
+    if N * C == 0:
+        return xp.zeros((N, C, H, W), dy.dtype)
+    ah = xp.asarray(_adaptive_matrix(H, Ho).T.astype(dy.dtype))  # (H, Ho)
+    aw = xp.asarray(_adaptive_matrix(W, Wo).astype(dy.dtype))    # (Wo, W)
+    return xp.ascontiguousarray(xp.matmul(ah, xp.matmul(dy, aw)))
 
 
 def global_avg_pool_forward(x):
