@@ -33,6 +33,9 @@ setup(
             "hypothesis",
             # Pinned: any other version pulls gigabytes of CUDA packages on Linux.
             "torch==2.13.0",
+            # Model oracle (its model definitions are plain Python; the tests stub
+            # torchvision._meta_registrations, whose CUDA ops do not register on CPU torch).
+            "torchvision==0.28.*",
             "ruff",
             "threadpoolctl",
             "scikit-learn",
