@@ -32,6 +32,7 @@ import itertools
 
 _ENABLED = [True]
 _SEQ = itertools.count()
+_RECORDERS: list = []  # lists that collect every node recorded (distconv.trace)
 
 
 # ------------------------------------------------------------------ grad mode
@@ -108,6 +109,8 @@ def record(name, backward_fn, inputs, out, params=(), module=None):
         return None
     node = Node(name, backward_fn, inputs, out, params, module)
     out.grad_fn = node
+    for r in _RECORDERS:
+        r.append(node)
     return node
 
 

@@ -113,10 +113,14 @@ def get_xp():
 
 
 def array_module(a):
-    """``numpy`` or ``cupy``, whichever owns array ``a``."""
+    """``numpy`` or ``cupy``, whichever owns array ``a`` (for a shape-only
+    :class:`~distconv.meta.MetaArray`, the namespace of :mod:`distconv.meta`)."""
     if isinstance(a, np.ndarray) or np.isscalar(a):
         return np
     mod = type(a).__module__
+    if mod == "distconv.meta":
+        from .meta import xp
+        return xp
     if mod.startswith("cupy"):
         import cupy
         return cupy

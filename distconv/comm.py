@@ -26,13 +26,49 @@ import time
 from typing import Sequence
 
 import numpy as np
-from mpi4py import MPI
-from mpi4py.util.dtlib import from_numpy_dtype
 
 from .backend import array_module, is_gpu_array
 from .distribution import block_sizes
 
-_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
+
+class _LazyMPI:
+    """``mpi4py.MPI``, imported on first use: distributions, shape-only tracing and the
+    planner import this module without needing mpi4py."""
+
+    def __getattr__(self, name):
+        from mpi4py import MPI as _MPI
+        globals()["MPI"] = _MPI
+        return getattr(_MPI, name)
+
+
+MPI = _LazyMPI()
+
+
+class _Ops(dict):
+    def __missing__(self, op):
+        return getattr(MPI, op.upper())
+
+
+_OPS = _Ops()
+
+
+# ------------------------------------------------------------------ byte accounting
+# What this rank sends and receives, in bytes, for per-rank block sizes (elements) under a
+# bandwidth-optimal algorithm; the shape-only communicator (distconv.shapecomm) records
+# the same numbers.
+def gather_bytes(sizes, me, item):
+    """allgather(v): ``(sent, recv)``."""
+    return sizes[me] * (len(sizes) - 1) * item, (sum(sizes) - sizes[me]) * item
+
+
+def scatter_bytes(sizes, me, item):
+    """reduce-scatter: ``(sent, recv)``."""
+    return (sum(sizes) - sizes[me]) * item, sizes[me] * (len(sizes) - 1) * item
+
+
+def exchange_bytes(ssizes, rsizes, me, item):
+    """alltoall(v): ``(sent, recv)``: what goes to and comes from the other ranks."""
+    return (sum(ssizes) - ssizes[me]) * item, (sum(rsizes) - rsizes[me]) * item
 
 
 class CommStats:
@@ -61,6 +97,7 @@ class CommStats:
 
 
 def _mpi_type(dtype):
+    from mpi4py.util.dtlib import from_numpy_dtype
     return from_numpy_dtype(np.dtype(dtype))
 
 
@@ -240,8 +277,7 @@ class Communicator:
                 displs = _displs(sizes)
                 self.mpi.Allgatherv(sb, [rb, sizes, displs, _mpi_type(x.dtype)])
             out = _assemble(xp, get(), out_shape, axis, counts, pre, post)
-        me = sizes[self.rank]
-        self._record("allgather", me * (self.size - 1) * item, (sum(sizes) - me) * item, t0)
+        self._record("allgather", *gather_bytes(sizes, self.rank, item), t0)
         return out
 
     def allgather_shapes(self, shape, axis=None):
@@ -284,8 +320,7 @@ class Communicator:
         sb = self._send_buf(send)
         self.mpi.Reduce_scatter(sb, rb, recvcounts=sizes, op=_OPS[op])
         out = get().reshape(my_shape)
-        me = sizes[self.rank]
-        self._record("reduce_scatter", (sum(sizes) - me) * item, me * (self.size - 1) * item, t0)
+        self._record("reduce_scatter", *scatter_bytes(sizes, self.rank, item), t0)
         return out
 
     def allreduce(self, x, op: str = "sum"):
@@ -300,7 +335,7 @@ class Communicator:
         rb, get = self._recv_buf(xp, x.shape, x.dtype)
         self.mpi.Allreduce(self._send_buf(x), rb, op=_OPS[op])
         out = get()
-        s, r = _allreduce_bytes(x.size, self.size, self.rank, x.dtype.itemsize)
+        s, r = allreduce_bytes(x.size, self.size, self.rank, x.dtype.itemsize)
         self._record("allreduce", s, r, t0)
         return out
 
@@ -315,7 +350,7 @@ class Communicator:
         rb, get = self._recv_buf(xp, x.shape, x.dtype)
         sb = self._send_buf(x)
         req = self.mpi.Iallreduce(sb, rb, op=_OPS[op])
-        s, r = _allreduce_bytes(x.size, self.size, self.rank, x.dtype.itemsize)
+        s, r = allreduce_bytes(x.size, self.size, self.rank, x.dtype.itemsize)
         self._stats.add("iallreduce", s, r, 0.0)
         keep = (sb, rb)
         return Request(self, req, lambda: (keep, get())[1], "iallreduce", t0)
@@ -339,8 +374,7 @@ class Communicator:
         rb, get = self._recv_buf(xp, (sum(sizes),), x.dtype)
         sb = self._send_buf(x.reshape(-1))
         req = self.mpi.Iallgatherv(sb, [rb, sizes, displs, _mpi_type(x.dtype)])
-        item, me = x.dtype.itemsize, sizes[self.rank]
-        self._stats.add("iallgather", me * (self.size - 1) * item, (sum(sizes) - me) * item, 0.0)
+        self._stats.add("iallgather", *gather_bytes(sizes, self.rank, x.dtype.itemsize), 0.0)
         keep = (sb, rb)
         return Request(self, req,
                        lambda: (keep, _assemble(xp, get(), out_shape, axis, counts, pre, post))[1],
@@ -399,9 +433,7 @@ class Communicator:
                 self.mpi.Alltoallv([self._send_buf(send), ssizes, _displs(ssizes), t],
                                    [rb, rsizes, _displs(rsizes), t])
             out = _assemble(xp, get(), tuple(out_shape), ca, recv_counts, pre2, post2)
-        item = x.dtype.itemsize
-        self._record("alltoall", (sum(ssizes) - ssizes[me]) * item,
-                     (sum(rsizes) - rsizes[me]) * item, t0)
+        self._record("alltoall", *exchange_bytes(ssizes, rsizes, me, x.dtype.itemsize), t0)
         return out
 
     def alltoallv_flat(self, send, send_counts, recv_counts, kind="alltoall"):
@@ -425,8 +457,7 @@ class Communicator:
         self.mpi.Alltoallv([self._send_buf(xp.ascontiguousarray(send)), send_counts, sdis, t],
                            [rb, recv_counts, rdis, t])
         out = get()
-        self._record(kind, (sum(send_counts) - send_counts[me]) * item,
-                     (sum(recv_counts) - recv_counts[me]) * item, t0)
+        self._record(kind, *exchange_bytes(send_counts, recv_counts, me, item), t0)
         return out
 
     def bcast(self, x, root: int = 0):
@@ -487,7 +518,8 @@ def _displs(sizes):
     return out
 
 
-def _allreduce_bytes(n, p, me, item):
+def allreduce_bytes(n, p, me, item):
+    """allreduce of ``n`` elements: a reduce-scatter and an allgather of floor+1 blocks."""
     b = block_sizes(n, p)
     return (n - b[me] + b[me] * (p - 1)) * item, (b[me] * (p - 1) + n - b[me]) * item
 
@@ -547,14 +579,77 @@ def _pinned_copy(a):
 
 
 _WORLD = None
+_WORLD_OVERRIDE: list = []
 
 
 def world() -> Communicator:
-    """The (cached) :class:`Communicator` over ``MPI.COMM_WORLD``."""
+    """The (cached) :class:`Communicator` over ``MPI.COMM_WORLD`` (inside
+    :func:`use_world`, the communicator given there)."""
     global _WORLD
+    if _WORLD_OVERRIDE:
+        return _WORLD_OVERRIDE[-1]
     if _WORLD is None:
-        _WORLD = Communicator(MPI.COMM_WORLD)
+        try:
+            _WORLD = Communicator(MPI.COMM_WORLD)
+        except ImportError:
+            _WORLD = Communicator(_solo_without_mpi())
     return _WORLD
+
+
+_LAUNCHER_VARS = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
+                  "PMIX_RANK", "SLURM_NTASKS")
+
+
+class _Solo:
+    """The world of a single process when mpi4py is not installed (the planner and
+    shape-only tracing need no MPI): the mpi4py calls a one-rank Communicator makes."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Barrier(self):
+        return None
+
+    def allgather(self, obj):
+        return [obj]
+
+    def Split(self, color, key=0):
+        return self
+
+    def Dup(self):
+        return self
+
+    def Abort(self, code=1):
+        os._exit(code)
+
+
+def _solo_without_mpi():
+    launched = [v for v in _LAUNCHER_VARS if int(os.environ.get(v, "1") or 1) > 1
+                or (v.endswith("RANK") and v in os.environ)]
+    if launched:
+        raise ImportError(f"mpi4py is not installed, but this process was started by an MPI "
+                          f"launcher ({', '.join(launched)} set): install mpi4py "
+                          f"(pip install mpi4py) to run on several ranks")
+    return _Solo()
+
+
+class use_world:
+    """``with use_world(comm):`` makes ``comm`` the world: strategies, grids and layers built
+    inside live on it (a :class:`distconv.shapecomm.ShapeComm` for shape-only runs)."""
+
+    def __init__(self, comm: Communicator):
+        self.comm = comm
+
+    def __enter__(self):
+        _WORLD_OVERRIDE.append(self.comm)
+        return self.comm
+
+    def __exit__(self, *exc):
+        _WORLD_OVERRIDE.pop()
+        return False
 
 
 def self_comm() -> Communicator:
@@ -569,6 +664,8 @@ def wrap(comm) -> Communicator:
         return world()
     if isinstance(comm, Communicator):
         return comm
+    if _WORLD_OVERRIDE:
+        raise ValueError("an mpi4py communicator was passed inside use_world(); pass None")
     if comm == MPI.COMM_WORLD:
         return world()
     return Communicator(comm)

@@ -92,6 +92,8 @@ class ProcessGrid:
             raise ValueError(f"axis listed twice in {axes}")
         if axes == self.names:
             sub = self.comm
+        elif hasattr(self.comm, "split_grid"):  # a shape-only communicator: no peers to ask
+            sub = self.comm.split_grid(self, idx)
         else:
             others = [i for i in range(len(self.shape)) if i not in idx]
             color = 0

@@ -24,6 +24,7 @@ import numpy as np
 from .. import autograd
 from ..backend import get_default_dtype, get_xp, to_numpy
 from ..distribution import Distribution
+from ..meta import is_meta
 from ..strategy import Strategy
 from ..tensor import DistTensor, recorded_move
 
@@ -410,10 +411,12 @@ def as_dist(x, dist: Distribution) -> DistTensor:
     for frame in _CALL_FRAMES:
         if frame[0] is x and frame[1] is not None:
             return recorded_move(frame[1], dist)
-    xp = get_xp()
-    arr = x if hasattr(x, "__array_interface__") or hasattr(x, "__cuda_array_interface__") \
-        else np.asarray(x)
-    t = DistTensor.from_global(xp.asarray(arr), dist)
+    if is_meta(x):  # a shape-only global input (distconv.trace)
+        t = DistTensor.from_global(x, dist)
+    else:
+        arr = x if hasattr(x, "__array_interface__") or hasattr(x, "__cuda_array_interface__") \
+            else np.asarray(x)
+        t = DistTensor.from_global(get_xp().asarray(arr), dist)
     for frame in _CALL_FRAMES:
         if frame[0] is x:
             frame[1] = t

@@ -108,6 +108,12 @@ def avg_pool2d_divisor(x_shape, kernel, stride=None, padding=0, ceil_mode=False,
     return np.multiply.outer(dh, dw).astype(np.float64)
 
 
+def max_pool_index_dtype(kernel):
+    """dtype of max pooling's argmax: uint8 when the kernel has <= 256 elements, else int32."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    return np.dtype(np.uint8 if kh * kw <= 256 else np.int32)
+
+
 def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=False):
     """Max pooling.
 
@@ -123,7 +129,7 @@ def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=Fals
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x.shape, kernel, stride, padding,
                                                       ceil_mode)
     xp = array_module(x)
-    idt = np.uint8 if kh * kw <= 256 else np.int32
+    idt = max_pool_index_dtype((kh, kw)).type
     y = xp.empty((N, C, Ho, Wo), x.dtype)
     arg = xp.zeros((N, C, Ho, Wo), idt)
     if y.size == 0:

@@ -1,0 +1,220 @@
+"""Shape-only execution of a whole training step of any Module, as one rank of any job.
+
+:func:`shape_only_step` runs the model's real code -- its forward, ``loss.backward()``
+through the recorded graph, the gradient sync (``GradientSync`` buckets or
+``sync_gradients``) and the optimizer update -- on :class:`~distconv.meta.MetaArray`
+blocks (shape and dtype, no data) over a :class:`~distconv.shapecomm.ShapeComm` world
+of ``nranks`` ranks seen from ``rank``. Nothing is computed or sent, and no mpi4py is
+needed. The result holds every collective this rank would issue (kind, group, bytes,
+and the layer that issued it), the per-kind totals in ``comm.stats()`` form, and the
+recorded autograd graph (:func:`graph_of`): what a planner needs to price a plan,
+learnt from the code that will run rather than from a copy of it.
+
+The model is borrowed: its strategies, parameters and buffers are moved onto the
+shape-only world for the step and put back afterwards, unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import autograd
+from .backend import get_default_dtype
+from .comm import use_world
+from .meta import MetaArray
+from .shapecomm import ShapeComm
+from .tensor import DistTensor
+
+
+@dataclass
+class StepTrace:
+    """What one rank's shape-only step did.
+
+    ``stats``: ``{kind: {calls, bytes_sent, bytes_recv, time}}`` (time 0) as
+    ``Communicator.stats()``; ``events``: :class:`~distconv.shapecomm.Event` list in issue
+    order, tagged ``(phase, module name)`` with phase ``forward``, ``backward``, ``sync``,
+    ``step`` or ``loss``; ``nodes``: the recorded autograd nodes of the step, in
+    recording order (see :func:`graph_of`); ``logits_shape``: the output's global shape.
+    """
+
+    nranks: int
+    rank: int
+    stats: dict
+    events: list
+    nodes: list = field(default_factory=list)
+    logits_shape: tuple = ()
+
+    def bytes_by_tag(self) -> dict:
+        """``{(phase, module): (sent, recv)}`` summed over the events."""
+        out: dict = {}
+        for e in self.events:
+            s, r = out.get(e.tag, (0, 0))
+            out[e.tag] = (s + e.sent, r + e.recv)
+        return out
+
+
+def _snapshot(model):
+    """Everything the step may rebind: module dicts, parameter data/grad, buffers."""
+    mods = []
+    for _, m in model.named_modules():
+        mods.append((m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)))
+    params = [(p, p.data, p.grad) for p in model.parameters()]
+    return mods, params
+
+
+def _restore(snap):
+    mods, params = snap
+    for m, d, ps, bs in mods:
+        m.__dict__.clear()
+        m.__dict__.update(d)
+        m._parameters.clear()
+        m._parameters.update(ps)
+        m._buffers.clear()
+        m._buffers.update(bs)
+    for p, data, grad in params:
+        p.data, p.grad = data, grad
+
+
+def _meta_like(t: DistTensor, grid) -> DistTensor:
+    """``t``'s layout on ``grid`` (same axis names), with a shape-only block."""
+    d = t.distribution.__class__(grid, t.distribution.split, t.distribution.pending)
+    return DistTensor(MetaArray(d.local_shape(t.shape), t.dtype), d, t.shape)
+
+
+def _rebind(model, plan):
+    """Move every strategic module onto the current (shape-only) world: its parameters and
+    buffers become shape-only blocks on its strategy's grid there, then ``set_strategy``
+    applies ``plan`` (or the module's own strategy) with the layers' own code."""
+    full = {}
+    for name, m in model.named_modules():
+        st = getattr(m, "strategy", None)
+        if st is None or not hasattr(m, "_apply_strategy"):
+            continue
+        grid = st.grid()
+        for p in m._parameters.values():
+            p.data, p.grad = _meta_like(p.data, grid), None
+        for bname, b in list(m._buffers.items()):
+            m.register_buffer(bname, _meta_like(b, grid))
+        full[name] = st
+    if plan is not None:
+        from .nn.module import _as_strategy, _lookup
+        from .strategy import Strategy
+        if isinstance(plan, (str, Strategy)):
+            plan = {"": plan}
+        given = {k: _as_strategy(v) for k, v in dict(plan).items()}
+        known = {n for n, _ in model.named_modules()}
+        unknown = [k for k in given if k not in known]
+        if unknown:
+            raise ValueError(f"plan names layers that do not exist: {unknown}")
+        full = {n: (_lookup(given, n, given.get("")) or st) for n, st in full.items()}
+    model.set_strategy(full)
+
+
+def _tagging(model, world):
+    """Hooks that tag the world's events with (phase, module name) for every leaf."""
+    handles = []
+    for name, m in model.named_modules():
+        if any(True for _ in m.children()):
+            continue
+
+        def pre(phase, name=name):
+            def hook(*args):
+                world.tag = (phase, name)
+            return hook
+
+        def post(*args, phase="forward"):
+            world.tag = None
+
+        handles += [m.register_forward_pre_hook(pre("forward")), m.register_forward_hook(post),
+                    m.register_full_backward_pre_hook(pre("backward")),
+                    m.register_full_backward_hook(post)]
+    return handles
+
+
+def shape_only_step(model, in_shape, nranks: int, rank: int = 0, plan=None, labels=None,
+                    optimizer=None, sync=None) -> StepTrace:
+    """One training step of ``model`` as rank ``rank`` of ``nranks``, shapes only.
+
+    in_shape: the global input shape ``(N, C, H, W)``; plan: a Strategy, its text, or a
+    per-layer plan (default: the strategies the model has); labels: ``(N,)`` integer
+    classes (default zeros; only their shape matters); optimizer: a callable
+    ``params -> Optimizer`` (default SGD with momentum 0.9); sync: a callable
+    ``(model, opt) -> GradientSync`` (default: the optimizer's own ``sync_gradients``).
+
+    Raises ``RuntimeError`` naming the layer when the model's code does something that
+    needs data (e.g. reads a value) or fails under shape-only execution.
+    """
+    from .nn import CrossEntropyLoss
+    from .optim import SGD
+
+    world = ShapeComm(nranks, rank)
+    snap = _snapshot(model)
+    handles = []
+    sync_obj = None
+    nodes = []
+    try:
+        with use_world(world):
+            _rebind(model, plan)
+            world.reset_stats()
+            world.events.clear()
+            handles = _tagging(model, world)
+            opt = (optimizer or (lambda ps: SGD(ps, lr=0.1, momentum=0.9)))(model.parameters())
+            if sync is not None:
+                sync_obj = sync(model, opt)
+            x = MetaArray(tuple(in_shape), get_default_dtype())
+            lab = np.zeros(in_shape[0], np.int64) if labels is None else labels
+            opt.zero_grad()
+            with _NodeLog() as log:
+                y = _run("forward", lambda: model(x), world)
+                world.tag = ("loss", "")
+                loss = CrossEntropyLoss()(y, lab)
+            nodes = log.nodes
+            _run("backward", loss.backward, world)
+            _run("sync", opt._synced_grads, world, tag=("sync", ""))
+            _run("step", opt.step, world, tag=("step", ""))
+            stats = world.stats()
+            for v in stats.values():
+                v["time"] = 0.0
+            return StepTrace(nranks, rank, stats, list(world.events), nodes, tuple(y.shape))
+    finally:
+        if sync_obj is not None:
+            sync_obj.remove()
+        for h in handles:
+            h.remove()
+        _restore(snap)
+
+
+def _run(phase, fn, world, tag=None):
+    if tag is not None:
+        world.tag = tag
+    try:
+        return fn()
+    except Exception as e:
+        where = world.tag[1] if isinstance(world.tag, tuple) and world.tag[1] else phase
+        raise RuntimeError(f"shape-only execution failed in {phase} at {where!r}: "
+                           f"{type(e).__name__}: {e}") from e
+
+
+class _NodeLog:
+    """Collects the autograd nodes recorded inside the block."""
+
+    def __enter__(self):
+        self.nodes = []
+        autograd._RECORDERS.append(self.nodes)
+        return self
+
+    def __exit__(self, *exc):
+        autograd._RECORDERS.remove(self.nodes)
+        return False
+
+
+def graph_of(nodes) -> list:
+    """The recorded DAG as ``[(node name, module, input node indices, out shape)]`` in
+    recording order (an input index of ``None``: a graph input)."""
+    index = {id(n): i for i, n in enumerate(nodes)}
+    out = []
+    for n in nodes:
+        ins = [index.get(id(p)) if p is not None else None for p, _ in n.edges]
+        out.append((n.name, n.module, ins, n.out_shape))
+    return out
