@@ -92,9 +92,11 @@ class BatchNorm2d(Layer):
             s, ss, n = ops.bn_local_stats(xl)
             if self.global_stats:
                 grp = self._group()
-                red = grp.allreduce(xp.concatenate([s, ss, xp.asarray([float(n)])]))
+                red = grp.allreduce(xp.concatenate([s, ss]))
                 C = s.shape[0]
-                s, ss, n = red[:C], red[C:2 * C], int(round(float(red[2 * C])))
+                s, ss = red[:C], red[C:]
+                # the group holds every sample, all of H and W: the count per channel
+                n = x.shape[0] * x.shape[2] * x.shape[3]
             else:
                 grp = None
             bad = n == 0 or (self.training and n == 1 and self.global_stats)

@@ -115,7 +115,7 @@ def inner_events(layer, st, rank: int, item: int = 4):
         act = act_dist(st, 4)
         g = act.grid
         c_loc = act.local_shape(xs, g.coords_of(rank))[1]
-        fwd.append(allreduce_event(g, act.split[0], rank, 2 * c_loc + 1, 8))
+        fwd.append(allreduce_event(g, act.split[0], rank, 2 * c_loc, 8))
         bwd.append(allreduce_event(g, act.split[0], rank, 2 * c_loc, 8))
     return fwd, bwd, sync
 
