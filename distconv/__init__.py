@@ -21,3 +21,13 @@ from . import nn  # noqa: F401
 from .nn import manual_seed, sync_gradients  # noqa: F401
 
 __version__ = "0.1.0"
+
+_LAZY = ("models", "optim", "planner", "data", "checkpoint", "trace", "profile")
+
+
+def __getattr__(name):
+    """``dc.models``, ``dc.planner``, ... import on first use (the planner is heavy)."""
+    if name in _LAZY:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -133,14 +133,15 @@ def _tagging(model, world):
 
 
 def shape_only_step(model, in_shape, nranks: int, rank: int = 0, plan=None, labels=None,
-                    optimizer=None, sync=None) -> StepTrace:
+                    optimizer=None, sync=None, forward_only: bool = False) -> StepTrace:
     """One training step of ``model`` as rank ``rank`` of ``nranks``, shapes only.
 
     in_shape: the global input shape ``(N, C, H, W)``; plan: a Strategy, its text, or a
     per-layer plan (default: the strategies the model has); labels: ``(N,)`` integer
     classes (default zeros; only their shape matters); optimizer: a callable
     ``params -> Optimizer`` (default SGD with momentum 0.9); sync: a callable
-    ``(model, opt) -> GradientSync`` (default: the optimizer's own ``sync_gradients``).
+    ``(model, opt) -> GradientSync`` (default: the optimizer's own ``sync_gradients``);
+    ``forward_only``: stop after the model's forward (its graph and shapes).
 
     Raises ``RuntimeError`` naming the layer when the model's code does something that
     needs data (e.g. reads a value) or fails under shape-only execution.
@@ -152,31 +153,37 @@ def shape_only_step(model, in_shape, nranks: int, rank: int = 0, plan=None, labe
     snap = _snapshot(model)
     handles = []
     sync_obj = None
-    nodes = []
     try:
         with use_world(world):
             _rebind(model, plan)
             world.reset_stats()
             world.events.clear()
             handles = _tagging(model, world)
-            opt = (optimizer or (lambda ps: SGD(ps, lr=0.1, momentum=0.9)))(model.parameters())
-            if sync is not None:
-                sync_obj = sync(model, opt)
+            opt = None
+            if not forward_only:
+                opt = (optimizer or (lambda ps: SGD(ps, lr=0.1, momentum=0.9)))(
+                    model.parameters())
+                if sync is not None:
+                    sync_obj = sync(model, opt)
+                opt.zero_grad()
             x = MetaArray(tuple(in_shape), get_default_dtype())
-            lab = np.zeros(in_shape[0], np.int64) if labels is None else labels
-            opt.zero_grad()
             with _NodeLog() as log:
                 y = _run("forward", lambda: model(x), world)
+            if not isinstance(y, DistTensor):
+                raise RuntimeError(f"shape-only execution: the model returned "
+                                   f"{type(y).__name__}; the step needs one logits tensor")
+            if not forward_only:
+                lab = np.zeros(in_shape[0], np.int64) if labels is None else labels
                 world.tag = ("loss", "")
                 loss = CrossEntropyLoss()(y, lab)
-            nodes = log.nodes
-            _run("backward", loss.backward, world)
-            _run("sync", opt._synced_grads, world, tag=("sync", ""))
-            _run("step", opt.step, world, tag=("step", ""))
+                _run("backward", loss.backward, world)
+                _run("sync", opt._synced_grads, world, tag=("sync", ""))
+                _run("step", opt.step, world, tag=("step", ""))
             stats = world.stats()
             for v in stats.values():
                 v["time"] = 0.0
-            return StepTrace(nranks, rank, stats, list(world.events), nodes, tuple(y.shape))
+            return StepTrace(nranks, rank, stats, list(world.events), log.nodes,
+                             tuple(y.shape))
     finally:
         if sync_obj is not None:
             sync_obj.remove()

@@ -216,7 +216,8 @@ def backward_order(graph):
     out = []
     for it in reversed(graph.items):
         if isinstance(it, BlockSpec):
-            out += [it.join] + list(reversed(it.body)) + list(reversed(it.shortcut))
+            out += ([it.join] if it.join is not None else []) + list(reversed(it.body)) \
+                + list(reversed(it.shortcut))
         else:
             out.append(it)
     return out

@@ -32,12 +32,48 @@ def build(which, plan):
     elif which == "bottleneck":
         m = ResNet(Bottleneck, [1], num_classes=5, in_channels=3, stem="cifar", base_width=3)
         shape = (3, 3, 5, 5)
+    elif which == "user":
+        m = _UserNet()
+        shape = (5, 3, 7, 5)
     else:
         m = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, bias=True), nn.BatchNorm2d(5),
                           nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5 * 3 * 3, 6))
         shape = (7, 3, 6, 6)
     m.set_strategy({k: dc.Strategy(*v) for k, v in plan.items()})
     return m, shape
+
+
+def _user_net_class():
+    from distconv import nn
+
+    class UserNet(nn.Module):
+        """A model the planner knows nothing about: an nn.Residual with a conv shortcut, and
+        a hand-written ``f(x) + x`` with no ReLU after the add."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(6)
+            self.relu = nn.ReLU()
+            self.res = nn.Residual(nn.Sequential(nn.Conv2d(6, 4, 3, stride=2, padding=1),
+                                                 nn.ReLU(), nn.Conv2d(4, 4, 1)),
+                                   nn.Sequential(nn.Conv2d(6, 4, 1, stride=2, bias=False),
+                                                 nn.BatchNorm2d(4)))
+            self.f = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.flat = nn.Flatten()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x):
+            h = self.res(self.relu(self.bn1(self.conv1(x))))
+            h = self.f(h) + h
+            return self.fc(self.flat(self.pool(h)))
+
+    return UserNet
+
+
+def _UserNet():
+    return _user_net_class()()
 
 
 def kinds_of(events):
@@ -120,7 +156,7 @@ def run_and_compare(comm, which, plan_index, perturb=None):
 
 
 @pytest.mark.parametrize("plan_index", range(9))
-@pytest.mark.parametrize("which", ["basic", "bottleneck", "flatten"])
+@pytest.mark.parametrize("which", ["basic", "bottleneck", "flatten", "user"])
 @mpi(ranks=(1, 2, 3, 4), timeout=120)
 def test_model_bytes_equal_measured(comm, which, plan_index):
     import distconv as dc

@@ -1,6 +1,7 @@
 """Automatic per-layer strategy planner (OptCNN / FlexFlow style).
 
-* :mod:`.graph`: the layer graph of a model (shapes, kinds, residual blocks).
+* :mod:`.graph`: the layer graph of a model (shapes, kinds, residual blocks), read from
+  the autograd nodes of one shape-only forward of the model itself.
 * :mod:`.compute`: seconds of the local kernels of a layer's shard, measured on
   this machine and cached, or from a fitted model.
 * :mod:`.machine`: a machine description (ranks per node, link α–β per collective,
@@ -11,3 +12,5 @@
 * :mod:`.search`: dynamic programming over the layer chain and residual blocks.
 * :mod:`.simulate`: step-time replay of a plan with overlapped gradient allreduces.
 """
+
+from .auto import plan_model  # noqa: F401,E402

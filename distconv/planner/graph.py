@@ -1,13 +1,17 @@
 """The layer graph a planner works on: leaf layers with global shapes, in execution order,
 with residual blocks kept as units.
 
-:func:`trace` walks a distconv model (a ``ResNet``, a ``BasicBlock``/``Bottleneck``, a
-``Sequential`` of layers, or a single layer) for a global input shape
-``(N, C, H, W)`` and returns a :class:`Graph`: a list of items, each a
-:class:`LayerSpec` or a :class:`BlockSpec` (``body`` layers, ``shortcut`` layers —
-empty for the identity — and the ReLU after the join). Nothing is computed: shapes
-follow from the layers' arguments. Layer names are those of ``named_modules()``,
-so a plan ``{name: strategy}`` applies with ``model.set_strategy(plan)``.
+:func:`trace` runs the model's own forward once, shapes only
+(:func:`distconv.trace.shape_only_step`, no data, no MPI), and reads the graph from the
+autograd nodes it recorded, so any Module can be planned -- a ResNet, an
+``nn.Residual``, a model of the user's own -- as long as its graph is a chain of layers
+and residual blocks (``a + b`` of two branches from one fork, optionally followed by an
+elementwise layer such as the ReLU after a ResNet join). The result is a :class:`Graph`:
+a list of items, each a :class:`LayerSpec` or a :class:`BlockSpec` (``body`` layers:
+the first operand of the add; ``shortcut`` layers: the second, empty for the identity;
+``join``: the layer after the add, or None). Layer names are those of
+``named_modules()``, so a plan ``{name: strategy}`` applies with
+``model.set_strategy(plan)``.
 
 Kinds: ``conv``, ``linear``, ``bn`` (each takes a :class:`distconv.Strategy`: the
 *strategic* layers) and ``relu``, ``maxpool``, ``avgpool``, ``gap`` (global
@@ -86,7 +90,8 @@ class Graph:
             if isinstance(it, BlockSpec):
                 yield from it.body
                 yield from it.shortcut
-                yield it.join
+                if it.join is not None:
+                    yield it.join
             else:
                 yield it
 
@@ -104,7 +109,8 @@ class Graph:
                 for layer in it.shortcut:
                     sd = layer_fn(layer, sd)
                 join_fn(it, dist, sd)
-                dist = layer_fn(it.join, dist)
+                if it.join is not None:
+                    dist = layer_fn(it.join, dist)
             else:
                 dist = layer_fn(it, dist)
         return dist
@@ -160,62 +166,142 @@ def _leaf(name, m, shape):
     raise ValueError(f"the planner does not know layer {name!r} of type {type(m).__name__}")
 
 
-def _join(prefix, name):
-    return f"{prefix}.{name}" if prefix else name
+class GraphError(ValueError):
+    """The model's graph is not one the planner's search can reduce."""
 
 
-def _block(prefix, b, shape):
-    from ..models.resnet import BasicBlock, Bottleneck
-    if isinstance(b, BasicBlock):
-        body_names, join_name = ["conv1", "bn1", "relu", "conv2", "bn2"], "relu2"
-    elif isinstance(b, Bottleneck):
-        body_names = ["conv1", "bn1", "relu", "conv2", "bn2", "relu2", "conv3", "bn3"]
-        join_name = "relu3"
-    else:  # pragma: no cover - guarded by the caller
-        raise ValueError(type(b).__name__)
-    body, s = [], shape
-    for n in body_names:
-        spec = _leaf(_join(prefix, n), getattr(b, n), s)
-        body.append(spec)
-        s = spec.out_shape
-    short, t = [], shape
-    if b.downsample is not None:
-        for i, m in enumerate(b.downsample):
-            spec = _leaf(_join(prefix, f"downsample.{i}"), m, t)
-            short.append(spec)
-            t = spec.out_shape
-    if tuple(t) != tuple(s):
-        raise ValueError(f"{prefix}: shortcut shape {t} differs from the body's {s}")
-    join = _leaf(_join(prefix, join_name), getattr(b, join_name), s)
-    return BlockSpec(prefix, body, short, join, tuple(shape), tuple(s))
+_SKIP = ("redistribute",)  # recorded moves: the planner chooses every layout itself
 
 
-def _walk(prefix, m, shape, items):
-    from ..models.resnet import ResNet, _Block
-    if isinstance(m, _Block):
-        blk = _block(prefix, m, shape)
-        items.append(blk)
-        return blk.out_shape
-    if isinstance(m, ResNet):
-        names = ["conv1", "bn1", "relu"] + (["maxpool"] if m.maxpool is not None else [])
-        names += [f"layer{i + 1}" for i in range(m._nstages)] + ["avgpool", "flatten", "fc"]
-        for n in names:
-            shape = _walk(_join(prefix, n), getattr(m, n), shape, items)
-        return shape
-    if isinstance(m, nn.Sequential):
-        for k, sub in m._modules.items():
-            shape = _walk(_join(prefix, k), sub, shape, items)
-        return shape
-    spec = _leaf(prefix or type(m).__name__, m, shape)
-    items.append(spec)
-    return spec.out_shape
+def _node_graph(model, in_shape):
+    """Forward nodes of a shape-only run: ``[(kind, module, name, input indices)]``."""
+    from ..strategy import Strategy
+    from ..trace import graph_of, shape_only_step
+    names = {}
+    for n, m in model.named_modules():
+        names.setdefault(id(m), n)
+    try:
+        tr = shape_only_step(model, in_shape, 1, 0, plan=Strategy(), forward_only=True)
+    except RuntimeError as e:
+        raise GraphError(f"the planner could not trace the model: {e}") from e
+    out = []
+    for kind, m, ins, _ in graph_of(tr.nodes):
+        out.append((kind, m, names.get(id(m), type(m).__name__) if m is not None else kind,
+                    [(-1 if i is None else i) for i in ins]))
+    return out
 
 
 def trace(model, in_shape) -> Graph:
-    """The :class:`Graph` of ``model`` for a global input of shape ``in_shape``."""
+    """The :class:`Graph` of ``model`` for a global input of shape ``in_shape``.
+
+    ``GraphError`` (a ValueError) names the node where the graph stops being a chain of
+    layers and two-branch residual blocks (e.g. a ``dc.cat`` join or a module called
+    twice, which the search does not handle yet)."""
     in_shape = tuple(int(s) for s in in_shape)
-    items: list = []
-    _walk("", model, in_shape, items)
+    nodes = _node_graph(model, in_shape)
+    # a recorded move passes its input through: map it to what it moved
+    alias = {}
+    for i, (kind, _, _, ins) in enumerate(nodes):
+        if kind in _SKIP:
+            alias[i] = alias.get(ins[0], ins[0])
+    keep = [i for i, n in enumerate(nodes) if n[0] not in _SKIP]
+    inputs = {i: [alias.get(j, j) for j in nodes[i][3]] for i in keep}
+    consumers: dict = {}
+    for i in keep:
+        for j in inputs[i]:
+            consumers.setdefault(j, []).append(i)
+    seen_modules = {}
+    for i in keep:
+        m = nodes[i][1]
+        if m is not None and hasattr(m, "_apply_strategy"):
+            if id(m) in seen_modules:
+                raise GraphError(f"module {nodes[i][2]!r} is called more than once; the "
+                                 f"planner gives each module one strategy and cannot plan a "
+                                 f"shared module yet")
+            seen_modules[id(m)] = i
+    shapes = {-1: in_shape}
+    specs = {}
+
+    def spec(i):
+        kind, m, name, ins = nodes[i]
+        if m is None:
+            raise GraphError(f"the planner cannot reduce the graph at the {kind!r} node "
+                             f"(#{i}) : only chains and two-branch residual adds are "
+                             f"supported by its search")
+        sp = _leaf(name, m, shapes[inputs[i][0]])
+        shapes[i] = sp.out_shape
+        specs[i] = sp
+        return sp
+
+    items, cur, pos = [], -1, 0
+    while pos < len(keep):
+        i = keep[pos]
+        cons = consumers.get(cur, [])
+        if len(cons) == 1 and inputs[i] == [cur]:
+            items.append(spec(i))
+            cur, pos = i, pos + 1
+            continue
+        if len(cons) != 2:
+            raise GraphError(f"the planner cannot reduce the graph at {nodes[i][2]!r}: its "
+                             f"input feeds {len(cons)} consumers (only chains and "
+                             f"two-branch residual adds are supported)")
+        blk, cur, pos = _parse_block(nodes, keep, pos, cur, inputs, consumers, spec, shapes)
+        items.append(blk)
     if not any(it.strategic for it in Graph(items, in_shape).layers()):
         raise ValueError("the model has no conv, linear or batch-norm layer to plan")
     return Graph(items, in_shape)
+
+
+def _chain_back(start, fork, inputs, consumers):
+    """Node indices from just after ``fork`` to ``start`` (a single-input, single-consumer
+    chain), or None if the path is not such a chain."""
+    out = []
+    j = start
+    while j != fork:
+        if j == -1 or len(inputs[j]) != 1 or len(consumers.get(j, [])) != 1:
+            return None
+        out.append(j)
+        j = inputs[j][0]
+    return out[::-1]
+
+
+def _parse_block(nodes, keep, pos, fork, inputs, consumers, spec, shapes):
+    """The residual block that starts at ``keep[pos]`` from ``fork``; returns
+    ``(BlockSpec, its output index, the next position)``."""
+    add = next((k for k in keep[pos:] if nodes[k][0] == "add"), None)
+    if add is None or len(inputs[add]) != 2:
+        raise GraphError(f"the planner cannot reduce the graph at {nodes[keep[pos]][2]!r}: "
+                         f"two branches start here but no residual add joins them")
+    body = _chain_back(inputs[add][0], fork, inputs, consumers)
+    short = _chain_back(inputs[add][1], fork, inputs, consumers)
+    inner = keep[pos:keep.index(add)]
+    if body is None or short is None or sorted(body + short) != sorted(inner):
+        raise GraphError(f"the planner cannot reduce the graph at the add node (#{add}): its "
+                         f"operands are not two chains from one fork")
+    if not body:
+        raise GraphError(f"the planner cannot reduce the graph at the add node (#{add}): the "
+                         f"identity is its first operand; write f(x) + x")
+    in_shape = shapes[fork]
+    bspecs = [spec(i) for i in body]
+    sspecs = [spec(i) for i in short]
+    out_shape = bspecs[-1].out_shape
+    if sspecs and tuple(sspecs[-1].out_shape) != tuple(out_shape):
+        raise GraphError(f"{nodes[body[0]][2]}: shortcut shape {sspecs[-1].out_shape} "
+                         f"differs from the body's {out_shape}")
+    shapes[add] = out_shape
+    nxt = keep.index(add) + 1
+    join, out = None, add
+    if nxt < len(keep):
+        j = keep[nxt]
+        m = nodes[j][1]
+        if (m is not None and inputs[j] == [add] and len(consumers.get(add, [])) == 1
+                and _leaf(nodes[j][2], m, out_shape).kind == "relu"):
+            join, out, nxt = spec(j), j, nxt + 1
+    names = [nodes[i][2].split(".") for i in body + short + ([out] if join else [])]
+    common = []
+    for parts in zip(*names):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    name = ".".join(common[:min(len(n) for n in names) - 1])
+    return BlockSpec(name, bspecs, sspecs, join, tuple(in_shape), tuple(out_shape)), out, nxt

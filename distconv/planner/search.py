@@ -182,8 +182,8 @@ class Planner:
                     short = None
                     Sm = J + sfree[:, None]  # identity: shortcut state = entry state
                 total = Bm + Sm
-                jfree = self._free_vector(it.join, bdists)
-                total += jfree[None, :]
+                if it.join is not None:
+                    total += self._free_vector(it.join, bdists)[None, :]
                 if V is None:
                     newV, arg = total.min(axis=0), total.argmin(axis=0)
                 else:
