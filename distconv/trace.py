@@ -83,20 +83,12 @@ def _meta_like(t: DistTensor, grid) -> DistTensor:
 
 
 def _rebind(model, plan):
-    """Move every strategic module onto the current (shape-only) world: its parameters and
-    buffers become shape-only blocks on its strategy's grid there, then ``set_strategy``
-    applies ``plan`` (or the module's own strategy) with the layers' own code."""
-    full = {}
-    for name, m in model.named_modules():
-        st = getattr(m, "strategy", None)
-        if st is None or not hasattr(m, "_apply_strategy"):
-            continue
-        grid = st.grid()
-        for p in m._parameters.values():
-            p.data, p.grad = _meta_like(p.data, grid), None
-        for bname, b in list(m._buffers.items()):
-            m.register_buffer(bname, _meta_like(b, grid))
-        full[name] = st
+    """Move every strategic module onto the current (shape-only) world under ``plan`` (or
+    its own strategy): its parameters and buffers become shape-only blocks laid out as
+    before (the same split axes) on the grid of its new strategy there, then
+    ``set_strategy`` applies the plan with the layers' own code."""
+    full = {name: m.strategy for name, m in model.named_modules()
+            if getattr(m, "strategy", None) is not None and hasattr(m, "_apply_strategy")}
     if plan is not None:
         from .nn.module import _as_strategy, _lookup
         from .strategy import Strategy
@@ -108,6 +100,14 @@ def _rebind(model, plan):
         if unknown:
             raise ValueError(f"plan names layers that do not exist: {unknown}")
         full = {n: (_lookup(given, n, given.get("")) or st) for n, st in full.items()}
+    mods = dict(model.named_modules())
+    for name, st in full.items():
+        m = mods[name]
+        grid = st.grid()
+        for p in m._parameters.values():
+            p.data, p.grad = _meta_like(p.data, grid), None
+        for bname, b in list(m._buffers.items()):
+            m.register_buffer(bname, _meta_like(b, grid))
     model.set_strategy(full)
 
 
@@ -132,9 +132,51 @@ def _tagging(model, world):
     return handles
 
 
+class shape_only:
+    """``with shape_only(model, nranks, rank, plan) as world:`` -- inside, ``model`` lives
+    on a :class:`~distconv.shapecomm.ShapeComm` world of ``nranks`` ranks seen from
+    ``rank`` (its parameters and buffers shape-only, ``plan`` applied; default: the
+    model's own strategies), so any code run there -- a training step of the caller's own
+    -- moves no data and records its collectives in ``world.stats()`` / ``world.events``
+    (tagged ``(phase, module name)`` inside leaf layers). Everything is put back on exit.
+    """
+
+    def __init__(self, model, nranks: int, rank: int = 0, plan=None):
+        self.model, self.plan = model, plan
+        self.world = ShapeComm(nranks, rank)
+        self._use = use_world(self.world)
+
+    def __enter__(self) -> ShapeComm:
+        self._snap = _snapshot(self.model)
+        self._handles = []
+        self._use.__enter__()
+        try:
+            _rebind(self.model, self.plan)
+            self._handles = _tagging(self.model, self.world)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.world.reset_stats()
+        self.world.events.clear()
+        return self.world
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._use.__exit__(*exc)
+        _restore(self._snap)
+        return False
+
+    def input(self, shape, dtype=None) -> MetaArray:
+        """A shape-only global input (the default dtype unless given)."""
+        return MetaArray(tuple(shape), dtype or get_default_dtype())
+
+
 def shape_only_step(model, in_shape, nranks: int, rank: int = 0, plan=None, labels=None,
                     optimizer=None, sync=None, forward_only: bool = False) -> StepTrace:
-    """One training step of ``model`` as rank ``rank`` of ``nranks``, shapes only.
+    """One training step of ``model`` as rank ``rank`` of ``nranks``, shapes only:
+    ``opt.zero_grad(); loss = CrossEntropyLoss()(model(x), labels); loss.backward();
+    opt.step()`` inside :class:`shape_only`.
 
     in_shape: the global input shape ``(N, C, H, W)``; plan: a Strategy, its text, or a
     per-layer plan (default: the strategies the model has); labels: ``(N,)`` integer
@@ -149,16 +191,10 @@ def shape_only_step(model, in_shape, nranks: int, rank: int = 0, plan=None, labe
     from .nn import CrossEntropyLoss
     from .optim import SGD
 
-    world = ShapeComm(nranks, rank)
-    snap = _snapshot(model)
-    handles = []
+    ctx = shape_only(model, nranks, rank, plan)
     sync_obj = None
-    try:
-        with use_world(world):
-            _rebind(model, plan)
-            world.reset_stats()
-            world.events.clear()
-            handles = _tagging(model, world)
+    with ctx as world:
+        try:
             opt = None
             if not forward_only:
                 opt = (optimizer or (lambda ps: SGD(ps, lr=0.1, momentum=0.9)))(
@@ -166,7 +202,7 @@ def shape_only_step(model, in_shape, nranks: int, rank: int = 0, plan=None, labe
                 if sync is not None:
                     sync_obj = sync(model, opt)
                 opt.zero_grad()
-            x = MetaArray(tuple(in_shape), get_default_dtype())
+            x = ctx.input(in_shape)
             with _NodeLog() as log:
                 y = _run("forward", lambda: model(x), world)
             if not isinstance(y, DistTensor):
@@ -184,12 +220,9 @@ def shape_only_step(model, in_shape, nranks: int, rank: int = 0, plan=None, labe
                 v["time"] = 0.0
             return StepTrace(nranks, rank, stats, list(world.events), log.nodes,
                              tuple(y.shape))
-    finally:
-        if sync_obj is not None:
-            sync_obj.remove()
-        for h in handles:
-            h.remove()
-        _restore(snap)
+        finally:
+            if sync_obj is not None:
+                sync_obj.remove()
 
 
 def _run(phase, fn, world, tag=None):

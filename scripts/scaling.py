@@ -50,12 +50,12 @@ scaling gives every sample group ``--batch`` samples (global N = batch x s;
 for ``auto``, batch x ranks as data parallelism would).
 
 Bytes: every rank compares, for every step (warm-up included), the bytes it sent and
-received (``comm.stats()``: forward, backward and gradient sync) with the planner's
-MPI-free mirror: :func:`distconv.planner.events.graph_events` for the layers and
-residual joins, plus :func:`gradient_sync_events`, a mirror of ``GradientSync``'s
-buckets (one allreduce per bucket). BatchNorm gradients are never allreduced (their
-sums are global after ``BatchNorm2d.backward``). The driver prints a ``WARNING`` line
-for any point where they differ.
+received (``comm.stats()``: forward, backward and gradient sync) with
+:func:`model_bytes`: the same step function run shape-only on a world of the same size
+(:class:`distconv.trace.shape_only`; no MPI, no data), so layers, joins and
+``GradientSync``'s buckets are priced by their own code. BatchNorm gradients are never
+allreduced (their sums are global after the batch-norm backward). The driver prints a
+``WARNING`` line for any point where they differ.
 
 Repetitions (``--repeat K``): the whole list of points runs K times, round robin, so
 that each point's steps are spread over the sweep and a slow phase of a shared machine
@@ -209,84 +209,48 @@ def input_distribution(model):
     return first.input_distribution
 
 
-def backward_order(graph):
-    """Layers in the order their ``backward`` runs: items reversed; in a residual block the
-    body (reversed) before the shortcut (reversed), as ``_Block._split`` calls them."""
-    from distconv.planner.graph import BlockSpec
-    out = []
-    for it in reversed(graph.items):
-        if isinstance(it, BlockSpec):
-            out += ([it.join] if it.join is not None else []) + list(reversed(it.body)) \
-                + list(reversed(it.shortcut))
-        else:
-            out.append(it)
-    return out
+def train_step(model, x, dy, sync):
+    """One worker step: forward, backward from ``dy``, and the overlapped gradient sync."""
+    model(x)
+    model.backward(dy)
+    sync.wait()
 
 
-def gradient_sync_events(graph, plan, rank, item=4, bucket_bytes=4 << 20, overlap=True):
-    """Allreduce events of :class:`distconv.optim.GradientSync` in one step, on ``rank``.
-
-    Mirrors ``GradientSync``: when a layer's backward ends, each parameter whose gradient
-    is pending (conv/linear weight and bias, pending over the weight's replica axes, i.e.
-    ``sample``) joins the bucket of its (grid, pending axes, dtype); with ``overlap`` a
-    bucket whose local bytes reach ``bucket_bytes`` is sent at once, and ``wait()`` sends
-    the rest. One bucket = ONE allreduce of the concatenated shards over the replica
-    group, so its bytes are :func:`distconv.planner.commmodel.allreduce_event` of the
-    bucket's total length (not the sum of per-parameter allreduces, which differs when the
-    lengths do not divide the group size). BatchNorm gradients are never sent: in training
-    with global statistics their sums are already allreduced in ``BatchNorm2d.backward``.
-    """
-    from distconv.planner.commmodel import allreduce_event, vgrid
-    from distconv.planner.events import _cdist, _wdist
-    events, buckets = [], {}
-
-    def flush(key):
-        sizes = buckets.pop(key, [])
-        if sizes:
-            events.append(allreduce_event(vgrid(*key[0]), key[1], rank, sum(sizes), item))
-
-    for layer in backward_order(graph):
-        if layer.kind not in ("conv", "linear"):
-            continue
-        st = tuple(plan[layer.name])
-        wd = _wdist(st, len(layer.weight_shape))
-        rep = wd.replica_axes
-        if not rep:
-            continue
-        coords = wd.grid.coords_of(rank)
-        sizes = [wd.local_size(layer.weight_shape, coords)]
-        if layer.attrs.get("bias"):  # split like the output channels, same pending axes
-            sizes.append(_cdist(st).local_size((layer.weight_shape[0],), coords))
-        key = (st, rep)
-        for n in sizes:
-            b = buckets.setdefault(key, [])
-            b.append(n)
-            if overlap and sum(b) * item >= bucket_bytes:
-                flush(key)
-    for key in list(buckets):
-        flush(key)
-    return events
+def model_bytes(model, x_shape, plan, nranks, rank, bucket_bytes=4 << 20,
+                overlap=True) -> dict:
+    """Bytes of one worker step on ``rank`` of ``nranks`` under ``plan`` (no MPI, no data):
+    :func:`train_step` itself run shape-only (:class:`distconv.trace.shape_only`), so the
+    layers, the joins and ``GradientSync``'s buckets are priced by the code that runs.
+    ``{"sent", "recv", "grad_sent", "grad_recv"}`` (grad: the bucketed allreduces)."""
+    import numpy as np
+    from distconv import DistTensor
+    from distconv.meta import MetaArray
+    from distconv.optim import GradientSync
+    from distconv.trace import shape_only
+    ctx = shape_only(model, nranks, rank, {k: Strategy_of(v) for k, v in plan.items()})
+    with ctx as w:
+        x = DistTensor.from_global(ctx.input(x_shape, np.float32), input_distribution(model))
+        y = model(x)
+        dy = DistTensor(MetaArray(y.distribution.local_shape(y.shape), y.dtype),
+                        y.distribution.replace(pending=()), y.shape)
+        sync = GradientSync(model, bucket_bytes=bucket_bytes, overlap=overlap)
+        w.reset_stats()
+        try:
+            train_step(model, x, dy, sync)
+        finally:
+            sync.remove()
+        st = w.stats()
+    grad = st.get("iallreduce", {"bytes_sent": 0, "bytes_recv": 0})
+    return {"sent": st["total"]["bytes_sent"], "recv": st["total"]["bytes_recv"],
+            "grad_sent": grad["bytes_sent"], "grad_recv": grad["bytes_recv"]}
 
 
-def model_bytes(graph, plan, rank, item=4, bucket_bytes=4 << 20, overlap=True) -> dict:
-    """Analytic bytes of one worker step on ``rank`` (no MPI): ``{"sent", "recv",
-    "grad_sent", "grad_recv"}``. Forward and backward of every layer and residual join
-    from :func:`distconv.planner.events.graph_events`; the gradient sync from
-    :func:`gradient_sync_events` (the worker syncs with ``GradientSync``, whose buckets
-    replace ``graph_events``' one-allreduce-per-parameter ``sync`` lists)."""
-    from distconv.planner.events import graph_events
-    ev = graph_events(graph, plan, rank, item=item)
-    out = {"sent": 0, "recv": 0}
-    for d in ev.values():
-        for e in d["forward"] + d["backward"]:
-            out["sent"] += e.sent
-            out["recv"] += e.recv
-    sync = gradient_sync_events(graph, plan, rank, item, bucket_bytes, overlap)
-    out["grad_sent"] = sum(e.sent for e in sync)
-    out["grad_recv"] = sum(e.recv for e in sync)
-    out["sent"] += out["grad_sent"]
-    out["recv"] += out["grad_recv"]
-    return out
+def Strategy_of(v):
+    """A plan entry ``(s, c, f)`` (or a Strategy / its text) as a Strategy."""
+    from distconv import Strategy
+    if isinstance(v, (tuple, list)):
+        return Strategy(*v)
+    return v
 
 
 def grid_text(plan, names) -> str:
@@ -362,8 +326,8 @@ def worker(args):
         model.set_strategy(to_strategies(plan))
     overlap = args.overlap == "on"
     bucket = args.bucket_kb << 10
-    mb = model_bytes(graph, plan, comm.rank, 4, bucket, overlap)
-    dp = model_bytes(graph, data_parallel(graph, p), comm.rank, 4, bucket, overlap)
+    mb = model_bytes(model, x_shape, plan, p, comm.rank, bucket, overlap)
+    dp = model_bytes(model, x_shape, data_parallel(graph, p), p, comm.rank, bucket, overlap)
 
     rng = np.random.default_rng(args.seed)
     dtype = np.float32
@@ -387,9 +351,7 @@ def worker(args):
         st0 = comm.stats()
         prof.step_begin()
         t0 = time.perf_counter()
-        model(x)
-        model.backward(dy)
-        sync.wait()
+        train_step(model, x, dy, sync)
         t1 = time.perf_counter()
         prof.step_end()
         st1 = comm.stats()

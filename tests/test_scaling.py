@@ -250,13 +250,15 @@ def test_quick_channel_filter_auto_bytes_exact(tmp_path):
     from distconv.models.resnet import BasicBlock
     from distconv.planner.graph import trace
     ch = _point(out, 2, "channel=2_rep1")
-    graph = trace(BasicBlock(8, 8), (4, 8, 6, 6))
+    block = BasicBlock(8, 8)
+    graph = trace(block, (4, 8, 6, 6))
     dp = {n: (2, 1, 1) for n in graph.strategic_names()}
     for rank, per in enumerate(ch["bytes_per_rank"]):
-        assert mod.model_bytes(graph, dp, rank, overlap=False)["sent"] != per["measured_sent"]
-        right = {n: (1, 2, 1) for n in graph.strategic_names()}
-        assert mod.model_bytes(graph, right, rank, overlap=False)["sent"] == \
+        assert mod.model_bytes(block, (4, 8, 6, 6), dp, 2, rank, overlap=False)["sent"] != \
             per["measured_sent"]
+        right = {n: (1, 2, 1) for n in graph.strategic_names()}
+        assert mod.model_bytes(block, (4, 8, 6, 6), right, 2, rank, overlap=False)["sent"] \
+            == per["measured_sent"]
     # negative control 2: the driver's warning fires on a mismatching point
     bad = dict(ch, bytes_match=False, bytes_mismatch={"1": ["step 0: sent 1 recv 1"]})
     msgs = mod.bytes_warnings([ch, bad])
@@ -284,11 +286,12 @@ def test_bucketed_sync_bytes_exact_4_ranks(tmp_path):
     rows = _rows(out)
     _check_rows(mod, rows)
     pt = _point(out, 4, "sample")
-    graph = trace(BasicBlock(5, 5), (4, 5, 4, 4))
+    block = BasicBlock(5, 5)
+    graph = trace(block, (4, 5, 4, 4))
     plan = {n: (4, 1, 1) for n in graph.strategic_names()}
     per_param = []
     for rank, per in enumerate(pt["bytes_per_rank"]):
-        assert per["model"] == mod.model_bytes(graph, plan, rank)
+        assert per["model"] == mod.model_bytes(block, (4, 5, 4, 4), plan, 4, rank)
         ev = graph_events(graph, plan, rank)
         per_param.append(sum(e.sent for d in ev.values() for e in d["sync"]))
     grads = [per["model"]["grad_sent"] for per in pt["bytes_per_rank"]]
