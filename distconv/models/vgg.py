@@ -2,9 +2,7 @@
 (``torchvision.models.vgg*``), defaults, initialisation and module names, so
 ``state_dict`` keys and shapes match and weights move both ways.
 
-Written against the intended ``distconv.nn`` API of issue 16: ``nn.Dropout(p)`` and
-``nn.AdaptiveAvgPool2d((7, 7))`` (any output size) do not exist yet in ``distconv.nn``;
-this file is not registered in ``distconv.models`` until they do. Forward only: backward
+Forward only: backward
 comes from the recorded forward (define-by-run autograd).
 
 ``strategy``: one :class:`~distconv.Strategy` (or its text) for every layer, or a
