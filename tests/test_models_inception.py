@@ -130,6 +130,26 @@ def test_inception_full_width_75():
     assert np.abs(y - ref).max() <= 1e-10 * np.abs(ref).max()
 
 
+def test_inception_weights_to_torchvision():
+    """distconv's own initial weights (and running statistics after a step) load into
+    torchvision's model strictly and give the same eval-mode logits."""
+    import torch
+
+    from distconv import models
+    from tests.model_ref import torch_inception
+    from tests.torch_ref import to_torch_state
+
+    set_default_dtype(np.float64)
+    m = models.inception_v3(K, aux_logits=True, width_divisor=DIV)
+    m(np.random.default_rng(1).standard_normal((2, 3, 299, 299)))  # moves running stats
+    m.eval()
+    tm = torch_inception(DIV, K, True).eval()
+    tm.load_state_dict(to_torch_state(m.state_dict()), strict=True)
+    x = np.random.default_rng(2).standard_normal((2, 3, 80, 75))
+    ref = tm(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(m(x).to_global() - ref).max() <= 1e-10 * np.abs(ref).max()
+
+
 def test_inception_transform_input():
     import torch
 

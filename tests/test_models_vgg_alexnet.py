@@ -104,6 +104,14 @@ def test_small_models_match_torchvision(name, hw, layers):
     ref_big = tm(torch.from_numpy(x_big)).detach().numpy()
     y_big = m(x_big).to_global()
     assert np.abs(y_big - ref_big).max() <= 1e-10 * np.abs(ref_big).max()
+    # the other way: distconv's own initial weights load into torchvision strictly
+    from tests.torch_ref import to_torch_state
+    m2 = _small_dc(name, dc)
+    m2.eval()
+    tm2 = _small_torch(name, tvm, 32).double().eval()
+    tm2.load_state_dict(to_torch_state(m2.state_dict()), strict=True)
+    ref2 = tm2(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(m2(x).to_global() - ref2).max() <= 1e-10 * np.abs(ref2).max()
     # negative control: the first classifier weight in (H, W, C) flatten order disagrees
     k = next(k for k in tsd if k.startswith("classifier") and k.endswith("weight"))
     bad = dict(tsd)
