@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "With no flags: a small ResNet on the bundled digits data, mixed plan.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="small_resnet",
-                   help="small_resnet, resnet18, resnet34, resnet50 or wide_resnet50_2")
+                   help="small_resnet, resnet18, resnet34, resnet50, wide_resnet50_2, "
+                        "alexnet, vgg11, vgg11_bn, vgg16, vgg16_bn or inception_v3 (the last "
+                        "six with torchvision's definitions; image sizes: AlexNet >= 63, "
+                        "VGG >= 32, Inception-v3 >= 75, >= 299 with its auxiliary classifier)")
     p.add_argument("--strategy", default="mixed",
                    help="'sample=2,channel=2' for every layer, a per-layer plan file (JSON: "
                         "layer name -> strategy text, as scripts/plan.py writes), 'mixed' "
@@ -82,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None,
                    help="number of classes (default: max label + 1 of the training data)")
     p.add_argument("--width", type=int, default=16, help="base width of small_resnet")
+    p.add_argument("--width-divisor", type=int, default=1,
+                   help="alexnet, vgg*, inception_v3: divide every conv channel count by this "
+                        "(1: torchvision's widths; 16 gives tiny networks for tests)")
+    p.add_argument("--hidden", type=int, default=4096,
+                   help="alexnet, vgg*: width of the two hidden classifier layers")
+    p.add_argument("--no-aux-logits", action="store_true",
+                   help="inception_v3 without the auxiliary classifier (needed below "
+                        "299x299 images; with it the loss is CE + 0.4 * CE_aux)")
     p.add_argument("--out", default="runs/train", metavar="DIR",
                    help="output folder for metrics.jsonl and checkpoint.h5")
     p.add_argument("--resume", action="store_true",
@@ -112,17 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def mixed_plan(nranks: int) -> dict:
-    """The default mixed per-layer plan for ``nranks`` ranks."""
-    return {"": "sample=*", "layer2": f"sample=1,filter={nranks}",
-            "fc": f"sample=1,channel={nranks}"}
+def mixed_plan(nranks: int, model: str = "small_resnet") -> dict:
+    """The default mixed per-layer plan for ``nranks`` ranks: data-parallel first layers,
+    filter-parallel last stage, channel-parallel classifier (ResNets); for AlexNet and VGG
+    a filter-parallel first classifier layer and a channel-parallel second one; for
+    Inception-v3 a filter-parallel last block and a channel-parallel classifier."""
+    n = nranks
+    if model == "alexnet":
+        return {"": "sample=*", "classifier.1": f"sample=1,filter={n}",
+                "classifier.4": f"sample=1,channel={n}"}
+    if model.startswith("vgg"):
+        return {"": "sample=*", "classifier.0": f"sample=1,filter={n}",
+                "classifier.3": f"sample=1,channel={n}"}
+    if model == "inception_v3":
+        return {"": "sample=*", "Mixed_7c": f"sample=1,filter={n}",
+                "fc": f"sample=1,channel={n}"}
+    return {"": "sample=*", "layer2": f"sample=1,filter={n}", "fc": f"sample=1,channel={n}"}
 
 
-def load_strategy(text: str, nranks: int):
+def load_strategy(text: str, nranks: int, model: str = "small_resnet"):
     """``--strategy`` text -> Strategy or plan dict (validated by the caller's model)."""
     import distconv as dc
     if text == "mixed":
-        return {k: dc.Strategy.parse(v) for k, v in mixed_plan(nranks).items()}
+        return {k: dc.Strategy.parse(v) for k, v in mixed_plan(nranks, model).items()}
     if text.endswith(".json") or os.path.isfile(text):
         try:
             with open(text) as f:
@@ -253,10 +276,20 @@ def main(argv=None) -> int:
     in_ch = train_set.image_shape[0]
 
     # ---------------------------------------------------------------- model
-    strategy = load_strategy(args.strategy, size)
+    known = sorted(models.MODELS) + sorted(models.CNN_MODELS)
+    if args.model not in known:
+        raise ValueError(f"unknown --model {args.model!r}; choose from {known}")
+    strategy = load_strategy(args.strategy, size, args.model)
     planned = strategy == "auto"
     if planned:
         strategy = None
+        if args.model not in models.MODELS:
+            # the same error on every rank (it depends on the arguments only)
+            raise ValueError(
+                f"--strategy auto is not available for --model {args.model}: the planner "
+                f"traces only the ResNet family today (chains and residual blocks; it cannot "
+                f"trace {args.model}'s graph yet). Pass one strategy (e.g. "
+                f"'--strategy sample={size}'), 'mixed', or a per-layer plan file")
     if args.model == "small_resnet":
         model = models.small_resnet(num_classes, in_channels=in_ch, width=args.width,
                                     strategy=strategy)
@@ -265,12 +298,31 @@ def main(argv=None) -> int:
         model = models.MODELS[args.model](num_classes, in_channels=in_ch, stem=stem,
                                           strategy=strategy)
     else:
-        raise ValueError(f"unknown --model {args.model!r}; choose from {sorted(models.MODELS)}")
+        kw = {"width_divisor": args.width_divisor}
+        if args.model == "inception_v3":
+            kw["aux_logits"] = not args.no_aux_logits
+        else:
+            kw["hidden"] = args.hidden
+        model = models.CNN_MODELS[args.model](num_classes, in_channels=in_ch, strategy=strategy,
+                                              **kw)
+    if args.model in models.CNN_MODELS:  # the same error on every rank, before any step
+        aux = getattr(model, "aux_logits", False)
+        need = model.min_size_aux if aux else model.min_size
+        h, w = train_set.image_shape[1:]
+        if h < need[0] or w < need[1]:
+            raise ValueError(f"--model {args.model} needs images of at least "
+                             f"{need[0]}x{need[1]}, but {train_path!r} "
+                             f"holds {h}x{w}"
+                             + ("; without the auxiliary classifier (--no-aux-logits) "
+                                f"{model.min_size[0]}x{model.min_size[1]} is enough"
+                                if aux else ""))
     if planned:
         from distconv.planner.planfile import to_strategies
         in_shape = (args.batch_size,) + tuple(train_set.image_shape)
         model.set_strategy(to_strategies(auto_plan(args, model, comm, in_shape, say)))
-    in_dist = model.conv1.input_distribution
+    first = next(m for _, m in model.named_modules() if isinstance(m, dc.nn.Conv2d))
+    in_dist = first.input_distribution  # the loader cuts each batch as the first conv reads it
+    dropouts = [(n, m) for n, m in model.named_modules() if isinstance(m, dc.nn.Dropout)]
     loader = data.DistLoader(train_set, args.batch_size, in_dist, shuffle=True, seed=args.seed)
     steps_per_epoch = len(loader)
     if args.optimizer == "sgd":
@@ -300,6 +352,8 @@ def main(argv=None) -> int:
             raise ValueError(f"{ckpt_path} holds a {meta.get('model')!r} model, not "
                              f"{args.model!r}")
         step = int(meta["step"])
+        for n, m in dropouts:  # the dropout masks continue where they were
+            m.step = int(meta.get("dropout_steps", {}).get(n, 0))
         loader.load_state_dict(meta["loader"])
         start_epoch = loader.position()[0]
         say(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
@@ -336,7 +390,8 @@ def main(argv=None) -> int:
             checkpoint._before_rename = fail
         checkpoint.save_checkpoint(ckpt_path, model, opt, sched, meta={
             "epoch": epoch, "step": step, "model": args.model, "strategy": args.strategy,
-            "loader": loader.state_dict(), "seed": args.seed, "args": vars(args)})
+            "loader": loader.state_dict(), "seed": args.seed, "args": vars(args),
+            "dropout_steps": {n: m.step for n, m in dropouts}})
 
     named = [(n, p) for n, p in model.named_parameters()]
 
@@ -398,7 +453,11 @@ def main(argv=None) -> int:
             if prof is not None:
                 prof.step_begin()
             logits = model(x)
-            loss = crit(logits, y)
+            if isinstance(logits, tuple):  # Inception-v3's (logits, aux_logits) in training
+                loss = crit(logits[0], y) + 0.4 * crit(logits[1], y)
+                logits = logits[0]
+            else:
+                loss = crit(logits, y)
             loss.backward()
             bad, stop = step_checks(loss)
             if bad:

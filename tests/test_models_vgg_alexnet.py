@@ -1,82 +1,55 @@
-"""AlexNet and VGG definitions (distconv/models/alexnet.py, vgg.py) against torchvision.
+"""AlexNet and VGG (distconv/models/alexnet.py, vgg.py) against torchvision in float64.
 
-These models are written against the intended ``distconv.nn`` API of issue 16
-(``nn.Dropout``, ``nn.AdaptiveAvgPool2d`` with any output size). Until distconv.nn has
-them, the fixture ``layers`` puts single-process stand-ins in their place (eval-mode
-identity dropout; adaptive pooling through ``ops.adaptive_avg_pool2d_forward``) and the
-tests check the definitions only: state-dict keys and shapes equal torchvision's, weights
-load from torchvision, and eval-mode logits equal torchvision's in float64 on one process.
-Gradients, training-mode dropout and MPI runs are for the layer work that follows.
+* state-dict keys and shapes equal torchvision's (small variants here; the full models in
+  the ``slow`` test), weights load from torchvision, eval-mode logits equal torchvision's
+  (also at a size where adaptive pooling averages overlapping bins), with a negative
+  control (a classifier weight in the wrong flatten order is caught);
+* one training step (dropout included: the reference uses distconv's mask) matches on 1
+  and 2 ranks under two mixed per-layer plans per model: logits, loss, the input gradient,
+  every parameter gradient, running statistics;
+* an image below the minimum size raises, naming it, on every rank.
 
-torchvision is optional here (skipped when missing); the registry's 0.28 wheel is a CUDA
-build whose compiled ops fail to register against the CPU torch, so an empty
-``torchvision._meta_registrations`` module is put in ``sys.modules`` before importing it.
+torchvision is optional here (skipped when missing); see tests/model_ref.py for how it is
+imported against the CPU torch.
 """
-import sys
-import types
-
 import numpy as np
 import pytest
 
+from tests.mpi_harness import mpi
+
 NUM_CLASSES = 5
+CFG = [8, "M", 16, "M", 16, "M", 16, "M", 16, "M"]
 
 
 def _torchvision():
-    sys.modules.setdefault("torchvision._meta_registrations",
-                           types.ModuleType("torchvision._meta_registrations"))
-    return pytest.importorskip("torchvision.models")
+    from tests.model_ref import torchvision_models
+    return torchvision_models()
 
 
 @pytest.fixture
-def layers(monkeypatch):
-    """distconv.nn with Dropout and any-size AdaptiveAvgPool2d (stand-ins where missing)."""
+def layers():
     import distconv as dc
-    from distconv import ops
-    from distconv.nn import layers as L
-    from distconv.tensor import DistTensor
-
-    if not hasattr(dc.nn, "Dropout"):
-        class Dropout(dc.nn.Module):  # stand-in: eval mode only
-            def __init__(self, p=0.5):
-                super().__init__()
-                self.p = p
-
-            def forward(self, x):
-                if self.training and self.p > 0:
-                    raise NotImplementedError("stand-in Dropout: eval mode only")
-                return L._elementwise_input(x, getattr(x, "ndim", 2))
-
-        monkeypatch.setattr(dc.nn, "Dropout", Dropout, raising=False)
-    try:
-        dc.nn.AdaptiveAvgPool2d((7, 7))
-    except ValueError:
-        class AdaptiveAvgPool2d(dc.nn.Module):  # stand-in: spatial dims whole
-            def __init__(self, output_size):
-                super().__init__()
-                self.output_size = output_size
-
-            def forward(self, x):
-                x = L._elementwise_input(x)
-                y = ops.adaptive_avg_pool2d_forward(x.local, self.output_size)
-                return DistTensor(y, x.distribution, tuple(x.shape[:2]) + tuple(y.shape[2:]))
-
-        monkeypatch.setattr(dc.nn, "AdaptiveAvgPool2d", AdaptiveAvgPool2d)
     return dc
 
 
-def _small_torch(name, tvm, hidden):
+def _small_torch(name, tvm, hidden, div=1):
     """torchvision's model with the classifier's Linear layers shrunk to ``hidden`` (same
-    positions, so the same keys); VGG on a short configuration."""
+    positions, so the same keys); VGG on a short configuration; AlexNet's convs with their
+    channel counts divided by ``div``."""
     import torch
 
     if name == "alexnet":
         m = tvm.alexnet(num_classes=NUM_CLASSES)
-        fin = 256 * 6 * 6
+        fin = 256 // div * 6 * 6
         idx = (1, 4, 6)
+        for i in (0, 3, 6, 8, 10):
+            c = m.features[i]
+            cin = c.in_channels if i == 0 else c.in_channels // div
+            m.features[i] = torch.nn.Conv2d(cin, c.out_channels // div, c.kernel_size,
+                                            c.stride, c.padding)
     else:
         from torchvision.models import vgg as tvv
-        cfg = [8, "M", 16, "M", 16, "M", 16, "M", 16, "M"]
-        m = tvv.VGG(tvv.make_layers(cfg, batch_norm=name.endswith("_bn")), NUM_CLASSES)
+        m = tvv.VGG(tvv.make_layers(CFG, batch_norm=name.endswith("_bn")), NUM_CLASSES)
         fin = 16 * 7 * 7
         idx = (0, 3, 6)
     sizes = [(fin, hidden), (hidden, hidden), (hidden, NUM_CLASSES)]
@@ -85,14 +58,12 @@ def _small_torch(name, tvm, hidden):
     return m
 
 
-def _small_dc(name, dc):
-    from distconv.models import alexnet as A
-    from distconv.models import vgg as V
+def _small_dc(name, dc, strategy=None, div=1):
+    from distconv import models
 
     if name == "alexnet":
-        return A.alexnet(NUM_CLASSES, hidden=32)
-    cfg = [8, "M", 16, "M", 16, "M", 16, "M", 16, "M"]
-    return V.VGG(cfg, name.endswith("_bn"), NUM_CLASSES, hidden=32)
+        return models.alexnet(NUM_CLASSES, hidden=32, width_divisor=div, strategy=strategy)
+    return models.VGG(CFG, name.endswith("_bn"), NUM_CLASSES, hidden=32, strategy=strategy)
 
 
 def _shapes(sd):
@@ -133,6 +104,14 @@ def test_small_models_match_torchvision(name, hw, layers):
     ref_big = tm(torch.from_numpy(x_big)).detach().numpy()
     y_big = m(x_big).to_global()
     assert np.abs(y_big - ref_big).max() <= 1e-10 * np.abs(ref_big).max()
+    # the other way: distconv's own initial weights load into torchvision strictly
+    from tests.torch_ref import to_torch_state
+    m2 = _small_dc(name, dc)
+    m2.eval()
+    tm2 = _small_torch(name, tvm, 32).double().eval()
+    tm2.load_state_dict(to_torch_state(m2.state_dict()), strict=True)
+    ref2 = tm2(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(m2(x).to_global() - ref2).max() <= 1e-10 * np.abs(ref2).max()
     # negative control: the first classifier weight in (H, W, C) flatten order disagrees
     k = next(k for k in tsd if k.startswith("classifier") and k.endswith("weight"))
     bad = dict(tsd)
@@ -172,13 +151,12 @@ def test_full_size_state_dict_keys_and_shapes(name, layers):
 
     dc = layers
     tvm = _torchvision()
-    from distconv.models import alexnet as A
-    from distconv.models import vgg as V
+    from distconv import models
 
     dc.set_default_dtype(np.float32)
     with torch.device("meta"):
         tsd = getattr(tvm, name)().state_dict()
-    m = (A.alexnet if name == "alexnet" else getattr(V, name))()
+    m = getattr(models, name)()
     sd = m.state_dict()
     assert list(sd) == list(tsd)
     assert _shapes(sd) == {k: tuple(v.shape) for k, v in tsd.items()}
@@ -187,3 +165,74 @@ def test_full_size_state_dict_keys_and_shapes(name, layers):
         assert abs(w.std() / np.sqrt(2.0 / (64 * 9)) - 1) < 0.05
         assert abs(sd["classifier.0.weight"].std() / 0.01 - 1) < 0.01
         assert not sd["classifier.0.bias"].any() and not sd["features.0.bias"].any()
+
+
+# two mixed per-layer plans per model for 2 ranks (names of named_modules())
+PLANS = {
+    "alexnet": {
+        "mixA": {"": "sample=2", "features.3": "sample=1,filter=2",
+                 "features.6": "sample=1,channel=2", "classifier.1": "sample=1,channel=2",
+                 "classifier.4": "sample=1,filter=2"},
+        "mixB": {"": "sample=1,channel=2", "features.0": "sample=2", "features.10":
+                 "sample=1,filter=2", "classifier": "sample=2"}},
+    "vgg": {
+        "mixA": {"": "sample=2", "features.0": "sample=1,filter=2",
+                 "features.6": "sample=1,channel=2", "classifier.0": "sample=1,channel=2",
+                 "classifier.3": "sample=1,filter=2"},
+        "mixB": {"": "sample=1,filter=2", "features.3": "sample=2",
+                 "classifier.6": "sample=1,channel=2"}},
+}
+
+
+@pytest.mark.parametrize("name,hw", [("alexnet", 63), ("vgg11", 32), ("vgg16_bn", 33)])
+@mpi(ranks=(1, 2), timeout=180)
+def test_small_models_training_step(comm, name, hw):
+    """Training mode (dropout on), two steps: logits, loss, dx, every gradient and the
+    running statistics equal torchvision's, under two mixed plans (one data-parallel run on
+    1 rank). AlexNet's convs are 8 times narrower (same keys)."""
+    import torch
+
+    import distconv as dc
+    from distconv.strategy import Strategy
+    from tests.model_ref import compare_step, load_from_torch, share_dropout
+    from tests.torch_ref import Report
+
+    dc.set_default_dtype(np.float64)
+    tvm = _torchvision()
+    plans = PLANS["alexnet" if name == "alexnet" else "vgg"] if comm.size == 2 else \
+        {"dp": {"": "sample=*"}}
+    rep = Report()
+    rng = np.random.default_rng(4)
+    for i, (pname, plan) in enumerate(plans.items()):
+        torch.manual_seed(i)
+        tm = _small_torch(name, tvm, 32, div=8).double()
+        m = _small_dc(name, dc, strategy=plan, div=8)
+        share_dropout(m, tm)
+        load_from_torch(m, tm, seed=i)
+        x = rng.standard_normal((3, 3, hw, hw + i))
+        lab = rng.integers(0, NUM_CLASSES, 3)
+        for step in range(2):  # the second step draws new dropout masks
+            compare_step(m, tm, x, lab, rep, f"{name} {pname} step {step}",
+                         Strategy().activation_distribution(4))
+    rep.assert_ok(comm)
+
+
+@mpi(ranks=(2,), timeout=60)
+def test_bad_input_raises_everywhere(comm):
+    import distconv as dc
+
+    dc.set_default_dtype(np.float64)
+    for name, minimum in (("alexnet", 63), ("vgg11", 32)):
+        m = _small_dc(name, dc, strategy="sample=2")
+        with pytest.raises(ValueError, match=f"needs at least {minimum}x{minimum}"):
+            m(np.zeros((2, 3, minimum, minimum - 1)))
+    a = _small_dc("alexnet", dc)
+    v = _small_dc("vgg11", dc)
+    with pytest.raises(KeyError, match=r"missing keys \['features\.0\.weight'.*unexpected"):
+        a.load_state_dict({k: val for k, val in v.state_dict().items()
+                           if k != "features.0.weight"})
+    with pytest.raises(ValueError, match=r"'features\.0\.weight' has shape \(8, 3, 3, 3\), "
+                                         r"expected \(64, 3, 11, 11\)"):
+        a.load_state_dict(v.state_dict(), strict=False)
+    with pytest.raises(ValueError, match=r"do not exist: \['classifier\.9'\]"):
+        _small_dc("vgg11", dc, strategy={"classifier.9": "sample=2"})

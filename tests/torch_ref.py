@@ -163,6 +163,25 @@ class TorchResidual(torch.nn.Module):
         return self.body(x) + (x if self.shortcut is None else self.shortcut(x))
 
 
+class TorchDropout(torch.nn.Module):
+    """Reference of ``nn.Dropout``: torch's scaling with distconv's mask of the whole tensor
+    (:func:`distconv.ops.dropout_mask` over the full index range), the same seed, and its
+    own count of training calls starting at the distconv module's ``step`` when built."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.p, self.seed, self.step = m.p, m.seed, m.step
+
+    def forward(self, x):
+        from distconv.ops import dropout_mask
+        if not self.training or self.p == 0.0:
+            return x
+        mask = dropout_mask(tuple(x.shape), [slice(0, n) for n in x.shape], self.p, self.seed,
+                            self.step, np.float64)
+        self.step += 1
+        return x * torch.from_numpy(mask)
+
+
 def torch_module(m, nranks=None):
     """The torch float64 module of the same structure as distconv module ``m`` (weights
     not loaded)."""
@@ -182,11 +201,14 @@ def torch_module(m, nranks=None):
     elif isinstance(m, nn.ReLU):
         t = torch.nn.ReLU()
     elif isinstance(m, nn.MaxPool2d):
-        t = torch.nn.MaxPool2d(m.kernel_size, m.stride, m.padding)
+        t = torch.nn.MaxPool2d(m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode)
     elif isinstance(m, nn.AvgPool2d):
-        t = torch.nn.AvgPool2d(m.kernel_size, m.stride, m.padding, count_include_pad=True)
+        t = torch.nn.AvgPool2d(m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode,
+                               count_include_pad=m.count_include_pad)
     elif isinstance(m, nn.AdaptiveAvgPool2d):
-        t = torch.nn.AdaptiveAvgPool2d(1)
+        t = torch.nn.AdaptiveAvgPool2d(m.output_size)
+    elif isinstance(m, nn.Dropout):
+        t = TorchDropout(m)
     elif isinstance(m, nn.Flatten):
         t = torch.nn.Flatten()
     elif isinstance(m, nn.Sequential):

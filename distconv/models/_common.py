@@ -1,6 +1,4 @@
-"""Helpers shared by the AlexNet and VGG definitions (not registered yet: the lead wires
-these models into ``distconv.models`` once ``nn.Dropout`` and the new pooling arguments
-exist)."""
+"""Helpers shared by the AlexNet, VGG and Inception-v3 definitions."""
 from __future__ import annotations
 
 import math

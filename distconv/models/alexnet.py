@@ -1,9 +1,7 @@
 """AlexNet with torchvision's definition (``torchvision.models.alexnet``), defaults and
 module names, so ``state_dict`` keys and shapes match and weights move both ways.
 
-Written against the intended ``distconv.nn`` API of issue 16: ``nn.Dropout(p)`` and
-``nn.AdaptiveAvgPool2d((6, 6))`` (any output size) do not exist yet in ``distconv.nn``;
-this file is not registered in ``distconv.models`` until they do. Forward only: backward
+Forward only: backward
 comes from the recorded forward (define-by-run autograd).
 
 ``strategy``: one :class:`~distconv.Strategy` (or its text) for every layer, or a
@@ -20,25 +18,31 @@ class AlexNet(nn.Module):
     """torchvision's AlexNet (the one-GPU variant of "One weird trick", 61.1 M parameters
     at 1000 classes). x: (N, in_channels, H, W), H and W >= 63 -> logits (N, num_classes).
 
-    ``in_channels`` and ``hidden`` (the classifier width, 4096 in torchvision) are extra
+    ``in_channels``, ``hidden`` (the classifier width, 4096 in torchvision) and
+    ``width_divisor`` (the conv channel counts 64-192-384-256-256 divided by it) are extra
     knobs for small tests; the defaults give torchvision's model."""
 
     def __init__(self, num_classes=1000, dropout=0.5, in_channels=3, hidden=4096,
-                 strategy=None):
+                 width_divisor=1, strategy=None):
         super().__init__()
         s, plan = split_strategy(strategy)
+        d = int(width_divisor)
+        if d < 1 or any(c % d for c in (64, 192, 384, 256)):
+            raise ValueError(f"AlexNet: width_divisor must divide 64, 192, 384 and 256, got "
+                             f"{width_divisor}")
+        c1, c2, c3, c4 = 64 // d, 192 // d, 384 // d, 256 // d
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2, strategy=s),
+            nn.Conv2d(in_channels, c1, kernel_size=11, stride=4, padding=2, strategy=s),
             nn.ReLU(),
             nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(64, 192, kernel_size=5, padding=2, strategy=s),
+            nn.Conv2d(c1, c2, kernel_size=5, padding=2, strategy=s),
             nn.ReLU(),
             nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(192, 384, kernel_size=3, padding=1, strategy=s),
+            nn.Conv2d(c2, c3, kernel_size=3, padding=1, strategy=s),
             nn.ReLU(),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1, strategy=s),
+            nn.Conv2d(c3, c4, kernel_size=3, padding=1, strategy=s),
             nn.ReLU(),
-            nn.Conv2d(256, 256, kernel_size=3, padding=1, strategy=s),
+            nn.Conv2d(c4, c4, kernel_size=3, padding=1, strategy=s),
             nn.ReLU(),
             nn.MaxPool2d(kernel_size=3, stride=2),
         )
@@ -46,7 +50,7 @@ class AlexNet(nn.Module):
         self.flatten = nn.Flatten()
         self.classifier = nn.Sequential(
             nn.Dropout(p=dropout),
-            nn.Linear(256 * 6 * 6, hidden, strategy=s),
+            nn.Linear(c4 * 6 * 6, hidden, strategy=s),
             nn.ReLU(),
             nn.Dropout(p=dropout),
             nn.Linear(hidden, hidden, strategy=s),

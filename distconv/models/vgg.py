@@ -2,9 +2,7 @@
 (``torchvision.models.vgg*``), defaults, initialisation and module names, so
 ``state_dict`` keys and shapes match and weights move both ways.
 
-Written against the intended ``distconv.nn`` API of issue 16: ``nn.Dropout(p)`` and
-``nn.AdaptiveAvgPool2d((7, 7))`` (any output size) do not exist yet in ``distconv.nn``;
-this file is not registered in ``distconv.models`` until they do. Forward only: backward
+Forward only: backward
 comes from the recorded forward (define-by-run autograd).
 
 ``strategy``: one :class:`~distconv.Strategy` (or its text) for every layer, or a
@@ -47,15 +45,21 @@ class VGG(nn.Module):
     """torchvision's VGG: ``features``, ``avgpool`` (adaptive to 7x7), ``classifier``
     (4096-4096 with dropout). x: (N, in_channels, H, W), H and W >= 32 -> (N, num_classes).
 
-    ``cfg``: a key of :data:`CFGS` or a list like them. ``in_channels`` and ``hidden`` (the
-    classifier width, 4096 in torchvision) are extra knobs for small tests; the defaults
-    give torchvision's models."""
+    ``cfg``: a key of :data:`CFGS` or a list like them. ``in_channels``, ``hidden`` (the
+    classifier width, 4096 in torchvision) and ``width_divisor`` (every conv channel count
+    of ``cfg`` divided by it) are extra knobs for small tests; the defaults give
+    torchvision's models."""
 
     def __init__(self, cfg="D", batch_norm=False, num_classes=1000, init_weights=True,
-                 dropout=0.5, in_channels=3, hidden=4096, strategy=None):
+                 dropout=0.5, in_channels=3, hidden=4096, width_divisor=1, strategy=None):
         super().__init__()
         s, plan = split_strategy(strategy)
         cfg = CFGS[cfg] if isinstance(cfg, str) else list(cfg)
+        d = int(width_divisor)
+        if d < 1 or any(v % d for v in cfg if v != "M"):
+            raise ValueError(f"VGG: width_divisor {width_divisor} must divide every channel "
+                             f"count of {cfg}")
+        cfg = [v if v == "M" else v // d for v in cfg]
         self.features = make_layers(cfg, batch_norm, in_channels, s)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.flatten = nn.Flatten()
