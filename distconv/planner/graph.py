@@ -185,9 +185,9 @@ def _node_graph(model, in_shape):
     except RuntimeError as e:
         raise GraphError(f"the planner could not trace the model: {e}") from e
     out = []
-    for kind, m, ins, _ in graph_of(tr.nodes):
+    for kind, m, ins, shape in graph_of(tr.nodes):
         out.append((kind, m, names.get(id(m), type(m).__name__) if m is not None else kind,
-                    [(-1 if i is None else i) for i in ins]))
+                    [(-1 if i is None else i) for i in ins], tuple(shape)))
     return out
 
 
@@ -201,7 +201,7 @@ def trace(model, in_shape) -> Graph:
     nodes = _node_graph(model, in_shape)
     # a recorded move passes its input through: map it to what it moved
     alias = {}
-    for i, (kind, _, _, ins) in enumerate(nodes):
+    for i, (kind, _, _, ins, _) in enumerate(nodes):
         if kind in _SKIP:
             alias[i] = alias.get(ins[0], ins[0])
     keep = [i for i, n in enumerate(nodes) if n[0] not in _SKIP]
@@ -223,12 +223,19 @@ def trace(model, in_shape) -> Graph:
     specs = {}
 
     def spec(i):
-        kind, m, name, ins = nodes[i]
+        kind, m, name, ins, traced = nodes[i]
         if m is None:
             raise GraphError(f"the planner cannot reduce the graph at the {kind!r} node "
                              f"(#{i}) : only chains and two-branch residual adds are "
                              f"supported by its search")
-        sp = _leaf(name, m, shapes[inputs[i][0]])
+        try:
+            sp = _leaf(name, m, shapes[inputs[i][0]])
+        except ValueError as e:
+            raise GraphError(str(e)) from None
+        if tuple(sp.out_shape) != traced:
+            raise GraphError(f"the planner cannot price layer {name!r} ({m!r}) yet: it "
+                             f"would assume output shape {sp.out_shape}, the layer gives "
+                             f"{traced}")
         shapes[i] = sp.out_shape
         specs[i] = sp
         return sp
