@@ -78,11 +78,30 @@ class Optimizer:
                 out.append((i, k, DistTensor(v, p.data.distribution, p.data.shape)))
         return out
 
-    def load_state_tensors(self, items, step_count: int) -> None:
+    def load_state_tensors(self, items, step_count: int, check: bool = True) -> None:
+        """Replace the state by ``items`` (``[(param index, key, DistTensor)]``, each of the
+        parameter's global shape, any distribution) and set ``step_count``. Collective.
+
+        With ``check`` (default) the ranks agree first that ``step_count`` is the same and
+        that every state shard holds the same values on all ranks that keep a replica of
+        it (a checksum per shard, one small allreduce: :mod:`distconv.replicas`);
+        otherwise ``RuntimeError`` on every rank, naming the tensors, and nothing changes.
+        """
+        from .replicas import replica_mismatches
+        moved = [(int(i), str(k), t.redistribute(self.params[int(i)].data.distribution))
+                 for i, k, t in items]
+        if check and self.params:
+            comm = self.params[0].data.grid.comm
+            comm.check_same(int(step_count), "optimizer step_count")
+            bad = replica_mismatches(comm, [(f"{k!r} of parameter {i}", t)
+                                            for i, k, t in moved])
+            if bad:
+                raise RuntimeError(f"{type(self).__name__}.load_state_tensors: the replicas of "
+                                   f"optimizer state {', '.join(bad)} differ between ranks; "
+                                   f"every rank must load the same state")
         self.state = [dict() for _ in self.params]
-        for i, k, t in items:
-            p = self.params[i]
-            self.state[i][k] = t.redistribute(p.data.distribution).local.copy()
+        for i, k, t in moved:
+            self.state[i][k] = t.local.copy()
         self.step_count = int(step_count)
 
 
@@ -152,8 +171,8 @@ class Adam(Optimizer):
                     out.append((i, k, DistTensor(st[k], p.data.distribution, p.data.shape)))
         return out
 
-    def load_state_tensors(self, items, step_count):
-        super().load_state_tensors(items, step_count)
+    def load_state_tensors(self, items, step_count, check: bool = True):
+        super().load_state_tensors(items, step_count, check)
         for st in self.state:
             if "exp_avg" in st:
                 st["step"] = self.step_count
