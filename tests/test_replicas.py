@@ -250,3 +250,23 @@ def test_check_replicas_split_shards_are_not_replicas(comm):
         net[0].weight.data.local[...] += 1.0
     with pytest.raises(ReplicaMismatchError, match=r"the replicas of '0.weight' differ"):
         check_replicas(net)
+
+
+@mpi(ranks=RANKS, timeout=T)
+def test_load_state_dict_bad_type_on_one_rank(comm):
+    """A non-mapping, or a value that cannot be cast, on one rank only: the same error on
+    every rank instead of the others waiting in a collective."""
+    f64()
+    m = linear_dp(comm)
+    good = m.state_dict()
+    with pytest.raises(TypeError, match=r"Expected state_dict to be dict-like, got <class "
+                                        r"'list'>\. \(on rank\(s\) \[0\]\)"):
+        m.load_state_dict(list(good.items()) if comm.rank == 0 else good)
+    bad = dict(good)
+    if comm.rank == comm.size - 1:
+        bad["bias"] = np.array(["a", "b", "c"])
+    with pytest.raises(RuntimeError, match=r'While copying the parameter named "bias".*'
+                                           rf"\(on rank\(s\) \[{comm.size - 1}\]\)"):
+        m.load_state_dict(bad)
+    assert_unchanged(m, good)
+    m.load_state_dict(good)  # negative control

@@ -229,8 +229,12 @@ class Module:
         from collections.abc import Mapping
 
         from ..replicas import differing, digest
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
+        own = [p.data for p in self.parameters()] + [b for _, b in self.named_buffers()]
+        comm = own[0].grid.comm if own else None
+        agree = comm.agree if comm is not None else _agree_local
+        # every rank checks, then all agree before any collective or change
+        agree(isinstance(state_dict, Mapping),
+              f"Expected state_dict to be dict-like, got {type(state_dict)}.", TypeError)
         metadata = getattr(state_dict, "_metadata", None)
         state = OrderedDict(state_dict)
         missing, unexpected, errors, todo = [], [], [], []
@@ -242,11 +246,7 @@ class Module:
             if missing:
                 errors.insert(0, "Missing key(s) in state_dict: {}. ".format(
                     ", ".join(f'"{k}"' for k in missing)))
-        own = [p.data for p in self.parameters()] + [b for _, b in self.named_buffers()]
-        comm = own[0].grid.comm if own else None
         head = f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
-        # every rank checks, then all agree before anything changes
-        agree = comm.agree if comm is not None else _agree_local
         agree(not errors, head + "\n\t".join(errors), RuntimeError)
         # the same values on every rank: one checksum per key of this model (a sentinel
         # where a rank does not load the key), compared with one allreduce
@@ -307,7 +307,13 @@ class Module:
                               f"{_torch_size(arr.shape)} from checkpoint, the shape in "
                               f"current model is {_torch_size(cur.shape)}.")
                 continue
-            arr = np.asarray(arr).astype(np.dtype(cur.dtype), copy=False)
+            try:
+                arr = np.asarray(arr).astype(np.dtype(cur.dtype), copy=False)
+            except (TypeError, ValueError) as e:
+                errors.append(f'While copying the parameter named "{key}", whose dimensions '
+                              f"in the model are {_torch_size(cur.shape)}, an exception "
+                              f"occurred : {e.args}.")
+                continue
             todo.append((key, self, name, np.asarray(arr, order="C"), cur))
         extra = prefix + "_extra_state"  # torch's extra-state key: none of ours has one
         if extra in state:
