@@ -99,16 +99,25 @@ def replica_mismatches(comm, named_tensors) -> list[str]:
     starts, total = [], 0
     for _, t in named_tensors:
         i, n = _block_index(t)
+        if t.grid.size == n:  # every block on one rank only: no replicas to compare
+            starts.append(None)
+            continue
         starts.append((total, i, n))
         total += n
+    if total == 0:
+        return []
     buf = np.zeros(2 * total, np.uint64)
-    for (start, i, _), (_, t) in zip(starts, named_tensors):
+    for slot, (_, t) in zip(starts, named_tensors):
+        if slot is None:
+            continue
+        start, i, _ = slot
         d = np.uint64(digest(t.local))
         buf[start + i], buf[total + start + i] = d, ~d
     # slots this rank does not hold stay 0, which never changes a max of ~d (>= 0)
     hi = comm.allreduce_untracked(buf, "max")
     bad = hi[:total] != ~hi[total:]     # max(d) != min(d) over the block's holders
-    return [name for (start, _, n), name in zip(starts, names) if bad[start:start + n].any()]
+    return [name for slot, name in zip(starts, names)
+            if slot is not None and bad[slot[0]:slot[0] + slot[2]].any()]
 
 
 def check_replicas(model, optimizer=None, what: str = "model") -> None:
