@@ -70,7 +70,7 @@ def test_dry_run_prints_every_step_and_runs_nothing(tmp_path):
         assert f"> {out}/" in x
     text = "\n".join(lines)
     assert r"-m pip install -e .\[gpu\,mpich\,test\]" in text
-    assert "DISTCONV_BACKEND=cupy python -m pytest -ra -p no:cacheprovider " \
+    assert "> {}/tests.log: python -m pytest -ra -p no:cacheprovider ".format(out) + \
            "tests/test_kernels.py" in text
     assert re.search(r"bench_cudnn .*env DISTCONV_CUDNN=1 python scripts/bench_conv.py "
                      r"--backend cupy .*--json " + re.escape(str(out)), text)
