@@ -123,7 +123,8 @@ run_step env 30 env.txt "$PY" scripts/gpu_check_report.py env
 if [ "$INSTALL" -eq 1 ]; then
     run_step install 150 install.log "$PY" -m pip install -e ".[$EXTRA,$MPI_EXTRA,test]"
 fi
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+NPROC=$(nproc 2>/dev/null || echo 4)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((NPROC < 4 ? NPROC : 4))}"
 run_step tests 120 tests.log "$PY" -m pytest -ra -p no:cacheprovider \
     tests/test_kernels.py
 if [ "$DRY" -eq 0 ] && ! no_gpu_skips "$OUT/tests.log" > "$OUT/tests_skips.txt" 2>&1; then
