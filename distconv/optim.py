@@ -88,10 +88,23 @@ class Optimizer:
         otherwise ``RuntimeError`` on every rank, naming the tensors, and nothing changes.
         """
         from .replicas import replica_mismatches
+        items = list(items)
+        comm = self.params[0].data.grid.comm
+        # agreed before the redistributions below (collectives): a list that differs on
+        # one rank raises the same ValueError everywhere instead of a hang
+        comm.check_same([(int(i), str(k), tuple(t.shape)) for i, k, t in items],
+                        "optimizer state items (param index, key, shape)")
+        bad = [f"{k!r} of parameter {i}: shape {tuple(t.shape)}" +
+               (f", parameter {tuple(self.params[int(i)].shape)}"
+                if 0 <= int(i) < len(self.params) else " (no such parameter)")
+               for i, k, t in items if not (0 <= int(i) < len(self.params))
+               or tuple(t.shape) != tuple(self.params[int(i)].shape)]
+        if bad:
+            raise ValueError(f"{type(self).__name__}.load_state_tensors: state does not fit "
+                             f"the parameters: {'; '.join(bad)}")
         moved = [(int(i), str(k), t.redistribute(self.params[int(i)].data.distribution))
                  for i, k, t in items]
-        if check and self.params:
-            comm = self.params[0].data.grid.comm
+        if check:
             comm.check_same(int(step_count), "optimizer step_count")
             bad = replica_mismatches(comm, [(f"{k!r} of parameter {i}", t)
                                             for i, k, t in moved])

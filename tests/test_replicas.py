@@ -201,6 +201,13 @@ def test_optimizer_state_replicas(comm):
     assert opt.state == [{}, {}] and opt.step_count == 0
     with pytest.raises(ValueError, match=r"ranks disagree on optimizer step_count"):
         opt.load_state_tensors(items(1.0), 3 + comm.rank)
+    with pytest.raises(ValueError, match=r"ranks disagree on optimizer state items"):
+        opt.load_state_tensors(items(1.0)[:1] if comm.rank == 0 else items(1.0), 3)
+    with pytest.raises(ValueError, match=r"state does not fit the parameters: "
+                                         r"'momentum_buffer' of parameter 0: shape \(3,\), "
+                                         r"parameter \(3, 4\)"):
+        opt.load_state_tensors([(0, "momentum_buffer", items(1.0)[1][2])], 3)
+    assert opt.state == [{}, {}] and opt.step_count == 0
     opt.load_state_tensors(items(1.0), 3)  # negative control
     assert opt.step_count == 3 and np.all(opt.state[0]["momentum_buffer"] == 1.0)
 
