@@ -91,11 +91,10 @@ def replica_mismatches(comm, named_tensors) -> list[str]:
     local block and one allreduce of ``2 * sum(blocks)`` uint64.
     """
     names = [n for n, _ in named_tensors]
-    comm.check_same(len(names), "number of tensors to compare")
     if comm.size == 1:
         return []
-    comm.check_same(digest(np.frombuffer("\0".join(names).encode(), np.uint8)),
-                    "names of the tensors to compare")
+    comm.check_same((len(names), digest(np.frombuffer("\0".join(names).encode(), np.uint8))),
+                    "(number, checksum of the names) of the tensors to compare")
     starts, total = [], 0
     for _, t in named_tensors:
         i, n = _block_index(t)

@@ -208,13 +208,17 @@ class Module:
     def load_state_dict(self, state_dict, strict: bool = True, *, _values_agreed=False):
         """Load global arrays (PyTorch names and layouts); each rank keeps only its shard.
 
-        PyTorch's semantics: returns ``IncompatibleKeys(missing_keys, unexpected_keys)``;
-        with ``strict`` (default) missing or unexpected keys raise ``RuntimeError("Error(s)
-        in loading state_dict for <Class>:\n\tMissing key(s) in state_dict: ...")`` with
-        torch's wording; a wrong shape raises whatever ``strict`` is ("size mismatch for
-        k: copying a param with shape torch.Size([...]) from checkpoint, the shape in
-        current model is torch.Size([...])."). Older formats torch loads are accepted:
-        a 0-d tensor given as shape (1,), and a BatchNorm2d dict without
+        ``state_dict``: a mapping ``{key: array}``, each array of the GLOBAL shape of that
+        parameter or buffer (e.g. conv weight ``(F, C, kh, kw)``), the same on every rank.
+
+        PyTorch's semantics: returns ``_IncompatibleKeys(missing_keys, unexpected_keys)``;
+        with ``strict`` (default) missing or unexpected keys raise ``RuntimeError`` with
+        torch's wording ("Error(s) in loading state_dict for <Class>: Missing key(s) in
+        state_dict: ...", one line per problem); a wrong shape raises whatever ``strict``
+        is ("size mismatch for k: copying a param with shape torch.Size([...]) from
+        checkpoint, the shape in current model is torch.Size([...])"). Older formats
+        torch loads are accepted: a 0-d tensor given as shape (1,), and a BatchNorm2d
+        dict without
         ``num_batches_tracked`` when its ``_metadata`` version is absent or < 2 (the
         current count is kept). Values may be NumPy, CuPy or (CPU) torch arrays, in any
         dtype (cast to the parameter's).
