@@ -211,3 +211,25 @@ def test_comparison_detects_a_difference():
     altered = (mine[0], mine[1], mine[2].replace('"bias"', '"weight"'))
     assert altered != theirs
     assert _outcome(lambda: m.load_state_dict(_as_numpy(d), strict=False)) != theirs
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_our_state_dict_loads_into_torch(kind):
+    """distconv's state_dict (keys, layouts and ``_metadata`` versions) is what torch's
+    module loads strictly; with a key removed both refuse it alike."""
+    m, t = MODULES[kind]()
+    sd = m.state_dict()
+    tmeta = t.state_dict()._metadata   # ours may name more (parameterless) modules
+    assert {k: sd._metadata[k] for k in tmeta} == dict(tmeta)
+    as_torch = OrderedDict((k, torch.from_numpy(v.copy())) for k, v in sd.items())
+    as_torch._metadata = sd._metadata
+    r = t.load_state_dict(as_torch)
+    assert repr(r) == "<All keys matched successfully>"
+    _same_state(m, t)
+    k = list(sd)[-1]
+    del as_torch[k]
+    theirs = _outcome(lambda: t.load_state_dict(as_torch))
+    mine = _outcome(lambda: m.load_state_dict(_as_numpy(as_torch)))
+    theirs = theirs[:2] + (theirs[2].replace(f"for {type(t).__name__}:",
+                                             f"for {type(m).__name__}:", 1),)
+    assert mine == theirs and mine[0] == "raise" and f'"{k}"' in mine[2]
