@@ -212,7 +212,11 @@ class LRScheduler:
         return {"last_step": self.last_step}
 
     def load_state_dict(self, d):
-        self.last_step = int(d["last_step"])
+        """Restore ``{"last_step"}``; ``ValueError`` on every rank if the ranks pass
+        different steps (their learning rates, hence their replicas, would differ)."""
+        step = int(d["last_step"])
+        self.optimizer.params[0].data.grid.comm.check_same(step, "LR scheduler last_step")
+        self.last_step = step
         self.optimizer.lr = self.lr_at(self.last_step)
 
 

@@ -210,6 +210,11 @@ def test_optimizer_state_replicas(comm):
     assert opt.state == [{}, {}] and opt.step_count == 0
     opt.load_state_tensors(items(1.0), 3)  # negative control
     assert opt.step_count == 3 and np.all(opt.state[0]["momentum_buffer"] == 1.0)
+    sched = optim.StepLR(opt, step_size=2)
+    with pytest.raises(ValueError, match=r"ranks disagree on LR scheduler last_step"):
+        sched.load_state_dict({"last_step": comm.rank})
+    sched.load_state_dict({"last_step": 5})
+    assert sched.last_step == 5 and opt.lr == pytest.approx(0.1 * 0.1 ** 2)
 
 
 # ------------------------------------------------------------------ periodic check
