@@ -457,7 +457,7 @@ def main(argv=None) -> int:
             step += 1
             if fault.get("kind") == "diverge" and fault.get("rank") == rank \
                     and fault.get("step") == step:
-                named[0][1].data.local.flat[0] += 1e-6
+                named[0][1].data.local.reshape(-1)[:1] += 1e-6  # a view (NumPy or CuPy)
             if args.check_replicas_every and step % args.check_replicas_every == 0:
                 try:
                     check_replicas(model, opt)
