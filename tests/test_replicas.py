@@ -17,6 +17,8 @@ identical replicas or with the same error on every rank, leaving the state as it
 Negative controls: the same calls with equal values on every rank succeed, and each
 check is shown to fire on a one-element difference.
 """
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 
@@ -281,4 +283,9 @@ def test_load_state_dict_bad_type_on_one_rank(comm):
                                            rf"\(on rank\(s\) \[{comm.size - 1}\]\)"):
         m.load_state_dict(bad)
     assert_unchanged(m, good)
+    odd = OrderedDict(good)
+    odd._metadata = ["not", "a", "dict"] if comm.rank == 0 else good._metadata
+    with pytest.raises(RuntimeError, match=r"cannot read the state dict: AttributeError.*"
+                                           r"\(on rank\(s\) \[0\]\)"):
+        m.load_state_dict(odd)
     m.load_state_dict(good)  # negative control

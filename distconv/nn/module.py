@@ -242,7 +242,10 @@ class Module:
         metadata = getattr(state_dict, "_metadata", None)
         state = OrderedDict(state_dict)
         missing, unexpected, errors, todo = [], [], [], []
-        self._collect_state(state, "", metadata, missing, unexpected, errors, todo)
+        try:
+            self._collect_state(state, "", metadata, missing, unexpected, errors, todo)
+        except Exception as e:  # noqa: BLE001 - agreed below, never raised on one rank only
+            errors.append(f"cannot read the state dict: {type(e).__name__}: {e}")
         if strict:
             if unexpected:
                 errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(
