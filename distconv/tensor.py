@@ -30,7 +30,14 @@ def _check_same_global(comm, array, shape) -> None:
     if comm.size == 1:
         return
     from .replicas import digest
-    vals = comm.allgather_obj((shape, str(array.dtype), digest(array)))
+    try:
+        d = digest(array)
+    except Exception as e:  # noqa: BLE001 - reported on every rank below
+        d = f"cannot checksum: {type(e).__name__}: {e}"
+    vals = comm.allgather_obj((shape, str(array.dtype), d))
+    errs = sorted({v[2] for v in vals if isinstance(v[2], str)})
+    if errs:
+        raise ValueError(f"from_global: {'; '.join(errs)}")
     if any(v[:2] != vals[0][:2] for v in vals):
         detail = ", ".join(f"rank {r}: {v[:2]}" for r, v in enumerate(vals))
         raise ValueError(f"ranks disagree on global (shape, dtype) in from_global: {detail}")
