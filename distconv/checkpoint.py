@@ -500,9 +500,23 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
             _check_scheduler(path, c, scheduler)
     _, err = _run(check)
     _agree_error(comm, err)
+    # every rank must have read the same contents (not, say, a stale copy of the file on a
+    # node-local disk): the stored checksum, verified above against the data each rank
+    # read, is compared across ranks, so the loads below need no further checks
+    sums = comm.allgather_obj((c.checksum, path)) if comm.size > 1 else [(c.checksum, path)]
+    if any(s != sums[0][0] for s, _ in sums):
+        detail = "; ".join(f"rank {r}: {p!r} checksum {s[:12]}" for r, (s, p) in
+                           enumerate(sums))
+        raise CheckpointError(f"the ranks read different checkpoint contents ({detail}); "
+                              f"every rank must load the same file, else replicas would "
+                              f"diverge")
 
     # collective from here on: every rank cuts its shards out of the same global arrays
-    model.load_state_dict(c.model)
+    from .nn.module import Module
+    if isinstance(model, Module):
+        model._load_checked(c.model)
+    else:
+        model.load_state_dict(c.model)
     if optimizer is not None:
         from .tensor import DistTensor
         xp = get_xp()
@@ -510,8 +524,8 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
         for (i, k), a in c.opt.items():
             p = optimizer.params[i]
             arr = xp.asarray(a.astype(p.data.dtype, copy=False))
-            items.append((i, k, DistTensor.from_global(arr, p.data.distribution)))
-        optimizer.load_state_tensors(items, c.opt_info["step_count"])
+            items.append((i, k, DistTensor.from_global(arr, p.data.distribution, check=False)))
+        optimizer.load_state_tensors(items, c.opt_info["step_count"], check=False)
         optimizer.lr = c.opt_info["lr"]
     if scheduler is not None:
         scheduler.load_state_dict(json.loads(c.sched_info["state"]))

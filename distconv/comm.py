@@ -233,6 +233,17 @@ class Communicator:
             detail = ", ".join(f"rank {r}: {v}" for r, v in enumerate(vals))
             raise ValueError(f"ranks disagree on {what}: {detail}")
 
+    def allreduce_untracked(self, x: np.ndarray, op: str = "max") -> np.ndarray:
+        """Allreduce of a small host (NumPy) array for checks (e.g. replica checksums);
+        like :meth:`check_same` it is not recorded in :meth:`stats`, which count the
+        model's own traffic. ``x``: any shape; returns a new array of the same shape."""
+        x = np.ascontiguousarray(x)
+        if self.size == 1:
+            return x.copy()
+        out = np.empty_like(x)
+        self.mpi.Allreduce(x, out, op=_OPS[op])
+        return out
+
     # ----------------------------------------------------------- collectives
     def allgather(self, x, axis: int = 0, counts: Sequence[int] | None = None):
         """Concatenate every rank's block ``x`` along ``axis`` (allgatherv).

@@ -78,11 +78,43 @@ class Optimizer:
                 out.append((i, k, DistTensor(v, p.data.distribution, p.data.shape)))
         return out
 
-    def load_state_tensors(self, items, step_count: int) -> None:
+    def load_state_tensors(self, items, step_count: int, check: bool = True) -> None:
+        """Replace the state by ``items`` (``[(param index, key, DistTensor)]``, each of the
+        parameter's global shape, any distribution) and set ``step_count``. Collective.
+
+        With ``check`` (default) the ranks agree first that ``step_count`` is the same and
+        that every state shard holds the same values on all ranks that keep a replica of
+        it (a checksum per shard, one small allreduce: :mod:`distconv.replicas`);
+        otherwise ``RuntimeError`` on every rank, naming the tensors, and nothing changes.
+        """
+        from .replicas import replica_mismatches
+        items = list(items)
+        comm = self.params[0].data.grid.comm
+        # agreed before the redistributions below (collectives): a list that differs on
+        # one rank raises the same ValueError everywhere instead of a hang
+        comm.check_same([(int(i), str(k), tuple(t.shape)) for i, k, t in items],
+                        "optimizer state items (param index, key, shape)")
+        bad = [f"{k!r} of parameter {i}: shape {tuple(t.shape)}" +
+               (f", parameter {tuple(self.params[int(i)].shape)}"
+                if 0 <= int(i) < len(self.params) else " (no such parameter)")
+               for i, k, t in items if not (0 <= int(i) < len(self.params))
+               or tuple(t.shape) != tuple(self.params[int(i)].shape)]
+        if bad:
+            raise ValueError(f"{type(self).__name__}.load_state_tensors: state does not fit "
+                             f"the parameters: {'; '.join(bad)}")
+        moved = [(int(i), str(k), t.redistribute(self.params[int(i)].data.distribution))
+                 for i, k, t in items]
+        if check:
+            comm.check_same(int(step_count), "optimizer step_count")
+            bad = replica_mismatches(comm, [(f"{k!r} of parameter {i}", t)
+                                            for i, k, t in moved])
+            if bad:
+                raise RuntimeError(f"{type(self).__name__}.load_state_tensors: the replicas of "
+                                   f"optimizer state {', '.join(bad)} differ between ranks; "
+                                   f"every rank must load the same state")
         self.state = [dict() for _ in self.params]
-        for i, k, t in items:
-            p = self.params[i]
-            self.state[i][k] = t.redistribute(p.data.distribution).local.copy()
+        for i, k, t in moved:
+            self.state[i][k] = t.local.copy()
         self.step_count = int(step_count)
 
 
@@ -152,8 +184,8 @@ class Adam(Optimizer):
                     out.append((i, k, DistTensor(st[k], p.data.distribution, p.data.shape)))
         return out
 
-    def load_state_tensors(self, items, step_count):
-        super().load_state_tensors(items, step_count)
+    def load_state_tensors(self, items, step_count, check: bool = True):
+        super().load_state_tensors(items, step_count, check)
         for st in self.state:
             if "exp_avg" in st:
                 st["step"] = self.step_count
@@ -180,7 +212,11 @@ class LRScheduler:
         return {"last_step": self.last_step}
 
     def load_state_dict(self, d):
-        self.last_step = int(d["last_step"])
+        """Restore ``{"last_step"}``; ``ValueError`` on every rank if the ranks pass
+        different steps (their learning rates, hence their replicas, would differ)."""
+        step = int(d["last_step"])
+        self.optimizer.params[0].data.grid.comm.check_same(step, "LR scheduler last_step")
+        self.last_step = step
         self.optimizer.lr = self.lr_at(self.last_step)
 
 

@@ -24,6 +24,34 @@ from .backend import array_module
 from .distribution import Distribution, block_sizes
 
 
+def _check_same_global(comm, array, shape) -> None:
+    """``ValueError`` on every rank unless every rank's ``array`` has the same shape, dtype
+    and checksum (one allgather of three small values per rank)."""
+    if comm.size == 1:
+        return
+    from .replicas import digest
+    try:
+        # a shape-only array (distconv.trace) has no values: shape and dtype only
+        d = 0 if type(array).__module__ == "distconv.meta" else digest(array)
+    except Exception as e:  # noqa: BLE001 - reported on every rank below
+        d = f"cannot checksum: {type(e).__name__}: {e}"
+    vals = comm.allgather_obj((shape, str(array.dtype), d))
+    errs = sorted({v[2] for v in vals if isinstance(v[2], str)})
+    if errs:
+        raise ValueError(f"from_global: {'; '.join(errs)}")
+    if any(v[:2] != vals[0][:2] for v in vals):
+        detail = ", ".join(f"rank {r}: {v[:2]}" for r, v in enumerate(vals))
+        raise ValueError(f"ranks disagree on global (shape, dtype) in from_global: {detail}")
+    if any(v[2] != vals[0][2] for v in vals):
+        groups = {}
+        for r, v in enumerate(vals):
+            groups.setdefault(v[2], []).append(r)
+        raise ValueError(f"from_global: the ranks passed different values for the global "
+                         f"array of shape {shape} (ranks grouped by equal values: "
+                         f"{sorted(groups.values())}); every rank must pass the same array, "
+                         f"else its replicas would differ")
+
+
 class DistTensor:
     """``DistTensor(local, distribution, global_shape)``.
 
@@ -71,15 +99,20 @@ class DistTensor:
     def from_global(cls, array, distribution: Distribution, check: bool = True) -> "DistTensor":
         """Cut this rank's block out of ``array`` (every rank passes the same global array).
 
-        With ``check`` (default) the ranks first agree on shape and dtype: a mismatch raises
-        the same ``ValueError`` on every rank. For a pending distribution the value is put
-        on coordinate 0 of each pending axis and zeros elsewhere.
+        ``array``: the global tensor, shape ``distribution``'s global shape (numpy or cupy).
+        With ``check`` (default) the ranks first agree on shape, dtype and a 64-bit
+        checksum of the values (:func:`distconv.replicas.digest`, one allgather of three
+        small values per rank): an array that differs on any rank raises the same
+        ``ValueError`` on every rank naming which ranks passed which values, so replicas
+        can never start out different. ``check=False`` skips this (for callers that
+        already compared the values, e.g. checkpoint loading). For a pending
+        distribution the value is put on coordinate 0 of each pending axis and zeros
+        elsewhere.
         """
         xp = array_module(array)
         shape = tuple(int(s) for s in array.shape)
         if check:
-            comm = distribution.grid.comm
-            comm.check_same((shape, str(array.dtype)), "global (shape, dtype) in from_global")
+            _check_same_global(distribution.grid.comm, array, shape)
         comm_ok = len(shape) == distribution.ndim
         if not comm_ok:
             raise ValueError(f"array of shape {shape} has {len(shape)} dims but {distribution} "

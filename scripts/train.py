@@ -45,6 +45,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 
+def _nonnegative(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
@@ -111,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a step whose loss or gradients are not finite instead of "
                         "stopping (the last good checkpoint is kept either way)")
+    p.add_argument("--check-replicas-every", type=_nonnegative, default=0, metavar="N",
+                   help="every N steps compare a checksum of every parameter, buffer and "
+                        "optimizer-state shard across the ranks that hold replicas of it "
+                        "(one small allreduce; cost in benchmarks/replicas.md) and stop, "
+                        "naming the first tensor whose replicas differ (0: off)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps in total (for tests and benchmarks)")
     p.add_argument("--profile", action="store_true",
@@ -169,15 +185,24 @@ def auto_plan(args, model, comm, in_shape, say) -> dict:
     calibrate``, the default) or reads the machine file; rank 0 measures the local kernel
     times of every shard shape it considers (cached in ``--compute-cache``), runs the
     search and writes ``OUT/plan.json``; the plan reaches the other ranks by an
-    allgather. With ``--resume`` an existing ``OUT/plan.json`` is reused.
+    allgather. With ``--resume`` an existing ``OUT/plan.json`` is reused if it was made
+    for this job's rank count; a job resumed on another rank count (e.g. requeued on
+    fewer nodes after losing one) plans anew and overwrites it.
     """
     from distconv.planner import auto, machine, planfile
     from distconv.planner.compute import ComputeModel
     path = os.path.join(args.out, "plan.json")
-    if args.resume and os.path.exists(path):
-        plan = planfile.load_plan(path)
-        say(f"--strategy auto: reusing the plan in {path}")
-        return plan
+    # rank 0's view of the file decides for every rank (the planning below is collective)
+    found = comm.allgather_obj((os.path.exists(path), _plan_ranks(path))
+                               if comm.rank == 0 else None)[0]
+    if args.resume and found[0]:
+        ranks = found[1]
+        if ranks == comm.size:
+            plan = planfile.load_plan(path)
+            say(f"--strategy auto: reusing the plan in {path}")
+            return plan
+        say(f"--strategy auto: {path} was planned for {ranks} ranks, this job has "
+            f"{comm.size}: planning anew")
     if args.machine == "calibrate":
         say(f"--strategy auto: calibrating the links of this job ({comm.size} ranks)")
         mach = machine.calibrate(comm)
@@ -214,6 +239,15 @@ def auto_plan(args, model, comm, in_shape, say) -> dict:
     return got[1]
 
 
+def _plan_ranks(path):
+    """The rank count a plan file was made for (its ``meta.ranks``), or None."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("meta", {}).get("ranks")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 _STOP = {"signal": None}  # set by SIGTERM/SIGUSR1; acted on at the next step boundary
 
 
@@ -225,7 +259,8 @@ def parse_fault(text: str | None) -> dict:
     """``DISTCONV_FAULT`` (testing only): ``raise@rank=1,step=3`` (that rank raises at the
     start of that step), ``kill@rank=1,step=3`` (it dies with SIGKILL), or
     ``checkpoint@epoch=2`` (rank 0 fails between writing and renaming that epoch's
-    checkpoint)."""
+    checkpoint), or ``diverge@rank=1,step=3`` (after that step's update, that rank adds
+    1e-6 to its copy of the first parameter: replicas that differ)."""
     if not text:
         return {}
     kind, _, rest = text.partition("@")
@@ -233,7 +268,7 @@ def parse_fault(text: str | None) -> dict:
     for part in filter(None, rest.split(",")):
         k, _, v = part.partition("=")
         out[k] = int(v)
-    if kind not in ("raise", "kill", "checkpoint"):
+    if kind not in ("raise", "kill", "checkpoint", "diverge"):
         raise ValueError(f"DISTCONV_FAULT: unknown fault {kind!r} in {text!r}")
     return out
 
@@ -243,6 +278,7 @@ def main(argv=None) -> int:
     import distconv as dc
     from distconv import backend, checkpoint, data, models, optim
     from distconv.comm import world
+    from distconv.replicas import ReplicaMismatchError, check_replicas
 
     comm = world()
     rank, size = comm.rank, comm.size
@@ -480,6 +516,15 @@ def main(argv=None) -> int:
             if prof is not None:
                 prof.step_end()
             step += 1
+            if fault.get("kind") == "diverge" and fault.get("rank") == rank \
+                    and fault.get("step") == step:
+                named[0][1].data.local.reshape(-1)[:1] += 1e-6  # a view (NumPy or CuPy)
+            if args.check_replicas_every and step % args.check_replicas_every == 0:
+                try:
+                    check_replicas(model, opt)
+                except ReplicaMismatchError as e:  # raised on every rank alike
+                    raise ReplicaMismatchError(f"step {step} (epoch {epoch + 1}): {e}; "
+                                               f"training stopped") from None
             pred = backend.to_numpy(logits.to_global()).argmax(1)
             win_loss += loss
             win_acc += int((pred == y).sum())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ops
-from ..backend import get_xp
+from ..backend import get_xp, to_numpy
 from ..distribution import Distribution
 from ..strategy import Strategy
 from ..tensor import DistTensor
@@ -66,6 +66,15 @@ class BatchNorm2d(Layer):
                 self.register_buffer(name, self._buffers[name].redistribute(self._cdist))
             self.register_buffer("num_batches_tracked",
                                  self._buffers["num_batches_tracked"].redistribute(self._sdist))
+
+    _version = 2  # torch's _NormBase: version 2 added num_batches_tracked
+
+    def _upgrade_state(self, state, prefix, version) -> None:
+        """torch's compatibility rule: a state dict of version < 2 (or without metadata)
+        may lack ``num_batches_tracked``; the current count is kept."""
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state:
+            state[key] = to_numpy(self._buffers["num_batches_tracked"].local).copy()
 
     def _group(self):
         """Communicator of the ranks holding the same channels and other samples."""

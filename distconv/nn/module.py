@@ -17,7 +17,7 @@ segmented allreduce that sums each shard only over its replica group.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 
 import numpy as np
 
@@ -260,10 +260,18 @@ class Module:
             p.grad = None
 
     # ------------------------------------------------------------ state
+    _version = 1  # state-dict format version of this module type (torch's ``_version``)
+
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        """Global NumPy arrays under PyTorch key names (parameters, then buffers per module)."""
+        """Global NumPy arrays under PyTorch key names (parameters, then buffers per module).
+
+        Like torch, the dict carries ``_metadata`` (``{module name: {"version": v}}``), so
+        :meth:`load_state_dict` can tell an older format from a missing key.
+        """
         out = OrderedDict()
+        out._metadata = OrderedDict()
         for mname, m in self.named_modules():
+            out._metadata[mname] = {"version": type(m)._version}
             pre = f"{mname}." if mname else ""
             for pname, p in m._parameters.items():
                 out[pre + pname] = np.array(to_numpy(p.data.to_global()), copy=True)
@@ -271,46 +279,145 @@ class Module:
                 out[pre + bname] = np.array(to_numpy(b.to_global()), copy=True)
         return out
 
-    def load_state_dict(self, state, strict: bool = True) -> None:
+    def _load_checked(self, state_dict) -> None:
+        """:meth:`load_state_dict` (strict) for a dict the caller has already shown to be
+        identical on every rank (checkpoint loading compares the file's checksum): the
+        per-key checksums are skipped."""
+        self.load_state_dict(state_dict, strict=True, _values_agreed=True)
+
+    def load_state_dict(self, state_dict, strict: bool = True, *, _values_agreed=False):
         """Load global arrays (PyTorch names and layouts); each rank keeps only its shard.
 
-        ``KeyError`` lists missing/unexpected keys when ``strict``; ``ValueError`` names a key
-        whose shape differs.
+        ``state_dict``: a mapping ``{key: array}``, each array of the GLOBAL shape of that
+        parameter or buffer (e.g. conv weight ``(F, C, kh, kw)``), the same on every rank.
+
+        PyTorch's semantics: returns ``_IncompatibleKeys(missing_keys, unexpected_keys)``;
+        with ``strict`` (default) missing or unexpected keys raise ``RuntimeError`` with
+        torch's wording ("Error(s) in loading state_dict for <Class>: Missing key(s) in
+        state_dict: ...", one line per problem); a wrong shape raises whatever ``strict``
+        is ("size mismatch for k: copying a param with shape torch.Size([...]) from
+        checkpoint, the shape in current model is torch.Size([...])"). Older formats
+        torch loads are accepted: a 0-d tensor given as shape (1,), and a BatchNorm2d
+        dict without
+        ``num_batches_tracked`` when its ``_metadata`` version is absent or < 2 (the
+        current count is kept). Values may be NumPy, CuPy or (CPU) torch arrays, in any
+        dtype (cast to the parameter's).
+
+        Unlike torch, loading is all-or-nothing and collective: every rank checks its
+        dict, then the ranks agree, so a bad dict on any rank raises the same error on
+        every rank and changes nothing. Every rank must pass the same values: a 64-bit
+        checksum of each array is compared across ranks (one allreduce of 16 bytes per
+        key), and keys whose values (or presence) differ raise ``RuntimeError`` naming
+        them, so replicas never diverge (``benchmarks/replicas.md`` has the cost).
         """
-        own = OrderedDict()
-        for mname, m in self.named_modules():
-            pre = f"{mname}." if mname else ""
-            for pname in m._parameters:
-                own[pre + pname] = (m, pname, "p")
-            for bname in m._buffers:
-                own[pre + bname] = (m, bname, "b")
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        tensors = [m._parameters[n].data if kd == "p" else m._buffers[n]
-                   for m, n, kd in own.values()]
-        # every rank checks, then all agree before any collective: a state dict that is bad
-        # on one rank only raises everywhere instead of leaving the others in from_global
-        agree = tensors[0].grid.comm.agree if tensors else _agree_local
-        bad_keys = strict and bool(missing or unexpected)
-        agree(not bad_keys, f"load_state_dict: missing keys {missing}, unexpected keys "
-                            f"{unexpected}", KeyError)
-        bad = [f"{k!r} has shape {tuple(np.shape(state[k]))}, expected {tuple(t.shape)}"
-               for k, t in zip(own, tensors)
-               if k in state and tuple(np.shape(state[k])) != tuple(t.shape)]
-        agree(not bad, "load_state_dict: " + "; ".join(bad), ValueError)
+        from collections.abc import Mapping
+
+        from ..replicas import differing, digest
+        own = [p.data for p in self.parameters()] + [b for _, b in self.named_buffers()]
+        comm = own[0].grid.comm if own else None
+        agree = comm.agree if comm is not None else _agree_local
+        # every rank checks, then all agree before any collective or change
+        agree(isinstance(state_dict, Mapping),
+              f"Expected state_dict to be dict-like, got {type(state_dict)}.", TypeError)
+        metadata = getattr(state_dict, "_metadata", None)
+        state = OrderedDict(state_dict)
+        missing, unexpected, errors, todo = [], [], [], []
+        try:
+            self._collect_state(state, "", metadata, missing, unexpected, errors, todo)
+        except Exception as e:  # noqa: BLE001 - agreed below, never raised on one rank only
+            errors.append(f"cannot read the state dict: {type(e).__name__}: {e}")
+        if strict:
+            if unexpected:
+                errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(
+                    ", ".join(f'"{k}"' for k in unexpected)))
+            if missing:
+                errors.insert(0, "Missing key(s) in state_dict: {}. ".format(
+                    ", ".join(f'"{k}"' for k in missing)))
+        head = f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+        agree(not errors, head + "\n\t".join(errors), RuntimeError)
+        # the same values on every rank: one checksum per key of this model (a sentinel
+        # where a rank does not load the key), compared with one allreduce
+        if comm is not None and comm.size > 1 and not _values_agreed:
+            by_key = {k: arr for k, _, _, arr, _ in todo}
+            keys = [f"{mn}.{n}" if mn else n for mn, m in self.named_modules()
+                    for n in list(m._parameters) + list(m._buffers)]   # state-dict order
+            digs = [digest(by_key[k]) if k in by_key else _ABSENT for k in keys]
+            bad = [k for k, d in zip(keys, differing(comm, digs)) if d]
+            if bad:
+                raise RuntimeError(head + "the values of {} differ between ranks (or are "
+                                   "given on some ranks only); every rank must pass the "
+                                   "same state dict, else the replicas of these tensors "
+                                   "would diverge".format(", ".join(f'"{k}"' for k in bad)))
         xp = get_xp()
-        for k, (m, name, kind) in own.items():
-            if k not in state:
-                continue
-            cur = m._parameters[name].data if kind == "p" else m._buffers[name]
-            arr = np.asarray(to_numpy(state[k]))
-            arr = xp.asarray(arr.astype(cur.dtype, copy=False))
-            new = DistTensor.from_global(arr, cur.distribution)
-            if kind == "p":
+        for _, m, name, arr, cur in todo:
+            new = DistTensor.from_global(xp.asarray(arr), cur.distribution, check=False)
+            if name in m._parameters:
                 m._parameters[name].data = new
             else:
                 m._buffers[name] = new
                 object.__setattr__(m, name, new)
+        return _IncompatibleKeys(missing, unexpected)
+
+    def _upgrade_state(self, state, prefix, version) -> None:
+        """Rewrite this module's entries of an older state-dict format in ``state`` in
+        place (torch's ``_load_from_state_dict`` compatibility code); ``version``: the
+        module's ``_metadata`` version or ``None``. The base class has nothing to do."""
+
+    def _collect_state(self, state, prefix, metadata, missing, unexpected, errors, todo):
+        """torch's recursive ``load``: what this module and its children would load.
+
+        Appends to ``missing``/``unexpected``/``errors`` as torch does, and
+        ``(key, module, name, array, current DistTensor)`` to ``todo``.
+        """
+        local_meta = {} if metadata is None else metadata.get(prefix[:-1], {})
+        self._upgrade_state(state, prefix, local_meta.get("version", None))
+        local = OrderedDict()
+        for n, p in self._parameters.items():
+            local[n] = p.data
+        for n, b in self._buffers.items():
+            local[n] = b
+        for name, cur in local.items():
+            key = prefix + name
+            if key not in state:
+                missing.append(key)
+                continue
+            arr = _as_array(state[key])
+            if arr is None:
+                errors.append(f'While copying the parameter named "{key}", expected an '
+                              f"array (NumPy, CuPy or torch.Tensor) from checkpoint but "
+                              f"received {type(state[key])}")
+                continue
+            if len(cur.shape) == 0 and arr.shape == (1,):  # torch 0.3 format of 0-d tensors
+                arr = arr[0]
+            if tuple(arr.shape) != tuple(cur.shape):
+                errors.append(f"size mismatch for {key}: copying a param with shape "
+                              f"{_torch_size(arr.shape)} from checkpoint, the shape in "
+                              f"current model is {_torch_size(cur.shape)}.")
+                continue
+            try:
+                arr = np.asarray(arr).astype(np.dtype(cur.dtype), copy=False)
+            except (TypeError, ValueError) as e:
+                errors.append(f'While copying the parameter named "{key}", whose dimensions '
+                              f"in the model are {_torch_size(cur.shape)}, an exception "
+                              f"occurred : {e.args}.")
+                continue
+            todo.append((key, self, name, np.asarray(arr, order="C"), cur))
+        extra = prefix + "_extra_state"  # torch's extra-state key: none of ours has one
+        if extra in state:
+            unexpected.append(extra)
+        for key in state:
+            if key.startswith(prefix) and key != extra:
+                parts = key[len(prefix):].split(".", 1)
+                if len(parts) > 1:
+                    if parts[0] not in self._modules:
+                        unexpected.append(key)
+                elif parts[0] not in local:
+                    unexpected.append(key)
+        for name, child in self._modules.items():
+            cp = prefix + name + "."
+            child._collect_state(OrderedDict((k, v) for k, v in state.items()
+                                             if k.startswith(cp)),
+                                 cp, metadata, missing, unexpected, errors, todo)
 
     # ------------------------------------------------------------ strategies
     def set_strategy(self, strategy_or_plan) -> "Module":
@@ -376,6 +483,42 @@ class _LayerBackward:
     def __call__(self, dy, needs):
         ctx, self.ctx = self.ctx, None
         return (self.layer._backward(ctx, dy, needs[0]),)
+
+
+class _IncompatibleKeys(namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])):
+    """What :meth:`Module.load_state_dict` returns: torch's ``_IncompatibleKeys`` (same
+    name, fields and repr)."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        if not self.missing_keys and not self.unexpected_keys:
+            return "<All keys matched successfully>"
+        return super().__repr__()
+
+    __str__ = __repr__
+
+
+IncompatibleKeys = _IncompatibleKeys
+
+_ABSENT = 0x5A17_AB5E_7E57_0001  # checksum slot of a key a rank does not load
+
+
+def _as_array(v):
+    """``v`` as a NumPy array if it is array-like (NumPy, CuPy, CPU torch tensor, NumPy
+    scalar), else ``None`` (torch rejects non-tensors the same way)."""
+    if isinstance(v, np.generic):
+        return np.asarray(v)
+    if not (hasattr(v, "shape") and hasattr(v, "dtype")):
+        return None
+    if hasattr(v, "detach") and hasattr(v, "numpy"):  # torch.Tensor
+        return v.detach().cpu().numpy()
+    return np.asarray(to_numpy(v))
+
+
+def _torch_size(shape) -> str:
+    """A shape as torch prints it in its load_state_dict messages."""
+    return f"torch.Size({[int(s) for s in shape]})"
 
 
 def _agree_local(ok, message, exc):
