@@ -304,19 +304,19 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
     w2 = _weight2d(xp, w, dt, F, g.K)
     if g.pointwise and g.sh == 1 and g.sw == 1:
         dx = xp.empty((N, C, H, W), dt)
-        _gemm_batched(xp, xp.ascontiguousarray(w2.T), xp.ascontiguousarray(dy).reshape(N, F, g.L),
+        _gemm_batched(xp, w2.T, xp.ascontiguousarray(dy).reshape(N, F, g.L),
                       dx.reshape(N, C, H * W), "bwd1x1")
         return dx
     if g.pointwise:
         dx = xp.zeros((N, C, H, W), dt)
         tmp = _workspace.get(xp, "bwd1x1s", (N, C, g.Ho, g.Wo), dt)
-        _gemm_batched(xp, xp.ascontiguousarray(w2.T), xp.ascontiguousarray(dy).reshape(N, F, g.L),
+        _gemm_batched(xp, w2.T, xp.ascontiguousarray(dy).reshape(N, F, g.L),
                       tmp.reshape(N, C, g.L), "bwd1x1")
         dx[:, :, :g.sh * (g.Ho - 1) + 1:g.sh, :g.sw * (g.Wo - 1) + 1:g.sw] = tmp
         return dx
     qh = g.dh * (g.kh - 1) - g.ph
     qw = g.dw * (g.kw - 1) - g.pw
-    if g.sh == 1 and g.sw == 1 and qh >= 0 and qw >= 0:
+    if g.sh == 1 and g.sw == 1 and qh >= 0 and qw >= 0 and _flip_pays(g):
         # full correlation of dy with the flipped kernel, channels swapped
         wt = xp.ascontiguousarray(xp.asarray(w, dtype=dt).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
         return conv2d_forward(dy, wt, (1, 1), (qh, qw), (g.dh, g.dw))
@@ -325,11 +325,22 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
     return _backward_data_col2im(xp, g, dy, w2)
 
 
+def _flip_pays(g):
+    """Whether backward-data of a stride-1 conv should run as a forward conv of dy with the
+    flipped, transposed kernel (an im2col of dy, but a strided F*C*kh*kw weight copy every
+    call) rather than ``W^T @ dy`` + col2im (no weight copy, kh*kw run additions).
+    Per-element costs measured on the dev VM (one thread): weight copy ~1.7, im2col run copy
+    ~0.3, col2im run addition ~0.5 (relative units); the weight copy dominates when the
+    batch is small (ResNet's late stages at batch 2 spent ~15 % of the step on it)."""
+    cols = g.N * g.Lc
+    return 1.7 * g.F * g.C + 0.3 * g.F * cols < 0.5 * g.C * cols
+
+
 def _backward_data_phase(xp, g, dy, w2):
     """col2im in the phase layout: W^T @ dy, then kh*kw contiguous-run additions."""
     dt = dy.dtype
     dx = xp.empty((g.N, g.C, g.H, g.W), dt)
-    w2t = xp.ascontiguousarray(w2.T)  # (K, F)
+    w2t = w2.T  # (K, F), a transposed view: the BLAS reads it as is, no copy
     for n0 in range(0, g.N, g.B):
         n1 = min(g.N, n0 + g.B)
         b = n1 - n0
@@ -353,7 +364,7 @@ def _backward_data_phase(xp, g, dy, w2):
 def _backward_data_col2im(xp, g, dy, w2):
     dt = dy.dtype
     dx = xp.empty((g.N, g.C, g.H, g.W), dt)
-    w2t = xp.ascontiguousarray(w2.T)  # (K, F)
+    w2t = w2.T  # (K, F), a transposed view: the BLAS reads it as is, no copy
     B = _block_size(g.N, g.L)
     dyc = xp.ascontiguousarray(dy)
     for n0 in range(0, g.N, B):
