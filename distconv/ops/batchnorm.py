@@ -14,13 +14,18 @@ between the steps::
     dx = bn_backward_apply(dy, x, mean, invstd, weight, sdy, sdyx, n)
     dweight, dbias = bn_param_grads(sdy, sdyx, invstd)
 
-Numerics: per-channel sums are accumulated in float64 (like PyTorch's CPU
-kernels, whose accumulation type for float is double): the elements are
-converted in chunks of samples, and each x*x of a float32 value is exact in
-float64, so ``sumsq/n - mean**2`` loses nothing to float32 rounding; the
-variance is clamped at 0. Statistics are returned as float64 arrays of
-shape (C,); the apply functions accept any float dtype for them and compute
-in the dtype of x.
+Numerics: every (sample, channel) row of H*W values is summed in the dtype of
+x by NumPy's pairwise summation (error ~ eps * log2(H*W), not eps * H*W), and
+the row sums are added in float64. The sum of squares is taken about each
+row's own mean and turned back into a raw sum of squares in float64
+(``sum x^2 = sum (x - m)^2 + 2 m sum x - L m^2``), so ``sumsq/n - mean**2``
+does not lose the variance to float32 cancellation when mean >> std; the
+variance is clamped at 0. Statistics are returned as float64 arrays of shape
+(C,); the apply functions accept any float dtype for them and compute in the
+dtype of x. The element-wise passes run over chunks of samples small enough
+to stay in cache, with the per-channel factors folded first (forward: ``x *
+a + b`` with ``a = invstd * weight``, ``b = bias - mean * a``, as PyTorch's CPU
+kernel), so each array crosses memory about once per function.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import numpy as np
 from ..backend import array_module
 from ._gpu import gpu_impl
 
-_CHUNK_ELEMS = 1 << 20  # elements converted to float64 at a time
+_CHUNK_ELEMS = 1 << 16  # elements per cache-resident chunk of samples
 
 
 def _chunks(n, per_sample):
@@ -55,17 +60,20 @@ def bn_local_stats(x):
     xp = array_module(x)
     N, C, H, W = (int(s) for s in x.shape)
     L = H * W
-    s = xp.zeros((C,), np.float64)
-    ss = xp.zeros((C,), np.float64)
     if N * C * L == 0:
-        return s, ss, N * L
+        return xp.zeros((C,), np.float64), xp.zeros((C,), np.float64), N * L
     x3 = x.reshape(N, C, L)
+    rows = x3.sum(axis=2)                       # (N, C) pairwise, in x's dtype
+    m = rows / x.dtype.type(L)                  # each row's own mean (rounded)
+    m2 = xp.empty((N, C), x.dtype)
     for n0, n1 in _chunks(N, C * L):
-        c = x3[n0:n1].astype(np.float64)
-        s += c.sum(axis=(0, 2))
-        c *= c
-        ss += c.sum(axis=(0, 2))
-    return s, ss, N * L
+        d = x3[n0:n1] - m[n0:n1, :, None]
+        d *= d
+        d.sum(axis=2, out=m2[n0:n1])
+    r64 = rows.astype(np.float64)
+    m64 = m.astype(np.float64)
+    ss = (m2.astype(np.float64) + m64 * (2.0 * r64 - L * m64)).sum(axis=0)
+    return r64.sum(axis=0), ss, N * L
 
 
 def bn_mean_invstd(sum_, sumsq, count, eps=1e-5):
@@ -106,16 +114,21 @@ def bn_forward_apply(x, mean, invstd, weight=None, bias=None):
     _check4(x)
     xp = array_module(x)
     dt = x.dtype
-    scale = xp.asarray(invstd, dtype=np.float64)
+    a = xp.asarray(invstd, dtype=np.float64)
     if weight is not None:
-        scale = scale * xp.asarray(weight, dtype=np.float64)
+        a = a * xp.asarray(weight, dtype=np.float64)
+    b = -xp.asarray(mean, dtype=np.float64) * a
+    if bias is not None:
+        b = b + xp.asarray(bias, dtype=np.float64)
     y = xp.empty_like(x)
     if y.size == 0:
         return y
-    xp.subtract(x, _bc(xp, mean, dt), out=y)
-    y *= _bc(xp, scale, dt)
-    if bias is not None:
-        y += _bc(xp, bias, dt)
+    a, b = _bc(xp, a, dt), _bc(xp, b, dt)
+    N, C = int(x.shape[0]), int(x.shape[1])
+    for n0, n1 in _chunks(N, C * int(x.shape[2]) * int(x.shape[3])):
+        yc = y[n0:n1]
+        xp.multiply(x[n0:n1], a, out=yc)
+        yc += b
     return y
 
 
@@ -133,21 +146,18 @@ def bn_backward_reduce(dy, x, mean):
     xp = array_module(x)
     N, C, H, W = (int(s) for s in x.shape)
     L = H * W
-    sdy = xp.zeros((C,), np.float64)
-    sdyx = xp.zeros((C,), np.float64)
     if N * C * L == 0:
-        return sdy, sdyx
-    m = xp.asarray(mean, dtype=np.float64).reshape(1, C, 1)
+        return xp.zeros((C,), np.float64), xp.zeros((C,), np.float64)
+    m = xp.asarray(mean, dtype=np.float64).astype(x.dtype).reshape(1, C, 1)
     x3 = x.reshape(N, C, L)
     d3 = dy.reshape(N, C, L)
+    sdy = d3.sum(axis=2)                        # (N, C) pairwise, in dy's dtype
+    rows = xp.empty((N, C), x.dtype)
     for n0, n1 in _chunks(N, C * L):
-        d = d3[n0:n1].astype(np.float64)
-        sdy += d.sum(axis=(0, 2))
-        c = x3[n0:n1].astype(np.float64)
-        c -= m
-        c *= d
-        sdyx += c.sum(axis=(0, 2))
-    return sdy, sdyx
+        t = x3[n0:n1] - m
+        t *= d3[n0:n1]
+        t.sum(axis=2, out=rows[n0:n1])
+    return sdy.astype(np.float64).sum(axis=0), rows.astype(np.float64).sum(axis=0)
 
 
 def bn_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
@@ -173,11 +183,15 @@ def bn_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
     scale = inv if weight is None else inv * xp.asarray(weight, dtype=np.float64)
     k = xp.asarray(sum_dy_xmu, dtype=np.float64) * inv * inv / count
     mdy = xp.asarray(sum_dy, dtype=np.float64) / count
-    xp.subtract(x, _bc(xp, mean, dt), out=dx)
-    dx *= _bc(xp, -k, dt)
-    dx += dy
-    dx -= _bc(xp, mdy, dt)
-    dx *= _bc(xp, scale, dt)
+    m, nk, mdy, scale = (_bc(xp, v, dt) for v in (mean, -k, mdy, scale))
+    N, C = int(x.shape[0]), int(x.shape[1])
+    for n0, n1 in _chunks(N, C * int(x.shape[2]) * int(x.shape[3])):
+        dc = dx[n0:n1]
+        xp.subtract(x[n0:n1], m, out=dc)
+        dc *= nk
+        dc += dy[n0:n1]
+        dc -= mdy
+        dc *= scale
     return dx
 
 
