@@ -331,11 +331,12 @@ def _flip_pays(g):
     """Whether backward-data of a stride-1 conv should run as a forward conv of dy with the
     flipped, transposed kernel (an im2col of dy, but a strided F*C*kh*kw weight copy every
     call) rather than ``W^T @ dy`` + col2im (no weight copy, kh*kw run additions).
-    Per-element costs measured on the dev VM (one thread): weight copy ~1.7, im2col run copy
-    ~0.3, col2im run addition ~0.5 (relative units); the weight copy dominates when the
-    batch is small (ResNet's late stages at batch 2 spent ~15 % of the step on it)."""
+    Per-element costs fitted to ResNet-18 layers at batch 2 and 32 on the dev VM (one
+    thread): weight copy ~1.7, im2col run copy ~0.3, col2im addition ~1 (relative units);
+    the weight copy dominates when the batch is small (ResNet's late stages at batch 2
+    spent ~15 % of the step on it)."""
     cols = g.N * g.Lc
-    return 1.7 * g.F * g.C + 0.3 * g.F * cols < 0.5 * g.C * cols
+    return 1.7 * g.F * g.C + 0.3 * g.F * cols < 1.0 * g.C * cols
 
 
 def _backward_data_phase(xp, g, dy, w2):
