@@ -415,9 +415,10 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(g.N, F, g.Ho, g.Wo)} "
                          f"for x {tuple(x.shape)} and kernel {(kh, kw)}")
     dt = x.dtype
-    dw = xp.zeros((F, g.C, kh, kw), dt)
-    if dw.size == 0 or g.N == 0 or g.L == 0:
-        return dw
+    if F * g.K == 0 or g.N == 0 or g.L == 0:
+        return xp.zeros((F, g.C, kh, kw), dt)
+    # every path below writes all of dw with its first GEMM (or the final transpose)
+    dw = xp.empty((F, g.C, kh, kw), dt)
     dw2 = dw.reshape(F, g.K)
     dyc = xp.ascontiguousarray(dy)
     if dyc.dtype != dt:
