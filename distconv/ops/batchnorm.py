@@ -22,7 +22,7 @@ row's own mean and turned back into a raw sum of squares in float64
 does not lose the variance to float32 cancellation when mean >> std; the
 variance is clamped at 0. Statistics are returned as float64 arrays of shape
 (C,); the apply functions accept any float dtype for them and compute in the
-dtype of x. The element-wise passes run over chunks of samples small enough
+dtype of x. The element-wise passes run over chunks of (sample, channel) rows small enough
 to stay in cache, with the per-channel factors folded first (forward: ``x *
 a + b`` with ``a = invstd * weight``, ``b = bias - mean * a``, as PyTorch's CPU
 kernel), so each array crosses memory about once per function.
@@ -34,11 +34,12 @@ import numpy as np
 from ..backend import array_module
 from ._gpu import gpu_impl
 
-_CHUNK_ELEMS = 1 << 16  # elements per cache-resident chunk of samples
+_CHUNK_ELEMS = 1 << 16  # elements per cache-resident chunk of (sample, channel) rows
 
 
-def _chunks(n, per_sample):
-    step = max(1, _CHUNK_ELEMS // max(1, per_sample))
+def _chunks(n, per_row):
+    """(r0, r1) ranges of at most ~_CHUNK_ELEMS elements (at least one row each)."""
+    step = max(1, _CHUNK_ELEMS // max(1, per_row))
     for n0 in range(0, n, step):
         yield n0, min(n, n0 + step)
 
@@ -46,6 +47,13 @@ def _chunks(n, per_sample):
 def _check4(x, name="x"):
     if x.ndim != 4:
         raise ValueError(f"{name} must be NCHW (4-D), got shape {tuple(x.shape)}")
+
+
+def _row_factor(xp, v, dtype, n):
+    """A per-channel vector (C,) repeated for n samples: (n*C, 1) of ``dtype``, so that row r
+    of the (N*C, H*W) view of an NCHW array gets channel r % C's factor."""
+    v = xp.asarray(v).astype(dtype, copy=False).reshape(-1)
+    return xp.tile(v, n).reshape(-1, 1)
 
 
 def bn_local_stats(x):
@@ -62,18 +70,18 @@ def bn_local_stats(x):
     L = H * W
     if N * C * L == 0:
         return xp.zeros((C,), np.float64), xp.zeros((C,), np.float64), N * L
-    x3 = x.reshape(N, C, L)
-    rows = x3.sum(axis=2)                       # (N, C) pairwise, in x's dtype
+    xr = x.reshape(N * C, L)
+    rows = xr.sum(axis=1)                       # (N*C,) pairwise, in x's dtype
     m = rows / x.dtype.type(L)                  # each row's own mean (rounded)
-    m2 = xp.empty((N, C), x.dtype)
-    for n0, n1 in _chunks(N, C * L):
-        d = x3[n0:n1] - m[n0:n1, :, None]
+    m2 = xp.empty((N * C,), x.dtype)
+    for r0, r1 in _chunks(N * C, L):
+        d = xr[r0:r1] - m[r0:r1, None]
         d *= d
-        d.sum(axis=2, out=m2[n0:n1])
+        d.sum(axis=1, out=m2[r0:r1])
     r64 = rows.astype(np.float64)
     m64 = m.astype(np.float64)
-    ss = (m2.astype(np.float64) + m64 * (2.0 * r64 - L * m64)).sum(axis=0)
-    return r64.sum(axis=0), ss, N * L
+    ss = (m2.astype(np.float64) + m64 * (2.0 * r64 - L * m64)).reshape(N, C).sum(axis=0)
+    return r64.reshape(N, C).sum(axis=0), ss, N * L
 
 
 def bn_mean_invstd(sum_, sumsq, count, eps=1e-5):
@@ -123,12 +131,14 @@ def bn_forward_apply(x, mean, invstd, weight=None, bias=None):
     y = xp.empty_like(x)
     if y.size == 0:
         return y
-    a, b = _bc(xp, a, dt), _bc(xp, b, dt)
-    N, C = int(x.shape[0]), int(x.shape[1])
-    for n0, n1 in _chunks(N, C * int(x.shape[2]) * int(x.shape[3])):
-        yc = y[n0:n1]
-        xp.multiply(x[n0:n1], a, out=yc)
-        yc += b
+    N, C, H, W = (int(s) for s in x.shape)
+    L = H * W
+    a, b = _row_factor(xp, a, dt, N), _row_factor(xp, b, dt, N)
+    xr, yr = x.reshape(N * C, L), y.reshape(N * C, L)
+    for r0, r1 in _chunks(N * C, L):
+        yc = yr[r0:r1]
+        xp.multiply(xr[r0:r1], a[r0:r1], out=yc)
+        yc += b[r0:r1]
     return y
 
 
@@ -148,16 +158,17 @@ def bn_backward_reduce(dy, x, mean):
     L = H * W
     if N * C * L == 0:
         return xp.zeros((C,), np.float64), xp.zeros((C,), np.float64)
-    m = xp.asarray(mean, dtype=np.float64).astype(x.dtype).reshape(1, C, 1)
-    x3 = x.reshape(N, C, L)
-    d3 = dy.reshape(N, C, L)
-    sdy = d3.sum(axis=2)                        # (N, C) pairwise, in dy's dtype
-    rows = xp.empty((N, C), x.dtype)
-    for n0, n1 in _chunks(N, C * L):
-        t = x3[n0:n1] - m
-        t *= d3[n0:n1]
-        t.sum(axis=2, out=rows[n0:n1])
-    return sdy.astype(np.float64).sum(axis=0), rows.astype(np.float64).sum(axis=0)
+    m = _row_factor(xp, xp.asarray(mean, dtype=np.float64), x.dtype, N)
+    xr = x.reshape(N * C, L)
+    dr = dy.reshape(N * C, L)
+    sdy = dr.sum(axis=1)                        # (N*C,) pairwise, in dy's dtype
+    rows = xp.empty((N * C,), x.dtype)
+    for r0, r1 in _chunks(N * C, L):
+        t = xr[r0:r1] - m[r0:r1]
+        t *= dr[r0:r1]
+        t.sum(axis=1, out=rows[r0:r1])
+    return (sdy.astype(np.float64).reshape(N, C).sum(axis=0),
+            rows.astype(np.float64).reshape(N, C).sum(axis=0))
 
 
 def bn_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
@@ -183,15 +194,17 @@ def bn_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
     scale = inv if weight is None else inv * xp.asarray(weight, dtype=np.float64)
     k = xp.asarray(sum_dy_xmu, dtype=np.float64) * inv * inv / count
     mdy = xp.asarray(sum_dy, dtype=np.float64) / count
-    m, nk, mdy, scale = (_bc(xp, v, dt) for v in (mean, -k, mdy, scale))
-    N, C = int(x.shape[0]), int(x.shape[1])
-    for n0, n1 in _chunks(N, C * int(x.shape[2]) * int(x.shape[3])):
-        dc = dx[n0:n1]
-        xp.subtract(x[n0:n1], m, out=dc)
-        dc *= nk
-        dc += dy[n0:n1]
-        dc -= mdy
-        dc *= scale
+    N, C, H, W = (int(s) for s in x.shape)
+    L = H * W
+    m, nk, mdy, scale = (_row_factor(xp, v, dt, N) for v in (mean, -k, mdy, scale))
+    xr, dr, dxr = x.reshape(N * C, L), dy.reshape(N * C, L), dx.reshape(N * C, L)
+    for r0, r1 in _chunks(N * C, L):
+        dc = dxr[r0:r1]
+        xp.subtract(xr[r0:r1], m[r0:r1], out=dc)
+        dc *= nk[r0:r1]
+        dc += dr[r0:r1]
+        dc -= mdy[r0:r1]
+        dc *= scale[r0:r1]
     return dx
 
 
