@@ -26,6 +26,11 @@ time on several ranks is the maximum over ranks after a barrier. Reported per
 configuration: median step, quartiles, min/max, and the speed relative to each peer as
 the median over rounds of ``t_peer / t_config`` of the SAME round (with quartiles).
 Rank 0 prints a table and writes ``--json`` and ``--md`` (a markdown table).
+Each step's CPU time (``time.process_time``, max over ranks) is recorded too: on a
+shared machine it leaves out the time other processes took the core, so for the 1-thread
+configurations (``torch 1x1``, ``distconv 1``) it is the steadier figure; for several
+ranks it also counts MPI's busy-waiting, and for ``torch 1xP`` it sums P threads (not
+comparable, left out of the table).
 Models: ResNet-18 with the CIFAR stem at 32x32 (10 classes) and ResNet-50 at 224x224
 (1000 classes); the PyTorch twins come from ``tests/torch_resnet.py`` (torchvision's
 definitions, which ``distconv.models`` follows).
@@ -111,12 +116,17 @@ def parse_args(argv=None):
 
 # --------------------------------------------------------------------------- configs
 class _Config:
-    """One way to train the model; ``step()`` returns this rank's seconds (0 when idle)."""
+    """One way to train the model; ``step()`` returns this rank's (wall, CPU) seconds."""
     name = ""
     one_rank = False  # runs on rank 0 only
 
-    def step(self) -> float:
+    def step(self):
         raise NotImplementedError
+
+    def timed(self):
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.run()
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 class _Torch(_Config):
@@ -139,12 +149,13 @@ class _Torch(_Config):
 
     def step(self):
         self.torch.set_num_threads(self.threads)
-        t0 = time.perf_counter()
+        return self.timed()
+
+    def run(self):
         self.opt.zero_grad()
         loss = self.crit(self.model(self.x), self.y)
         loss.backward()
         self.opt.step()
-        return time.perf_counter() - t0
 
 
 class _Distconv(_Config):
@@ -164,12 +175,13 @@ class _Distconv(_Config):
         self.crit = dc.nn.CrossEntropyLoss()
 
     def step(self):
-        t0 = time.perf_counter()
+        return self.timed()
+
+    def run(self):
         self.opt.zero_grad()
         self.crit(self.model(self.x), self.y)
         self.model.backward(self.crit.backward())
         self.opt.step()
-        return time.perf_counter() - t0
 
 
 def _self_strategy():
@@ -247,38 +259,49 @@ def build_configs(args, comm, spec, x, y):
 
 
 def run_rounds(args, comm, cfgs, log):
-    """warmup + rounds of every config in order; returns {name: [max-over-ranks s]}."""
+    """warmup + rounds of every config in order; returns ({name: [max-over-ranks wall s]},
+    {name: [max-over-ranks CPU s]})."""
     times = {c.name: [] for c in cfgs}
+    cpu = {c.name: [] for c in cfgs}
     t_start = time.perf_counter()
     for r in range(args.warmup + args.rounds):
         for c in cfgs:
             if c.one_rank:
                 comm.idle_barrier(0.002)
-                t = c.step() if comm.rank == 0 else 0.0
+                t = c.step() if comm.rank == 0 else (0.0, 0.0)
                 comm.idle_barrier(0.002)
             else:
                 comm.barrier()
                 t = c.step()
-            t = max(comm.allgather_obj(t))
+            ts = comm.allgather_obj(t)
             if r >= args.warmup:
-                times[c.name].append(t)
+                times[c.name].append(max(w for w, _ in ts))
+                cpu[c.name].append(max(u for _, u in ts))
         log(f"[{time.perf_counter() - t_start:7.1f} s] round {r + 1}/{args.warmup + args.rounds}")
-    return times
+    return times, cpu
 
 
-def summarize(times, p):
-    """Per config: median, quartiles, min, max, and paired speed vs each peer."""
+def _paired(ref, t):
+    a, b, c = (float(v) for v in np.percentile(np.asarray(ref) / np.asarray(t), [25, 50, 75]))
+    return {"median": b, "q1": a, "q3": c}
+
+
+def summarize(times, cpu, p):
+    """Per config: median, quartiles, min, max, and paired speed vs each peer (wall clock);
+    the same from CPU time (``cpu_*``; meaningful for the 1-thread configs only, see
+    ``--help``)."""
     peers = [k for k in ("torch 1x1", f"torch 1x{p}", f"DDP {p}x1", "distconv 1") if k in times]
     rows = []
     for name, ts in times.items():
         t = np.asarray(ts)
         q1, med, q3 = (float(v) for v in np.percentile(t, [25, 50, 75]))
         row = {"config": name, "median_s": med, "q1_s": q1, "q3_s": q3, "min_s": float(t.min()),
-               "max_s": float(t.max()), "step_s": t.tolist(), "speed_vs": {}}
+               "max_s": float(t.max()), "step_s": t.tolist(), "speed_vs": {},
+               "cpu_median_s": float(np.median(cpu[name])), "cpu_step_s": list(cpu[name]),
+               "cpu_speed_vs": {}}
         for peer in peers:
-            ratio = np.asarray(times[peer]) / t
-            a, b, c = (float(v) for v in np.percentile(ratio, [25, 50, 75]))
-            row["speed_vs"][peer] = {"median": b, "q1": a, "q3": c}
+            row["speed_vs"][peer] = _paired(times[peer], t)
+            row["cpu_speed_vs"][peer] = _paired(cpu[peer], cpu[name])
         rows.append(row)
     return rows
 
@@ -290,14 +313,17 @@ def _fmt_ratio(d):
 def table(groups, p):
     peers = ["torch 1x1", f"torch 1x{p}", f"DDP {p}x1"]
     head = ("| model | batch | configuration | median step s (q1-q3) | "
-            + " | ".join(f"speed vs {k} (q1-q3)" for k in peers) + " |")
-    lines = [head, "|" + "---|" * (4 + len(peers))]
+            + " | ".join(f"speed vs {k} (q1-q3)" for k in peers)
+            + " | CPU-time speed vs torch 1x1 |")
+    lines = [head, "|" + "---|" * (5 + len(peers))]
     for g in groups:
         for r in g["results"]:
             cells = [_fmt_ratio(r["speed_vs"][k]) if k in r["speed_vs"] else "-" for k in peers]
+            cpu = ("-" if r["config"] == f"torch 1x{p}" or "torch 1x1" not in r["cpu_speed_vs"]
+                   else _fmt_ratio(r["cpu_speed_vs"]["torch 1x1"]))
             lines.append(f"| {g['model']} | {g['batch']} | {r['config']} | "
                          f"{r['median_s']:.3f} ({r['q1_s']:.3f}-{r['q3_s']:.3f}) | "
-                         + " | ".join(cells) + " |")
+                         + " | ".join(cells) + f" | {cpu} |")
     return "\n".join(lines)
 
 
@@ -328,8 +354,8 @@ def main(argv=None) -> int:
             y = rng.integers(0, spec["classes"], n).astype(np.int64)
             log(f"== {mname} (width {args.width}) on {x.shape}, {p} ranks")
             cfgs, notes = build_configs(args, comm, spec, x, y)
-            times = run_rounds(args, comm, cfgs, log)
-            rows = summarize(times, p)
+            times, cpu = run_rounds(args, comm, cfgs, log)
+            rows = summarize(times, cpu, p)
             groups.append({"model": mname, "batch": n, "size": size, "width": args.width,
                            "results": rows, "notes": notes})
             del cfgs

@@ -39,5 +39,6 @@ def test_quick_two_ranks_every_config(tmp_path):
             assert all(t > 0 and math.isfinite(t) for t in x["step_s"])
             v = x["speed_vs"]["torch 1x1"]
             assert v["q1"] <= v["median"] <= v["q3"]
+            assert len(x["cpu_step_s"]) == doc["rounds"] and x["cpu_median_s"] >= 0
         assert g["results"][0]["speed_vs"]["torch 1x1"]["median"] == 1.0
     assert "| resnet18 | 4 | DDP 2x1 |" in md.read_text()
