@@ -21,11 +21,15 @@ How the work is laid out (B = a block of samples, K = C*kh*kw, L = Ho*Wo):
   a cached (K, B*L) buffer.
 * small images (L below ~``_TARGET_COLS``) fold several samples into the GEMM's
   column dimension so the BLAS gets a wide matrix.
-* backward-data, stride 1: a forward convolution of ``dy`` with the flipped,
-  transposed kernel (no col2im). Other strides: ``W^T @ dy`` then col2im by
-  kh*kw strided slice additions (a loop over kernel offsets only).
+* backward-data, stride 1, when the batch is large enough for the weight copy
+  to pay (``_flip_pays``): a forward convolution of ``dy`` with the flipped,
+  transposed kernel (no col2im). Otherwise: ``W^T @ dy`` (W^T a transposed
+  view, no copy) then col2im by kh*kw strided slice additions (a loop over
+  kernel offsets only).
 * backward-filter: ``dy(F, B*L) @ cols(K, B*L)^T`` accumulated over sample
-  blocks, using the same column buffers as forward.
+  blocks, using the same column buffers as forward; with few filters
+  (``_BWF_SWAP_MAX_F``) as ``dw^T = cols @ dy^T``, the orientation OpenBLAS
+  runs faster when F is the short side.
 
 Scratch buffers come from :mod:`distconv.ops._workspace` and are reused
 between calls with the same shapes.
