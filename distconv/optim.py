@@ -12,6 +12,7 @@ import math
 import time
 from collections import OrderedDict
 
+import numpy as np
 
 from .backend import array_module
 from .nn.module import Module, Parameter, sync_gradients
@@ -134,6 +135,12 @@ class SGD(Optimizer):
         self.nesterov, self.dampening = bool(nesterov), float(dampening)
 
     def _update(self, i, w, g, state):
+        if (self.momentum and not self.nesterov and self.dampening == 0
+                and self.weight_decay == 0 and isinstance(w, np.ndarray)
+                and "momentum_buffer" in state and w.flags.c_contiguous
+                and g.flags.c_contiguous):
+            _sgd_momentum_chunked(w, g, state["momentum_buffer"], self.momentum, self.lr)
+            return
         d = g if self.weight_decay == 0 else g + self.weight_decay * w
         if self.momentum:
             buf = state.get("momentum_buffer")
@@ -145,6 +152,25 @@ class SGD(Optimizer):
                 buf += (1 - self.dampening) * d
             d = d + self.momentum * buf if self.nesterov else buf
         w -= w.dtype.type(self.lr) * d
+
+
+_CHUNK = 1 << 15  # elements per cache-resident chunk of the fused SGD update
+
+
+def _sgd_momentum_chunked(w, g, buf, momentum, lr):
+    """``buf = momentum * buf + g; w -= lr * buf`` (PyTorch's rule, dampening 0) in chunks
+    that stay in cache, so each array is read and written once instead of once per numpy
+    operation (the update of ResNet-18 took ~15 % of a batch-2 step before)."""
+    wf, gf, bf = w.reshape(-1), g.reshape(-1), buf.reshape(-1)
+    tmp = np.empty(min(_CHUNK, wf.size), w.dtype)
+    m, a = w.dtype.type(momentum), w.dtype.type(lr)
+    for k in range(0, wf.size, _CHUNK):
+        b = bf[k:k + _CHUNK]
+        t = tmp[:b.size]
+        b *= m
+        b += gf[k:k + _CHUNK]
+        np.multiply(b, a, out=t)
+        wf[k:k + _CHUNK] -= t
 
 
 class Adam(Optimizer):

@@ -57,10 +57,16 @@ ids = ["N{}C{}F{}_{}x{}_k{}_s{}_p{}_d{}".format(*c[:5], *("{}{}".format(*t) for 
        for c in CASES]
 
 
-@pytest.fixture(params=["default", "phase", "classic", "nofold"])
+@pytest.fixture(params=["default", "phase", "classic", "nofold", "flip", "noflip",
+                                        "noswap"])
 def layout(request, monkeypatch):
-    """Force each im2col layout / sample folding choice so every code path is checked."""
-    if request.param == "phase":
+    """Force each im2col layout / sample folding / backward-data choice so every code path
+    is checked."""
+    if request.param in ("flip", "noflip"):
+        monkeypatch.setattr(C, "_flip_pays", lambda g: request.param == "flip")
+    elif request.param == "noswap":
+        monkeypatch.setattr(C, "_BWF_SWAP_MAX_F", 0)
+    elif request.param == "phase":
         monkeypatch.setattr(C, "_EXT_MAX_WASTE", 1e9)
     elif request.param == "classic":
         monkeypatch.setattr(C, "_EXT_MAX_WASTE", -1.0)

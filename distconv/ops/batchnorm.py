@@ -14,13 +14,18 @@ between the steps::
     dx = bn_backward_apply(dy, x, mean, invstd, weight, sdy, sdyx, n)
     dweight, dbias = bn_param_grads(sdy, sdyx, invstd)
 
-Numerics: per-channel sums are accumulated in float64 (like PyTorch's CPU
-kernels, whose accumulation type for float is double): the elements are
-converted in chunks of samples, and each x*x of a float32 value is exact in
-float64, so ``sumsq/n - mean**2`` loses nothing to float32 rounding; the
-variance is clamped at 0. Statistics are returned as float64 arrays of
-shape (C,); the apply functions accept any float dtype for them and compute
-in the dtype of x.
+Numerics: every (sample, channel) row of H*W values is summed in the dtype of
+x by NumPy's pairwise summation (error ~ eps * log2(H*W), not eps * H*W), and
+the row sums are added in float64. The sum of squares is taken about each
+row's own mean and turned back into a raw sum of squares in float64
+(``sum x^2 = sum (x - m)^2 + 2 m sum x - L m^2``), so ``sumsq/n - mean**2``
+does not lose the variance to float32 cancellation when mean >> std; the
+variance is clamped at 0. Statistics are returned as float64 arrays of shape
+(C,); the apply functions accept any float dtype for them and compute in the
+dtype of x. The element-wise passes run over chunks of (sample, channel) rows small enough
+to stay in cache, with the per-channel factors folded first (forward: ``x *
+a + b`` with ``a = invstd * weight``, ``b = bias - mean * a``, as PyTorch's CPU
+kernel), so each array crosses memory about once per function.
 """
 from __future__ import annotations
 
@@ -29,11 +34,12 @@ import numpy as np
 from ..backend import array_module
 from ._gpu import gpu_impl
 
-_CHUNK_ELEMS = 1 << 20  # elements converted to float64 at a time
+_CHUNK_ELEMS = 1 << 16  # elements per cache-resident chunk of (sample, channel) rows
 
 
-def _chunks(n, per_sample):
-    step = max(1, _CHUNK_ELEMS // max(1, per_sample))
+def _chunks(n, per_row):
+    """(r0, r1) ranges of at most ~_CHUNK_ELEMS elements (at least one row each)."""
+    step = max(1, _CHUNK_ELEMS // max(1, per_row))
     for n0 in range(0, n, step):
         yield n0, min(n, n0 + step)
 
@@ -41,6 +47,13 @@ def _chunks(n, per_sample):
 def _check4(x, name="x"):
     if x.ndim != 4:
         raise ValueError(f"{name} must be NCHW (4-D), got shape {tuple(x.shape)}")
+
+
+def _row_factor(xp, v, dtype, n):
+    """A per-channel vector (C,) repeated for n samples: (n*C, 1) of ``dtype``, so that row r
+    of the (N*C, H*W) view of an NCHW array gets channel r % C's factor."""
+    v = xp.asarray(v).astype(dtype, copy=False).reshape(-1)
+    return xp.tile(v, n).reshape(-1, 1)
 
 
 def bn_local_stats(x):
@@ -55,17 +68,20 @@ def bn_local_stats(x):
     xp = array_module(x)
     N, C, H, W = (int(s) for s in x.shape)
     L = H * W
-    s = xp.zeros((C,), np.float64)
-    ss = xp.zeros((C,), np.float64)
     if N * C * L == 0:
-        return s, ss, N * L
-    x3 = x.reshape(N, C, L)
-    for n0, n1 in _chunks(N, C * L):
-        c = x3[n0:n1].astype(np.float64)
-        s += c.sum(axis=(0, 2))
-        c *= c
-        ss += c.sum(axis=(0, 2))
-    return s, ss, N * L
+        return xp.zeros((C,), np.float64), xp.zeros((C,), np.float64), N * L
+    xr = x.reshape(N * C, L)
+    rows = xr.sum(axis=1)                       # (N*C,) pairwise, in x's dtype
+    m = rows / x.dtype.type(L)                  # each row's own mean (rounded)
+    m2 = xp.empty((N * C,), x.dtype)
+    for r0, r1 in _chunks(N * C, L):
+        d = xr[r0:r1] - m[r0:r1, None]
+        d *= d
+        d.sum(axis=1, out=m2[r0:r1])
+    r64 = rows.astype(np.float64)
+    m64 = m.astype(np.float64)
+    ss = (m2.astype(np.float64) + m64 * (2.0 * r64 - L * m64)).reshape(N, C).sum(axis=0)
+    return r64.reshape(N, C).sum(axis=0), ss, N * L
 
 
 def bn_mean_invstd(sum_, sumsq, count, eps=1e-5):
@@ -106,16 +122,23 @@ def bn_forward_apply(x, mean, invstd, weight=None, bias=None):
     _check4(x)
     xp = array_module(x)
     dt = x.dtype
-    scale = xp.asarray(invstd, dtype=np.float64)
+    a = xp.asarray(invstd, dtype=np.float64)
     if weight is not None:
-        scale = scale * xp.asarray(weight, dtype=np.float64)
+        a = a * xp.asarray(weight, dtype=np.float64)
+    b = -xp.asarray(mean, dtype=np.float64) * a
+    if bias is not None:
+        b = b + xp.asarray(bias, dtype=np.float64)
     y = xp.empty_like(x)
     if y.size == 0:
         return y
-    xp.subtract(x, _bc(xp, mean, dt), out=y)
-    y *= _bc(xp, scale, dt)
-    if bias is not None:
-        y += _bc(xp, bias, dt)
+    N, C, H, W = (int(s) for s in x.shape)
+    L = H * W
+    a, b = _row_factor(xp, a, dt, N), _row_factor(xp, b, dt, N)
+    xr, yr = x.reshape(N * C, L), y.reshape(N * C, L)
+    for r0, r1 in _chunks(N * C, L):
+        yc = yr[r0:r1]
+        xp.multiply(xr[r0:r1], a[r0:r1], out=yc)
+        yc += b[r0:r1]
     return y
 
 
@@ -133,21 +156,19 @@ def bn_backward_reduce(dy, x, mean):
     xp = array_module(x)
     N, C, H, W = (int(s) for s in x.shape)
     L = H * W
-    sdy = xp.zeros((C,), np.float64)
-    sdyx = xp.zeros((C,), np.float64)
     if N * C * L == 0:
-        return sdy, sdyx
-    m = xp.asarray(mean, dtype=np.float64).reshape(1, C, 1)
-    x3 = x.reshape(N, C, L)
-    d3 = dy.reshape(N, C, L)
-    for n0, n1 in _chunks(N, C * L):
-        d = d3[n0:n1].astype(np.float64)
-        sdy += d.sum(axis=(0, 2))
-        c = x3[n0:n1].astype(np.float64)
-        c -= m
-        c *= d
-        sdyx += c.sum(axis=(0, 2))
-    return sdy, sdyx
+        return xp.zeros((C,), np.float64), xp.zeros((C,), np.float64)
+    m = _row_factor(xp, xp.asarray(mean, dtype=np.float64), x.dtype, N)
+    xr = x.reshape(N * C, L)
+    dr = dy.reshape(N * C, L)
+    sdy = dr.sum(axis=1)                        # (N*C,) pairwise, in dy's dtype
+    rows = xp.empty((N * C,), x.dtype)
+    for r0, r1 in _chunks(N * C, L):
+        t = xr[r0:r1] - m[r0:r1]
+        t *= dr[r0:r1]
+        t.sum(axis=1, out=rows[r0:r1])
+    return (sdy.astype(np.float64).reshape(N, C).sum(axis=0),
+            rows.astype(np.float64).reshape(N, C).sum(axis=0))
 
 
 def bn_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
@@ -173,11 +194,17 @@ def bn_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
     scale = inv if weight is None else inv * xp.asarray(weight, dtype=np.float64)
     k = xp.asarray(sum_dy_xmu, dtype=np.float64) * inv * inv / count
     mdy = xp.asarray(sum_dy, dtype=np.float64) / count
-    xp.subtract(x, _bc(xp, mean, dt), out=dx)
-    dx *= _bc(xp, -k, dt)
-    dx += dy
-    dx -= _bc(xp, mdy, dt)
-    dx *= _bc(xp, scale, dt)
+    N, C, H, W = (int(s) for s in x.shape)
+    L = H * W
+    m, nk, mdy, scale = (_row_factor(xp, v, dt, N) for v in (mean, -k, mdy, scale))
+    xr, dr, dxr = x.reshape(N * C, L), dy.reshape(N * C, L), dx.reshape(N * C, L)
+    for r0, r1 in _chunks(N * C, L):
+        dc = dxr[r0:r1]
+        xp.subtract(xr[r0:r1], m[r0:r1], out=dc)
+        dc *= nk[r0:r1]
+        dc += dr[r0:r1]
+        dc -= mdy[r0:r1]
+        dc *= scale[r0:r1]
     return dx
 
 

@@ -21,11 +21,15 @@ How the work is laid out (B = a block of samples, K = C*kh*kw, L = Ho*Wo):
   a cached (K, B*L) buffer.
 * small images (L below ~``_TARGET_COLS``) fold several samples into the GEMM's
   column dimension so the BLAS gets a wide matrix.
-* backward-data, stride 1: a forward convolution of ``dy`` with the flipped,
-  transposed kernel (no col2im). Other strides: ``W^T @ dy`` then col2im by
-  kh*kw strided slice additions (a loop over kernel offsets only).
+* backward-data, stride 1, when the batch is large enough for the weight copy
+  to pay (``_flip_pays``): a forward convolution of ``dy`` with the flipped,
+  transposed kernel (no col2im). Otherwise: ``W^T @ dy`` (W^T a transposed
+  view, no copy) then col2im by kh*kw strided slice additions (a loop over
+  kernel offsets only).
 * backward-filter: ``dy(F, B*L) @ cols(K, B*L)^T`` accumulated over sample
-  blocks, using the same column buffers as forward.
+  blocks, using the same column buffers as forward; with few filters
+  (``_BWF_SWAP_MAX_F``) as ``dw^T = cols @ dy^T``, the orientation OpenBLAS
+  runs faster when F is the short side.
 
 Scratch buffers come from :mod:`distconv.ops._workspace` and are reused
 between calls with the same shapes.
@@ -42,6 +46,8 @@ from ._gpu import gpu_impl
 _TARGET_COLS = 4096
 # Use the phase (extended-row) im2col when its wasted width (Wq - Wo) / Wo is at most this.
 _EXT_MAX_WASTE = 0.05
+# Backward-filter computes dw^T = cols @ dy^T when F is at most this (see there).
+_BWF_SWAP_MAX_F = 128
 
 
 def _pair(v, name):
@@ -304,19 +310,19 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
     w2 = _weight2d(xp, w, dt, F, g.K)
     if g.pointwise and g.sh == 1 and g.sw == 1:
         dx = xp.empty((N, C, H, W), dt)
-        _gemm_batched(xp, xp.ascontiguousarray(w2.T), xp.ascontiguousarray(dy).reshape(N, F, g.L),
+        _gemm_batched(xp, w2.T, xp.ascontiguousarray(dy).reshape(N, F, g.L),
                       dx.reshape(N, C, H * W), "bwd1x1")
         return dx
     if g.pointwise:
         dx = xp.zeros((N, C, H, W), dt)
         tmp = _workspace.get(xp, "bwd1x1s", (N, C, g.Ho, g.Wo), dt)
-        _gemm_batched(xp, xp.ascontiguousarray(w2.T), xp.ascontiguousarray(dy).reshape(N, F, g.L),
+        _gemm_batched(xp, w2.T, xp.ascontiguousarray(dy).reshape(N, F, g.L),
                       tmp.reshape(N, C, g.L), "bwd1x1")
         dx[:, :, :g.sh * (g.Ho - 1) + 1:g.sh, :g.sw * (g.Wo - 1) + 1:g.sw] = tmp
         return dx
     qh = g.dh * (g.kh - 1) - g.ph
     qw = g.dw * (g.kw - 1) - g.pw
-    if g.sh == 1 and g.sw == 1 and qh >= 0 and qw >= 0:
+    if g.sh == 1 and g.sw == 1 and qh >= 0 and qw >= 0 and _flip_pays(g):
         # full correlation of dy with the flipped kernel, channels swapped
         wt = xp.ascontiguousarray(xp.asarray(w, dtype=dt).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
         return conv2d_forward(dy, wt, (1, 1), (qh, qw), (g.dh, g.dw))
@@ -325,11 +331,23 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
     return _backward_data_col2im(xp, g, dy, w2)
 
 
+def _flip_pays(g):
+    """Whether backward-data of a stride-1 conv should run as a forward conv of dy with the
+    flipped, transposed kernel (an im2col of dy, but a strided F*C*kh*kw weight copy every
+    call) rather than ``W^T @ dy`` + col2im (no weight copy, kh*kw run additions).
+    Per-element costs fitted to ResNet-18 layers at batch 2 and 32 on the dev VM (one
+    thread): weight copy ~1.7, im2col run copy ~0.3, col2im addition ~1 (relative units);
+    the weight copy dominates when the batch is small (ResNet's late stages at batch 2
+    spent ~15 % of the step on it)."""
+    cols = g.N * g.Lc
+    return 1.7 * g.F * g.C + 0.3 * g.F * cols < 1.0 * g.C * cols
+
+
 def _backward_data_phase(xp, g, dy, w2):
     """col2im in the phase layout: W^T @ dy, then kh*kw contiguous-run additions."""
     dt = dy.dtype
     dx = xp.empty((g.N, g.C, g.H, g.W), dt)
-    w2t = xp.ascontiguousarray(w2.T)  # (K, F)
+    w2t = w2.T  # (K, F), a transposed view: the BLAS reads it as is, no copy
     for n0 in range(0, g.N, g.B):
         n1 = min(g.N, n0 + g.B)
         b = n1 - n0
@@ -353,7 +371,7 @@ def _backward_data_phase(xp, g, dy, w2):
 def _backward_data_col2im(xp, g, dy, w2):
     dt = dy.dtype
     dx = xp.empty((g.N, g.C, g.H, g.W), dt)
-    w2t = xp.ascontiguousarray(w2.T)  # (K, F)
+    w2t = w2.T  # (K, F), a transposed view: the BLAS reads it as is, no copy
     B = _block_size(g.N, g.L)
     dyc = xp.ascontiguousarray(dy)
     for n0 in range(0, g.N, B):
@@ -401,9 +419,10 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(g.N, F, g.Ho, g.Wo)} "
                          f"for x {tuple(x.shape)} and kernel {(kh, kw)}")
     dt = x.dtype
-    dw = xp.zeros((F, g.C, kh, kw), dt)
-    if dw.size == 0 or g.N == 0 or g.L == 0:
-        return dw
+    if F * g.K == 0 or g.N == 0 or g.L == 0:
+        return xp.zeros((F, g.C, kh, kw), dt)
+    # every path below writes all of dw with its first GEMM (or the final transpose)
+    dw = xp.empty((F, g.C, kh, kw), dt)
     dw2 = dw.reshape(F, g.K)
     dyc = xp.ascontiguousarray(dy)
     if dyc.dtype != dt:
@@ -433,6 +452,12 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
                 xp.copyto(xb, xs[n0:n1].transpose(1, 0, 2))
                 acc(db.reshape(F, b * g.L), xb.reshape(g.C, b * g.L).T)
         return dw
+    # Few filters: dw^T (K, F) = cols @ dy^T, the orientation OpenBLAS runs faster when F is
+    # the short side (64 filters: ~1.3x on the dev VM), then one weight-sized transpose.
+    swap = F <= _BWF_SWAP_MAX_F and g.N * g.Lc >= 8 * F
+    if swap:
+        dwt = _workspace.get(xp, "bwf_dwt", (g.K, F), dt)
+        first_t = True
     for n0 in range(0, g.N, g.B):
         n1 = min(g.N, n0 + g.B)
         b = n1 - n0
@@ -446,5 +471,13 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
             db = _workspace.get(xp, "bwf_dy", (F, b, g.L), dt)
             xp.copyto(db, dyc[n0:n1].reshape(b, F, g.L).transpose(1, 0, 2))
             db = db.reshape(F, b * g.L)
-        acc(db, cols.T)
+        if not swap:
+            acc(db, cols.T)
+        elif first_t:
+            xp.matmul(cols, db.T, out=dwt)
+            first_t = False
+        else:
+            dwt += xp.matmul(cols, db.T)
+    if swap:
+        xp.copyto(dw2, dwt.T)
     return dw
