@@ -51,6 +51,14 @@ BETA_SCALE = 100.0
 RESTART_EVERY = 500
 
 
+#: share of proposals that are FlexFlow's propagation moves (``FFModel::rewrite`` with
+#: ``use_propagation``: copy a layer's configuration to its neighbours), and the chance
+#: that a propagation goes on to the next layer (FlexFlow's PROPAGATION_CHANCE = 0.25 and
+#: CONTINUE_PROPAGATION_CHANCE = 0.75)
+PROPAGATE = 0.25
+CONTINUE_PROPAGATION = 0.75
+
+
 def default_choices(cost) -> dict:
     """``{layer name: [configuration, ...]}``: every strategy of ``cost`` for every
     strategic layer, in the graph's order."""
@@ -58,8 +66,8 @@ def default_choices(cost) -> dict:
 
 
 def mcmc(cost, start_plan, budget_s, beta=None, seed=0, memory_limit=None,
-         max_proposals=None, restart_every=RESTART_EVERY, overlap=True, choices=None,
-         objective=None) -> dict:
+         max_proposals=None, restart_every=RESTART_EVERY, propagate=PROPAGATE, overlap=True,
+         choices=None, objective=None) -> dict:
     """Refine ``start_plan`` by Metropolis–Hastings on the simulated step time.
 
     ``cost``: a :class:`.costs.CostModel`; ``start_plan``: ``{layer name: (s, c, f)}``
@@ -113,21 +121,38 @@ def mcmc(cost, start_plan, budget_s, beta=None, seed=0, memory_limit=None,
             cur, cur_t = dict(best), best_t
             since = 0
             restarts += 1
-        # the move: one layer, one other configuration of it (both uniform)
-        name = names[rng.randrange(len(names))]
-        opts = choices[name]
-        i_old = where[name].get(cur[name], -1)
-        if i_old < 0:  # a start configuration not among the choices: any listed one
-            k = rng.randrange(len(opts))
-        else:  # any other one
-            k = rng.randrange(len(opts) - 1)
-            k += k >= i_old
-        new = opts[k]
-        u = rng.random()  # drawn for every proposal: the stream does not depend on timing
-        props += 1
-        since += 1
         nxt = dict(cur)
-        nxt[name] = new
+        if rng.random() < propagate:
+            # FlexFlow's propagation move: copy one layer's configuration to its
+            # neighbour in execution order, and on with CONTINUE_PROPAGATION each step
+            i = rng.randrange(len(names))
+            step = 1 if rng.random() < 0.5 else -1
+            conf = cur[names[i]]
+            while True:
+                i += step
+                if not 0 <= i < len(names) or conf not in where[names[i]]:
+                    break
+                nxt[names[i]] = conf
+                if rng.random() >= CONTINUE_PROPAGATION:
+                    break
+            props += 1
+            since += 1
+            if nxt == cur:  # nothing changed: not a move (counted, never simulated)
+                continue
+        else:
+            # the move: one layer, one other configuration of it (both uniform)
+            name = names[rng.randrange(len(names))]
+            opts = choices[name]
+            i_old = where[name].get(cur[name], -1)
+            if i_old < 0:  # a start configuration not among the choices: any listed one
+                k = rng.randrange(len(opts))
+            else:  # any other one
+                k = rng.randrange(len(opts) - 1)
+                k += k >= i_old
+            nxt[name] = opts[k]
+            props += 1
+            since += 1
+        u = rng.random()
         t, m = objective(nxt)
         if memory_limit is not None and m > memory_limit:
             over += 1
