@@ -263,3 +263,24 @@ def test_single_layer_greedy_moves_alone_stay_stuck_on_the_fixture():
     assert stuck["gain"] == 1.0 and stuck["plan"] == start
     assert mcmc(cost, start, math.inf, beta=math.inf, seed=0,
                 max_proposals=1000)["gain"] > 1.001
+
+
+def test_mcmc_study_small_part(tmp_path):
+    """scripts/mcmc_study.py's brute-force part on the smallest cases (K**L <= 100): no
+    plan beats the brute force, MCMC is never behind the DP it starts from."""
+    import importlib.util
+    import json
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "mcmc_study", os.path.join(root, "scripts", "mcmc_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "s.json"
+    assert study.main(["--skip-paper", "--max-plans", "100", "--small-proposals", "100",
+                       "--seeds", "0", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["small"] and not doc["paper"]
+    for c in doc["small"]:
+        assert c["plans"] <= 100 and c["additive_dp_equals_brute_force"]
+        assert c["dp_gap"] >= -1e-12
+        assert all(-1e-12 <= g <= c["dp_gap"] + 1e-12 for g in c["mcmc_gap"])
