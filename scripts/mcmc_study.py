@@ -108,6 +108,35 @@ def paper_case(model_name, P, N, machine, budget, seeds, restart_every):
             "setup_s": plan_s}
 
 
+def seed_sweep(cases, machine, seeds, proposals):
+    """MCMC from the DP's plan with a fixed number of proposals (deterministic) for each
+    seed: how reliably and how late a chain finds a faster plan."""
+    from distconv import models
+    from distconv.planner.costs import CostModel
+    from distconv.planner.graph import trace
+    from distconv.planner.mcmc import mcmc
+    from distconv.planner.search import search
+    from distconv.planner.simulate import simulate
+    out = []
+    lim = machine.memory_per_rank
+    for name, P, N in cases:
+        model = models.MODELS[name](1000, in_channels=3, stem="imagenet")
+        cost = CostModel(trace(model, (N, 3, 224, 224)), P, machine)
+        start = min((search(cost, lim, sync_weight=w)["plan"] for w in WEIGHTS),
+                    key=lambda q: simulate(cost, q)["step_s"])
+        for seed in seeds:
+            r = mcmc(cost, start, math.inf, seed=seed, memory_limit=lim,
+                     max_proposals=proposals)
+            rec = {"model": name, "ranks": P, "batch": N, "seed": seed,
+                   "start_step_s": r["start_step_s"], "step_s": r["step_s"],
+                   "best_at": r["best_at"], "proposals": r["proposals"],
+                   "accepted": r["accepted"], "seconds": r["seconds"]}
+            out.append(rec)
+            print(f"sweep {name} P={P} N={N} seed {seed}: {r['start_step_s'] * 1e3:.3f} -> "
+                  f"{r['step_s'] * 1e3:.3f} ms (best at proposal {r['best_at']})", flush=True)
+    return out
+
+
 # ------------------------------------------------------------------ small graphs
 def small_graphs():
     import distconv.nn as nn
@@ -238,6 +267,11 @@ def main(argv=None):
     ap.add_argument("--ranks", default="16,64,256")
     ap.add_argument("--skip-paper", action="store_true")
     ap.add_argument("--skip-small", action="store_true")
+    ap.add_argument("--sweep", default="", metavar="MODEL:P:N,...",
+                    help="also run MCMC from the DP's plan for each of these cases with "
+                         "--sweep-proposals proposals per seed of --sweep-seeds")
+    ap.add_argument("--sweep-seeds", default="0,1,2,3,4")
+    ap.add_argument("--sweep-proposals", type=int, default=30000)
     args = ap.parse_args(argv)
     from distconv.planner.machine import Machine, builtin
     from distconv.planner.mcmc import RESTART_EVERY
@@ -251,7 +285,7 @@ def main(argv=None):
                timespec="seconds"),
            "host": platform.node(), "commit": _git("rev-parse", "HEAD"),
            "planner_dirty": bool(_git("status", "--porcelain", "distconv/planner")),
-           "paper": [], "small": []}
+           "paper": [], "small": [], "seed_sweep": []}
     if not args.skip_paper:
         for name in args.models.split(","):
             for P in (int(x) for x in args.ranks.split(",")):
@@ -262,6 +296,13 @@ def main(argv=None):
                           f"{c['start']} {c['start_step_s'] * 1e3:.3f}, MCMC "
                           f"{c['mcmc_best_step_s'] * 1e3:.3f} ({c['mcmc_vs_dp']:.4f}x DP),"
                           f" proposals {[r['proposals'] for r in c['runs']]}", flush=True)
+    if args.sweep:
+        cases = [(m, int(p), int(n)) for m, p, n in
+                 (c.split(":") for c in args.sweep.split(",") if c)]
+        res["config"]["sweep_proposals"] = args.sweep_proposals
+        res["seed_sweep"] = seed_sweep(cases, machine,
+                                       [int(x) for x in args.sweep_seeds.split(",")],
+                                       args.sweep_proposals)
     if not args.skip_small:
         machines = small_machines()
         for gname, build in small_graphs().items():
