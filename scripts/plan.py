@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "uniform plan (one strategy for all layers) by more than this "
                         "fraction (default 0.05: distconv.planner.auto.MIN_GAIN; 0 returns "
                         "the fastest predicted plan)")
+    p.add_argument("--mcmc-budget", type=float, default=0.0, metavar="S",
+                   help="seconds of MCMC refinement (FlexFlow's search: change one "
+                        "layer's strategy at a time, accept by the simulated step) started "
+                        "from the fastest searched or uniform plan; the plan it finds is "
+                        "returned if the simulator rates it faster (default 0: off)")
+    p.add_argument("--mcmc-seed", type=int, default=0, metavar="K",
+                   help="random seed of the MCMC chain (default 0)")
     p.add_argument("--out", default="plan.json", metavar="PLAN.json",
                    help="plan file to write (default plan.json)")
     p.add_argument("--quiet", action="store_true",
@@ -311,6 +318,19 @@ def usage_text(result) -> str:
     return "; ".join(parts)
 
 
+def mcmc_vs_dp(result) -> str:
+    """What MCMC found against the DP search's plan (the fastest of its sync weights)."""
+    run = result["mcmc"]
+    dp = [t for n, t in (result.get("candidates") or {}).items() if n.startswith("search")]
+    line = (f"MCMC {run['seconds']:.2f} s ({run['proposals']} proposals, {run['accepted']} "
+            f"accepted): {run['step_s'] * 1e3:.3f} ms")
+    if dp:
+        line += (f" vs DP search {min(dp) * 1e3:.3f} ms "
+                 f"({100 * (1 - run['step_s'] / min(dp)):+.2f}%)")
+    line += f"; started from {run['start']} ({run['start_step_s'] * 1e3:.3f} ms)"
+    return line + ("; MCMC plan returned" if run.get("returned") else "")
+
+
 def _fmt_bytes(n) -> str:
     if n is None:
         return "unlimited"
@@ -353,7 +373,8 @@ def run_plan(args, machine, source: str, ranks: int, say) -> dict:
                               item=4 if args.dtype == "float32" else 8,
                               optimizer=args.optimizer, overlap=not args.no_overlap,
                               min_gain=(auto.MIN_GAIN if args.min_gain is None
-                                        else args.min_gain))
+                                        else args.min_gain),
+                              mcmc_budget=args.mcmc_budget, mcmc_seed=args.mcmc_seed)
     except ValueError as e:
         msg = str(e)
         if msg.startswith("no plan fits") or "memory limit" in msg:
@@ -380,6 +401,8 @@ def run_plan(args, machine, source: str, ranks: int, say) -> dict:
     say(f"strategies used: {usage_text(res)}")
     if "chosen" in res:  # planners that compare several candidate plans say which won
         say(f"chosen candidate: {res['chosen']}")
+    if res.get("mcmc") is not None:
+        say(mcmc_vs_dp(res))
     order = res["graph"].strategic_names()  # the plan file lists layers in model order
     res["plan"] = {n: res["plan"][n] for n in order}
     pred = auto.predicted_summary(res)
@@ -423,6 +446,8 @@ def main(argv=None) -> int:
     if args.ranks is None and not calibrate:
         parser.error("--ranks: expected the target rank count (an integer >= 1), got "
                      "nothing; it is required unless --machine calibrate")
+    if not args.mcmc_budget >= 0.0 or args.mcmc_budget == float("inf"):
+        parser.error(f"--mcmc-budget: expected seconds >= 0 (0: off), got {args.mcmc_budget}")
     if args.min_gain is not None and not 0.0 <= args.min_gain < 10.0:
         parser.error(f"--min-gain: expected a fraction >= 0 (e.g. 0.05), got {args.min_gain}")
     ranks = args.ranks if args.ranks is not None else size

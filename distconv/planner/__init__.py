@@ -11,6 +11,7 @@
 * :mod:`.costs`: per-layer time and memory of a strategy.
 * :mod:`.search`: dynamic programming over the layer chain and residual blocks.
 * :mod:`.simulate`: step-time replay of a plan with overlapped gradient allreduces.
+* :mod:`.mcmc`: FlexFlow's MCMC refinement of a plan by the simulated step time.
 """
 
 from .auto import plan_model  # noqa: F401,E402

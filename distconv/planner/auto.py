@@ -50,7 +50,8 @@ MEASURE_ROUNDS = 3
 
 
 def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit=None,
-               item=4, optimizer="sgd", overlap=True, min_gain=MIN_GAIN) -> dict:
+               item=4, optimizer="sgd", overlap=True, min_gain=MIN_GAIN, mcmc_budget=0.0,
+               mcmc_seed=0) -> dict:
     """Search the best per-layer plan of ``model`` for a global input ``in_shape``
     ``(N, C, H, W)`` on ``nranks`` ranks.
 
@@ -70,6 +71,14 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     parallelism wins ties). ``memory_limit=float("inf")`` means no limit even where the
     machine has one.
 
+    ``mcmc_budget`` > 0: seconds of MCMC refinement (:func:`.mcmc.mcmc`, FlexFlow's
+    search, seed ``mcmc_seed``) started from the fastest candidate; the plan it finds
+    joins the candidates as ``"mcmc"`` (returned if it is the fastest of all and, when
+    a uniform plan is within ``min_gain`` of it, only if it beats that by more), and
+    ``"mcmc"`` in the result holds the run: ``{"start": the start candidate's name,
+    "start_step_s", "step_s", "gain", "proposals", "accepted", "improved", "seconds",
+    "beta", "seed", "plan", "returned": whether the result is its plan}``.
+
     Returns ``{"plan": {name: (s, c, f)}, "predicted": simulate(plan), "dp":
     simulate(data parallel), "chosen": which candidate won ("data parallel", "search
     (allreduce weight w)" or "uniform sample=s,channel=c,filter=f"), "candidates":
@@ -77,7 +86,8 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     other uniform plan), "fastest" and "fastest_plan": the fastest candidate's name and
     plan (the result with ``min_gain=0``), "min_gain",
     "speedup_vs_dp": dp step / plan step, "search_s": seconds of all searches,
-    "memory_limit", "cost": the CostModel, "graph": the traced Graph}``.
+    "memory_limit", "cost": the CostModel, "graph": the traced Graph, "mcmc": the MCMC
+    run or None}``.
     """
     graph = trace(model, tuple(int(s) for s in in_shape))
     cost = CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer)
@@ -114,6 +124,15 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     def step(x):
         return x[2]["step_s"]
     best = min(sims + uniform, key=step)
+    run = None
+    if mcmc_budget and mcmc_budget > 0:
+        from .mcmc import mcmc
+        run = mcmc(cost, best[1], float(mcmc_budget), seed=mcmc_seed,
+                   memory_limit=memory_limit, overlap=overlap)
+        run["start"] = best[0]
+        if run["step_s"] < step(best):
+            best = ("mcmc", run["plan"], simulate(cost, run["plan"], overlap=overlap))
+            sims.append(best)
     name, plan, pred = best
     if uniform:
         u = min(uniform, key=step)
@@ -123,7 +142,9 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     others = [x for x in uniform if x[0] != "data parallel"]
     if others:
         shown.append(min(others, key=step))
-    return {"plan": plan, "predicted": pred, "dp": dp, "chosen": name,
+    if run is not None:
+        run["returned"] = name == "mcmc"
+    return {"plan": plan, "predicted": pred, "dp": dp, "chosen": name, "mcmc": run,
             "candidates": {n: sm["step_s"] for n, _, sm in shown},
             "fastest": best[0], "fastest_plan": best[1], "min_gain": float(min_gain),
             "speedup_vs_dp": dp["step_s"] / pred["step_s"] if pred["step_s"] > 0 else 1.0,
@@ -144,7 +165,28 @@ def predicted_summary(result: dict) -> dict:
     out["min_gain"] = result.get("min_gain")
     out["candidates"] = result.get("candidates")
     out["memory_limit"] = result["memory_limit"]
+    run = result.get("mcmc")
+    if run is not None:
+        out["mcmc"] = {k: run.get(k) for k in MCMC_KEYS}
     return out
+
+
+#: the fields of an MCMC run (:func:`.mcmc.mcmc`) kept in a plan file
+MCMC_KEYS = ("start", "start_step_s", "step_s", "gain", "returned", "proposals", "accepted",
+             "improved", "rejected_memory", "restarts", "best_at", "seconds", "beta", "seed")
+
+
+def mcmc_text(run) -> str:
+    """One line: what MCMC found against the plan it started from."""
+    head = (f"MCMC ({run['seconds']:.2f} s, {run['proposals']} proposals, "
+            f"{run['accepted']} accepted, seed {run['seed']}) from {run['start']} "
+            f"({run['start_step_s'] * 1e3:.3f} ms): ")
+    if run["step_s"] < run["start_step_s"]:
+        return head + (f"found {run['step_s'] * 1e3:.3f} ms, "
+                       f"{100 * (1 - run['step_s'] / run['start_step_s']):.2f}% faster; "
+                       + ("returned" if run.get("returned") else
+                          "not returned (a uniform plan is within min_gain of it)"))
+    return head + "found nothing faster"
 
 
 def _shape(s):
@@ -194,4 +236,6 @@ def format_table(result: dict) -> str:
                      f"{100 * result.get('min_gain', 0):.0f}% (what the model resolves)")
     elif ch:
         lines.append(f"chosen: {ch}")
+    if result.get("mcmc") is not None:
+        lines.append(mcmc_text(result["mcmc"]))
     return "\n".join(lines)
