@@ -1,15 +1,18 @@
 """The layer graph a planner works on: leaf layers with global shapes, in execution order,
-with residual blocks kept as units.
+with forks and their joins kept as blocks (a series-parallel graph).
 
 :func:`trace` runs the model's own forward once, shapes only
 (:func:`distconv.trace.shape_only_step`, no data, no MPI), and reads the graph from the
 autograd nodes it recorded, so any Module can be planned -- a ResNet, an
-``nn.Residual``, a model of the user's own -- as long as its graph is a chain of layers
-and residual blocks (``a + b`` of two branches from one fork, optionally followed by an
-elementwise layer such as the ReLU after a ResNet join). The result is a :class:`Graph`:
-a list of items, each a :class:`LayerSpec` or a :class:`BlockSpec` (``body`` layers:
-the first operand of the add; ``shortcut`` layers: the second, empty for the identity;
-``join``: the layer after the add, or None). Layer names are those of
+``nn.Residual``, an Inception-style model, a model of the user's own -- as long as its
+graph is series-parallel: a chain of layers and blocks, a block being a fork whose
+branches (each a chain of layers and nested blocks, or the identity) all meet at one
+join, ``a + b`` (two branches; optionally followed by an elementwise layer such as the
+ReLU after a ResNet join) or ``dc.cat`` along the channels (any number of branches). The
+result is a :class:`Graph`: a list of items, each a :class:`LayerSpec` or a
+:class:`BlockSpec` (``branches`` in the join's operand order, ``op`` ``"add"`` or
+``"cat"``; for an add ``body`` is the first operand and ``shortcut`` the second, empty
+for the identity; ``join``: the layer after the add, or None). Layer names are those of
 ``named_modules()``, so a plan ``{name: strategy}`` applies with
 ``model.set_strategy(plan)``.
 

@@ -1,16 +1,27 @@
-"""Exact dynamic programming over the layer chain and residual blocks (OptCNN-style).
+"""Exact dynamic programming over series-parallel layer graphs (OptCNN-style).
 
 State: the strategy ``(s, c, f)`` of the last strategic layer, i.e. the activation
 distribution the tensor is in (non-strategic layers — ReLU, pools, Flatten — run on it
 as it comes). For a strategic layer the cost of strategy ``b`` given state ``a`` is the
 layer's time with its input in ``a``'s distribution (the redistribution both ways is
 part of it), so a chain is a sequence of ``K x K`` cost matrices combined with min-plus
-products. A residual block is eliminated into one ``K x K`` matrix (entry state ->
-exit state) by the min-plus product of its body and, for the shortcut, the min-plus
-product of its downsample layers and of the join (shortcut state -> body state), as
-OptCNN eliminates nodes. The result is the optimum of the additive cost (forward +
-backward compute + communication + gradient allreduce + optimizer step) over all
-per-layer plans; :func:`brute_force` checks it on small chains in the tests.
+products (OptCNN's node elimination). A block (a fork whose branches meet at one join,
+:class:`.graph.BlockSpec`) is eliminated into one ``K x K`` matrix from the entry state
+to the join's output state, which is the first branch's exit state (an add's output
+lies as its first operand, a cat's takes the first input's splits): every branch,
+nested blocks included, reduces to an entry x exit matrix; each other branch's exit
+state is minimised together with its move into the join -- the residual join (shortcut
+state -> body state), or for a cat that branch's share of the concatenation, its
+output moved into its slot of the output layout and the gradient back
+(:meth:`.costs.CostModel.cat_part`) -- and the branches' entry x join-output matrices
+are summed (edge elimination). Branches run one after another on all ranks, so their
+costs add. The input is placed where the graph's first strategic layer computes (that
+layer's matrix is restricted to its diagonal). The result is the optimum of the
+additive cost (forward + backward compute + communication + gradient allreduce +
+optimizer step) over all per-layer plans; :func:`brute_force` checks it on small graphs
+in the tests (``tests/test_planner_search.py``, ``tests/test_planner_dag.py``). A graph
+that is not series-parallel is rejected by :func:`.graph.trace` with a ``GraphError``
+naming the node.
 
 Memory: each (layer, strategy) also has a per-rank memory; :func:`search` minimises
 ``time + lam * memory`` and bisects ``lam`` until the plan's memory fits
