@@ -339,18 +339,21 @@ def test_cat_shares_add_up_to_the_real_cat(p):
             assert (got_f, got_b) == (want_f, want_b), (p, trial, r, sts, chans)
 
 
-def test_cat_share_cost_depends_only_on_layouts():
-    """The cache by physical layout returns what a fresh cost model computes."""
+@pytest.mark.parametrize("p", [4, 32])
+def test_cat_share_cost_depends_only_on_layouts(p):
+    """The cache (by physical layout; beyond 16 ranks, where rank 0 alone is evaluated, by
+    rank 0's blocks) returns what a fresh cost model computes for that very pair."""
     from distconv.planner.events import act_dist
     g = graph_of("inc")
     blk = g.items[3]
-    shared = _cost(g, 4)
+    shared = _cost(g, p)
     for i in range(4):
         for a in shared.strategies:
             for b in shared.strategies:
                 got = shared.cat_part(blk, i, act_dist(a), act_dist(b))
-                want = _cost(g, 4).cat_part(blk, i, act_dist(a), act_dist(b))
-                assert (got.time, got.bytes) == (want.time, want.bytes)
+                want = _cost(g, p).cat_part(blk, i, act_dist(a), act_dist(b))
+                assert (got.time, got.bytes, got.compute_fwd) == \
+                    (want.time, want.bytes, want.compute_fwd)
 
 
 # ------------------------------------------------------------------------ plan_model
