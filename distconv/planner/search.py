@@ -80,8 +80,16 @@ class _Seq:
             self.total = self.chain.total
         else:
             self.chain = None
+            self.tail = tail
             self.total = np.full((K, K), INF)
             self.total[np.arange(K), np.arange(K)] = tail
+
+    def then(self, M):
+        """``(total (min,+) M, argmin)``; the identity needs no product (exit = entry)."""
+        if self.chain is not None:
+            return _minplus(self.total, M)
+        K = len(M)
+        return self.tail[:, None] + M, np.repeat(np.arange(K)[:, None], M.shape[1], axis=1)
 
     def readback(self, a, b, plan, S):
         if self.chain is None:
@@ -257,13 +265,13 @@ class Planner:
         args = [None]
         if it.op == "add":
             J = self._join_matrix(it.out_shape, outs[0], outs[1])
-            S, arg = _minplus(reds[1].total, J)
+            S, arg = reds[1].then(J)
             total += S
             args.append(arg)
         else:
             total += np.diag(self._cat_matrix(it, 0, outs[0], outs[0]))[None, :]
             for i in range(1, len(it.branches)):
-                S, arg = _minplus(reds[i].total, self._cat_matrix(it, i, outs[i], outs[0]))
+                S, arg = reds[i].then(self._cat_matrix(it, i, outs[i], outs[0]))
                 total += S
                 args.append(arg)
         out = outs[0]
