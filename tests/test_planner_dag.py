@@ -95,8 +95,22 @@ def _models():
             h = self.stem(x)
             return self.fc(self.flat(self.gap(self.mix(dc.cat([h, self.a(h), self.b(h)])))))
 
+    class CatFirst(nn.Module):
+        """The graph starts with a fork: cat([maxpool(x), 1x1(x), 3x3(x)]) -> gap -> fc. The
+        input is placed where the first strategic layer (in branch 1) computes."""
+
+        def __init__(self):
+            super().__init__()
+            self.p = nn.MaxPool2d(3, stride=1, padding=1)
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(3, 2, 3, padding=1)
+            self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(9, 2))
+
+        def forward(self, x):
+            return self.fc(dc.cat([self.p(x), self.a(x), self.b(x)]))
+
     return {"inc": (Inc, (5, 3, 7, 6)), "small": (Small, (5, 3, 5, 7)),
-            "idfirst": (IdFirst, (4, 3, 5, 5))}
+            "idfirst": (IdFirst, (4, 3, 5, 5)), "catfirst": (CatFirst, (5, 3, 5, 5))}
 
 
 def model(which):
@@ -190,7 +204,7 @@ def _check_plan(graph, plan, p):
 
 
 DP_CASES = [("inc", 2), ("inc", 3), ("small", 2), ("small", 3), ("small", 4),
-            ("idfirst", 2), ("idfirst", 3), ("idfirst", 4)]
+            ("idfirst", 2), ("idfirst", 3), ("idfirst", 4), ("catfirst", 2), ("catfirst", 4)]
 
 
 @pytest.mark.parametrize("which,p", DP_CASES)
@@ -239,7 +253,8 @@ def _perturb(monkeypatch, scale, seed):
 
 
 @pytest.mark.parametrize("which,p,seed", [("inc", 2, 1), ("inc", 3, 2), ("small", 4, 3),
-                                          ("small", 3, 4), ("idfirst", 4, 5)])
+                                          ("small", 3, 4), ("idfirst", 4, 5),
+                                          ("catfirst", 4, 6)])
 def test_random_penalties_dp_still_equals_brute_force(monkeypatch, which, p, seed):
     from distconv.planner.search import Planner
     g = graph_of(which)
@@ -435,7 +450,7 @@ def run_and_compare(comm, which, plan_index, perturb=None):
 
 
 @pytest.mark.parametrize("plan_index", range(7))
-@pytest.mark.parametrize("which", ["inc", "small", "idfirst"])
+@pytest.mark.parametrize("which", ["inc", "small", "idfirst", "catfirst"])
 @mpi(ranks=(2, 3, 4), timeout=180)
 def test_predicted_bytes_equal_measured(comm, which, plan_index):
     import distconv as dc
