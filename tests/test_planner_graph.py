@@ -1,10 +1,11 @@
 """The planner's graph comes from the model's own recorded forward (shape-only).
 
-Any Module made of chains and two-branch residual adds can be planned: a user-defined
-model with ``nn.Residual`` and a hand-written ``f(x) + x`` is traced into blocks and
-``dc.planner.plan_model`` returns a plan that applies with ``set_strategy``. Graphs the
-search cannot reduce (a ``dc.cat`` join, a module called twice) get an error naming the
-node.
+Any Module whose graph is series-parallel (chains, and forks whose branches meet at one
+add or cat) can be planned: a user-defined model with ``nn.Residual`` and a hand-written
+``f(x) + x`` is traced into blocks and ``dc.planner.plan_model`` returns a plan that
+applies with ``set_strategy`` (cat blocks: tests/test_planner_dag.py). Graphs the search
+cannot reduce (a value used past its fork's join, a cat of one value twice, a module
+called twice) get an error naming the node.
 """
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def test_trace_leaves_the_model_unchanged():
     del dc
 
 
-def test_cat_and_shared_modules_are_named_errors():
+def test_irreducible_graphs_and_shared_modules_are_named_errors():
     import distconv as dc
     from distconv import nn
     from distconv.planner.graph import GraphError, trace
@@ -52,20 +53,36 @@ def test_cat_and_shared_modules_are_named_errors():
     with pytest.raises(GraphError, match=r"module 'shared' is called more than once"):
         trace(_dag_model(1), (2, 3, 6, 6))
 
-    class Cat(nn.Module):
+    class Bridge(nn.Module):
+        """Not series-parallel: ``a`` feeds both the add and the cat after it."""
+
         def __init__(self):
             super().__init__()
             self.a = nn.Conv2d(3, 2, 1)
-            self.b = nn.Conv2d(3, 3, 1)
-            self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2))
+            self.b = nn.Conv2d(3, 2, 1)
+            self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
 
         def forward(self, x):
-            return self.fc(dc.cat([self.a(x), self.b(x)]))
+            a = self.a(x)
+            return self.fc(dc.cat([a + self.b(x), a]))
 
-    with pytest.raises(GraphError, match=r"cannot reduce the graph"):
-        trace(Cat(), (2, 3, 4, 4))
-    with pytest.raises(GraphError, match=r"cannot reduce the graph"):
-        dc.planner.plan_model(Cat(), (2, 3, 4, 4), 2)
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 2, 1)
+            self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+        def forward(self, x):
+            a = self.a(x)
+            return self.fc(dc.cat([a, a]))
+
+    with pytest.raises(GraphError, match=r"cannot reduce the graph at 'a'"):
+        trace(Bridge(), (2, 3, 4, 4))
+    with pytest.raises(GraphError, match=r"cannot reduce the graph at 'a'"):
+        dc.planner.plan_model(Bridge(), (2, 3, 4, 4), 2)
+    with pytest.raises(GraphError, match=r"the 'cat' node .* only an add or a cat of "
+                                         r"distinct branches"):
+        trace(Twice(), (2, 3, 4, 4))
 
 
 def test_model_whose_forward_fails_shape_only_names_the_layer():

@@ -1,7 +1,7 @@
 """Automatic per-layer strategy planner (OptCNN / FlexFlow style).
 
-* :mod:`.graph`: the layer graph of a model (shapes, kinds, residual blocks), read from
-  the autograd nodes of one shape-only forward of the model itself.
+* :mod:`.graph`: the layer graph of a model (shapes, kinds, forks joined by add or cat),
+  read from the autograd nodes of one shape-only forward of the model itself.
 * :mod:`.compute`: seconds of the local kernels of a layer's shard, measured on
   this machine and cached, or from a fitted model.
 * :mod:`.machine`: a machine description (ranks per node, link α–β per collective,
@@ -9,7 +9,8 @@
 * :mod:`.commmodel`: bytes each rank sends and receives in every collective that a
   layer under a strategy issues (an exact mirror of :mod:`distconv.tensor`).
 * :mod:`.costs`: per-layer time and memory of a strategy.
-* :mod:`.search`: dynamic programming over the layer chain and residual blocks.
+* :mod:`.search`: dynamic programming over series-parallel graphs (node and edge
+  elimination).
 * :mod:`.simulate`: step-time replay of a plan with overlapped gradient allreduces.
 * :mod:`.mcmc`: FlexFlow's MCMC refinement of a plan by the simulated step time.
 """

@@ -273,6 +273,55 @@ class CostModel:
             self._cache[pkey] = c
         return c
 
+    def cat_part(self, block, i, src_dist, first_dist) -> LayerCost:
+        """Cost of branch ``i``'s share of the cat join of ``block``: its output (in
+        ``src_dist``) moved into its slot of the concatenated output, which lies as
+        ``dc.cat`` lays it (the splits of the first branch's output, ``first_dist``), and
+        the adjoint (the output gradient cut back into ``src_dist``) in backward.
+
+        The bytes are those the real code sends: :func:`cat_events` runs
+        ``tensor.exchange`` shape-only, as ``dc.cat`` calls it but for this branch alone
+        (per rank, the bytes of ``dc.cat``'s one alltoallv are the sum of its branches'),
+        on every rank up to 16 and on rank 0 beyond, and the machine's alpha-beta model
+        prices them. ``dc.cat`` issues ONE alltoallv for all branches: pricing each
+        branch's share as its own collective (so that the search can add them up, branch
+        by branch) counts an alpha and the Python of a redistribution per branch instead
+        of one. Branch 0's share also carries the join's own Python; each share the local
+        copy of its slot. Cached by the physical layouts of source and output (beyond 16
+        ranks, where rank 0 alone is evaluated, by rank 0's two blocks).
+        """
+        from ..functional import _cat_layout
+        shapes, offs = block.branch_shapes(), block.offsets()
+        src_shape, out_shape = shapes[i], tuple(block.out_shape)
+        out_dist = _cat_layout(_HasDist(first_dist), 1, out_shape)
+        if self.ranks == [0] and _partition(src_dist) and _partition(out_dist):
+            # only rank 0 is evaluated: an exchange between layouts that each hold every
+            # element once sends what rank 0 holds outside its target block and receives
+            # what its target block lacks, so rank 0's two blocks are the whole key
+            z = [0] * len(src_dist.grid.names)
+            key = ("cat0", src_shape, offs[i], out_shape, i == 0,
+                   src_dist.box(src_shape, z), out_dist.box(out_shape, z))
+        else:
+            key = ("cat", src_shape, offs[i], out_shape, i == 0,
+                   _phys_layout(src_dist, src_shape) or src_dist,
+                   _phys_layout(out_dist, out_shape) or out_dist)
+        got = self._cache.get(key)
+        if got is None:
+            per = self._events(lambda r: cat_events(src_shape, offs[i], out_shape, src_dist,
+                                                    out_dist, self.p, r, self.item))
+            got = LayerCost()
+            got.comm_fwd, b1 = self.events_time([x[0] for x in per])
+            got.comm_bwd, b2 = self.events_time([x[1] for x in per])
+            got.bytes = b1 + b2
+            n = _prod(src_dist.local_shape(src_shape, [0] * len(src_dist.grid.names)))
+            got.compute_fwd = got.compute_bwd = self.compute.add(n)
+            if i == 0:
+                of, ob = self._overhead("join")
+                got.compute_fwd += of
+                got.compute_bwd += ob
+            self._cache[key] = got
+        return dataclasses.replace(got, out_dist=out_dist)
+
     def _compute(self, layer, st, in_dist, c: LayerCost) -> None:
         cm, it = self.compute, self.item
         zero = [0, 0, 0]
@@ -394,3 +443,95 @@ def _compute_kw(machine) -> dict:
     if comp.get("scale") is not None:
         kw["scale"] = float(comp["scale"])
     return kw
+
+
+def _partition(d) -> bool:
+    """``d`` holds every element on exactly one rank (no replicas, nothing pending)."""
+    return not d.pending and all(d.axis_size(a) == 1 for a in d.replica_axes)
+
+
+class _HasDist:
+    """What ``functional._cat_layout`` reads of its first input: the distribution."""
+
+    def __init__(self, d):
+        self.distribution = d
+
+
+_DTYPES = {2: "float16", 4: "float32", 8: "float64"}
+
+
+def cat_events(src_shape, offset, out_shape, src_dist, out_dist, nranks, rank, item=4):
+    """``(forward, backward)`` events on ``rank`` of ``nranks`` of one input's share of
+    ``dc.cat`` (dim 1): ``tensor.exchange`` run shape-only (MetaArray blocks on a
+    :class:`~distconv.shapecomm.ShapeComm` world) moving a tensor of ``src_shape`` in
+    ``src_dist`` into the box at channel ``offset`` of an output of ``out_shape`` in
+    ``out_dist``, then the output gradient back into ``src_dist`` -- the calls ``dc.cat``
+    and its backward make, for this input alone. Distributions may be on the planner's
+    virtual grids; they are rebuilt on the shape-only world's grids (same axis names),
+    which are kept per ``(nranks, rank)`` with their blocks memoised (the exchange asks
+    for every rank's block)."""
+    from ..comm import use_world
+    from ..meta import MetaArray
+    from ..tensor import DistTensor, exchange
+    dtype = _DTYPES.get(int(item))
+    if dtype is None:
+        raise ValueError(f"cat_events: no float dtype of {item} bytes")
+    world, real = _shape_world(int(nranks), int(rank))
+    nd = len(out_shape)
+    zero = (0,) * nd
+    off = (0, int(offset)) + (0,) * (nd - 2)
+    start = len(world.events)
+    with use_world(world):
+        sd, od = real(src_dist), real(out_dist)
+        t = DistTensor(MetaArray(sd.local_shape(src_shape), dtype), sd, tuple(src_shape))
+        exchange([(t, off)], [(od, tuple(out_shape), zero)])
+        mid = len(world.events)
+        dy = DistTensor(MetaArray(od.local_shape(out_shape), dtype), od, tuple(out_shape))
+        exchange([(dy, zero)], [(real(src_dist.replace(pending=())), tuple(src_shape), off)])
+        fwd, bwd = world.events[start:mid], world.events[mid:]
+        del world.events[start:]
+    return fwd, bwd
+
+
+_WORLDS: dict = {}
+
+
+def _shape_world(nranks, rank):
+    """``(ShapeComm world, real)``: ``real(d)`` is ``d`` on that world's grid of the same
+    shape and names, a :class:`Distribution` whose blocks are memoised."""
+    got = _WORLDS.get((nranks, rank))
+    if got is not None:
+        return got
+    from ..distribution import Distribution
+    from ..grid import ProcessGrid
+    from ..shapecomm import ShapeComm
+    world = ShapeComm(nranks, rank)
+    grids: dict = {}
+    dists: dict = {}
+
+    class _Memo(Distribution):
+        __slots__ = ("_boxes",)
+
+        def box(self, global_shape, coords=None):
+            key = (tuple(global_shape), None if coords is None else tuple(coords))
+            b = self._boxes.get(key)
+            if b is None:
+                b = self._boxes[key] = Distribution.box(self, global_shape, coords)
+            return b
+
+    def real(d):
+        key = (tuple(d.grid.shape), tuple(d.grid.names), d.split, d.pending)
+        r = dists.get(key)
+        if r is None:
+            gk = key[:2]
+            g = grids.get(gk)
+            if g is None:
+                g = grids[gk] = ProcessGrid(world, *gk)
+            r = dists[key] = _Memo(g, d.split, d.pending)
+            r._boxes = {}
+        return r
+
+    if len(_WORLDS) > 64:
+        _WORLDS.clear()
+    got = _WORLDS[(nranks, rank)] = (world, real)
+    return got

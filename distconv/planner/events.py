@@ -157,7 +157,8 @@ def _first_strategic(graph):
 def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
     """Events of one training step of ``graph`` under ``plan`` (``{layer name: (s, c, f)}``
     for every strategic layer) on ``rank``: ``{layer name: {"forward", "backward",
-    "sync"}}`` plus ``"(joins)"`` for the residual joins. The input arrives in the first
+    "sync"}}`` plus ``"(joins)"`` for the joins (residual adds, and each branch's share of
+    a cat: :func:`.costs.cat_events`). The input arrives in the first
     strategic layer's activation distribution (as ``DistLoader`` delivers it)."""
     out: dict = {}
     joins = {"forward": [], "backward": [], "sync": []}
@@ -170,8 +171,19 @@ def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
         out[layer.name] = {"forward": f, "backward": b, "sync": s}
         return o
 
-    def join(block, body_dist, short_dist):
-        f, b = join_events(block.out_shape, body_dist, short_dist, rank, item)
+    def join(block, *dists):
+        if block.op == "cat":  # the real dc.cat's exchange, shape-only, branch by branch
+            from ..functional import _cat_layout
+            from .costs import _HasDist, cat_events
+            shapes, offs = block.branch_shapes(), block.offsets()
+            out = _cat_layout(_HasDist(dists[0]), 1, block.out_shape)
+            for i, d in enumerate(dists):
+                f, b = cat_events(shapes[i], offs[i], block.out_shape, d, out,
+                                  d.grid.size, rank, item)
+                joins["forward"] += f
+                joins["backward"] += b
+            return
+        f, b = join_events(block.out_shape, dists[0], dists[1], rank, item)
         joins["forward"] += f
         joins["backward"] += b
 

@@ -1,15 +1,18 @@
 """The layer graph a planner works on: leaf layers with global shapes, in execution order,
-with residual blocks kept as units.
+with forks and their joins kept as blocks (a series-parallel graph).
 
 :func:`trace` runs the model's own forward once, shapes only
 (:func:`distconv.trace.shape_only_step`, no data, no MPI), and reads the graph from the
 autograd nodes it recorded, so any Module can be planned -- a ResNet, an
-``nn.Residual``, a model of the user's own -- as long as its graph is a chain of layers
-and residual blocks (``a + b`` of two branches from one fork, optionally followed by an
-elementwise layer such as the ReLU after a ResNet join). The result is a :class:`Graph`:
-a list of items, each a :class:`LayerSpec` or a :class:`BlockSpec` (``body`` layers:
-the first operand of the add; ``shortcut`` layers: the second, empty for the identity;
-``join``: the layer after the add, or None). Layer names are those of
+``nn.Residual``, an Inception-style model, a model of the user's own -- as long as its
+graph is series-parallel: a chain of layers and blocks, a block being a fork whose
+branches (each a chain of layers and nested blocks, or the identity) all meet at one
+join, ``a + b`` (two branches; optionally followed by an elementwise layer such as the
+ReLU after a ResNet join) or ``dc.cat`` along the channels (any number of branches). The
+result is a :class:`Graph`: a list of items, each a :class:`LayerSpec` or a
+:class:`BlockSpec` (``branches`` in the join's operand order, ``op`` ``"add"`` or
+``"cat"``; for an add ``body`` is the first operand and ``shortcut`` the second, empty
+for the identity; ``join``: the layer after the add, or None). Layer names are those of
 ``named_modules()``, so a plan ``{name: strategy}`` applies with
 ``model.set_strategy(plan)``.
 
@@ -69,14 +72,76 @@ class LayerSpec:
 
 @dataclass
 class BlockSpec:
-    """A residual block: ``join(body(x) + shortcut(x))``; ``shortcut == []`` is the identity."""
+    """A fork and its join: ``n >= 2`` branches from one input, joined by ``op``.
+
+    ``branches``: one list per operand of the join, in operand order, each a sequence of
+    :class:`LayerSpec` and nested :class:`BlockSpec` (``[]``: the identity, the fork's
+    input itself). ``op``: ``"add"`` (``a + b``, two branches: a residual block,
+    ``join(body(x) + shortcut(x))``) or ``"cat"`` (``dc.cat(branches, dim=1)``: Inception's
+    towers). ``join``: the elementwise layer right after an add (a ResNet's ReLU), or None.
+    ``body`` and ``shortcut`` are the two branches of an add.
+    """
 
     name: str
-    body: list
-    shortcut: list
+    branches: list
     join: LayerSpec
     in_shape: tuple
     out_shape: tuple
+    op: str = "add"
+
+    @property
+    def body(self) -> list:
+        return self.branches[0]
+
+    @property
+    def shortcut(self) -> list:
+        return self.branches[1] if self.op == "add" else []
+
+    def layers(self):
+        """Every LayerSpec inside, in execution order (branch by branch, then the join)."""
+        for br in self.branches:
+            yield from _layers(br)
+        if self.join is not None:
+            yield self.join
+
+    def offsets(self) -> list:
+        """Where each branch's output starts on dim 1 of a cat's output (0s for an add)."""
+        if self.op != "cat":
+            return [0] * len(self.branches)
+        out, acc = [], 0
+        for c in self.branch_shapes():
+            out.append(acc)
+            acc += c[1]
+        return out
+
+    def branch_shapes(self) -> list:
+        """The output shape of each branch (the fork's input shape for the identity)."""
+        return [tuple(br[-1].out_shape) if br else tuple(self.in_shape)
+                for br in self.branches]
+
+
+def _layers(items):
+    for it in items:
+        if isinstance(it, BlockSpec):
+            yield from it.layers()
+        else:
+            yield it
+
+
+def _traverse(items, dist, layer_fn, join_fn):
+    for it in items:
+        if isinstance(it, BlockSpec):
+            outs = [_traverse(br, dist, layer_fn, join_fn) for br in it.branches]
+            join_fn(it, *outs)
+            dist = outs[0]
+            if it.op == "cat":
+                from ..distribution import Distribution
+                dist = Distribution(dist.grid, dist.split)  # dc.cat: first input's splits
+            if it.join is not None:
+                dist = layer_fn(it.join, dist)
+        else:
+            dist = layer_fn(it, dist)
+    return dist
 
 
 @dataclass
@@ -85,35 +150,27 @@ class Graph:
     in_shape: tuple
 
     def layers(self):
-        """Every LayerSpec in execution order (block bodies, then shortcuts, then joins)."""
-        for it in self.items:
-            if isinstance(it, BlockSpec):
-                yield from it.body
-                yield from it.shortcut
-                if it.join is not None:
-                    yield it.join
-            else:
-                yield it
+        """Every LayerSpec in execution order (each block's branches in operand order --
+        body, then shortcut -- then its join)."""
+        yield from _layers(self.items)
+
+    def blocks(self):
+        """Every BlockSpec, nested ones included, outer before inner."""
+        def rec(items):
+            for it in items:
+                if isinstance(it, BlockSpec):
+                    yield it
+                    for br in it.branches:
+                        yield from rec(br)
+        yield from rec(self.items)
 
     def traverse(self, dist, layer_fn, join_fn):
         """Run through the graph in execution order, threading the input distribution:
         ``layer_fn(layer, in_dist) -> out_dist`` for every layer and ``join_fn(block,
-        body_dist, shortcut_dist)`` at each residual join (before the ReLU after it).
+        *branch_dists)`` at each join (before the ReLU after an add) with the output
+        distribution of every branch (``body_dist, shortcut_dist`` for a residual add).
         Returns the distribution of the output."""
-        for it in self.items:
-            if isinstance(it, BlockSpec):
-                x = dist
-                for layer in it.body:
-                    dist = layer_fn(layer, dist)
-                sd = x
-                for layer in it.shortcut:
-                    sd = layer_fn(layer, sd)
-                join_fn(it, dist, sd)
-                if it.join is not None:
-                    dist = layer_fn(it.join, dist)
-            else:
-                dist = layer_fn(it, dist)
-        return dist
+        return _traverse(self.items, dist, layer_fn, join_fn)
 
     def strategic_names(self) -> list:
         return [layer.name for layer in self.layers() if layer.strategic]
@@ -174,7 +231,8 @@ _SKIP = ("redistribute",)  # recorded moves: the planner chooses every layout it
 
 
 def _node_graph(model, in_shape):
-    """Forward nodes of a shape-only run: ``[(kind, module, name, input indices)]``."""
+    """Forward nodes of a shape-only run: ``[(kind, module, name, input indices, output
+    shape)]``."""
     from ..strategy import Strategy
     from ..trace import graph_of, shape_only_step
     names = {}
@@ -194,9 +252,13 @@ def _node_graph(model, in_shape):
 def trace(model, in_shape) -> Graph:
     """The :class:`Graph` of ``model`` for a global input of shape ``in_shape``.
 
-    ``GraphError`` (a ValueError) names the node where the graph stops being a chain of
-    layers and two-branch residual blocks (e.g. a ``dc.cat`` join or a module called
-    twice, which the search does not handle yet)."""
+    The recorded nodes are read as a series-parallel graph: a chain of layers and blocks,
+    a block being a fork whose branches (chains of layers and nested blocks, or the
+    identity) all meet at one ``add`` (two operands) or ``cat`` (along dim 1) node -- the
+    fork's immediate post-dominator. ``GraphError`` (a ValueError) names the node where
+    the graph stops being one (e.g. a join fed by two forks, a value used after the join
+    of its fork, a cat along another dim) or a module called twice (the planner gives
+    each module one strategy)."""
     in_shape = tuple(int(s) for s in in_shape)
     nodes = _node_graph(model, in_shape)
     # a recorded move passes its input through: map it to what it moved
@@ -219,96 +281,166 @@ def trace(model, in_shape) -> Graph:
                                  f"planner gives each module one strategy and cannot plan a "
                                  f"shared module yet")
             seen_modules[id(m)] = i
-    shapes = {-1: in_shape}
-    specs = {}
-
-    def spec(i):
-        kind, m, name, ins, traced = nodes[i]
-        if m is None:
-            raise GraphError(f"the planner cannot reduce the graph at the {kind!r} node "
-                             f"(#{i}) : only chains and two-branch residual adds are "
-                             f"supported by its search")
-        try:
-            sp = _leaf(name, m, shapes[inputs[i][0]])
-        except ValueError as e:
-            raise GraphError(str(e)) from None
-        if tuple(sp.out_shape) != traced:
-            raise GraphError(f"the planner cannot price layer {name!r} ({m!r}) yet: it "
-                             f"would assume output shape {sp.out_shape}, the layer gives "
-                             f"{traced}")
-        shapes[i] = sp.out_shape
-        specs[i] = sp
-        return sp
-
-    items, cur, pos = [], -1, 0
-    while pos < len(keep):
-        i = keep[pos]
-        cons = consumers.get(cur, [])
-        if len(cons) == 1 and inputs[i] == [cur]:
-            items.append(spec(i))
-            cur, pos = i, pos + 1
-            continue
-        if len(cons) != 2:
-            raise GraphError(f"the planner cannot reduce the graph at {nodes[i][2]!r}: its "
-                             f"input feeds {len(cons)} consumers (only chains and "
-                             f"two-branch residual adds are supported)")
-        blk, cur, pos = _parse_block(nodes, keep, pos, cur, inputs, consumers, spec, shapes)
-        items.append(blk)
+    p = _Parser(nodes, keep, inputs, consumers, in_shape)
+    items, _ = p.chain(-1, None)
+    missing = [i for i in keep if i not in p.specs and i not in p.joins]
+    if missing:
+        raise GraphError(f"the planner cannot reduce the graph at {p.label(missing[0])}: it "
+                         f"is not on the way from the input to the output")
     if not any(it.strategic for it in Graph(items, in_shape).layers()):
         raise ValueError("the model has no conv, linear or batch-norm layer to plan")
     return Graph(items, in_shape)
 
 
-def _chain_back(start, fork, inputs, consumers):
-    """Node indices from just after ``fork`` to ``start`` (a single-input, single-consumer
-    chain), or None if the path is not such a chain."""
-    out = []
-    j = start
-    while j != fork:
-        if j == -1 or len(inputs[j]) != 1 or len(consumers.get(j, [])) != 1:
-            return None
-        out.append(j)
-        j = inputs[j][0]
-    return out[::-1]
+class _Parser:
+    """Series-parallel decomposition of the recorded forward nodes (see :func:`trace`)."""
+
+    def __init__(self, nodes, keep, inputs, consumers, in_shape):
+        self.nodes, self.keep, self.inputs, self.consumers = nodes, keep, inputs, consumers
+        self.shapes = {-1: in_shape}
+        self.specs: dict = {}
+        self.joins: set = set()
+        self.ipdom = self._post_dominators()
+
+    def label(self, i):
+        kind, m, name = self.nodes[i][:3]
+        return f"the {kind!r} node (#{i})" if m is None else f"{name!r}"
+
+    def _post_dominators(self):
+        """Immediate post-dominator of every value (``None``: the model's output, or a value
+        whose paths end elsewhere too). Recording order is a topological order."""
+        order = [-1] + list(self.keep)
+        pos = {v: k for k, v in enumerate(order)}
+        out = order[-1]
+        END = len(order)  # a virtual exit after the output and after any dead end
+        ip = {}
+        for v in reversed(order):
+            succ = self.consumers.get(v, [])
+            if v == out or not succ:
+                ip[v] = END
+                continue
+            cur = pos[succ[0]]
+            for s in succ[1:]:
+                b = pos[s]
+                while cur != b:
+                    if cur < b:
+                        cur = ip[order[cur]]
+                    else:
+                        b = ip[order[b]]
+            ip[v] = cur
+        return {v: (None if k == END else order[k]) for v, k in ip.items()}
+
+    def spec(self, i, src):
+        kind, m, name = self.nodes[i][:3]
+        if m is None or self.inputs[i] != [src]:
+            raise GraphError(f"the planner cannot reduce the graph at {self.label(i)}: it is "
+                             f"a join of values that do not come from one fork (only chains "
+                             f"and forks whose branches all meet at one add or cat are "
+                             f"supported by its search)")
+        try:
+            sp = _leaf(name, m, self.shapes[src])
+        except ValueError as e:
+            raise GraphError(str(e)) from None
+        traced = tuple(self.nodes[i][4])
+        if tuple(sp.out_shape) != traced:
+            raise GraphError(f"the planner cannot price layer {name!r} ({m!r}) yet: it "
+                             f"would assume output shape {sp.out_shape}, the layer gives "
+                             f"{traced}")
+        self.shapes[i] = sp.out_shape
+        self.specs[i] = sp
+        return sp
+
+    def chain(self, v, stop):
+        """Items computed from value ``v`` until the value that feeds ``stop`` (the join of
+        the enclosing fork; None: the model's output). Returns ``(items, that value)``."""
+        items = []
+        while True:
+            succ = self.consumers.get(v, [])
+            if not succ:
+                if stop is not None:
+                    raise GraphError(f"the planner cannot reduce the graph at "
+                                     f"{self.label(v)}: its output is never used")
+                return items, v
+            if len(succ) == 1:
+                n = succ[0]
+                if n == stop:
+                    return items, v
+                items.append(self.spec(n, v))
+                v = n
+                continue
+            blk, v = self.block(v, stop)
+            items.append(blk)
+
+    def block(self, f, stop):
+        """The block forking at value ``f``; returns ``(BlockSpec, its output value)``."""
+        J = self.ipdom.get(f)
+        fork = "the model's input" if f == -1 else self.label(f)
+        if J is None or J == stop or (stop is not None and J > stop):
+            raise GraphError(f"the planner cannot reduce the graph at {fork}: it feeds "
+                             f"{len(self.consumers[f])} consumers whose paths do not all "
+                             f"meet at one join before its enclosing block ends")
+        kind = self.nodes[J][0]
+        ops = self.inputs[J]
+        if kind not in ("add", "cat") or len(set(ops)) != len(ops):
+            raise GraphError(f"the planner cannot reduce the graph at {self.label(J)}: the "
+                             f"branches from {fork} meet there, but only an add or a cat of "
+                             f"distinct branches can join a fork")
+        if kind == "add" and len(ops) != 2:
+            raise GraphError(f"{self.label(J)}: an add of {len(ops)} operands")
+        branches, tails = [], []
+        for c in self.consumers[f]:
+            if c == J:
+                branches.append([])
+                tails.append(f)
+                continue
+            first = self.spec(c, f)
+            items, tail = self.chain(c, J)
+            branches.append([first] + items)
+            tails.append(tail)
+        if sorted(tails) != sorted(ops):
+            raise GraphError(f"the planner cannot reduce the graph at {self.label(J)}: its "
+                             f"operands are not the branches of the fork at {fork}")
+        order = [tails.index(o) for o in ops]
+        branches = [branches[k] for k in order]
+        bshapes = [tuple(self.shapes[o]) for o in ops]
+        in_shape = tuple(self.shapes[f])
+        if kind == "add":
+            if bshapes[0] != bshapes[1]:
+                raise GraphError(f"{self.label(J)}: operand shapes {bshapes[0]} and "
+                                 f"{bshapes[1]} differ")
+            out_shape = bshapes[0]
+        else:
+            out_shape = _cat_shape(self, J, bshapes)
+        self.shapes[J] = out_shape
+        self.joins.add(J)
+        join, out = None, J
+        succ = self.consumers.get(J, [])
+        if kind == "add" and len(succ) == 1 and succ[0] != stop:
+            j = succ[0]
+            m = self.nodes[j][1]
+            if (m is not None and self.inputs[j] == [J]
+                    and _leaf(self.nodes[j][2], m, out_shape).kind == "relu"):
+                join, out = self.spec(j, J), j
+        blk = BlockSpec("", branches, join, in_shape, tuple(out_shape), kind)
+        names = [x.name.split(".") for x in blk.layers()]
+        common = []
+        for parts in zip(*names):
+            if len(set(parts)) != 1:
+                break
+            common.append(parts[0])
+        blk.name = ".".join(common[:min(len(n) for n in names) - 1]) if names else ""
+        return blk, out
 
 
-def _parse_block(nodes, keep, pos, fork, inputs, consumers, spec, shapes):
-    """The residual block that starts at ``keep[pos]`` from ``fork``; returns
-    ``(BlockSpec, its output index, the next position)``."""
-    add = next((k for k in keep[pos:] if nodes[k][0] == "add"), None)
-    if add is None or len(inputs[add]) != 2:
-        raise GraphError(f"the planner cannot reduce the graph at {nodes[keep[pos]][2]!r}: "
-                         f"two branches start here but no residual add joins them")
-    body = _chain_back(inputs[add][0], fork, inputs, consumers)
-    short = _chain_back(inputs[add][1], fork, inputs, consumers)
-    inner = keep[pos:keep.index(add)]
-    if body is None or short is None or sorted(body + short) != sorted(inner):
-        raise GraphError(f"the planner cannot reduce the graph at the add node (#{add}): its "
-                         f"operands are not two chains from one fork")
-    if not body:
-        raise GraphError(f"the planner cannot reduce the graph at the add node (#{add}): the "
-                         f"identity is its first operand; write f(x) + x")
-    in_shape = shapes[fork]
-    bspecs = [spec(i) for i in body]
-    sspecs = [spec(i) for i in short]
-    out_shape = bspecs[-1].out_shape
-    if sspecs and tuple(sspecs[-1].out_shape) != tuple(out_shape):
-        raise GraphError(f"{nodes[body[0]][2]}: shortcut shape {sspecs[-1].out_shape} "
-                         f"differs from the body's {out_shape}")
-    shapes[add] = out_shape
-    nxt = keep.index(add) + 1
-    join, out = None, add
-    if nxt < len(keep):
-        j = keep[nxt]
-        m = nodes[j][1]
-        if (m is not None and inputs[j] == [add] and len(consumers.get(add, [])) == 1
-                and _leaf(nodes[j][2], m, out_shape).kind == "relu"):
-            join, out, nxt = spec(j), j, nxt + 1
-    names = [nodes[i][2].split(".") for i in body + short + ([out] if join else [])]
-    common = []
-    for parts in zip(*names):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    name = ".".join(common[:min(len(n) for n in names) - 1])
-    return BlockSpec(name, bspecs, sspecs, join, tuple(in_shape), tuple(out_shape)), out, nxt
+def _cat_shape(parser, J, shapes):
+    """The output shape of the cat node ``J`` of inputs ``shapes``; only dim 1 is planned."""
+    n = parser.nodes[J]
+    want = n[4] if len(n) > 4 else None
+    s0 = list(shapes[0])
+    ok = len(s0) >= 2 and all(len(s) == len(s0) and s[:1] + s[2:] == tuple(s0[:1] + s0[2:])
+                              for s in shapes)
+    out = tuple(s0[:1] + [sum(s[1] for s in shapes)] + s0[2:]) if ok else None
+    if not ok or (want is not None and tuple(want) != out):
+        raise GraphError(f"the planner cannot reduce the graph at {parser.label(J)}: only a "
+                         f"cat along dim 1 (channels) is supported")
+    return out

@@ -1,16 +1,27 @@
-"""Exact dynamic programming over the layer chain and residual blocks (OptCNN-style).
+"""Exact dynamic programming over series-parallel layer graphs (OptCNN-style).
 
 State: the strategy ``(s, c, f)`` of the last strategic layer, i.e. the activation
 distribution the tensor is in (non-strategic layers — ReLU, pools, Flatten — run on it
 as it comes). For a strategic layer the cost of strategy ``b`` given state ``a`` is the
 layer's time with its input in ``a``'s distribution (the redistribution both ways is
 part of it), so a chain is a sequence of ``K x K`` cost matrices combined with min-plus
-products. A residual block is eliminated into one ``K x K`` matrix (entry state ->
-exit state) by the min-plus product of its body and, for the shortcut, the min-plus
-product of its downsample layers and of the join (shortcut state -> body state), as
-OptCNN eliminates nodes. The result is the optimum of the additive cost (forward +
-backward compute + communication + gradient allreduce + optimizer step) over all
-per-layer plans; :func:`brute_force` checks it on small chains in the tests.
+products (OptCNN's node elimination). A block (a fork whose branches meet at one join,
+:class:`.graph.BlockSpec`) is eliminated into one ``K x K`` matrix from the entry state
+to the join's output state, which is the first branch's exit state (an add's output
+lies as its first operand, a cat's takes the first input's splits): every branch,
+nested blocks included, reduces to an entry x exit matrix; each other branch's exit
+state is minimised together with its move into the join -- the residual join (shortcut
+state -> body state), or for a cat that branch's share of the concatenation, its
+output moved into its slot of the output layout and the gradient back
+(:meth:`.costs.CostModel.cat_part`) -- and the branches' entry x join-output matrices
+are summed (edge elimination). Branches run one after another on all ranks, so their
+costs add. The input is placed where the graph's first strategic layer computes (that
+layer's matrix is restricted to its diagonal). The result is the optimum of the
+additive cost (forward + backward compute + communication + gradient allreduce +
+optimizer step) over all per-layer plans; :func:`brute_force` checks it on small graphs
+in the tests (``tests/test_planner_search.py``, ``tests/test_planner_dag.py``). A graph
+that is not series-parallel is rejected by :func:`.graph.trace` with a ``GraphError``
+naming the node.
 
 Memory: each (layer, strategy) also has a per-rank memory; :func:`search` minimises
 ``time + lam * memory`` and bisects ``lam`` until the plan's memory fits
@@ -54,6 +65,56 @@ class _Chain:
             b = int(self.args[k][a, b])
             out.append(b)
         return out[::-1]
+
+
+class _Seq:
+    """A reduced sequence: ``total[a, b]``, the least cost from entry state ``a`` to exit
+    state ``b``; ``steps`` (``("layer", name)`` or ``("block", _Block)``) to read it back.
+    Without steps it is the identity (exit = entry) plus its free layers' costs."""
+
+    def __init__(self, mats, steps, tail, K):
+        self.steps = steps
+        if mats:
+            mats[-1] = mats[-1] + tail[None, :]
+            self.chain = _Chain(mats)
+            self.total = self.chain.total
+        else:
+            self.chain = None
+            self.tail = tail
+            self.total = np.full((K, K), INF)
+            self.total[np.arange(K), np.arange(K)] = tail
+
+    def then(self, M):
+        """``(total (min,+) M, argmin)``; the identity needs no product (exit = entry)."""
+        if self.chain is not None:
+            return _minplus(self.total, M)
+        K = len(M)
+        return self.tail[:, None] + M, np.repeat(np.arange(K)[:, None], M.shape[1], axis=1)
+
+    def readback(self, a, b, plan, S):
+        if self.chain is None:
+            return
+        prev = a
+        for (kind, data), k in zip(self.steps, self.chain.path(a, b)):
+            if kind == "layer":
+                plan[data] = S[k]
+            else:
+                data.readback(prev, k, plan, S)
+            prev = k
+
+
+class _Block:
+    """A reduced fork: ``total[a, j]`` (entry state, join-output state = the first
+    branch's exit state), the branches' reductions and, for the others, the argmin exit
+    state per ``(a, j)``."""
+
+    def __init__(self, spec, reds, args, total):
+        self.spec, self.reds, self.args, self.total = spec, reds, args, total
+
+    def readback(self, a, j, plan, S):
+        self.reds[0].readback(a, j, plan, S)
+        for red, arg in zip(self.reds[1:], self.args[1:]):
+            red.readback(a, int(arg[a, j]), plan, S)
 
 
 def generic_layer_table(cost, layer, in_dists, strategies):
@@ -136,23 +197,90 @@ class Planner:
             return T, Mm, np.zeros((K, K)), np.zeros((K, K))
         return self._combine(self._tables(("join", shape, tuple(bdists), tuple(sdists)), fill))
 
-    def _segment(self, layers, in_dists):
-        """Matrices of a run of layers from states with ``in_dists``; returns
-        (matrices, output dists, [strategic layers])."""
-        mats, names, dists = [], [], list(in_dists)
-        pending_free = np.zeros(self.K)
-        for layer in layers:
-            if layer.strategic:
-                M = self._layer_matrix(layer, dists)
-                M += pending_free[:, None]
-                pending_free = np.zeros(self.K)
-                mats.append(M)
-                names.append(layer.name)
-                dists = [self.cost.layer(layer, st, dists[0]).out_dist for st in self.S]
+    def _cat_matrix(self, block, i, idists, fdists):
+        """``C[e, j]``: branch ``i``'s share of ``block``'s cat with that branch's output in
+        ``idists[e]`` and the first branch's in ``fdists[j]`` (:meth:`.costs.CostModel.
+        cat_part`); for branch 0 (``e`` is ``j``) the diagonal holds it, the rest is INF."""
+        K = self.K
+        shapes = block.branch_shapes()
+
+        def fill():
+            T, Mm = np.full((K, K), INF), np.zeros((K, K))
+            for j in range(K):
+                for e in (range(K) if i else (j,)):
+                    c = self.cost.cat_part(block, i, idists[e], fdists[j])
+                    T[e, j], Mm[e, j] = c.time, c.mem
+            return T, Mm, np.zeros((K, K)), np.zeros((K, K))
+        key = ("cat", shapes[i], block.offsets()[i], tuple(block.out_shape), i == 0,
+               tuple(idists), tuple(fdists))
+        return self._combine(self._tables(key, fill))
+
+    def _strategic(self, layer, dists, pin):
+        """``(matrix, output dists)`` of a strategic layer; ``pin``: the name of the graph's
+        first strategic layer while the input is unplaced (it arrives in that layer's own
+        layout, so only the diagonal is allowed)."""
+        M = self._layer_matrix(layer, dists)
+        if layer.name == pin:
+            D = np.full((self.K, self.K), INF)
+            D[np.arange(self.K), np.arange(self.K)] = np.diag(M)
+            M = D
+        return M, [self.cost.layer(layer, st, dists[0]).out_dist for st in self.S]
+
+    def _free(self, layer, dists):
+        return (self._free_vector(layer, dists),
+                [self.cost.layer(layer, None, d).out_dist for d in dists])
+
+    def _seq(self, items, dists, pin):
+        """Node elimination of a sequence: ``(_Seq, output dists)``."""
+        steps, mats = [], []
+        pending = np.zeros(self.K)
+        for it in items:
+            if isinstance(it, BlockSpec):
+                blk, dists = self._block(it, dists, pin)
+                M, step = blk.total, ("block", blk)
+            elif it.strategic:
+                M, dists = self._strategic(it, dists, pin)
+                step = ("layer", it.name)
             else:
-                pending_free += self._free_vector(layer, dists)
-                dists = [self.cost.layer(layer, None, d).out_dist for d in dists]
-        return mats, names, dists, pending_free
+                v, dists = self._free(it, dists)
+                pending = pending + v
+                continue
+            if pending.any():
+                M = M + pending[:, None]
+                pending = np.zeros(self.K)
+            mats.append(M)
+            steps.append(step)
+        return _Seq(mats, steps, pending, self.K), dists
+
+    def _block(self, it, dists, pin):
+        """Edge elimination of a fork: every branch reduced to an entry x exit matrix, the
+        move into the join folded into each (min over the branch's exit), summed into one
+        entry x join-output matrix. Returns ``(_Block, output dists)``."""
+        reds, outs = [], []
+        for br in it.branches:
+            r, d = self._seq(br, dists, pin)
+            reds.append(r)
+            outs.append(d)
+        total = reds[0].total.copy()
+        args = [None]
+        if it.op == "add":
+            J = self._join_matrix(it.out_shape, outs[0], outs[1])
+            S, arg = reds[1].then(J)
+            total += S
+            args.append(arg)
+        else:
+            total += np.diag(self._cat_matrix(it, 0, outs[0], outs[0]))[None, :]
+            for i in range(1, len(it.branches)):
+                S, arg = reds[i].then(self._cat_matrix(it, i, outs[i], outs[0]))
+                total += S
+                args.append(arg)
+        out = outs[0]
+        if it.op == "cat":
+            out = [self.cost.cat_part(it, 0, d, d).out_dist for d in out]
+        if it.join is not None:
+            v, out = self._free(it.join, out)
+            total += v[None, :]
+        return _Block(it, reds, args, total), out
 
     # ------------------------------------------------------------ search
     def run(self):
@@ -160,76 +288,41 @@ class Planner:
         K = self.K
         graph = self.cost.graph
         V = None  # None: input not yet placed (the first strategic layer picks it)
+        first = next((x.name for x in graph.layers() if x.strategic), None)
         dists = self._dists(len(graph.in_shape))
         trail = []  # (kind, data) to read the plan back
         for it in graph.items:
-            if isinstance(it, BlockSpec):
-                mats, names, bdists, free = self._segment(it.body, dists)
-                if V is None:
-                    # the input arrives in the first body layer's own layout: entry = b0
-                    m0 = np.full((K, K), INF)
-                    m0[np.arange(K), np.arange(K)] = np.diag(mats[0])
-                    mats[0] = m0
-                body = _Chain(mats)
-                Bm = body.total + free[None, :]
-                smats, snames, sdists, sfree = self._segment(it.shortcut, dists)
-                J = self._join_matrix(it.out_shape, bdists, sdists)
-                if smats:
-                    smats[-1] = smats[-1] + sfree[None, :]
-                    short = _Chain(smats + [J])
-                    Sm = short.total
+            if isinstance(it, BlockSpec) or it.strategic:
+                pin = first if V is None else None
+                if isinstance(it, BlockSpec):
+                    blk, odists = self._block(it, dists, pin)
+                    M, step = blk.total, ("block", blk)
                 else:
-                    short = None
-                    Sm = J + sfree[:, None]  # identity: shortcut state = entry state
-                total = Bm + Sm
-                if it.join is not None:
-                    total += self._free_vector(it.join, bdists)[None, :]
+                    M, odists = self._strategic(it, dists, pin)
+                    step = ("layer", it.name)
                 if V is None:
-                    newV, arg = total.min(axis=0), total.argmin(axis=0)
-                else:
-                    S2 = V[:, None] + total
-                    arg = S2.argmin(axis=0)
-                    newV = S2[arg, np.arange(K)]
-                trail.append(("block", (it, names, snames, body, short, arg)))
-                V, dists = newV, bdists
-            elif it.strategic:
-                mats, names, odists, _ = self._segment([it], dists)
-                M = mats[0]
-                if V is None:
-                    newV = np.diag(M).copy()
-                    arg = np.arange(K)
-                else:
-                    S2 = V[:, None] + M
-                    arg = S2.argmin(axis=0)
-                    newV = S2[arg, np.arange(K)]
-                trail.append(("layer", (it.name, arg)))
+                    V = np.zeros(K)  # the pin ties the entry state to the first layer
+                S2 = V[:, None] + M
+                arg = S2.argmin(axis=0)
+                newV = S2[arg, np.arange(K)]
+                trail.append((step, arg))
                 V, dists = newV, odists
             else:
                 if V is None:
                     raise ValueError(f"layer {it.name!r} comes before any conv, linear or "
                                      f"batch-norm layer; the planner cannot place its input")
-                V = V + self._free_vector(it, dists)
-                dists = [self.cost.layer(it, None, d).out_dist for d in dists]
+                v, dists = self._free(it, dists)
+                V = V + v
         state = int(np.argmin(V))
         best = float(V[state])
         plan = {}
-        for kind, data in reversed(trail):
+        for (kind, data), arg in reversed(trail):
+            entry = int(arg[state])
             if kind == "layer":
-                name, arg = data
-                plan[name] = self.S[state]
-                state = int(arg[state])
+                plan[data] = self.S[state]
             else:
-                it, names, snames, body, short, arg = data
-                exit_b = state
-                entry = int(arg[exit_b])
-                path = body.path(entry, exit_b)
-                for n, k in zip(names, path):
-                    plan[n] = self.S[k]
-                if short is not None:
-                    spath = short.path(entry, exit_b)[:-1]  # last is the join's (= exit)
-                    for n, k in zip(snames, spath):
-                        plan[n] = self.S[k]
-                state = entry
+                data.readback(entry, state, plan, self.S)
+            state = entry
         return plan, best
 
 

@@ -1,9 +1,11 @@
 """Step time of a plan: an additive total and a replay with overlapped gradient allreduces.
 
-:func:`walk` lists every layer and residual join of the graph in execution order with its
-:class:`.costs.LayerCost` under ``plan``. :func:`additive_time` sums them (what the search
-minimises). :func:`simulate` replays one training step as FlexFlow's task-graph
-simulator does, with one compute stream and one stream for gradient allreduces:
+:func:`walk` lists every layer and join of the graph in execution order with its
+:class:`.costs.LayerCost` under ``plan`` (a block's branches run one after another on all
+ranks; a cat join is one row per branch, its share of the concatenation).
+:func:`additive_time` sums them (what the search minimises). :func:`simulate` replays
+one training step as FlexFlow's task-graph simulator does, with one compute stream and
+one stream for gradient allreduces:
 
 * forward: each layer's local compute, then its (blocking) collectives, in order;
 * backward, in reverse: compute then blocking collectives; when a layer's backward ends
@@ -31,9 +33,14 @@ def walk(cost, plan: dict) -> list:
         rows.append((layer.name, layer.kind, c, st))
         return c.out_dist
 
-    def join(block, body_dist, short_dist):
+    def join(block, *dists):
+        if block.op == "cat":  # one row per branch: its share of the concatenation
+            for i, d in enumerate(dists):
+                rows.append((f"{block.name}.(cat {i})" if block.name else f"(cat {i})",
+                             "cat", cost.cat_part(block, i, d, dists[0]), None))
+            return
         rows.append((block.name + ".(join)" if block.name else "(join)", "join",
-                     cost.join(block.out_shape, body_dist, short_dist), None))
+                     cost.join(block.out_shape, dists[0], dists[1]), None))
 
     graph.traverse(dist, one, join)
     return rows
