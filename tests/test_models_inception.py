@@ -83,6 +83,27 @@ def test_inception_small_matches_torchvision(comm):
     rep.assert_ok(comm)
 
 
+@mpi(ranks=(2,), timeout=240)
+def test_inception_under_the_planners_plan_matches_torchvision(comm):
+    """The planner's own plan (series-parallel search over the cat joins; the fitted
+    compute model, so every rank finds the same plan) trains like torchvision."""
+    import distconv as dc
+    from tests.model_ref import compare_step
+    from tests.torch_ref import Report
+
+    set_default_dtype(np.float64)
+    m, tm = _pair(False, 75, seed=5)
+    res = dc.planner.plan_model(m, (2, 3, 75, 77), comm.size, min_gain=0.0)
+    plan = {k: dc.Strategy(*v) for k, v in res["plan"].items()}
+    assert len({str(v) for v in plan.values()}) >= 1 and len(plan) > 90
+    m.set_strategy(plan)
+    rng = np.random.default_rng(4)
+    rep = Report()
+    compare_step(m, tm, rng.standard_normal((2, 3, 75, 77)), rng.integers(0, K, 2), rep,
+                 f"planner plan ({res['chosen']})", Strategy().activation_distribution(4))
+    rep.assert_ok(comm)
+
+
 def test_inception_full_size_keys_shapes_and_init():
     import torch
 

@@ -72,7 +72,7 @@ def test_train_inception_and_vgg(images, tmp_path):
 def test_train_clear_errors(images, tmp_path):
     r = _train(tmp_path / "auto", *VGG, "--data", images[32], "--strategy", "auto", ok=False)
     assert "--strategy auto is not available for --model vgg16" in r.stdout + r.stderr
-    assert "does not yet price dropout" in r.stdout + r.stderr
+    assert "does not yet price adaptive pooling" in r.stdout + r.stderr
     r = _train(tmp_path / "small", "--model", "inception_v3", "--width-divisor", "16",
                "--data", images[75], ok=False)
     assert "needs images of at least 299x299" in r.stdout + r.stderr

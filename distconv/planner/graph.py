@@ -206,6 +206,10 @@ def _leaf(name, m, shape):
         return LayerSpec(name, "bn", shape, shape, {"affine": m.weight is not None})
     if isinstance(m, nn.ReLU):
         return LayerSpec(name, "relu", shape, shape)
+    if isinstance(m, nn.Dropout):
+        # elementwise on any split, no communication, one saved array of x's size: priced
+        # as a ReLU (its mask hash costs more compute than a ReLU; not measured separately)
+        return LayerSpec(name, "relu", shape, shape, {"layer": "Dropout"})
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
         k, s, p = m.kernel_size, m.stride, m.padding
         ho = (shape[2] + 2 * p[0] - k[0]) // s[0] + 1
