@@ -117,7 +117,7 @@ def test_shape_only_negative_control_other_plan(comm):
     assert _counts(tr.stats) != _counts(real)
 
 
-def test_shape_only_trace_without_mpi4py_at_1024_ranks():
+def test_shape_only_trace_and_plan_model_without_mpi4py():
     code = textwrap.dedent("""
         import sys
         sys.modules["mpi4py"] = None          # mpi4py cannot be imported
@@ -130,6 +130,10 @@ def test_shape_only_trace_without_mpi4py_at_1024_ranks():
         g = graph_of(tr.nodes)
         kinds = sorted({n for n, *_ in g})
         print(tr.logits_shape, tr.stats["total"]["calls"], len(g), kinds)
+        from distconv.planner import machine
+        mf = machine.Machine.load(machine.builtin("v100_ib"))
+        r = dc.planner.plan_model(models.small_resnet(), (16, 1, 8, 8), 8, machine=mf)
+        assert r["predicted"]["step_s"] > 0 and r["plan"]
         assert "mpi4py" not in sys.modules or sys.modules["mpi4py"] is None
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
