@@ -78,7 +78,8 @@ class MetaArray:
 
     @property
     def flags(self):
-        return {"C_CONTIGUOUS": True, "F_CONTIGUOUS": self.ndim <= 1}
+        """Like ``ndarray.flags``: a shape-only array is C-contiguous."""
+        return _Flags(self.ndim <= 1)
 
     def __len__(self):
         if not self.shape:
@@ -231,9 +232,6 @@ class MetaArray:
         return impl(*args, **kwargs)
 
     # ------------------------------------------------------------ operators
-    def _binary(self, other, op):
-        return getattr(np, op)(self, other)
-
     def __add__(self, o): return np.add(self, o)
     def __radd__(self, o): return np.add(o, self)
     def __sub__(self, o): return np.subtract(self, o)
@@ -264,6 +262,17 @@ class MetaArray:
         return self
 
     __iadd__ = __isub__ = __imul__ = __itruediv__ = __ipow__ = __iand__ = __ior__ = _inplace
+
+
+class _Flags:
+    """``flags`` of a MetaArray (attribute and item access, as NumPy's)."""
+
+    def __init__(self, f_contiguous):
+        self.c_contiguous, self.f_contiguous, self.writeable = True, f_contiguous, True
+
+    def __getitem__(self, key):
+        return {"C_CONTIGUOUS": self.c_contiguous, "F_CONTIGUOUS": self.f_contiguous,
+                "WRITEABLE": self.writeable}[key.upper()]
 
 
 def _matmul_shape(a, b):
