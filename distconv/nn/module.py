@@ -17,7 +17,7 @@ segmented allreduce that sums each shard only over its replica group.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict, namedtuple
+from collections import OrderedDict
 
 import numpy as np
 
@@ -310,114 +310,13 @@ class Module:
         key), and keys whose values (or presence) differ raise ``RuntimeError`` naming
         them, so replicas never diverge (``benchmarks/replicas.md`` has the cost).
         """
-        from collections.abc import Mapping
-
-        from ..replicas import differing, digest
-        own = [p.data for p in self.parameters()] + [b for _, b in self.named_buffers()]
-        comm = own[0].grid.comm if own else None
-        agree = comm.agree if comm is not None else _agree_local
-        # every rank checks, then all agree before any collective or change
-        agree(isinstance(state_dict, Mapping),
-              f"Expected state_dict to be dict-like, got {type(state_dict)}.", TypeError)
-        metadata = getattr(state_dict, "_metadata", None)
-        state = OrderedDict(state_dict)
-        missing, unexpected, errors, todo = [], [], [], []
-        try:
-            self._collect_state(state, "", metadata, missing, unexpected, errors, todo)
-        except Exception as e:  # noqa: BLE001 - agreed below, never raised on one rank only
-            errors.append(f"cannot read the state dict: {type(e).__name__}: {e}")
-        if strict:
-            if unexpected:
-                errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(
-                    ", ".join(f'"{k}"' for k in unexpected)))
-            if missing:
-                errors.insert(0, "Missing key(s) in state_dict: {}. ".format(
-                    ", ".join(f'"{k}"' for k in missing)))
-        head = f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
-        agree(not errors, head + "\n\t".join(errors), RuntimeError)
-        # the same values on every rank: one checksum per key of this model (a sentinel
-        # where a rank does not load the key), compared with one allreduce
-        if comm is not None and comm.size > 1 and not _values_agreed:
-            by_key = {k: arr for k, _, _, arr, _ in todo}
-            keys = [f"{mn}.{n}" if mn else n for mn, m in self.named_modules()
-                    for n in list(m._parameters) + list(m._buffers)]   # state-dict order
-            digs = [digest(by_key[k]) if k in by_key else _ABSENT for k in keys]
-            bad = [k for k, d in zip(keys, differing(comm, digs)) if d]
-            if bad:
-                raise RuntimeError(head + "the values of {} differ between ranks (or are "
-                                   "given on some ranks only); every rank must pass the "
-                                   "same state dict, else the replicas of these tensors "
-                                   "would diverge".format(", ".join(f'"{k}"' for k in bad)))
-        xp = get_xp()
-        for _, m, name, arr, cur in todo:
-            new = DistTensor.from_global(xp.asarray(arr), cur.distribution, check=False)
-            if name in m._parameters:
-                m._parameters[name].data = new
-            else:
-                m._buffers[name] = new
-                object.__setattr__(m, name, new)
-        return _IncompatibleKeys(missing, unexpected)
+        from .state import load_state
+        return load_state(self, state_dict, strict, _values_agreed)
 
     def _upgrade_state(self, state, prefix, version) -> None:
         """Rewrite this module's entries of an older state-dict format in ``state`` in
         place (torch's ``_load_from_state_dict`` compatibility code); ``version``: the
         module's ``_metadata`` version or ``None``. The base class has nothing to do."""
-
-    def _collect_state(self, state, prefix, metadata, missing, unexpected, errors, todo):
-        """torch's recursive ``load``: what this module and its children would load.
-
-        Appends to ``missing``/``unexpected``/``errors`` as torch does, and
-        ``(key, module, name, array, current DistTensor)`` to ``todo``.
-        """
-        local_meta = {} if metadata is None else metadata.get(prefix[:-1], {})
-        self._upgrade_state(state, prefix, local_meta.get("version", None))
-        local = OrderedDict()
-        for n, p in self._parameters.items():
-            local[n] = p.data
-        for n, b in self._buffers.items():
-            local[n] = b
-        for name, cur in local.items():
-            key = prefix + name
-            if key not in state:
-                missing.append(key)
-                continue
-            arr = _as_array(state[key])
-            if arr is None:
-                errors.append(f'While copying the parameter named "{key}", expected an '
-                              f"array (NumPy, CuPy or torch.Tensor) from checkpoint but "
-                              f"received {type(state[key])}")
-                continue
-            if len(cur.shape) == 0 and arr.shape == (1,):  # torch 0.3 format of 0-d tensors
-                arr = arr[0]
-            if tuple(arr.shape) != tuple(cur.shape):
-                errors.append(f"size mismatch for {key}: copying a param with shape "
-                              f"{_torch_size(arr.shape)} from checkpoint, the shape in "
-                              f"current model is {_torch_size(cur.shape)}.")
-                continue
-            try:
-                arr = np.asarray(arr).astype(np.dtype(cur.dtype), copy=False)
-            except (TypeError, ValueError) as e:
-                errors.append(f'While copying the parameter named "{key}", whose dimensions '
-                              f"in the model are {_torch_size(cur.shape)}, an exception "
-                              f"occurred : {e.args}.")
-                continue
-            todo.append((key, self, name, np.asarray(arr, order="C"), cur))
-        extra = prefix + "_extra_state"  # torch's extra-state key: none of ours has one
-        if extra in state:
-            unexpected.append(extra)
-        for key in state:
-            if key.startswith(prefix) and key != extra:
-                parts = key[len(prefix):].split(".", 1)
-                if len(parts) > 1:
-                    if parts[0] not in self._modules:
-                        unexpected.append(key)
-                elif parts[0] not in local:
-                    unexpected.append(key)
-        for name, child in self._modules.items():
-            cp = prefix + name + "."
-            child._collect_state(OrderedDict((k, v) for k, v in state.items()
-                                             if k.startswith(cp)),
-                                 cp, metadata, missing, unexpected, errors, todo)
 
     # ------------------------------------------------------------ strategies
     def set_strategy(self, strategy_or_plan) -> "Module":
@@ -483,42 +382,6 @@ class _LayerBackward:
     def __call__(self, dy, needs):
         ctx, self.ctx = self.ctx, None
         return (self.layer._backward(ctx, dy, needs[0]),)
-
-
-class _IncompatibleKeys(namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])):
-    """What :meth:`Module.load_state_dict` returns: torch's ``_IncompatibleKeys`` (same
-    name, fields and repr)."""
-
-    __slots__ = ()
-
-    def __repr__(self):
-        if not self.missing_keys and not self.unexpected_keys:
-            return "<All keys matched successfully>"
-        return super().__repr__()
-
-    __str__ = __repr__
-
-
-IncompatibleKeys = _IncompatibleKeys
-
-_ABSENT = 0x5A17_AB5E_7E57_0001  # checksum slot of a key a rank does not load
-
-
-def _as_array(v):
-    """``v`` as a NumPy array if it is array-like (NumPy, CuPy, CPU torch tensor, NumPy
-    scalar), else ``None`` (torch rejects non-tensors the same way)."""
-    if isinstance(v, np.generic):
-        return np.asarray(v)
-    if not (hasattr(v, "shape") and hasattr(v, "dtype")):
-        return None
-    if hasattr(v, "detach") and hasattr(v, "numpy"):  # torch.Tensor
-        return v.detach().cpu().numpy()
-    return np.asarray(to_numpy(v))
-
-
-def _torch_size(shape) -> str:
-    """A shape as torch prints it in its load_state_dict messages."""
-    return f"torch.Size({[int(s) for s in shape]})"
 
 
 def _agree_local(ok, message, exc):
