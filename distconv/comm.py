@@ -398,16 +398,9 @@ class Communicator:
         ``recv_counts[j]`` there). Returns shape ``x.shape`` with ``split_axis`` ->
         ``send_counts[rank]`` and ``concat_axis`` -> ``sum(recv_counts)``."""
         xp = array_module(x)
-        nd = x.ndim
-        sa, ca = split_axis % nd, concat_axis % nd
-        send_counts = [int(c) for c in send_counts]
-        recv_counts = [int(c) for c in recv_counts]
-        if sa == ca:
-            raise ValueError("alltoall: split_axis and concat_axis must differ")
-        if (len(send_counts) != self.size or sum(send_counts) != x.shape[sa]
-                or len(recv_counts) != self.size or recv_counts[self.rank] != x.shape[ca]):
-            raise ValueError(f"alltoall: send_counts {send_counts} / recv_counts {recv_counts} "
-                             f"do not fit local shape {x.shape} on {self.size} ranks")
+        sa, ca, send_counts, recv_counts = alltoall_args(x.shape, split_axis, concat_axis,
+                                                         send_counts, recv_counts, self.size,
+                                                         self.rank)
         t0 = time.perf_counter()
         me = self.rank
         if self.size == 1:
@@ -527,6 +520,22 @@ def _displs(sizes):
         out.append(acc)
         acc += n
     return out
+
+
+def alltoall_args(shape, split_axis, concat_axis, send_counts, recv_counts, size, rank):
+    """Checked ``(split axis, concat axis, send counts, recv counts)`` of an alltoall of a
+    local block of ``shape`` on ``size`` ranks; ``ValueError`` naming what does not fit."""
+    nd = len(shape)
+    sa, ca = split_axis % nd, concat_axis % nd
+    send_counts = [int(c) for c in send_counts]
+    recv_counts = [int(c) for c in recv_counts]
+    if sa == ca:
+        raise ValueError("alltoall: split_axis and concat_axis must differ")
+    if (len(send_counts) != size or sum(send_counts) != shape[sa]
+            or len(recv_counts) != size or recv_counts[rank] != shape[ca]):
+        raise ValueError(f"alltoall: send_counts {send_counts} / recv_counts {recv_counts} "
+                         f"do not fit local shape {tuple(shape)} on {size} ranks")
+    return sa, ca, send_counts, recv_counts
 
 
 def allreduce_bytes(n, p, me, item):

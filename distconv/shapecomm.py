@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .comm import (CommStats, Communicator, allreduce_bytes, exchange_bytes, gather_bytes,
-                   scatter_bytes)
+from .comm import (CommStats, Communicator, allreduce_bytes, alltoall_args, exchange_bytes,
+                   gather_bytes, scatter_bytes)
 from .distribution import block_sizes
 from .meta import MetaArray
 
@@ -181,16 +181,9 @@ class ShapeComm(Communicator):
 
     def alltoall(self, x, split_axis: int, concat_axis: int,
                  send_counts: Sequence[int], recv_counts: Sequence[int]):
-        nd = x.ndim
-        sa, ca = split_axis % nd, concat_axis % nd
-        send_counts = [int(c) for c in send_counts]
-        recv_counts = [int(c) for c in recv_counts]
-        if sa == ca:
-            raise ValueError("alltoall: split_axis and concat_axis must differ")
-        if (len(send_counts) != self.size or sum(send_counts) != x.shape[sa]
-                or len(recv_counts) != self.size or recv_counts[self.rank] != x.shape[ca]):
-            raise ValueError(f"alltoall: send_counts {send_counts} / recv_counts {recv_counts} "
-                             f"do not fit local shape {x.shape} on {self.size} ranks")
+        sa, ca, send_counts, recv_counts = alltoall_args(x.shape, split_axis, concat_axis,
+                                                         send_counts, recv_counts, self.size,
+                                                         self.rank)
         chunk = list(x.shape)
         chunk[sa] = send_counts[self.rank]
         out = list(chunk)
