@@ -128,6 +128,13 @@ class _Config:
         self.run()
         return time.perf_counter() - t0, time.process_time() - c0
 
+    def run(self):
+        """One training step: the same loop for PyTorch and distconv."""
+        self.opt.zero_grad()
+        loss = self.crit(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+
 
 class _Torch(_Config):
     def __init__(self, args, spec, x, y, threads, ddp_group=None):
@@ -151,11 +158,6 @@ class _Torch(_Config):
         self.torch.set_num_threads(self.threads)
         return self.timed()
 
-    def run(self):
-        self.opt.zero_grad()
-        loss = self.crit(self.model(self.x), self.y)
-        loss.backward()
-        self.opt.step()
 
 
 class _Distconv(_Config):
@@ -177,11 +179,6 @@ class _Distconv(_Config):
     def step(self):
         return self.timed()
 
-    def run(self):
-        self.opt.zero_grad()
-        loss = self.crit(self.model(self.x), self.y)
-        loss.backward()
-        self.opt.step()
 
 
 def _self_strategy():
