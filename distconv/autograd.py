@@ -157,18 +157,10 @@ def backward(outputs, grads, inputs=None, accumulate=True):
     Raises ``RuntimeError`` before anything runs when an output was not recorded or when
     the graph was already walked (freed).
     """
-    from .tensor import DistTensor
     inputs = list(inputs or ())
     stop = {t.grad_fn: i for i, t in enumerate(inputs) if t.grad_fn is not None}
     leaf_targets = {id(t): i for i, t in enumerate(inputs) if t.grad_fn is None}
-    roots = []
-    for out in outputs:
-        fn = getattr(out, "grad_fn", None)
-        if fn is None:
-            raise RuntimeError(
-                "backward: the output was not recorded (computed under dc.no_grad(), or not "
-                "the result of a differentiable call); nothing to differentiate")
-        roots.append(fn)
+    roots = _roots(outputs)
     order, deps = _collect(roots, stop)
     released = [n for n in order if n.released]
     if released:
@@ -218,6 +210,27 @@ def backward(outputs, grads, inputs=None, accumulate=True):
                 heapq.heappush(ready, (-prod.seq, prod))
     for fn, i in stop.items():
         results[i] = pending.get(fn)
+    _finish_leaves(leaf_grads, leaf_targets, results, accumulate)
+    return results
+
+
+def _roots(outputs) -> list:
+    """The nodes that produced ``outputs``; ``RuntimeError`` if one was not recorded."""
+    roots = []
+    for out in outputs:
+        fn = getattr(out, "grad_fn", None)
+        if fn is None:
+            raise RuntimeError(
+                "backward: the output was not recorded (computed under dc.no_grad(), or not "
+                "the result of a differentiable call); nothing to differentiate")
+        roots.append(fn)
+    return roots
+
+
+def _finish_leaves(leaf_grads, leaf_targets, results, accumulate) -> None:
+    """Gradients that reached leaves: into ``results`` for the requested inputs, else added
+    into ``leaf.grad`` of leaves with ``requires_grad`` (as torch accumulates)."""
+    from .tensor import DistTensor
     for k, (leaf, g) in leaf_grads.items():
         if k in leaf_targets:
             results[leaf_targets[k]] = g
@@ -225,7 +238,6 @@ def backward(outputs, grads, inputs=None, accumulate=True):
             g = g.redistribute(_plain(leaf.distribution))
             leaf.grad = g if leaf.grad is None else DistTensor(
                 leaf.grad.redistribute(g.distribution).local + g.local, g.distribution, g.shape)
-    return results
 
 
 def _plain(dist):
