@@ -16,6 +16,8 @@ what the channel/filter algorithms rely on.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
+from itertools import product
 from typing import Iterable, Mapping, Sequence
 
 
@@ -70,7 +72,7 @@ class Distribution:
     is used twice.
     """
 
-    __slots__ = ("grid", "split", "pending")
+    __slots__ = ("grid", "split", "pending", "_bounds")
 
     def __init__(self, grid, split: Sequence, pending: Iterable[str] = ()):
         names = tuple(grid.names)
@@ -102,6 +104,7 @@ class Distribution:
         self.grid = grid
         self.split = sp
         self.pending = pend
+        self._bounds: dict = {}
 
     # ------------------------------------------------------------------ basics
     @classmethod
@@ -199,6 +202,77 @@ class Distribution:
         k = axes.index(axis)
         s, e = self.dim_range(dim, length, coords, upto=k)
         return block_sizes(e - s, self.axis_size(axis))
+
+    def dim_bounds(self, dim: int, length: int) -> tuple[int, ...]:
+        """Boundaries of the ``parts(dim)`` blocks of dimension ``dim`` in block order (the
+        first split axis outermost): ``parts + 1`` offsets, block ``i`` is
+        ``[b[i], b[i+1])``. Memoised per distribution (blocks never change)."""
+        key = (dim, int(length))
+        got = self._bounds.get(key)
+        if got is None:
+            bounds = [0, int(length)]
+            for a in self.split[dim]:
+                n = self.axis_size(a)
+                nb = [0]
+                for s, e in zip(bounds[:-1], bounds[1:]):
+                    for k in block_sizes(e - s, n):
+                        nb.append(nb[-1] + k)
+                bounds = nb
+            got = self._bounds[key] = tuple(bounds)
+        return got
+
+    def blocks_meeting(self, global_shape: Sequence[int], box, fixed: Mapping[str, int]
+                       | None = None) -> list:
+        """``[(coords, block box)]`` of every grid position whose block meets ``box``
+        (per-dimension ``(start, stop)``) in at least one element: the coordinates on
+        split axes are those of the blocks that overlap, axes in ``fixed`` (name ->
+        coordinate) are pinned, and every other axis takes all its values. Cost
+        proportional to the number of positions returned, not to the grid size."""
+        self._check_shape(global_shape)
+        names, shape = self.grid.names, self.grid.shape
+        fixed = dict(fixed or {})
+        choices = []  # per tensor dim: [(((axis, coord), ...), (start, stop))]
+        for d, n in enumerate(global_shape):
+            s, e = box[d]
+            if e <= s:
+                return []
+            axes = self.split[d]
+            if not axes:
+                choices.append([((), (0, int(n)))])
+                continue
+            b = self.dim_bounds(d, n)
+            sizes = [self.axis_size(a) for a in axes]
+            opts = []
+            for i in range(max(bisect_right(b, s) - 1, 0), len(b) - 1):
+                if b[i] >= e:
+                    break
+                if b[i + 1] <= s or b[i + 1] == b[i]:
+                    continue
+                cs, k = [], i
+                for m in reversed(sizes):
+                    cs.append(k % m)
+                    k //= m
+                pairs = tuple(zip(axes, reversed(cs)))
+                if any(fixed.get(a, c) != c for a, c in pairs):
+                    continue
+                opts.append((pairs, (b[i], b[i + 1])))
+            if not opts:
+                return []
+            choices.append(opts)
+        used = set(self.split_axes)
+        free = [(a, [fixed[a]] if a in fixed else range(shape[names.index(a)]))
+                for a in names if a not in used]
+        out = []
+        for combo in product(*choices):
+            base = {}
+            for pairs, _ in combo:
+                base.update(pairs)
+            bx = tuple(r for _, r in combo)
+            for vals in product(*(v for _, v in free)):
+                cm = dict(base)
+                cm.update(zip((a for a, _ in free), vals))
+                out.append((tuple(cm[a] for a in names), bx))
+        return out
 
     def _check_shape(self, global_shape):
         if len(global_shape) != self.ndim:

@@ -18,7 +18,6 @@ tensor on one rank to re-split it.
 """
 from __future__ import annotations
 
-import numpy as np
 
 from .backend import array_module
 from .distribution import Distribution, block_sizes
@@ -365,8 +364,15 @@ def _rel(box, base):
     return tuple(slice(s - b[0], e - b[0]) for (s, e), b in zip(box, base))
 
 
-def _shift(box, off):
-    return tuple((s + o, e + o) for (s, e), o in zip(box, off))
+def _shift(box, off, sign=1):
+    return tuple((s + sign * o, e + sign * o) for (s, e), o in zip(box, off))
+
+
+def _box_size(box) -> int:
+    n = 1
+    for s, e in box:
+        n *= e - s
+    return n
 
 
 def exchange(sources, targets) -> list:
@@ -387,51 +393,50 @@ def exchange(sources, targets) -> list:
                              f"{sources[0][0].grid}")
     p, me = comm.size, comm.rank
     xp = array_module(sources[0][0].local)
-    src = []  # per source: (tensor, distribution, offset, replica axis indices, my coords)
-    for t, off in sources:
-        d = t.distribution
-        rep_idx = [t.grid.index(a) for a in d.replica_axes + d.pending]
-        mine = t.grid.coords
-        src.append((t, d, off, rep_idx, tuple(mine[i] for i in rep_idx),
-                    _shift(d.box(t.shape, mine), off)))
     dst = []  # per target: (distribution, shape, offset, my box, out array)
     for dist, shape, off in targets:
         box = _shift(dist.box(shape, dist.grid.coords_of(me)), off)
         dst.append((dist, shape, off, box,
                     xp.empty(tuple(e - s for s, e in box), sources[0][0].local.dtype)))
-    send_parts, send_counts, recv_boxes, recv_counts = [], [], [], []
-    for q in range(p):
-        sent, boxes, got = 0, [], 0
-        for t, d, off, rep_idx, my_rep, my_box in src:
-            qc = t.grid.coords_of(q)
-            if tuple(qc[i] for i in rep_idx) != my_rep:
-                continue
-            q_box = _shift(d.box(t.shape, qc), off)
-            for j, (dist, shape, doff, dbox, out) in enumerate(dst):
-                # what I send to q: my block ∩ q's target box
-                box = _inter(my_box, _shift(dist.box(shape, dist.grid.coords_of(q)), doff))
-                if q == me:
-                    if box is not None:
-                        out[_rel(box, dbox)] = t.local[_rel(box, my_box)]
+    # peers are found from the block structure (only the ranks whose blocks meet mine),
+    # so the cost grows with the number of partners, not with the job size
+    sends: dict = {}  # q -> [box of my block q needs], in (source, target) order
+    recvs: dict = {}  # q -> [(target index, box q sends me)], same order
+    for t, off in sources:
+        d, g = t.distribution, t.grid
+        mine = g.coords
+        rep = {a: mine[g.index(a)] for a in d.replica_axes + d.pending}
+        my_box = _shift(d.box(t.shape, mine), off)
+        for j, (dist, shape, doff, dbox, out) in enumerate(dst):
+            # what I send: my block ∩ the target box of each q of my replica class
+            for qc, qbox in dist.blocks_meeting(shape, _shift(my_box, doff, -1)):
+                q = dist.grid.rank_of(qc)
+                sc = g.coords_of(q)
+                if any(sc[g.index(a)] != c for a, c in rep.items()):
                     continue
-                if box is not None:
-                    part = t.local[_rel(box, my_box)]
-                    send_parts.append(part.reshape(-1))
-                    sent += part.size
-                # what I receive from q: q's block ∩ my target box
-                rbox = _inter(q_box, dbox)
-                if rbox is not None:
-                    boxes.append((j, rbox))
-                    got += int(np.prod([e - s for s, e in rbox]))
-        send_counts.append(sent)
-        recv_counts.append(got)
-        recv_boxes.append(boxes)
+                box = _inter(my_box, _shift(qbox, doff))
+                if q == me:
+                    out[_rel(box, dbox)] = t.local[_rel(box, my_box)]
+                else:
+                    sends.setdefault(q, []).append(t.local[_rel(box, my_box)].reshape(-1))
+            # what I receive: from the one holder of each element in my replica class
+            for qc, qbox in d.blocks_meeting(t.shape, _shift(dbox, off, -1), rep):
+                q = g.rank_of(qc)
+                if q != me:
+                    recvs.setdefault(q, []).append((j, _inter(_shift(qbox, off), dbox)))
+    send_counts, recv_counts = [0] * p, [0] * p
+    send_parts = []
+    for q in sorted(sends):
+        send_parts += sends[q]
+        send_counts[q] = sum(part.size for part in sends[q])
+    for q, boxes in recvs.items():
+        recv_counts[q] = sum(_box_size(b) for _, b in boxes)
     send = xp.concatenate(send_parts) if send_parts else xp.empty(0, sources[0][0].local.dtype)
     flat = comm.alltoallv_flat(send, send_counts, recv_counts)
     off = 0
-    for boxes in recv_boxes:
-        for j, rbox in boxes:
-            n = int(np.prod([e - s for s, e in rbox]))
+    for q in sorted(recvs):
+        for j, rbox in recvs[q]:
+            n = _box_size(rbox)
             out, dbox = dst[j][4], dst[j][3]
             out[_rel(rbox, dbox)] = flat[off:off + n].reshape([e - s for s, e in rbox])
             off += n
