@@ -233,7 +233,7 @@ class Distribution:
         fixed = dict(fixed or {})
         choices = []  # per tensor dim: [(((axis, coord), ...), (start, stop))]
         for d, n in enumerate(global_shape):
-            s, e = box[d]
+            s, e = max(box[d][0], 0), min(box[d][1], int(n))
             if e <= s:
                 return []
             axes = self.split[d]
