@@ -20,6 +20,11 @@ from bisect import bisect_right
 from itertools import product
 from typing import Iterable, Mapping, Sequence
 
+# blocks and boundaries, memoised per (distribution, shape, coordinates): distributions
+# are immutable, and a planner run asks for the same blocks many times
+_MEMO: dict = {}
+_MEMO_SIZE = 200000
+
 
 def block_sizes(d: int, p: int) -> list[int]:
     """Sizes of the ``p`` blocks of a dimension of length ``d`` (floor+1 rule)."""
@@ -72,7 +77,7 @@ class Distribution:
     is used twice.
     """
 
-    __slots__ = ("grid", "split", "pending", "_bounds")
+    __slots__ = ("grid", "split", "pending", "_hash")
 
     def __init__(self, grid, split: Sequence, pending: Iterable[str] = ()):
         names = tuple(grid.names)
@@ -104,7 +109,7 @@ class Distribution:
         self.grid = grid
         self.split = sp
         self.pending = pend
-        self._bounds: dict = {}
+        self._hash = hash((sp, pend, tuple(grid.names), tuple(grid.shape)))
 
     # ------------------------------------------------------------------ basics
     @classmethod
@@ -157,7 +162,7 @@ class Distribution:
     def _coord_map(self, coords) -> Mapping[str, int]:
         if coords is None:
             coords = self.grid.coords
-        if isinstance(coords, Mapping):
+        if type(coords) is dict or isinstance(coords, Mapping):
             return coords
         return dict(zip(self.grid.names, coords))
 
@@ -175,9 +180,20 @@ class Distribution:
         return start, start + n
 
     def box(self, global_shape: Sequence[int], coords=None) -> tuple[tuple[int, int], ...]:
-        """Per-dimension ``(start, stop)`` of the block at grid ``coords`` (default: this rank)."""
-        self._check_shape(global_shape)
-        return tuple(self.dim_range(d, n, coords) for d, n in enumerate(global_shape))
+        """Per-dimension ``(start, stop)`` of the block at grid ``coords`` (default: this rank).
+        Memoised per ``(global_shape, coords)`` given as a sequence (blocks never change)."""
+        if type(coords) is dict:
+            self._check_shape(global_shape)
+            return tuple(self.dim_range(d, n, coords) for d, n in enumerate(global_shape))
+        key = (self, tuple(global_shape), self.grid.coords if coords is None else tuple(coords))
+        got = _MEMO.get(key)
+        if got is None:
+            self._check_shape(global_shape)
+            got = tuple(self.dim_range(d, n, coords) for d, n in enumerate(global_shape))
+            if len(_MEMO) > _MEMO_SIZE:
+                _MEMO.clear()
+            _MEMO[key] = got
+        return got
 
     def local_shape(self, global_shape: Sequence[int], coords=None) -> tuple[int, ...]:
         """Shape of the local block at ``coords`` (default: this rank)."""
@@ -207,8 +223,8 @@ class Distribution:
         """Boundaries of the ``parts(dim)`` blocks of dimension ``dim`` in block order (the
         first split axis outermost): ``parts + 1`` offsets, block ``i`` is
         ``[b[i], b[i+1])``. Memoised per distribution (blocks never change)."""
-        key = (dim, int(length))
-        got = self._bounds.get(key)
+        key = (self, "bounds", dim, int(length))
+        got = _MEMO.get(key)
         if got is None:
             bounds = [0, int(length)]
             for a in self.split[dim]:
@@ -218,7 +234,7 @@ class Distribution:
                     for k in block_sizes(e - s, n):
                         nb.append(nb[-1] + k)
                 bounds = nb
-            got = self._bounds[key] = tuple(bounds)
+            got = _MEMO[key] = tuple(bounds)
         return got
 
     def blocks_meeting(self, global_shape: Sequence[int], box, fixed: Mapping[str, int]
@@ -290,7 +306,7 @@ class Distribution:
                 and self.pending == other.pending and self.same_grid(other))
 
     def __hash__(self):
-        return hash((self.split, self.pending, tuple(self.grid.names), tuple(self.grid.shape)))
+        return self._hash
 
     def __repr__(self):
         parts = []

@@ -48,10 +48,16 @@ class _Log:
 
 
 class ShapeComm(Communicator):
-    """``ShapeComm(size, rank=0)``: rank ``rank`` of a job of ``size`` ranks (see module)."""
+    """``ShapeComm(size, rank=0)``: rank ``rank`` of a job of ``size`` ranks (see module).
+
+    ``recv_only=True``: an alltoallv between layouts (``tensor.exchange``) counts the
+    bytes this rank receives, exactly and without enumerating its partners, and takes it
+    to send as many (the planner's mode beyond a few ranks, where finding every partner
+    of a between-grid move is O(ranks) per move)."""
 
     def __init__(self, size: int, rank: int = 0, members: Sequence[int] | None = None,
-                 stats: CommStats | None = None, log: _Log | None = None):
+                 stats: CommStats | None = None, log: _Log | None = None,
+                 recv_only: bool = False):
         if not 0 <= rank < size:
             raise ValueError(f"ShapeComm: rank {rank} is outside a job of {size} ranks")
         self.size, self.rank = int(size), int(rank)
@@ -60,6 +66,7 @@ class ShapeComm(Communicator):
         self._log = log if log is not None else _Log()
         self.cuda_aware = False
         self.mpi = self
+        self.recv_only = bool(recv_only)
 
     # ------------------------------------------------------------ records
     @property
@@ -210,6 +217,11 @@ class ShapeComm(Communicator):
         self._record(kind, *exchange_bytes(send_counts, recv_counts, self.rank,
                                            send.dtype.itemsize))
         return MetaArray((sum(recv_counts),), send.dtype)
+
+    def count_alltoallv(self, sent: int, recv: int, kind="alltoall") -> None:
+        """Record an alltoallv of ``sent``/``recv`` bytes counted by the caller
+        (``recv_only`` mode)."""
+        self._record(kind, sent if self.size > 1 else 0, recv if self.size > 1 else 0)
 
     def bcast(self, x, root: int = 0):
         if self.size == 1:

@@ -398,6 +398,8 @@ def exchange(sources, targets) -> list:
         box = _shift(dist.box(shape, dist.grid.coords_of(me)), off)
         dst.append((dist, shape, off, box,
                     xp.empty(tuple(e - s for s, e in box), sources[0][0].local.dtype)))
+    if getattr(comm, "recv_only", False):
+        return _exchange_counted(comm, sources, dst)
     # peers are found from the block structure (only the ranks whose blocks meet mine),
     # so the cost grows with the number of partners, not with the job size
     sends: dict = {}  # q -> [box of my block q needs], in (source, target) order
@@ -441,3 +443,32 @@ def exchange(sources, targets) -> list:
             out[_rel(rbox, dbox)] = flat[off:off + n].reshape([e - s for s, e in rbox])
             off += n
     return [DistTensor(out, dist, shape) for dist, shape, _, _, out in dst]
+
+
+def _meet(b1, b2) -> int:
+    """Number of elements in the intersection of two boxes."""
+    n = 1
+    for (s1, e1), (s2, e2) in zip(b1, b2):
+        k = min(e1, e2) - max(s1, s2)
+        if k <= 0:
+            return 0
+        n *= k
+    return n
+
+
+def _exchange_counted(comm, sources, dst) -> list:
+    """``exchange`` on a shape-only world in ``recv_only`` mode: the holders of a source in
+    one replica class partition it, so this rank receives, per source and target, its
+    target box within the source's extent less what it holds itself -- counted without
+    enumerating partners. It is taken to send as many bytes."""
+    n = 0
+    for t, off in sources:
+        d = t.distribution
+        my_box = _shift(d.box(t.shape, t.grid.coords), off)
+        extent = _shift(tuple((0, s) for s in t.shape), off)
+        for _, _, _, dbox, _ in dst:
+            n += _meet(dbox, extent) - _meet(dbox, my_box)
+    b = n * sources[0][0].local.dtype.itemsize
+    comm.count_alltoallv(b, b)
+    return [DistTensor(out, dist, shape) for dist, shape, _, _, out in dst]
+

@@ -312,7 +312,8 @@ def test_cat_shares_add_up_to_the_real_cat(p):
     from distconv.grid import ProcessGrid
     from distconv.meta import MetaArray
     from distconv.planner.commmodel import vgrid
-    from distconv.planner.costs import cat_events, factorizations
+    from distconv.planner.commmodel import cat_events
+    from distconv.planner.costs import factorizations
     from distconv.shapecomm import ShapeComm
     from distconv.tensor import DistTensor
     rng = random.Random(p)

@@ -30,7 +30,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..distribution import block_sizes
-from . import commmodel
+from .commmodel import cat_events
 from .compute import OVERHEAD_KINDS
 from .events import act_dist, entry_events, inner_events, join_events, out_dist_of
 
@@ -153,13 +153,7 @@ class CostModel:
         return t, nb
 
     def _events(self, fn):
-        exact = self.p <= 16
-        old = commmodel.EXACT
-        commmodel.EXACT = exact
-        try:
-            return [fn(r) for r in self.ranks]
-        finally:
-            commmodel.EXACT = old
+        return [fn(r) for r in self.ranks]
 
     # ----------------------------------------------------------- one layer
     def layer(self, layer, st, in_dist) -> LayerCost:
@@ -455,83 +449,3 @@ class _HasDist:
 
     def __init__(self, d):
         self.distribution = d
-
-
-_DTYPES = {2: "float16", 4: "float32", 8: "float64"}
-
-
-def cat_events(src_shape, offset, out_shape, src_dist, out_dist, nranks, rank, item=4):
-    """``(forward, backward)`` events on ``rank`` of ``nranks`` of one input's share of
-    ``dc.cat`` (dim 1): ``tensor.exchange`` run shape-only (MetaArray blocks on a
-    :class:`~distconv.shapecomm.ShapeComm` world) moving a tensor of ``src_shape`` in
-    ``src_dist`` into the box at channel ``offset`` of an output of ``out_shape`` in
-    ``out_dist``, then the output gradient back into ``src_dist`` -- the calls ``dc.cat``
-    and its backward make, for this input alone. Distributions may be on the planner's
-    virtual grids; they are rebuilt on the shape-only world's grids (same axis names),
-    which are kept per ``(nranks, rank)`` with their blocks memoised (the exchange asks
-    for every rank's block)."""
-    from ..comm import use_world
-    from ..meta import MetaArray
-    from ..tensor import DistTensor, exchange
-    dtype = _DTYPES.get(int(item))
-    if dtype is None:
-        raise ValueError(f"cat_events: no float dtype of {item} bytes")
-    world, real = _shape_world(int(nranks), int(rank))
-    nd = len(out_shape)
-    zero = (0,) * nd
-    off = (0, int(offset)) + (0,) * (nd - 2)
-    start = len(world.events)
-    with use_world(world):
-        sd, od = real(src_dist), real(out_dist)
-        t = DistTensor(MetaArray(sd.local_shape(src_shape), dtype), sd, tuple(src_shape))
-        exchange([(t, off)], [(od, tuple(out_shape), zero)])
-        mid = len(world.events)
-        dy = DistTensor(MetaArray(od.local_shape(out_shape), dtype), od, tuple(out_shape))
-        exchange([(dy, zero)], [(real(src_dist.replace(pending=())), tuple(src_shape), off)])
-        fwd, bwd = world.events[start:mid], world.events[mid:]
-        del world.events[start:]
-    return fwd, bwd
-
-
-_WORLDS: dict = {}
-
-
-def _shape_world(nranks, rank):
-    """``(ShapeComm world, real)``: ``real(d)`` is ``d`` on that world's grid of the same
-    shape and names, a :class:`Distribution` whose blocks are memoised."""
-    got = _WORLDS.get((nranks, rank))
-    if got is not None:
-        return got
-    from ..distribution import Distribution
-    from ..grid import ProcessGrid
-    from ..shapecomm import ShapeComm
-    world = ShapeComm(nranks, rank)
-    grids: dict = {}
-    dists: dict = {}
-
-    class _Memo(Distribution):
-        __slots__ = ("_boxes",)
-
-        def box(self, global_shape, coords=None):
-            key = (tuple(global_shape), None if coords is None else tuple(coords))
-            b = self._boxes.get(key)
-            if b is None:
-                b = self._boxes[key] = Distribution.box(self, global_shape, coords)
-            return b
-
-    def real(d):
-        key = (tuple(d.grid.shape), tuple(d.grid.names), d.split, d.pending)
-        r = dists.get(key)
-        if r is None:
-            gk = key[:2]
-            g = grids.get(gk)
-            if g is None:
-                g = grids[gk] = ProcessGrid(world, *gk)
-            r = dists[key] = _Memo(g, d.split, d.pending)
-            r._boxes = {}
-        return r
-
-    if len(_WORLDS) > 64:
-        _WORLDS.clear()
-    got = _WORLDS[(nranks, rank)] = (world, real)
-    return got

@@ -158,7 +158,7 @@ def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
     """Events of one training step of ``graph`` under ``plan`` (``{layer name: (s, c, f)}``
     for every strategic layer) on ``rank``: ``{layer name: {"forward", "backward",
     "sync"}}`` plus ``"(joins)"`` for the joins (residual adds, and each branch's share of
-    a cat: :func:`.costs.cat_events`). The input arrives in the first
+    a cat: :func:`.commmodel.cat_events`). The input arrives in the first
     strategic layer's activation distribution (as ``DistLoader`` delivers it)."""
     out: dict = {}
     joins = {"forward": [], "backward": [], "sync": []}
@@ -174,7 +174,8 @@ def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
     def join(block, *dists):
         if block.op == "cat":  # the real dc.cat's exchange, shape-only, branch by branch
             from ..functional import _cat_layout
-            from .costs import _HasDist, cat_events
+            from .commmodel import cat_events
+            from .costs import _HasDist
             shapes, offs = block.branch_shapes(), block.offsets()
             out = _cat_layout(_HasDist(dists[0]), 1, block.out_shape)
             for i, d in enumerate(dists):
