@@ -1,13 +1,14 @@
-"""CUDA local kernels (kernels/*.cu) and distconv.ops.cuda, with and without a GPU.
+"""CUDA kernels (kernels/*.cu), their loader distconv.cudakernels and their launchers
+(distconv.ops.cuda, distconv.packing), with and without a GPU.
 
 Without a GPU:
 
 * every ``kernels/*.cu`` compiles with nvcc (``-cubin -arch=sm_80``) and its entry
-  points and parameter types are exactly those ``cuda.KERNELS`` launches;
-* the source ``cuda.py`` hands to CuPy (headers pasted in) compiles with NVRTC,
+  points and parameter types are exactly those ``cudakernels.KERNELS`` launches;
+* the source ``cudakernels`` hands to CuPy (headers pasted in) compiles with NVRTC,
   when CuPy and its NVRTC library load;
 * the CUDA sources RUN on the CPU: g++ builds them against a small host emulation
-  of the CUDA built-ins, and the GPU functions of ``cuda.py`` drive them with
+  of the CUDA built-ins, and the GPU functions of the launchers drive them with
   NumPy standing in for CuPy (device ``emu``); results must equal the NumPy twins;
 * the NumPy twins match independent references: torch float64 and
   ``comm._pack``/``comm._assemble``.
@@ -28,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
+from distconv import cudakernels as CK
 from distconv.ops import cuda as K
 from tests.tolerance import rel_err
 
@@ -183,15 +185,15 @@ _CTYPE = {"P": ctypes.c_void_p, "i": ctypes.c_longlong, "f": ctypes.c_float,
 
 
 class Emulator:
-    """Runs the CUDA kernels compiled for the host; a drop-in for ``cuda._launch``."""
+    """Runs the CUDA kernels compiled for the host; a drop-in for ``cudakernels.launch``."""
 
     GRID, BLOCK = 3, 5  # odd sizes: grid-stride loops must cover the rest
 
     def __init__(self, libs):
         self.libs = libs
 
-    def launch(self, name, total, args, threads=K._THREADS, blocks=None):
-        sig = K._SIGNATURE[name]
+    def launch(self, name, total, args, threads=CK.THREADS, blocks=None):
+        sig = CK.SIGNATURE[name]
         assert len(args) == len(sig), (name, len(args), len(sig))
         cargs = []
         for i, (kind, a) in enumerate(zip(sig, args)):
@@ -204,12 +206,12 @@ class Emulator:
             else:
                 assert isinstance(a, (float, np.floating)), (name, i, type(a))
                 cargs.append(float(a))
-        lib = self.libs[K._FILE_OF[name]]
+        lib = self.libs[CK.FILE_OF[name]]
         fn = getattr(lib, name)
         fn.argtypes = [_CTYPE[k] for k in sig]
         fn.restype = None
         if "_partial_" in name:  # block reductions: one-thread blocks, grid-stride over blocks
-            assert threads == K._RED_THREADS and blocks >= 1
+            assert threads == CK.RED_THREADS and blocks >= 1
             grid, block = min(int(blocks), self.GRID), 1
         else:
             assert total >= 1, f"{name} launched with nothing to do"
@@ -269,9 +271,9 @@ def cp():
 def dev(request, monkeypatch):
     if request.param == "emu":
         emu = request.getfixturevalue("emu")
-        monkeypatch.setattr(K, "_cupy", lambda: np)
-        monkeypatch.setattr(K, "is_gpu_array", lambda a: isinstance(a, np.ndarray))
-        monkeypatch.setattr(K, "_launch", emu.launch)
+        monkeypatch.setattr(CK, "cupy", lambda: np)
+        monkeypatch.setattr(CK, "is_gpu_array", lambda a: isinstance(a, np.ndarray))
+        monkeypatch.setattr(CK, "launch", emu.launch)
         monkeypatch.delenv("DISTCONV_CUDNN", raising=False)
         return Dev("emu", to=lambda a: np.array(a, copy=True), get=np.asarray)
     cupy = request.getfixturevalue("cp")
@@ -839,7 +841,7 @@ def test_compile_all_and_module_cache(cp):
 @pytest.mark.gpu
 def test_grid_stride_beyond_grid_cap(cp):
     """More elements than the capped grid has threads: the grid-stride loops finish the job."""
-    n = K._MAX_BLOCKS * K._THREADS * 2 + 3
+    n = CK.MAX_BLOCKS * CK.THREADS * 2 + 3
     x = cp.random.standard_normal(n, dtype=cp.float32)
     np.testing.assert_array_equal(cp.asnumpy(K.relu_forward(x)),
                                   cp.asnumpy(cp.where(x > 0, x, 0)))

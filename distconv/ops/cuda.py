@@ -1,11 +1,9 @@
 """GPU local kernels (CUDA sources in ``kernels/``, compiled by CuPy) and their NumPy twins.
 
-The CUDA sources live in the top-level ``kernels/`` folder of the repository,
-installed inside the package as ``distconv.kernels``. Each ``.cu`` file is
-compiled on first use with ``cupy.RawModule(code=..., options=COMPILE_OPTIONS)``
-and kept per (file, device); CuPy also caches the binaries on disk, keyed by
-the source text (``#include "common.cuh"`` is pasted in before compiling, so
-the key covers the header too).
+The kernels are found, compiled and launched by :mod:`distconv.cudakernels`
+(whose names ``KERNELS``, ``kernels_dir``, ``compile_all``... are re-exported
+here); the channel-block packing used by :mod:`distconv.comm` lives in
+:mod:`distconv.packing` and is re-exported here too.
 
 Every GPU function here has the signature and semantics of the CPU op of the
 same name in :mod:`distconv.ops` (or of ``comm._pack``/``comm._assemble`` for
@@ -35,12 +33,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import warnings
 
 import numpy as np
 
-from ..backend import is_gpu_array
+from .. import cudakernels as _ck
 from . import _workspace
 
 __all__ = [
@@ -60,173 +57,12 @@ __all__ = [
     "conv2d_forward_numpy", "conv2d_backward_data_numpy", "conv2d_backward_filter_numpy",
 ]
 
-# NVRTC options of every module. --fmad=false: no a*b+c contraction, so element-wise
-# kernels round exactly like their NumPy twins.
-COMPILE_OPTIONS = ("--fmad=false",)
+# The kernel table, loading and launching live in distconv/cudakernels.py (shared with the
+# channel-block packing of distconv/packing.py, which comm.py uses); re-exported here.
+from ..cudakernels import (COMPILE_OPTIONS, KERNELS, kernels_dir, kernel_source,  # noqa: F401
+                           get_module, compile_all)
 
-_THREADS = 256        # threads per block of the element-wise kernels
-_RED_THREADS = 256    # == DC_RED_THREADS in kernels/common.cuh (reduction kernels)
-_MAX_BLOCKS = 1 << 16  # grid cap; every kernel loops grid-stride
 _COLS_BYTES = 256 * 2 ** 20  # column buffer of the im2col convolution, at most
-
-_FLOAT_SUFFIX = {np.dtype(np.float32): ("f32", "f"), np.dtype(np.float64): ("f64", "d")}
-
-
-# --------------------------------------------------------------- kernel table
-def _kernel_table():
-    """{file: {kernel name: argument kinds}}; kinds: P pointer, i int64, f float32, d float64."""
-    i12, i16 = "i" * 12, "i" * 16
-    t = {"im2col.cu": {}, "pack.cu": {}, "batchnorm.cu": {}, "pool.cu": {}, "activation.cu": {}}
-    for s, sc in (("f32", "f"), ("f64", "d")):
-        t["im2col.cu"][f"im2col_{s}"] = "PP" + i16
-        t["im2col.cu"][f"col2im_{s}"] = "PP" + i16
-        t["batchnorm.cu"][f"bn_stats_partial_{s}"] = "PPPiiii"
-        t["batchnorm.cu"][f"bn_backward_reduce_partial_{s}"] = "PPPPPiiii"
-        t["batchnorm.cu"][f"bn_forward_apply_{s}"] = "PPPPPiii"
-        t["batchnorm.cu"][f"bn_backward_apply_{s}"] = "PPPPPPPiii"
-        for a in ("u8", "i32"):
-            t["pool.cu"][f"max_pool2d_forward_{s}_{a}"] = "PPP" + i12
-            t["pool.cu"][f"max_pool2d_backward_{s}_{a}"] = "PPP" + i12
-        t["pool.cu"][f"avg_pool2d_forward_{s}"] = "PP" + i12 + "i"
-        t["pool.cu"][f"avg_pool2d_backward_{s}"] = "PP" + i12 + "i"
-        t["activation.cu"][f"relu_forward_{s}"] = "PPi"
-        t["activation.cu"][f"relu_backward_{s}"] = "PPPi"
-    for b in ("b1", "b2", "b4", "b8"):
-        t["pack.cu"][f"pack_channel_blocks_{b}"] = "PPPiiii"
-        t["pack.cu"][f"unpack_channel_blocks_{b}"] = "PPPiiii"
-    return t
-
-
-#: Every kernel this module launches: ``{source file: {kernel name: argument kinds}}``.
-#: tests/test_kernels.py checks it against the entry points nvcc finds in the sources.
-KERNELS = _kernel_table()
-_SIGNATURE = {k: s for d in KERNELS.values() for k, s in d.items()}
-_FILE_OF = {k: f for f, d in KERNELS.items() for k in d}
-
-
-# ------------------------------------------------------------ sources, modules
-_KDIR = None
-_INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[^\n]*$', re.M)
-
-
-def kernels_dir() -> str:
-    """The folder holding the CUDA sources.
-
-    ``$DISTCONV_KERNELS_DIR`` if set; else ``distconv/kernels`` of an installed
-    package; else the ``distconv.kernels`` package (editable installs map it to
-    the repository's ``kernels/``); else ``kernels/`` next to the ``distconv``
-    folder of a source checkout.
-    """
-    global _KDIR
-    if _KDIR is not None:
-        return _KDIR
-    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../distconv
-    cands = []
-    if os.environ.get("DISTCONV_KERNELS_DIR"):
-        cands.append(os.environ["DISTCONV_KERNELS_DIR"])
-    cands.append(os.path.join(pkg, "kernels"))
-    try:
-        from importlib import resources
-        cands.append(str(resources.files("distconv.kernels")))
-    except Exception:  # not installed as a package (plain source checkout)
-        pass
-    cands.append(os.path.join(os.path.dirname(pkg), "kernels"))
-    for d in cands:
-        if os.path.isfile(os.path.join(d, "common.cuh")):
-            _KDIR = d
-            return d
-    raise FileNotFoundError("distconv CUDA kernels not found; looked in " + ", ".join(cands))
-
-
-def kernel_source(filename: str) -> str:
-    """Text of ``kernels/<filename>`` with its ``#include "..."`` files pasted in (once each)."""
-    d = kernels_dir()
-    seen = {filename}
-
-    def load(name):
-        with open(os.path.join(d, name), encoding="utf-8") as f:
-            text = f.read()
-
-        def paste(m):
-            inc = m.group(1)
-            if inc in seen:
-                return ""
-            seen.add(inc)
-            return f"// ---- begin {inc}\n{load(inc)}\n// ---- end {inc}"
-
-        return _INCLUDE_RE.sub(paste, text)
-
-    return load(filename)
-
-
-def _cupy():
-    import cupy
-    return cupy
-
-
-_MODULES: dict = {}
-_FUNCS: dict = {}
-
-
-def get_module(filename: str):
-    """The compiled ``cupy.RawModule`` of ``kernels/<filename>`` on the current device (cached)."""
-    cp = _cupy()
-    key = (filename, cp.cuda.Device().id)
-    mod = _MODULES.get(key)
-    if mod is None:
-        mod = cp.RawModule(code=kernel_source(filename), options=COMPILE_OPTIONS)
-        _MODULES[key] = mod
-    return mod
-
-
-def compile_all() -> None:
-    """Compile and load every kernel now (e.g. to keep compilation out of timings)."""
-    for name in _SIGNATURE:
-        _function(name)
-
-
-def _function(name):
-    cp = _cupy()
-    key = (name, cp.cuda.Device().id)
-    fn = _FUNCS.get(key)
-    if fn is None:
-        fn = get_module(_FILE_OF[name]).get_function(name)
-        _FUNCS[key] = fn
-    return fn
-
-
-def _launch(name, total, args, threads=_THREADS, blocks=None):
-    """Launch kernel ``name`` with ``args`` converted to its C types (see :data:`KERNELS`).
-
-    ``total``: elements the grid-stride loop covers (sets the grid unless ``blocks``).
-    """
-    sig = _SIGNATURE[name]
-    if len(args) != len(sig):
-        raise TypeError(f"{name} takes {len(sig)} arguments, got {len(args)}")
-    conv = []
-    for i, (kind, a) in enumerate(zip(sig, args)):
-        if kind == "P":
-            if not is_gpu_array(a) or not a.flags.c_contiguous:
-                raise TypeError(f"{name}: argument {i} must be a C-contiguous CuPy array")
-            conv.append(a)
-        elif kind == "i":
-            conv.append(np.int64(a))
-        elif kind == "f":
-            conv.append(np.float32(a))
-        else:
-            conv.append(np.float64(a))
-    if blocks is None:
-        blocks = -(-int(total) // threads)
-    blocks = max(1, min(_MAX_BLOCKS, int(blocks)))
-    _function(name)((blocks,), (threads,), tuple(conv))
-
-
-def _suffix(dtype, what="data"):
-    try:
-        return _FLOAT_SUFFIX[np.dtype(dtype)]
-    except KeyError:
-        raise TypeError(f"GPU kernels take float32 or float64 {what}, "
-                        f"got {np.dtype(dtype)}") from None
 
 
 # ------------------------------------------------------------------- geometry
@@ -354,13 +190,13 @@ def col2im_numpy(cols, x_shape, kernel_hw, stride=(1, 1), padding=(0, 0), dilati
 def _im2col_launch(x, cols, g, n, col_sn, col_sk):
     """im2col of the contiguous (n, C, H, W) CuPy array ``x`` into ``cols`` (any layout)."""
     if n * g.K * g.L:
-        _launch("im2col_" + _suffix(x.dtype)[0], n * g.K * g.L,
+        _ck.launch("im2col_" + _ck.float_suffix(x.dtype)[0], n * g.K * g.L,
                 (x, cols) + g.kargs(n) + (col_sn, col_sk))
 
 
 def _col2im_launch(cols, x, g, n, col_sn, col_sk):
     if n * g.C * g.H * g.W:
-        _launch("col2im_" + _suffix(x.dtype)[0], n * g.C * g.H * g.W,
+        _ck.launch("col2im_" + _ck.float_suffix(x.dtype)[0], n * g.C * g.H * g.W,
                 (cols, x) + g.kargs(n) + (col_sn, col_sk))
 
 
@@ -370,11 +206,11 @@ def im2col(x, kernel_hw, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     Rows are ordered (c, i, j) and columns (ho, wo), as ``torch.nn.functional.unfold``;
     padded positions read 0. CuPy input: CUDA kernel; NumPy input: :func:`im2col_numpy`.
     """
-    if not is_gpu_array(x):
+    if not _ck.is_gpu_array(x):
         return im2col_numpy(x, kernel_hw, stride, padding, dilation)
-    cp = _cupy()
+    cp = _ck.cupy()
     g = _Geom(x.shape, kernel_hw, stride, padding, dilation)
-    _suffix(x.dtype)
+    _ck.float_suffix(x.dtype)
     x = cp.ascontiguousarray(x)
     cols = cp.empty((g.N, g.K, g.L), x.dtype)
     _im2col_launch(x, cols, g, g.N, g.K * g.L, g.L)
@@ -386,12 +222,12 @@ def col2im(cols, x_shape, kernel_hw, stride=(1, 1), padding=(0, 0), dilation=(1,
 
     Atomic-free on the GPU (each pixel gathers its contributions in (i, j) order).
     """
-    if not is_gpu_array(cols):
+    if not _ck.is_gpu_array(cols):
         return col2im_numpy(cols, x_shape, kernel_hw, stride, padding, dilation)
-    cp = _cupy()
+    cp = _ck.cupy()
     g = _Geom(x_shape, kernel_hw, stride, padding, dilation)
     _check_shape(cols, (g.N, g.K, g.L), "cols")
-    _suffix(cols.dtype)
+    _ck.float_suffix(cols.dtype)
     cols = cp.ascontiguousarray(cols)
     x = cp.empty((g.N, g.C, g.H, g.W), cols.dtype)
     _col2im_launch(cols, x, g, g.N, g.K * g.L, g.L)
@@ -399,128 +235,8 @@ def col2im(cols, x_shape, kernel_hw, stride=(1, 1), padding=(0, 0), dilation=(1,
 
 
 # ------------------------------------------------------------- channel blocks
-def _block_starts(counts, C):
-    counts = [int(c) for c in counts]
-    if not counts or any(c < 0 for c in counts) or sum(counts) != C:
-        raise ValueError(f"counts {counts} must be non-negative and sum to the {C} channels")
-    starts = np.zeros(len(counts) + 1, np.int64)
-    starts[1:] = np.cumsum(counts)
-    return starts
-
-
-def _npc(shape):
-    if len(shape) < 2:
-        raise ValueError(f"expected a shape (N, C, ...), got {tuple(shape)}")
-    N, C = int(shape[0]), int(shape[1])
-    P = int(np.prod(shape[2:], dtype=np.int64))
-    return N, C, P
-
-
-def pack_channel_blocks_numpy(x, counts):
-    """NumPy twin of :func:`pack_channel_blocks` (the kernel's index math, vectorised)."""
-    x = np.ascontiguousarray(x)
-    N, C, P = _npc(x.shape)
-    starts = _block_starts(counts, C)
-    R = len(starts) - 1
-    q = N * P
-    if q * C == 0:
-        return np.empty(0, x.dtype)
-    idx = np.arange(q * C, dtype=np.int64)
-    r = np.searchsorted(starts[:R], idx // q, side="right") - 1
-    s = starts[r]
-    cr = starts[r + 1] - s
-    local = idx - q * s
-    p = local % P
-    t = local // P
-    cl = t % cr
-    n = t // cr
-    return x.reshape(-1)[(n * C + s + cl) * P + p]
-
-
-def unpack_channel_blocks_numpy(flat, shape, counts):
-    """NumPy twin of :func:`unpack_channel_blocks`."""
-    flat = np.ascontiguousarray(flat).reshape(-1)
-    shape = tuple(int(s) for s in shape)
-    N, C, P = _npc(shape)
-    if flat.size != N * C * P:
-        raise ValueError(f"flat buffer of {flat.size} elements does not fit shape {shape}")
-    starts = _block_starts(counts, C)
-    R = len(starts) - 1
-    q = N * P
-    if q * C == 0:
-        return np.empty(shape, flat.dtype)
-    idx = np.arange(q * C, dtype=np.int64)
-    p = idx % P
-    t = idx // P
-    ch = t % C
-    n = t // C
-    r = np.searchsorted(starts[:R], ch, side="right") - 1
-    s = starts[r]
-    cr = starts[r + 1] - s
-    return flat[q * s + (n * cr + (ch - s)) * P + p].reshape(shape)
-
-
-_UNITS = ((8, np.uint64), (4, np.uint32), (2, np.uint16), (1, np.uint8))
-
-
-def _as_units(itemsize, P):
-    """Widest unsigned word dividing ``itemsize``: (bytes, dtype, words per channel row)."""
-    for u, dt in _UNITS:
-        if itemsize % u == 0:
-            return u, dt, P * (itemsize // u)
-    raise AssertionError("unreachable")
-
-
-def pack_channel_blocks(x, counts):
-    """Channel blocks of ``x`` one after another in a flat buffer (GPU twin of ``comm._pack``).
-
-    x: (N, C, ...) with channels on axis 1; counts: channels per block (>= 0,
-    summing to C) -> flat (x.size,): block r, a contiguous (N, counts[r], ...)
-    array, starts at N * (counts[0] + ... + counts[r-1]) * prod(x.shape[2:]).
-    As ``comm._pack``, N == 1 or a single block needs no reordering and gives
-    ``ascontiguousarray(x).reshape(-1)`` (a view when x is contiguous). Any dtype.
-    """
-    if not is_gpu_array(x):
-        return pack_channel_blocks_numpy(x, counts)
-    cp = _cupy()
-    N, C, P = _npc(x.shape)
-    starts = _block_starts(counts, C)
-    if N == 1 or len(counts) == 1:
-        return cp.ascontiguousarray(x).reshape(-1)
-    x = cp.ascontiguousarray(x)
-    flat = cp.empty(x.size, x.dtype)
-    if x.size == 0:
-        return flat
-    u, udt, Pu = _as_units(x.dtype.itemsize, P)
-    _launch(f"pack_channel_blocks_b{u}", N * C * Pu,
-            (x.reshape(-1).view(udt), flat.view(udt), cp.asarray(starts), len(counts), N, C, Pu))
-    return flat
-
-
-def unpack_channel_blocks(flat, shape, counts):
-    """Inverse of :func:`pack_channel_blocks` (GPU twin of ``comm._assemble`` for axis 1).
-
-    flat: (prod(shape),) blocks one after another -> array of ``shape`` with
-    the blocks concatenated on axis 1. N == 1 or a single block: ``flat.reshape(shape)``.
-    """
-    if not is_gpu_array(flat):
-        return unpack_channel_blocks_numpy(flat, shape, counts)
-    cp = _cupy()
-    shape = tuple(int(s) for s in shape)
-    N, C, P = _npc(shape)
-    if flat.size != N * C * P:
-        raise ValueError(f"flat buffer of {flat.size} elements does not fit shape {shape}")
-    starts = _block_starts(counts, C)
-    flat = cp.ascontiguousarray(flat).reshape(-1)
-    if N == 1 or len(counts) == 1:
-        return flat.reshape(shape)
-    out = cp.empty(shape, flat.dtype)
-    if out.size == 0:
-        return out
-    u, udt, Pu = _as_units(flat.dtype.itemsize, P)
-    _launch(f"unpack_channel_blocks_b{u}", N * C * Pu,
-            (flat.view(udt), out.reshape(-1).view(udt), cp.asarray(starts), len(counts), N, C, Pu))
-    return out
+from ..packing import (pack_channel_blocks, unpack_channel_blocks,  # noqa: E402,F401
+                       pack_channel_blocks_numpy, unpack_channel_blocks_numpy)
 
 
 # ------------------------------------------------------------------ batch norm
@@ -612,21 +328,21 @@ def bn_local_stats(x):
     x: (N, C, H, W) -> (sum (C,) float64, sumsq (C,) float64, count int = N*H*W).
     Accumulated in float64 on the GPU (per-block partial sums, no atomics).
     """
-    if not is_gpu_array(x):
+    if not _ck.is_gpu_array(x):
         return bn_local_stats_numpy(x)
-    cp = _cupy()
+    cp = _ck.cupy()
     _check4(x)
     N, C, H, W = (int(s) for s in x.shape)
     L = H * W
     if N * C * L == 0:
         return cp.zeros(C, np.float64), cp.zeros(C, np.float64), N * L
-    suf = _suffix(x.dtype)[0]
+    suf = _ck.float_suffix(x.dtype)[0]
     x = cp.ascontiguousarray(x)
     P = _bn_parts(C, N * L)
     ps = cp.empty(C * P, np.float64)
     pss = cp.empty(C * P, np.float64)
-    _launch(f"bn_stats_partial_{suf}", 0, (x, ps, pss, N, C, L, P),
-            threads=_RED_THREADS, blocks=C * P)
+    _ck.launch(f"bn_stats_partial_{suf}", 0, (x, ps, pss, N, C, L, P),
+            threads=_ck.RED_THREADS, blocks=C * P)
     return ps.reshape(C, P).sum(axis=1), pss.reshape(C, P).sum(axis=1), N * L
 
 
@@ -635,9 +351,9 @@ def bn_backward_reduce(dy, x, mean):
 
     dy, x: (N, C, H, W) (computed in their common dtype); mean: (C,).
     """
-    if not is_gpu_array(x):
+    if not _ck.is_gpu_array(x):
         return bn_backward_reduce_numpy(dy, x, mean)
-    cp = _cupy()
+    cp = _ck.cupy()
     _check4(x)
     _check_shape(dy, x.shape, "dy")
     N, C, H, W = (int(s) for s in x.shape)
@@ -646,14 +362,14 @@ def bn_backward_reduce(dy, x, mean):
     if N * C * L == 0:
         return cp.zeros(C, np.float64), cp.zeros(C, np.float64)
     dt = np.result_type(dy.dtype, x.dtype)
-    suf = _suffix(dt)[0]
+    suf = _ck.float_suffix(dt)[0]
     x = cp.ascontiguousarray(x.astype(dt, copy=False))
     dy = cp.ascontiguousarray(cp.asarray(dy).astype(dt, copy=False))
     P = _bn_parts(C, N * L)
     pa = cp.empty(C * P, np.float64)
     pb = cp.empty(C * P, np.float64)
-    _launch(f"bn_backward_reduce_partial_{suf}", 0, (dy, x, m, pa, pb, N, C, L, P),
-            threads=_RED_THREADS, blocks=C * P)
+    _ck.launch(f"bn_backward_reduce_partial_{suf}", 0, (dy, x, m, pa, pb, N, C, L, P),
+            threads=_ck.RED_THREADS, blocks=C * P)
     return pa.reshape(C, P).sum(axis=1), pb.reshape(C, P).sum(axis=1)
 
 
@@ -663,17 +379,17 @@ def bn_forward_apply(x, mean, invstd, weight=None, bias=None):
     x: (N, C, H, W); mean, invstd, weight, bias: (C,) (weight/bias may be None).
     invstd*weight is formed in float64 and cast to x's dtype, as the CPU op.
     """
-    if not is_gpu_array(x):
+    if not _ck.is_gpu_array(x):
         return bn_forward_apply_numpy(x, mean, invstd, weight, bias)
-    cp = _cupy()
+    cp = _ck.cupy()
     _check4(x)
     N, C, H, W = (int(s) for s in x.shape)
-    suf = _suffix(x.dtype)[0]
+    suf = _ck.float_suffix(x.dtype)[0]
     m, sc, b = _bn_fwd_vectors(cp, C, x.dtype, mean, invstd, weight, bias)
     x = cp.ascontiguousarray(x)
     y = cp.empty(x.shape, x.dtype)
     if y.size:
-        _launch(f"bn_forward_apply_{suf}", y.size, (x, m, sc, b, y, N, C, H * W))
+        _ck.launch(f"bn_forward_apply_{suf}", y.size, (x, m, sc, b, y, N, C, H * W))
     return y
 
 
@@ -682,20 +398,20 @@ def bn_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
 
     dx = (dy - sum_dy/count - (x - mean) * invstd**2 * sum_dy_xmu/count) * invstd * weight
     """
-    if not is_gpu_array(dy):
+    if not _ck.is_gpu_array(dy):
         return bn_backward_apply_numpy(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
-    cp = _cupy()
+    cp = _ck.cupy()
     _check4(dy, "dy")
     _check_shape(x, dy.shape, "x")
     N, C, H, W = (int(s) for s in dy.shape)
     dt = dy.dtype
-    suf = _suffix(dt)[0]
+    suf = _ck.float_suffix(dt)[0]
     m, nk, mdy, sc = _bn_bwd_vectors(cp, C, dt, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
     dy = cp.ascontiguousarray(dy)
     x = cp.ascontiguousarray(cp.asarray(x).astype(dt, copy=False))
     dx = cp.empty(dy.shape, dt)
     if dx.size:
-        _launch(f"bn_backward_apply_{suf}", dx.size, (dy, x, m, nk, mdy, sc, dx, N, C, H * W))
+        _ck.launch(f"bn_backward_apply_{suf}", dx.size, (dy, x, m, nk, mdy, sc, dx, N, C, H * W))
     return dx
 
 
@@ -814,18 +530,18 @@ def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=Fals
     maximum; NaN propagates; a window of -inf values picks its first in-bounds
     element. ``stride`` None means ``kernel``; ``ceil_mode`` as in PyTorch.
     """
-    if not is_gpu_array(x):
+    if not _ck.is_gpu_array(x):
         return max_pool2d_forward_numpy(x, kernel, stride, padding, ceil_mode=ceil_mode)
-    cp = _cupy()
+    cp = _ck.cupy()
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding,
                                                            ceil_mode)
-    suf = _suffix(x.dtype)[0]
+    suf = _ck.float_suffix(x.dtype)[0]
     adt = _argmax_dtype(kh, kw)
     y = cp.empty((N, C, Ho, Wo), x.dtype)
     arg = cp.zeros((N, C, Ho, Wo), adt)
     if y.size:
         a = "u8" if adt == np.uint8 else "i32"
-        _launch(f"max_pool2d_forward_{suf}_{a}", y.size,
+        _ck.launch(f"max_pool2d_forward_{suf}_{a}", y.size,
                 (cp.ascontiguousarray(x), y, arg, N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo))
     return y, arg
 
@@ -834,15 +550,15 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)
                         ceil_mode=False):
     """Gradient of max pooling: dy (N, C, Ho, Wo), argmax from :func:`max_pool2d_forward`
     -> dx (N, C, H, W) of dy's dtype (atomic-free gather on the GPU)."""
-    if not is_gpu_array(dy):
+    if not _ck.is_gpu_array(dy):
         return max_pool2d_backward_numpy(dy, argmax, x_shape, kernel, stride, padding,
                                          ceil_mode=ceil_mode)
-    cp = _cupy()
+    cp = _ck.cupy()
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding,
                                                            ceil_mode)
     _check_shape(dy, (N, C, Ho, Wo), "dy")
     _check_shape(argmax, (N, C, Ho, Wo), "argmax")
-    suf = _suffix(dy.dtype)[0]
+    suf = _ck.float_suffix(dy.dtype)[0]
     dx = cp.empty((N, C, H, W), dy.dtype)
     if dx.size == 0:
         return dx
@@ -852,7 +568,7 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)
     else:
         a = "i32"
         arg = arg.astype(np.int32, copy=False)
-    _launch(f"max_pool2d_backward_{suf}_{a}", dx.size,
+    _ck.launch(f"max_pool2d_backward_{suf}_{a}", dx.size,
             (cp.ascontiguousarray(dy), cp.ascontiguousarray(arg), dx,
              N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo))
     return dx
@@ -861,16 +577,16 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)
 def avg_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=False,
                        count_include_pad=True):
     """Average pooling, PyTorch's ceil_mode and divisor rules: x -> y (N, C, Ho, Wo)."""
-    if not is_gpu_array(x):
+    if not _ck.is_gpu_array(x):
         return avg_pool2d_forward_numpy(x, kernel, stride, padding, ceil_mode=ceil_mode,
                                         count_include_pad=count_include_pad)
-    cp = _cupy()
+    cp = _ck.cupy()
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding,
                                                            ceil_mode)
-    suf = _suffix(x.dtype)[0]
+    suf = _ck.float_suffix(x.dtype)[0]
     y = cp.empty((N, C, Ho, Wo), x.dtype)
     if y.size:
-        _launch(f"avg_pool2d_forward_{suf}", y.size,
+        _ck.launch(f"avg_pool2d_forward_{suf}", y.size,
                 (cp.ascontiguousarray(x), y, N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo,
                  int(bool(count_include_pad))))
     return y
@@ -879,17 +595,17 @@ def avg_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=Fals
 def avg_pool2d_backward(dy, x_shape, kernel, stride=None, padding=(0, 0), *, ceil_mode=False,
                         count_include_pad=True):
     """Gradient of average pooling: dy (N, C, Ho, Wo) -> dx (N, C, H, W) of dy's dtype."""
-    if not is_gpu_array(dy):
+    if not _ck.is_gpu_array(dy):
         return avg_pool2d_backward_numpy(dy, x_shape, kernel, stride, padding,
                                          ceil_mode=ceil_mode, count_include_pad=count_include_pad)
-    cp = _cupy()
+    cp = _ck.cupy()
     N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding,
                                                            ceil_mode)
     _check_shape(dy, (N, C, Ho, Wo), "dy")
-    suf = _suffix(dy.dtype)[0]
+    suf = _ck.float_suffix(dy.dtype)[0]
     dx = cp.empty((N, C, H, W), dy.dtype)
     if dx.size:
-        _launch(f"avg_pool2d_backward_{suf}", dx.size,
+        _ck.launch(f"avg_pool2d_backward_{suf}", dx.size,
                 (cp.ascontiguousarray(dy), dx, N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo,
                  int(bool(count_include_pad))))
     return dx
@@ -936,14 +652,14 @@ def relu_forward(x, out=None):
 
     ``out`` may be given (it may be ``x`` itself for an in-place ReLU).
     """
-    if not is_gpu_array(x):
+    if not _ck.is_gpu_array(x):
         return relu_forward_numpy(x, out)
-    cp = _cupy()
-    suf = _suffix(x.dtype)[0]
+    cp = _ck.cupy()
+    suf = _ck.float_suffix(x.dtype)[0]
     xc = cp.ascontiguousarray(x)
     tgt, res = _elementwise_out(cp, out, x.shape, x.dtype)
     if x.size:
-        _launch(f"relu_forward_{suf}", x.size, (xc, tgt, x.size))
+        _ck.launch(f"relu_forward_{suf}", x.size, (xc, tgt, x.size))
     if tgt is not res:
         res[...] = tgt
     return res
@@ -954,16 +670,16 @@ def relu_backward(dy, y, out=None):
 
     dy, y: same shape -> dx of dy's dtype. ``out`` may be ``dy`` for in-place.
     """
-    if not is_gpu_array(dy):
+    if not _ck.is_gpu_array(dy):
         return relu_backward_numpy(dy, y, out)
-    cp = _cupy()
+    cp = _ck.cupy()
     _check_shape(y, dy.shape, "y")
-    suf = _suffix(dy.dtype)[0]
+    suf = _ck.float_suffix(dy.dtype)[0]
     dyc = cp.ascontiguousarray(dy)
     yc = cp.ascontiguousarray(cp.asarray(y).astype(dy.dtype, copy=False))
     tgt, res = _elementwise_out(cp, out, dy.shape, dy.dtype)
     if dy.size:
-        _launch(f"relu_backward_{suf}", dy.size, (dyc, yc, tgt, dy.size))
+        _ck.launch(f"relu_backward_{suf}", dy.size, (dyc, yc, tgt, dy.size))
     if tgt is not res:
         res[...] = tgt
     return res
@@ -1055,12 +771,12 @@ def conv2d_forward(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     GPU: per block of samples, im2col into a (C*kh*kw, b*Ho*Wo) buffer and one
     cuBLAS GEMM; cuDNN instead under ``DISTCONV_CUDNN=1`` when available.
     """
-    if not is_gpu_array(x):
+    if not _ck.is_gpu_array(x):
         return conv2d_forward_numpy(x, w, stride, padding, dilation)
-    cp = _cupy()
+    cp = _ck.cupy()
     g, F = _conv_geom(x.shape, w.shape, stride, padding, dilation)
     dt = x.dtype
-    _suffix(dt)
+    _ck.float_suffix(dt)
     y = cp.empty((g.N, F, g.Ho, g.Wo), dt)
     if y.size == 0:
         return y
@@ -1094,15 +810,15 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
     dy: (N, F, Ho, Wo); w: (F, C, kh, kw); x_hw = (H, W) -> dx: (N, C, H, W), dtype of dy.
     GPU: per block of samples, cols = W^T @ dy (cuBLAS) then the atomic-free col2im.
     """
-    if not is_gpu_array(dy):
+    if not _ck.is_gpu_array(dy):
         return conv2d_backward_data_numpy(dy, w, x_hw, stride, padding, dilation)
-    cp = _cupy()
+    cp = _ck.cupy()
     H, W = (int(v) for v in x_hw)
     N, F = int(dy.shape[0]), int(dy.shape[1])
     g, Fw = _conv_geom((N, int(w.shape[1]), H, W), w.shape, stride, padding, dilation)
     _check_shape(dy, (N, Fw, g.Ho, g.Wo), "dy")
     dt = dy.dtype
-    _suffix(dt)
+    _ck.float_suffix(dt)
     if N * g.C * H * W == 0 or F == 0:
         return cp.zeros((N, g.C, H, W), dt)
     dx = cp.empty((N, g.C, H, W), dt)
@@ -1129,15 +845,15 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
     x: (N, C, H, W); dy: (N, F, Ho, Wo); kernel_hw = (kh, kw) -> dw: (F, C, kh, kw), dtype of x.
     GPU: dw = sum over blocks of samples of dy (F, b*L) @ im2col(x)^T (cuBLAS).
     """
-    if not is_gpu_array(x):
+    if not _ck.is_gpu_array(x):
         return conv2d_backward_filter_numpy(x, dy, kernel_hw, stride, padding, dilation)
-    cp = _cupy()
+    cp = _ck.cupy()
     kh, kw = _pair(kernel_hw, "kernel_hw")
     F = int(dy.shape[1])
     g, _ = _conv_geom(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
     _check_shape(dy, (g.N, F, g.Ho, g.Wo), "dy")
     dt = x.dtype
-    _suffix(dt)
+    _ck.float_suffix(dt)
     dw = cp.zeros((F, g.C, kh, kw), dt)
     if dw.size == 0 or g.N == 0:
         return dw
