@@ -100,7 +100,7 @@ _PTX_TYPE = {"P": "u64", "i": "u64", "f": "f32", "d": "f64"}
 
 @pytest.mark.parametrize("cu", CU_FILES)
 def test_entry_points_match_launch_table(nvcc_build, cu):
-    """Names and parameter types of the kernels == what cuda.py passes (cuda.KERNELS)."""
+    """Names and parameter types of the kernels == what the launchers pass (KERNELS)."""
     rc, log, d = nvcc_build[cu]
     assert rc == 0, log
     ptx = (d / (cu[:-3] + ".ptx")).read_text()
@@ -148,7 +148,7 @@ def test_imports_without_cupy():
             "x = np.arange(24.0).reshape(1, 2, 3, 4)\n"
             "assert K.im2col(x, (2, 2)).shape == (1, 8, 6)\n"
             "assert not K.cudnn_available()\n")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(K.__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(CK.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + sys.path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=120)
@@ -482,7 +482,7 @@ def test_bn_numpy_empty():
 @pytest.mark.parametrize("shape", BN_SHAPES + [(0, 3, 4, 4), (2, 0, 3, 3)])
 def test_bn_kernels(dev, monkeypatch, shape, dtype, parts):
     if parts is not None:  # several partial sums per channel, some of them empty
-        monkeypatch.setattr(K, "_bn_parts", lambda C, M: parts)
+        monkeypatch.setattr(K.batchnorm, "_bn_parts", lambda C, M: parts)
     rng = rng_for("bnk", shape)
     C = shape[1]
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
@@ -790,7 +790,7 @@ def test_conv_kernels(dev, monkeypatch, case, dtype, blocks):
     x, w, dy, k, s, p, d = _conv_data(case, dtype)
     if blocks == "many":  # column buffer of 2 samples: several GEMMs, a shorter last one
         K_, L = x.shape[1] * k[0] * k[1], dy.shape[2] * dy.shape[3]
-        monkeypatch.setattr(K, "_COLS_BYTES", max(1, 2 * K_ * L * np.dtype(dtype).itemsize))
+        monkeypatch.setattr(K.conv, "_COLS_BYTES", max(1, 2 * K_ * L * np.dtype(dtype).itemsize))
     tol = 1e-12 if dtype == np.float64 else 1e-5  # GEMM order differs from the twin's
     assert_twin(dev, K.conv2d_forward(dev.to(x), dev.to(w), s, p, d),
                 K.conv2d_forward_numpy(x, w, s, p, d), dtype, "y", tol)
@@ -804,7 +804,7 @@ def test_cudnn_flag_falls_back_without_cudnn(monkeypatch):
     monkeypatch.setenv("DISTCONV_CUDNN", "1")
     if K.cudnn_available():
         pytest.skip("cuDNN is available here")
-    monkeypatch.setattr(K, "_CUDNN_WARNED", False)
+    monkeypatch.setattr(K.conv, "_CUDNN_WARNED", False)
     with pytest.warns(RuntimeWarning, match="cupy.cudnn is not available"):
         assert not K.cudnn_enabled()
     monkeypatch.setenv("DISTCONV_CUDNN", "0")
@@ -879,7 +879,7 @@ def test_pack_beyond_int32_indices(cp):
     ("relu_forward", (np.zeros((1, 2, 4, 4)),)),
 ])
 def test_ops_dispatch_cupy_arrays_to_cuda(monkeypatch, name, args):
-    """For a CuPy array, each op hands the call to the CUDA implementation in ops/cuda.py;
+    """For a CuPy array, each op hands the call to the CUDA implementation in ops/cuda/;
     for a NumPy array it never does."""
     import distconv.ops as ops
     from distconv.ops import _gpu, cuda as cuda_mod
