@@ -8,24 +8,31 @@ import warnings
 
 from ... import cudakernels as _ck
 from .. import _workspace
-from ._common import _Geom, _check_shape, _conv_geom, _pair
+from ..geometry import ConvGeometry, pair
+from ._common import _check_shape
 from .twins import (col2im_numpy, conv2d_backward_data_numpy, conv2d_backward_filter_numpy,
                     conv2d_forward_numpy, im2col_numpy)
 
 _COLS_BYTES = 256 * 2 ** 20  # column buffer of the im2col convolution, at most
 
 
+def _kargs(g, n):
+    """The 14 geometry arguments of the im2col/col2im kernels for a block of ``n`` samples
+    of the :class:`~distconv.ops.geometry.ConvGeometry` ``g``."""
+    return (n, g.C, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.Ho, g.Wo)
+
+
 def _im2col_launch(x, cols, g, n, col_sn, col_sk):
     """im2col of the contiguous (n, C, H, W) CuPy array ``x`` into ``cols`` (any layout)."""
     if n * g.K * g.L:
         _ck.launch("im2col_" + _ck.float_suffix(x.dtype)[0], n * g.K * g.L,
-                (x, cols) + g.kargs(n) + (col_sn, col_sk))
+                (x, cols) + _kargs(g, n) + (col_sn, col_sk))
 
 
 def _col2im_launch(cols, x, g, n, col_sn, col_sk):
     if n * g.C * g.H * g.W:
         _ck.launch("col2im_" + _ck.float_suffix(x.dtype)[0], n * g.C * g.H * g.W,
-                (cols, x) + g.kargs(n) + (col_sn, col_sk))
+                (cols, x) + _kargs(g, n) + (col_sn, col_sk))
 
 
 def im2col(x, kernel_hw, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
@@ -37,7 +44,7 @@ def im2col(x, kernel_hw, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     if not _ck.is_gpu_array(x):
         return im2col_numpy(x, kernel_hw, stride, padding, dilation)
     cp = _ck.cupy()
-    g = _Geom(x.shape, kernel_hw, stride, padding, dilation)
+    g = ConvGeometry(x.shape, kernel_hw, stride, padding, dilation)
     _ck.float_suffix(x.dtype)
     x = cp.ascontiguousarray(x)
     cols = cp.empty((g.N, g.K, g.L), x.dtype)
@@ -53,7 +60,7 @@ def col2im(cols, x_shape, kernel_hw, stride=(1, 1), padding=(0, 0), dilation=(1,
     if not _ck.is_gpu_array(cols):
         return col2im_numpy(cols, x_shape, kernel_hw, stride, padding, dilation)
     cp = _ck.cupy()
-    g = _Geom(x_shape, kernel_hw, stride, padding, dilation)
+    g = ConvGeometry(x_shape, kernel_hw, stride, padding, dilation)
     _check_shape(cols, (g.N, g.K, g.L), "cols")
     _ck.float_suffix(cols.dtype)
     cols = cp.ascontiguousarray(cols)
@@ -142,7 +149,8 @@ def conv2d_forward(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     if not _ck.is_gpu_array(x):
         return conv2d_forward_numpy(x, w, stride, padding, dilation)
     cp = _ck.cupy()
-    g, F = _conv_geom(x.shape, w.shape, stride, padding, dilation)
+    g = ConvGeometry.of_weight(x.shape, w.shape, stride, padding, dilation)
+    F = g.F
     dt = x.dtype
     _ck.float_suffix(dt)
     y = cp.empty((g.N, F, g.Ho, g.Wo), dt)
@@ -183,8 +191,9 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
     cp = _ck.cupy()
     H, W = (int(v) for v in x_hw)
     N, F = int(dy.shape[0]), int(dy.shape[1])
-    g, Fw = _conv_geom((N, int(w.shape[1]), H, W), w.shape, stride, padding, dilation)
-    _check_shape(dy, (N, Fw, g.Ho, g.Wo), "dy")
+    g = ConvGeometry.of_weight((N, int(w.shape[1]), H, W), w.shape, stride, padding,
+                               dilation)
+    _check_shape(dy, (N, g.F, g.Ho, g.Wo), "dy")
     dt = dy.dtype
     _ck.float_suffix(dt)
     if N * g.C * H * W == 0 or F == 0:
@@ -216,9 +225,9 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
     if not _ck.is_gpu_array(x):
         return conv2d_backward_filter_numpy(x, dy, kernel_hw, stride, padding, dilation)
     cp = _ck.cupy()
-    kh, kw = _pair(kernel_hw, "kernel_hw")
+    kh, kw = pair(kernel_hw, "kernel_hw")
     F = int(dy.shape[1])
-    g, _ = _conv_geom(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
+    g = ConvGeometry.of_weight(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
     _check_shape(dy, (g.N, F, g.Ho, g.Wo), "dy")
     dt = x.dtype
     _ck.float_suffix(dt)

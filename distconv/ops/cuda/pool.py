@@ -6,7 +6,8 @@ import numpy as np
 
 from ... import cudakernels as _ck
 from ..pool import max_pool_index_dtype
-from ._common import _check_shape, _pool_geom
+from ..geometry import pool2d_geometry
+from ._common import _check_shape
 from .twins import (avg_pool2d_backward_numpy, avg_pool2d_forward_numpy,
                     max_pool2d_backward_numpy, max_pool2d_forward_numpy)
 
@@ -23,8 +24,8 @@ def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=Fals
     if not _ck.is_gpu_array(x):
         return max_pool2d_forward_numpy(x, kernel, stride, padding, ceil_mode=ceil_mode)
     cp = _ck.cupy()
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding,
-                                                           ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x.shape, kernel, stride, padding, ceil_mode)
     suf = _ck.float_suffix(x.dtype)[0]
     adt = max_pool_index_dtype((kh, kw))
     y = cp.empty((N, C, Ho, Wo), x.dtype)
@@ -44,8 +45,8 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)
         return max_pool2d_backward_numpy(dy, argmax, x_shape, kernel, stride, padding,
                                          ceil_mode=ceil_mode)
     cp = _ck.cupy()
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding,
-                                                           ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x_shape, kernel, stride, padding, ceil_mode)
     _check_shape(dy, (N, C, Ho, Wo), "dy")
     _check_shape(argmax, (N, C, Ho, Wo), "argmax")
     suf = _ck.float_suffix(dy.dtype)[0]
@@ -71,8 +72,8 @@ def avg_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=Fals
         return avg_pool2d_forward_numpy(x, kernel, stride, padding, ceil_mode=ceil_mode,
                                         count_include_pad=count_include_pad)
     cp = _ck.cupy()
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding,
-                                                           ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x.shape, kernel, stride, padding, ceil_mode)
     suf = _ck.float_suffix(x.dtype)[0]
     y = cp.empty((N, C, Ho, Wo), x.dtype)
     if y.size:
@@ -89,8 +90,8 @@ def avg_pool2d_backward(dy, x_shape, kernel, stride=None, padding=(0, 0), *, cei
         return avg_pool2d_backward_numpy(dy, x_shape, kernel, stride, padding,
                                          ceil_mode=ceil_mode, count_include_pad=count_include_pad)
     cp = _ck.cupy()
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding,
-                                                           ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x_shape, kernel, stride, padding, ceil_mode)
     _check_shape(dy, (N, C, Ho, Wo), "dy")
     suf = _ck.float_suffix(dy.dtype)[0]
     dx = cp.empty((N, C, H, W), dy.dtype)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..pool import avg_pool2d_divisor, max_pool_index_dtype
-from ._common import (_Geom, _bn_bwd_vectors, _bn_fwd_vectors, _check4, _check_shape,
-                      _conv_geom, _pair, _pool_geom, _vec)
+from ..geometry import ConvGeometry, pair, pool2d_geometry
+from ._common import _bn_bwd_vectors, _bn_fwd_vectors, _check4, _check_shape, _vec
 
 
 def _fwd_pairs(n_out, n_in, s, p, d, i):
@@ -36,7 +36,7 @@ def im2col_numpy(x, kernel_hw, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     (0 outside the image); rows ordered like ``torch.nn.functional.unfold``.
     """
     x = np.asarray(x)
-    g = _Geom(x.shape, kernel_hw, stride, padding, dilation)
+    g = ConvGeometry(x.shape, kernel_hw, stride, padding, dilation)
     cols = np.zeros((g.N, g.C, g.kh, g.kw, g.Ho, g.Wo), x.dtype)
     if cols.size:
         for i in range(g.kh):
@@ -54,7 +54,7 @@ def col2im_numpy(cols, x_shape, kernel_hw, stride=(1, 1), padding=(0, 0), dilati
     contributions in kernel-offset order (i, j), like the CUDA kernel.
     """
     cols = np.asarray(cols)
-    g = _Geom(x_shape, kernel_hw, stride, padding, dilation)
+    g = ConvGeometry(x_shape, kernel_hw, stride, padding, dilation)
     _check_shape(cols, (g.N, g.K, g.L), "cols")
     x = np.zeros((g.N, g.C, g.H, g.W), cols.dtype)
     if x.size == 0:
@@ -75,7 +75,8 @@ def col2im_numpy(cols, x_shape, kernel_hw, stride=(1, 1), padding=(0, 0), dilati
 def conv2d_forward_numpy(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     """NumPy twin of :func:`conv2d_forward`: W (F, K) @ im2col_numpy(x) per sample."""
     x = np.asarray(x)
-    g, F = _conv_geom(x.shape, w.shape, stride, padding, dilation)
+    g = ConvGeometry.of_weight(x.shape, w.shape, stride, padding, dilation)
+    F = g.F
     dt = x.dtype
     if g.N * F * g.L == 0:
         return np.zeros((g.N, F, g.Ho, g.Wo), dt)
@@ -89,8 +90,9 @@ def conv2d_backward_data_numpy(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilat
     dy = np.asarray(dy)
     H, W = (int(v) for v in x_hw)
     N, F = int(dy.shape[0]), int(dy.shape[1])
-    g, Fw = _conv_geom((N, int(w.shape[1]), H, W), w.shape, stride, padding, dilation)
-    _check_shape(dy, (N, Fw, g.Ho, g.Wo), "dy")
+    g = ConvGeometry.of_weight((N, int(w.shape[1]), H, W), w.shape, stride, padding,
+                               dilation)
+    _check_shape(dy, (N, g.F, g.Ho, g.Wo), "dy")
     dt = dy.dtype
     if N * g.C * H * W == 0 or F == 0:
         return np.zeros((N, g.C, H, W), dt)
@@ -104,9 +106,9 @@ def conv2d_backward_filter_numpy(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0)
     """NumPy twin of :func:`conv2d_backward_filter`: sum_n dy[n] (F, L) @ im2col(x)[n]^T."""
     x = np.asarray(x)
     dy = np.asarray(dy)
-    kh, kw = _pair(kernel_hw, "kernel_hw")
+    kh, kw = pair(kernel_hw, "kernel_hw")
     F = int(dy.shape[1])
-    g, _ = _conv_geom(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
+    g = ConvGeometry.of_weight(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
     _check_shape(dy, (g.N, F, g.Ho, g.Wo), "dy")
     dt = x.dtype
     if F * g.K == 0 or g.N == 0:
@@ -173,8 +175,8 @@ def bn_backward_apply_numpy(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, cou
 def max_pool2d_forward_numpy(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=False):
     """NumPy twin of :func:`max_pool2d_forward` -> (y, argmax)."""
     x = np.asarray(x)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding,
-                                                           ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x.shape, kernel, stride, padding, ceil_mode)
     y = np.empty((N, C, Ho, Wo), x.dtype)
     arg = np.zeros((N, C, Ho, Wo), max_pool_index_dtype((kh, kw)))
     if y.size == 0:
@@ -208,8 +210,8 @@ def max_pool2d_backward_numpy(dy, argmax, x_shape, kernel, stride=None, padding=
                               ceil_mode=False):
     """NumPy twin of :func:`max_pool2d_backward` (gather per input pixel, (i, j) order)."""
     dy = np.asarray(dy)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding,
-                                                           ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x_shape, kernel, stride, padding, ceil_mode)
     _check_shape(dy, (N, C, Ho, Wo), "dy")
     _check_shape(argmax, (N, C, Ho, Wo), "argmax")
     dx = np.zeros((N, C, H, W), dy.dtype)
@@ -235,8 +237,8 @@ def avg_pool2d_forward_numpy(x, kernel, stride=None, padding=(0, 0), *, ceil_mod
     """NumPy twin of :func:`avg_pool2d_forward`: (sum of the in-bounds window) / divisor
     (:func:`distconv.ops.pool.avg_pool2d_divisor`)."""
     x = np.asarray(x)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x.shape, kernel, stride, padding,
-                                                           ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x.shape, kernel, stride, padding, ceil_mode)
     acc = np.zeros((N, C, Ho, Wo), x.dtype)
     if acc.size == 0:
         return acc
@@ -254,8 +256,8 @@ def avg_pool2d_backward_numpy(dy, x_shape, kernel, stride=None, padding=(0, 0), 
                               ceil_mode=False, count_include_pad=True):
     """NumPy twin of :func:`avg_pool2d_backward`: pixels gather dy/divisor of their windows."""
     dy = np.asarray(dy)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _pool_geom(x_shape, kernel, stride, padding,
-                                                           ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x_shape, kernel, stride, padding, ceil_mode)
     _check_shape(dy, (N, C, Ho, Wo), "dy")
     dx = np.zeros((N, C, H, W), dy.dtype)
     if dx.size == 0:
