@@ -85,10 +85,6 @@ def _escape(key: str) -> str:
     return key.replace("%", "%25").replace("/", "%2F")
 
 
-def _unescape(name: str) -> str:
-    return name.replace("%2F", "/").replace("%25", "%")
-
-
 def _canon(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
 
