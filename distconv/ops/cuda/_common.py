@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..geometry import ConvGeometry, pair
+
 
 def _check4(x, name="x"):
     if x.ndim != 4:
@@ -14,6 +16,26 @@ def _check4(x, name="x"):
 def _check_shape(a, shape, name):
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+
+
+def _bwd_data_geom(dy, w, x_hw, stride, padding, dilation):
+    """ConvGeometry (F set) of the input gradient of x (N, C, *x_hw) from dy (N, F, Ho, Wo)
+    and w (F, C, kh, kw); ValueError when dy's shape does not fit."""
+    H, W = (int(v) for v in x_hw)
+    N = int(dy.shape[0])
+    g = ConvGeometry.of_weight((N, int(w.shape[1]), H, W), w.shape, stride, padding, dilation)
+    _check_shape(dy, (N, g.F, g.Ho, g.Wo), "dy")
+    return g
+
+
+def _bwd_filter_geom(x, dy, kernel_hw, stride, padding, dilation):
+    """ConvGeometry (F set) of the weight gradient (F, C, *kernel_hw) from x (N, C, H, W) and
+    dy (N, F, Ho, Wo); ValueError when dy's shape does not fit."""
+    kh, kw = pair(kernel_hw, "kernel_hw")
+    g = ConvGeometry.of_weight(x.shape, (int(dy.shape[1]), x.shape[1], kh, kw), stride,
+                               padding, dilation)
+    _check_shape(dy, (g.N, g.F, g.Ho, g.Wo), "dy")
+    return g
 
 
 def _vec(xp, v, C, dtype, name):

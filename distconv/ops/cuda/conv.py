@@ -8,8 +8,8 @@ import warnings
 
 from ... import cudakernels as _ck
 from .. import _workspace
-from ..geometry import ConvGeometry, pair
-from ._common import _check_shape
+from ..geometry import ConvGeometry
+from ._common import _bwd_data_geom, _bwd_filter_geom, _check_shape
 from .twins import (col2im_numpy, conv2d_backward_data_numpy, conv2d_backward_filter_numpy,
                     conv2d_forward_numpy, im2col_numpy)
 
@@ -125,6 +125,17 @@ def _samples_per_block(g, itemsize):
     return max(1, min(g.N, _COLS_BYTES // max(1, g.K * g.L * itemsize)))
 
 
+def _im2col_blocks(cp, g, xc, dt):
+    """``(n0, n1, cols)`` for each block of samples of the contiguous input ``xc``: cols, the
+    (K, b*L) patch matrix of ``xc[n0:n1]`` in a scratch buffer reused by the next block."""
+    B = _samples_per_block(g, dt.itemsize)
+    for n0 in range(0, g.N, B):
+        n1 = min(g.N, n0 + B)
+        cols = _cols_buffer(cp, g, B, n1 - n0, dt)
+        _im2col_launch(xc[n0:n1], cols, g, n1 - n0, g.L, (n1 - n0) * g.L)
+        yield n0, n1, cols
+
+
 def _cols_buffer(cp, g, B, b, dtype):
     """A (K, b*L) scratch column buffer (contiguous) from a cached (K*B*L,) one."""
     buf = _workspace.get(cp, "cuda_cols", (g.K * B * g.L,), dtype)
@@ -166,12 +177,8 @@ def conv2d_forward(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
             (g.dh, g.dw), 1, auto_tune=False, tensor_core="never"):
         return y
     w2 = wc.reshape(F, g.K)
-    B = _samples_per_block(g, dt.itemsize)
-    for n0 in range(0, g.N, B):
-        n1 = min(g.N, n0 + B)
+    for n0, n1, cols in _im2col_blocks(cp, g, xc, dt):
         b = n1 - n0
-        cols = _cols_buffer(cp, g, B, b, dt)
-        _im2col_launch(xc[n0:n1], cols, g, b, g.L, b * g.L)
         if b == 1:
             cp.matmul(w2, cols, out=y[n0].reshape(F, g.L))
         else:
@@ -189,11 +196,8 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
     if not _ck.is_gpu_array(dy):
         return conv2d_backward_data_numpy(dy, w, x_hw, stride, padding, dilation)
     cp = _ck.cupy()
-    H, W = (int(v) for v in x_hw)
-    N, F = int(dy.shape[0]), int(dy.shape[1])
-    g = ConvGeometry.of_weight((N, int(w.shape[1]), H, W), w.shape, stride, padding,
-                               dilation)
-    _check_shape(dy, (N, g.F, g.Ho, g.Wo), "dy")
+    g = _bwd_data_geom(dy, w, x_hw, stride, padding, dilation)
+    N, H, W, F = g.N, g.H, g.W, g.F
     dt = dy.dtype
     _ck.float_suffix(dt)
     if N * g.C * H * W == 0 or F == 0:
@@ -225,10 +229,8 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
     if not _ck.is_gpu_array(x):
         return conv2d_backward_filter_numpy(x, dy, kernel_hw, stride, padding, dilation)
     cp = _ck.cupy()
-    kh, kw = pair(kernel_hw, "kernel_hw")
-    F = int(dy.shape[1])
-    g = ConvGeometry.of_weight(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
-    _check_shape(dy, (g.N, F, g.Ho, g.Wo), "dy")
+    g = _bwd_filter_geom(x, dy, kernel_hw, stride, padding, dilation)
+    F, kh, kw = g.F, g.kh, g.kw
     dt = x.dtype
     _ck.float_suffix(dt)
     dw = cp.zeros((F, g.C, kh, kw), dt)
@@ -241,12 +243,7 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
             (g.dh, g.dw), 1, deterministic=True, auto_tune=False, tensor_core="never"):
         return dw
     dw2 = dw.reshape(F, g.K)
-    B = _samples_per_block(g, dt.itemsize)
-    for n0 in range(0, g.N, B):
-        n1 = min(g.N, n0 + B)
-        b = n1 - n0
-        cols = _cols_buffer(cp, g, B, b, dt)
-        _im2col_launch(xc[n0:n1], cols, g, b, g.L, b * g.L)
+    for n0, n1, cols in _im2col_blocks(cp, g, xc, dt):
         part = cp.matmul(_to_fl(cp, dyc, n0, n1, F, g.L), cols.T)
         if n0 == 0:
             dw2[...] = part

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..pool import avg_pool2d_divisor, max_pool_index_dtype
-from ..geometry import ConvGeometry, pair, pool2d_geometry
-from ._common import _bn_bwd_vectors, _bn_fwd_vectors, _check4, _check_shape, _vec
+from ..geometry import ConvGeometry, pool2d_geometry
+from ._common import (_bn_bwd_vectors, _bn_fwd_vectors, _bwd_data_geom, _bwd_filter_geom,
+                      _check4, _check_shape, _vec)
 
 
 def _fwd_pairs(n_out, n_in, s, p, d, i):
@@ -88,11 +89,8 @@ def conv2d_forward_numpy(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
 def conv2d_backward_data_numpy(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     """NumPy twin of :func:`conv2d_backward_data`: col2im_numpy(W^T @ dy)."""
     dy = np.asarray(dy)
-    H, W = (int(v) for v in x_hw)
-    N, F = int(dy.shape[0]), int(dy.shape[1])
-    g = ConvGeometry.of_weight((N, int(w.shape[1]), H, W), w.shape, stride, padding,
-                               dilation)
-    _check_shape(dy, (N, g.F, g.Ho, g.Wo), "dy")
+    g = _bwd_data_geom(dy, w, x_hw, stride, padding, dilation)
+    N, H, W, F = g.N, g.H, g.W, g.F
     dt = dy.dtype
     if N * g.C * H * W == 0 or F == 0:
         return np.zeros((N, g.C, H, W), dt)
@@ -106,10 +104,8 @@ def conv2d_backward_filter_numpy(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0)
     """NumPy twin of :func:`conv2d_backward_filter`: sum_n dy[n] (F, L) @ im2col(x)[n]^T."""
     x = np.asarray(x)
     dy = np.asarray(dy)
-    kh, kw = pair(kernel_hw, "kernel_hw")
-    F = int(dy.shape[1])
-    g = ConvGeometry.of_weight(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
-    _check_shape(dy, (g.N, F, g.Ho, g.Wo), "dy")
+    g = _bwd_filter_geom(x, dy, kernel_hw, stride, padding, dilation)
+    F, kh, kw = g.F, g.kh, g.kw
     dt = x.dtype
     if F * g.K == 0 or g.N == 0:
         return np.zeros((F, g.C, kh, kw), dt)
