@@ -29,6 +29,7 @@ import numpy as np
 
 from .backend import array_module, is_gpu_array
 from .distribution import block_sizes
+from .packing import pack_channel_blocks, unpack_channel_blocks
 
 
 class _LazyMPI:
@@ -549,9 +550,8 @@ def _pack(xp, x, axis, counts, pre, post):
     if pre == 1 or len(counts) == 1:
         return xp.ascontiguousarray(x).reshape(-1)
     if xp is not np:  # CUDA pack kernel (kernels/pack.cu), blocks on axis 1 of (pre, n, post)
-        from .ops import cuda
-        return cuda.pack_channel_blocks(xp.ascontiguousarray(x).reshape(pre, x.shape[axis], post),
-                                        counts)
+        return pack_channel_blocks(xp.ascontiguousarray(x).reshape(pre, x.shape[axis], post),
+                                   counts)
     x3 = x.reshape(pre, x.shape[axis], post)
     out = xp.empty(x.size, x.dtype)
     off = 0
@@ -570,8 +570,7 @@ def _assemble(xp, flat, out_shape, axis, counts, pre, post):
         return flat.reshape(out_shape)
     total = sum(counts)
     if xp is not np:  # CUDA unpack kernel (kernels/pack.cu)
-        from .ops import cuda
-        return cuda.unpack_channel_blocks(flat, (pre, total, post), counts).reshape(out_shape)
+        return unpack_channel_blocks(flat, (pre, total, post), counts).reshape(out_shape)
     out = xp.empty(out_shape, flat.dtype)
     o3 = out.reshape(pre, total, post)
     off = 0

@@ -1,8 +1,8 @@
-"""Machine and software facts that benchmark scripts record next to their figures.
+"""Machine and software facts that benchmark scripts record next to their figures, and the
+one list of the BLAS/OpenMP thread variables they pin.
 
-Used by ``scripts/bench_conv.py``, ``scripts/bench_layers.py`` and
-``scripts/bench_planner.py`` so that every results JSON names the BLAS, the CPU and the
-code it was measured with. Nothing here imports MPI.
+Used by ``scripts/bench_*.py`` and ``scripts/scaling.py`` so that every results JSON names
+the BLAS, the CPU and the code it was measured with. Nothing here imports MPI.
 """
 from __future__ import annotations
 
@@ -11,6 +11,26 @@ import platform
 import subprocess
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: Environment variables that set the thread count of the BLAS and OpenMP libraries.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                   "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def pin_threads(n: int = 1) -> None:
+    """``n`` BLAS/OpenMP threads for this process and the processes it starts.
+
+    Sets every variable of :data:`THREAD_ENV_VARS` to ``n`` (libraries loaded from now on,
+    child processes) and limits the thread pools of the libraries already loaded (NumPy's
+    BLAS is: importing distconv imports NumPy) with threadpoolctl, when it is installed.
+    """
+    for v in THREAD_ENV_VARS:
+        os.environ[v] = str(int(n))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the variables still reach child processes
+        return
+    threadpool_limits(limits=int(n))
 _BLAS_KEYS = ("user_api", "internal_api", "prefix", "version", "architecture", "num_threads",
               "threading_layer")
 

@@ -123,8 +123,6 @@ class DistTensor:
         if distribution.pending and any(distribution.grid.coord(a) != 0
                                         for a in distribution.pending):
             local = xp.zeros_like(local)
-        elif local is array:
-            local = local.copy()
         return cls(local, distribution, shape)
 
     def to_global(self):

@@ -38,23 +38,19 @@ Only rank 0 prints and writes JSON. OpenMP/BLAS threads are set to 1 per rank.
 """
 from __future__ import annotations
 
+import argparse
+import datetime
+import functools
+import json
 import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
 
-# one thread per rank: must be set before numpy is imported
-for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-           "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
-    os.environ[_v] = "1"
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+from distconv.envinfo import pin_threads
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 QUICK_SIZES = (0.25, 1)
@@ -399,4 +395,5 @@ def _environment(np, MPI, p):
 
 if __name__ == "__main__":
     from distconv.comm import run_guarded  # a failing rank ends the whole job
+    pin_threads(1)  # one BLAS/OpenMP thread per rank
     sys.exit(run_guarded(main))

@@ -31,11 +31,9 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from distconv.envinfo import blas_info  # noqa: E402
+from distconv.envinfo import blas_info
 
 # (name, C, F, H(=W), kernel, stride, padding)
 RESNET50 = [

@@ -67,36 +67,26 @@ versions, load average, git commit).
 """
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import os
+import platform
+import socket
+import subprocess
+import sys
+import time
 
-# one BLAS/OpenMP thread per rank: must be set before numpy is imported
-_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-               "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-for _v in _THREAD_ENV:
-    os.environ[_v] = "1"
+import numpy as np
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-sys.path.insert(0, _ROOT)
-
-import numpy as np  # noqa: E402
-
-from distconv.envinfo import blas_info, cpu_model, git_state  # noqa: E402
+from distconv.bench.stats import is_clean, stats_delta
+from distconv.envinfo import THREAD_ENV_VARS, blas_info, cpu_model, git_state, pin_threads
 
 MB = 1e6
 DEFAULTS = dict(batch=8, channels=256, filters=256, size=28, kernel=3, repeats=20, warmup=3)
 QUICK = dict(batch=4, channels=16, filters=16, size=8, kernel=3, repeats=2, warmup=1)
-# a step counts as clean if the time the OS took away is below this (fraction of the step) ...
-CLEAN_FLOOR_S = 0.5e-3  # ... or below this many seconds
+# a step counts as clean if the time the OS took away is below a fraction of the step or
+# below CLEAN_FLOOR_S seconds (distconv.bench.stats.is_clean)
 # environment variables of MPI launchers: removed for the 1-rank child (MPI singleton)
 _LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "MPI_LOCAL", "MPIR_", "OMPI_", "PRTE_",
                       "SLURM_", "PALS_", "MV2_")
@@ -203,29 +193,12 @@ def allreduce_sent_bytes(n, p, item):
     return max((n - b[r] + b[r] * (p - 1)) * item for r in range(p))
 
 
-def stats_delta(after, before):
-    out = {}
-    for k, v in after.items():
-        if k == "total":
-            continue
-        b = before.get(k, {"calls": 0, "bytes_sent": 0, "bytes_recv": 0, "time": 0.0})
-        d = {f: v[f] - b[f] for f in ("calls", "bytes_sent", "bytes_recv", "time")}
-        if d["calls"]:
-            out[k] = d
-    return out
-
-
 def sum_kinds(kinds):
     tot = {"calls": 0, "bytes_sent": 0, "bytes_recv": 0, "time": 0.0}
     for d in kinds.values():
         for f in tot:
             tot[f] += d[f]
     return tot
-
-
-def is_clean(steps, losts, frac):
-    """Clean repetition: the OS took less than ``frac`` of the step from every rank."""
-    return all(lost <= max(frac * step, CLEAN_FLOOR_S) for step, lost in zip(steps, losts))
 
 
 def med(vals):
@@ -254,7 +227,7 @@ def environment(comm, args, threads_applied):
         aff = None
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "affinity": aff,
             "threads_applied": threads_applied, "blas": blas_info(),
-            "thread_env": {v: os.environ.get(v) for v in _THREAD_ENV}}
+            "thread_env": {v: os.environ.get(v) for v in THREAD_ENV_VARS}}
     ranks = comm.allgather_obj(mine)
     return {
         "ranks": comm.size,
@@ -761,4 +734,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from distconv.comm import run_guarded  # a failing rank ends the whole job
+    pin_threads(1)  # one BLAS/OpenMP thread per rank
     sys.exit(run_guarded(main))

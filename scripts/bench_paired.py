@@ -22,20 +22,16 @@ the ratio of the medians. Rank 0 prints a table and writes ``--json``.
 """
 from __future__ import annotations
 
-import os
+import argparse
+import datetime
+import json
+import sys
+import time
 
-for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
-    os.environ[_v] = "1"
+import numpy as np
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import numpy as np  # noqa: E402
+from distconv.bench.runs import self_strategy
+from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(channels=256, size=28, batch=1, rounds=40, warmup=3)
 QUICK = dict(channels=8, size=6, batch=1, rounds=3, warmup=1)
@@ -74,19 +70,6 @@ def parse_args(argv=None):
     return a
 
 
-def _self_strategy():
-    """A Strategy whose grid is this process alone (a 1-rank job inside a P-rank one)."""
-    from distconv.comm import self_comm
-    from distconv.grid import ProcessGrid
-    from distconv.strategy import AXES, Strategy
-    grid = ProcessGrid(self_comm(), (1, 1, 1), AXES)
-
-    class _Self(Strategy):
-        def grid(self, comm=None):
-            return grid
-    return _Self(sample=1, channel=1, filter=1)
-
-
 class _Case:
     """One model with its input, output gradient and gradient sync."""
 
@@ -114,8 +97,7 @@ class _Case:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(1)
+    pin_threads(1)  # one BLAS/OpenMP thread per rank
     import distconv as dc
     from distconv.comm import world
     from distconv.envinfo import blas_info, cpu_model, git_state
@@ -128,7 +110,7 @@ def main(argv=None) -> int:
     shape = (args.batch, args.channels, args.size, args.size)
     x_glob = rng.standard_normal(shape).astype(np.float32)
     dy_glob = rng.standard_normal(shape).astype(np.float32)
-    single = _Case(args, _self_strategy(), x_glob, dy_glob) if me == 0 else None
+    single = _Case(args, self_strategy(), x_glob, dy_glob) if me == 0 else None
     cases = {s: _Case(args, dc.Strategy.parse(s), x_glob, dy_glob) for s in args.strategy_list}
     t_a, t_b = [], {s: [] for s in args.strategy_list}
     t_start = time.perf_counter()

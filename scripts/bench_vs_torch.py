@@ -32,29 +32,22 @@ configurations (``torch 1x1``, ``distconv 1``) it is the steadier figure; for se
 ranks it also counts MPI's busy-waiting, and for ``torch 1xP`` it sums P threads (not
 comparable, left out of the table).
 Models: ResNet-18 with the CIFAR stem at 32x32 (10 classes) and ResNet-50 at 224x224
-(1000 classes); the PyTorch twins come from ``tests/torch_resnet.py`` (torchvision's
+(1000 classes); the PyTorch twins come from ``distconv/bench/torch_resnet.py`` (torchvision's
 definitions, which ``distconv.models`` follows).
 """
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import os
+import sys
+import time
 
-for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
-    os.environ[_v] = "1"
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+import numpy as np
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import types  # noqa: E402
-
-_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, _ROOT)
-sys.path.insert(0, os.path.join(_ROOT, "scripts"))
-
-import numpy as np  # noqa: E402
+from distconv.bench.runs import input_distribution, plan_and_predict, self_strategy
+from distconv.envinfo import pin_threads
 
 MODELS = {"resnet18": dict(size=32, classes=10, stem="cifar"),
           "resnet50": dict(size=224, classes=1000, stem="imagenet")}
@@ -139,7 +132,7 @@ class _Config:
 class _Torch(_Config):
     def __init__(self, args, spec, x, y, threads, ddp_group=None):
         import torch
-        from tests import torch_resnet as tr
+        from distconv.bench import torch_resnet as tr
         self.torch, self.threads = torch, threads
         torch.manual_seed(args.seed)
         block, layers = ((tr.BasicBlock, [2, 2, 2, 2]) if spec["model"] == "resnet18"
@@ -164,7 +157,6 @@ class _Distconv(_Config):
     def __init__(self, args, spec, x, y, strategy, plan=None):
         import distconv as dc
         from distconv import DistTensor, models, optim
-        from scaling import input_distribution
         dc.manual_seed(args.seed)
         fn = models.resnet18 if spec["model"] == "resnet18" else models.resnet50
         self.model = fn(num_classes=spec["classes"], stem=spec["stem"], base_width=args.width,
@@ -179,11 +171,6 @@ class _Distconv(_Config):
     def step(self):
         return self.timed()
 
-
-
-def _self_strategy():
-    from bench_paired import _self_strategy as s
-    return s()
 
 
 def _ddp_group(comm):
@@ -207,9 +194,7 @@ def _auto_plan(comm, spec_model, x_shape):
     """The planner's per-layer plan for ``x_shape`` on this job's ranks (machine calibrated
     here, kernels measured/cached as ``scripts/scaling.py`` does)."""
     from distconv.planner.planfile import to_strategies
-    from scaling import plan_and_predict
-    plan, predicted, _ = plan_and_predict(types.SimpleNamespace(overlap="on"), comm,
-                                          spec_model, x_shape, None)
+    plan, predicted, _ = plan_and_predict(comm, spec_model, x_shape, None, overlap=True)
     return to_strategies(plan), plan, predicted
 
 
@@ -236,7 +221,7 @@ def build_configs(args, comm, spec, x, y):
                 add(f"DDP {p}x1", False, lambda: _Torch(args, spec, x[lo:hi], y[lo:hi], 1, grp))
             else:
                 notes["ddp"] = f"batch {n} does not split over {p} processes"
-    add("distconv 1", True, lambda: _Distconv(args, spec, x, y, _self_strategy()))
+    add("distconv 1", True, lambda: _Distconv(args, spec, x, y, self_strategy()))
     if p > 1:
         for s in args.strategy_list:
             if s == "auto":
@@ -326,8 +311,8 @@ def table(groups, p):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(1)
+    pin_threads(1)  # one BLAS/OpenMP thread per rank
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # DDP's gloo group on loopback
     import torch
     torch.set_num_threads(1)
     import distconv as dc

@@ -5,16 +5,13 @@ The model mixes strategies per layer: a data-parallel first conv, a channel-para
 second conv and a filter-parallel classifier. Every rank runs the same loop;
 ``loss`` is the global mean on every rank.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import distconv as dc  # noqa: E402
-from distconv import nn, optim  # noqa: E402
-from distconv.comm import world  # noqa: E402
+import distconv as dc
+from distconv import nn, optim
+from distconv.comm import world
 
 
 def main():

@@ -16,10 +16,7 @@ Files are written atomically (temp file + rename). The same functions are
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def _shape(text: str):

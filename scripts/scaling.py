@@ -95,24 +95,18 @@ of the same is printed.
 """
 from __future__ import annotations
 
+import argparse
+import csv
+import json
 import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
 
-_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-               "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-for _v in _THREAD_ENV:
-    os.environ[_v] = "1"
-
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
+from distconv.bench.runs import input_distribution, plan_and_predict
+from distconv.envinfo import THREAD_ENV_VARS, pin_threads
 
 DEFAULTS = dict(ranks="1,2", strategies="sample;channel=2;filter=2;auto", batch=8, size=28,
                 channels=256, steps=10, warmup=2)
@@ -202,13 +196,6 @@ def build_model(args, st):
     return nn.Sequential(*layers)
 
 
-def input_distribution(model):
-    """Where the model's input must arrive: its first conv's input distribution (the
-    activation layout of that layer's strategy, which is what ``graph_events`` assumes)."""
-    first = model.conv1 if hasattr(model, "conv1") else model[0]
-    return first.input_distribution
-
-
 def train_step(model, x, dy, sync):
     """One worker step: forward, backward from ``dy``, and the overlapped gradient sync."""
     model(x)
@@ -261,38 +248,6 @@ def grid_text(plan, names) -> str:
     return " ".join(f"{n}:{t}" for n, t in txt.items())
 
 
-def plan_and_predict(args, comm, model, x_shape, fixed_plan):
-    """Calibrate the machine (all ranks), then on rank 0 search a plan (``fixed_plan is
-    None``: strategy ``auto``) or take ``fixed_plan``, and simulate its step; the other
-    ranks wait without spinning. Returns ``(plan, predicted, machine notes)`` on every rank."""
-    from distconv.planner.auto import MEASURE_ROUNDS, default_cache_path, plan_model
-    from distconv.planner.compute import ComputeModel
-    from distconv.planner.costs import CostModel
-    from distconv.planner.graph import trace
-    from distconv.planner.machine import calibrate
-    from distconv.planner.simulate import simulate
-    machine = calibrate(comm)
-    res = None
-    if comm.rank == 0:
-        compute = ComputeModel(cache_path=default_cache_path(), threads=1,
-                               rounds=MEASURE_ROUNDS)
-        overlap = args.overlap == "on"
-        if fixed_plan is None:
-            r = plan_model(model, x_shape, comm.size, machine, compute, overlap=overlap)
-            plan, pred = r["plan"], r["predicted"]
-        else:
-            plan = fixed_plan
-            pred = simulate(CostModel(trace(model, x_shape), comm.size, machine, compute),
-                            plan, overlap=overlap)
-        if compute.measured:
-            compute.save()
-        keys = ("step_s", "compute_s", "comm_s", "sync_s", "exposed_sync_s", "update_s")
-        res = ({k: tuple(v) for k, v in plan.items()}, {k: pred[k] for k in keys},
-               machine.notes)
-    comm.idle_barrier()
-    return comm.allgather_obj(res)[0]
-
-
 def worker(args):
     import resource
 
@@ -321,7 +276,8 @@ def worker(args):
     graph = trace(model, x_shape)
     names = graph.strategic_names()
     fixed = None if auto else {k: st.resolve(p) for k in names}
-    plan, predicted, machine_notes = plan_and_predict(args, comm, model, x_shape, fixed)
+    plan, predicted, machine_notes = plan_and_predict(comm, model, x_shape, fixed,
+                                                       overlap=args.overlap == "on")
     if auto:
         model.set_strategy(to_strategies(plan))
     overlap = args.overlap == "on"
@@ -582,10 +538,8 @@ def driver(args):
         return 1
     os.makedirs(pts, exist_ok=True)
     env = dict(os.environ)
-    for v in _THREAD_ENV:
+    for v in THREAD_ENV_VARS:
         env[v] = "1"
-    env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
-                                 else "")
     got: dict = {}
     nok = 0
     for p, st, path, cmd in plan:
@@ -697,7 +651,6 @@ def summarize(dirs, out) -> int:
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        sys.path.insert(0, _ROOT)
         from distconv.comm import run_guarded
         return run_guarded(worker, args)
     if args.summarize:
@@ -706,4 +659,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    pin_threads(1)  # one BLAS/OpenMP thread per rank (the driver's children get it too)
     sys.exit(main())

@@ -285,3 +285,27 @@ def test_split_shares_stats(comm):
     k = kinds(c)
     assert k["allreduce"][0] == 1
     assert k == kinds(sub)
+
+
+# ------------------------------------------------------------------------------ layering
+def test_comm_and_its_kernels_do_not_import_ops():
+    """comm.py and the modules it uses for GPU packing (packing.py, cudakernels.py) stand
+    below distconv.ops: none of them imports it."""
+    import ast
+    import os
+
+    import distconv
+    root = os.path.dirname(os.path.abspath(distconv.__file__))
+    for name in ("comm.py", "packing.py", "cudakernels.py"):
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""] + [f"{node.module or ''}.{a.name}"
+                                              for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(m.lstrip(".").split(".")[0] == "ops" or "distconv.ops" in m
+                           for m in mods), f"{name} imports distconv.ops"

@@ -1,13 +1,14 @@
-"""CUDA local kernels (kernels/*.cu) and distconv.ops.cuda, with and without a GPU.
+"""CUDA kernels (kernels/*.cu), their loader distconv.cudakernels and their launchers
+(distconv.ops.cuda, distconv.packing), with and without a GPU.
 
 Without a GPU:
 
 * every ``kernels/*.cu`` compiles with nvcc (``-cubin -arch=sm_80``) and its entry
-  points and parameter types are exactly those ``cuda.KERNELS`` launches;
-* the source ``cuda.py`` hands to CuPy (headers pasted in) compiles with NVRTC,
+  points and parameter types are exactly those ``cudakernels.KERNELS`` launches;
+* the source ``cudakernels`` hands to CuPy (headers pasted in) compiles with NVRTC,
   when CuPy and its NVRTC library load;
 * the CUDA sources RUN on the CPU: g++ builds them against a small host emulation
-  of the CUDA built-ins, and the GPU functions of ``cuda.py`` drive them with
+  of the CUDA built-ins, and the GPU functions of the launchers drive them with
   NumPy standing in for CuPy (device ``emu``); results must equal the NumPy twins;
 * the NumPy twins match independent references: torch float64 and
   ``comm._pack``/``comm._assemble``.
@@ -28,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
+from distconv import cudakernels as CK
 from distconv.ops import cuda as K
 from tests.tolerance import rel_err
 
@@ -98,7 +100,7 @@ _PTX_TYPE = {"P": "u64", "i": "u64", "f": "f32", "d": "f64"}
 
 @pytest.mark.parametrize("cu", CU_FILES)
 def test_entry_points_match_launch_table(nvcc_build, cu):
-    """Names and parameter types of the kernels == what cuda.py passes (cuda.KERNELS)."""
+    """Names and parameter types of the kernels == what the launchers pass (KERNELS)."""
     rc, log, d = nvcc_build[cu]
     assert rc == 0, log
     ptx = (d / (cu[:-3] + ".ptx")).read_text()
@@ -146,7 +148,7 @@ def test_imports_without_cupy():
             "x = np.arange(24.0).reshape(1, 2, 3, 4)\n"
             "assert K.im2col(x, (2, 2)).shape == (1, 8, 6)\n"
             "assert not K.cudnn_available()\n")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(K.__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(CK.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + sys.path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=120)
@@ -183,15 +185,15 @@ _CTYPE = {"P": ctypes.c_void_p, "i": ctypes.c_longlong, "f": ctypes.c_float,
 
 
 class Emulator:
-    """Runs the CUDA kernels compiled for the host; a drop-in for ``cuda._launch``."""
+    """Runs the CUDA kernels compiled for the host; a drop-in for ``cudakernels.launch``."""
 
     GRID, BLOCK = 3, 5  # odd sizes: grid-stride loops must cover the rest
 
     def __init__(self, libs):
         self.libs = libs
 
-    def launch(self, name, total, args, threads=K._THREADS, blocks=None):
-        sig = K._SIGNATURE[name]
+    def launch(self, name, total, args, threads=CK.THREADS, blocks=None):
+        sig = CK.SIGNATURE[name]
         assert len(args) == len(sig), (name, len(args), len(sig))
         cargs = []
         for i, (kind, a) in enumerate(zip(sig, args)):
@@ -204,12 +206,12 @@ class Emulator:
             else:
                 assert isinstance(a, (float, np.floating)), (name, i, type(a))
                 cargs.append(float(a))
-        lib = self.libs[K._FILE_OF[name]]
+        lib = self.libs[CK.FILE_OF[name]]
         fn = getattr(lib, name)
         fn.argtypes = [_CTYPE[k] for k in sig]
         fn.restype = None
         if "_partial_" in name:  # block reductions: one-thread blocks, grid-stride over blocks
-            assert threads == K._RED_THREADS and blocks >= 1
+            assert threads == CK.RED_THREADS and blocks >= 1
             grid, block = min(int(blocks), self.GRID), 1
         else:
             assert total >= 1, f"{name} launched with nothing to do"
@@ -269,9 +271,9 @@ def cp():
 def dev(request, monkeypatch):
     if request.param == "emu":
         emu = request.getfixturevalue("emu")
-        monkeypatch.setattr(K, "_cupy", lambda: np)
-        monkeypatch.setattr(K, "is_gpu_array", lambda a: isinstance(a, np.ndarray))
-        monkeypatch.setattr(K, "_launch", emu.launch)
+        monkeypatch.setattr(CK, "cupy", lambda: np)
+        monkeypatch.setattr(CK, "is_gpu_array", lambda a: isinstance(a, np.ndarray))
+        monkeypatch.setattr(CK, "launch", emu.launch)
         monkeypatch.delenv("DISTCONV_CUDNN", raising=False)
         return Dev("emu", to=lambda a: np.array(a, copy=True), get=np.asarray)
     cupy = request.getfixturevalue("cp")
@@ -480,7 +482,7 @@ def test_bn_numpy_empty():
 @pytest.mark.parametrize("shape", BN_SHAPES + [(0, 3, 4, 4), (2, 0, 3, 3)])
 def test_bn_kernels(dev, monkeypatch, shape, dtype, parts):
     if parts is not None:  # several partial sums per channel, some of them empty
-        monkeypatch.setattr(K, "_bn_parts", lambda C, M: parts)
+        monkeypatch.setattr(K.batchnorm, "_bn_parts", lambda C, M: parts)
     rng = rng_for("bnk", shape)
     C = shape[1]
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
@@ -788,7 +790,7 @@ def test_conv_kernels(dev, monkeypatch, case, dtype, blocks):
     x, w, dy, k, s, p, d = _conv_data(case, dtype)
     if blocks == "many":  # column buffer of 2 samples: several GEMMs, a shorter last one
         K_, L = x.shape[1] * k[0] * k[1], dy.shape[2] * dy.shape[3]
-        monkeypatch.setattr(K, "_COLS_BYTES", max(1, 2 * K_ * L * np.dtype(dtype).itemsize))
+        monkeypatch.setattr(K.conv, "_COLS_BYTES", max(1, 2 * K_ * L * np.dtype(dtype).itemsize))
     tol = 1e-12 if dtype == np.float64 else 1e-5  # GEMM order differs from the twin's
     assert_twin(dev, K.conv2d_forward(dev.to(x), dev.to(w), s, p, d),
                 K.conv2d_forward_numpy(x, w, s, p, d), dtype, "y", tol)
@@ -802,7 +804,7 @@ def test_cudnn_flag_falls_back_without_cudnn(monkeypatch):
     monkeypatch.setenv("DISTCONV_CUDNN", "1")
     if K.cudnn_available():
         pytest.skip("cuDNN is available here")
-    monkeypatch.setattr(K, "_CUDNN_WARNED", False)
+    monkeypatch.setattr(K.conv, "_CUDNN_WARNED", False)
     with pytest.warns(RuntimeWarning, match="cupy.cudnn is not available"):
         assert not K.cudnn_enabled()
     monkeypatch.setenv("DISTCONV_CUDNN", "0")
@@ -839,7 +841,7 @@ def test_compile_all_and_module_cache(cp):
 @pytest.mark.gpu
 def test_grid_stride_beyond_grid_cap(cp):
     """More elements than the capped grid has threads: the grid-stride loops finish the job."""
-    n = K._MAX_BLOCKS * K._THREADS * 2 + 3
+    n = CK.MAX_BLOCKS * CK.THREADS * 2 + 3
     x = cp.random.standard_normal(n, dtype=cp.float32)
     np.testing.assert_array_equal(cp.asnumpy(K.relu_forward(x)),
                                   cp.asnumpy(cp.where(x > 0, x, 0)))
@@ -877,7 +879,7 @@ def test_pack_beyond_int32_indices(cp):
     ("relu_forward", (np.zeros((1, 2, 4, 4)),)),
 ])
 def test_ops_dispatch_cupy_arrays_to_cuda(monkeypatch, name, args):
-    """For a CuPy array, each op hands the call to the CUDA implementation in ops/cuda.py;
+    """For a CuPy array, each op hands the call to the CUDA implementation in ops/cuda/;
     for a NumPy array it never does."""
     import distconv.ops as ops
     from distconv.ops import _gpu, cuda as cuda_mod

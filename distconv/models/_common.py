@@ -5,7 +5,8 @@ import math
 
 import numpy as np
 
-from .. import nn, ops
+from .. import nn
+from ..ops.geometry import conv_output_size, pool_output_size
 from ..strategy import Strategy
 
 
@@ -27,10 +28,10 @@ def _layer_out(size, m, dim):
     the output would be empty; None for modules that keep the size."""
     if isinstance(m, nn.Conv2d):
         k, s, p, d = (t[dim] for t in (m.kernel_size, m.stride, m.padding, m.dilation))
-        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        out = conv_output_size(size, k, s, p, d)
     elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
         k, s, p = (t[dim] for t in (m.kernel_size, m.stride, m.padding))
-        out = ops.pool.pool_output_size(size, k, s, p, bool(getattr(m, "ceil_mode", False)))
+        out = pool_output_size(size, k, s, p, bool(getattr(m, "ceil_mode", False)))
     else:
         return size
     if out < 1:

@@ -22,19 +22,11 @@ import math
 import numpy as np
 
 from .. import ops
+from ..ops.geometry import pair
 from ..distribution import Distribution
 from ..strategy import Strategy
 from ..tensor import DistTensor
 from .module import Layer, check_dtype, default_dtype, new_param, _init_rng
-
-
-def _pair(v, name):
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(a) for a in v)
-    if len(t) != 2:
-        raise ValueError(f"{name} must be an int or a pair, got {v!r}")
-    return t
 
 
 class _SplitOp(Layer):
@@ -126,10 +118,10 @@ class Conv2d(_SplitOp):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, bias=True, strategy=None):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = pair(stride, "stride")
+        self.padding = pair(padding, "padding")
+        self.dilation = pair(dilation, "dilation")
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1 \
                 or min(self.padding) < 0:
             raise ValueError(f"Conv2d: bad kernel_size/stride/padding/dilation "

@@ -11,15 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ops
+from ..ops.geometry import pair, pool_output_size
 from ..backend import get_xp
 from ..distribution import Distribution
 from ..strategy import Strategy
 from ..tensor import DistTensor
 from .module import Layer, _init_rng, as_dist
-
-
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(int(a) for a in v)
 
 
 def _elementwise_input(x, ndim=4):
@@ -56,21 +53,16 @@ class ReLU(_Elementwise):
 
 
 def _pool_tuple(v, name, what):
-    """int or pair -> pair of ints; the same ValueError on every rank otherwise."""
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return (int(v), int(v))
-    try:
-        t = tuple(int(a) for a in v)
-    except (TypeError, ValueError):
-        t = ()
-    if len(t) != 2:
+    """int or pair -> pair of ints (:func:`~distconv.ops.geometry.pair`), but a bool is
+    neither, as in PyTorch's pooling; the same ValueError on every rank."""
+    if isinstance(v, bool):
         raise ValueError(f"{what}: {name} must be an int or a pair of ints, got {v!r}")
-    return t
+    return pair(v, name, what)
 
 
 class _Pool(_Elementwise):
     """Shared arguments and checks of MaxPool2d and AvgPool2d (PyTorch's rules: padding at
-    most half the kernel, output size from :func:`distconv.ops.pool.pool_output_size`)."""
+    most half the kernel, output size from :func:`distconv.ops.geometry.pool_output_size`)."""
 
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
         super().__init__()
@@ -97,8 +89,8 @@ class _Pool(_Elementwise):
             raise ValueError(f"{what} expects a 4-D (N, C, H, W) input, got shape {x.shape}")
         N, C, H, W = x.shape
         k, s, p = self.kernel_size, self.stride, self.padding
-        ho = ops.pool.pool_output_size(H, k[0], s[0], p[0], self.ceil_mode)
-        wo = ops.pool.pool_output_size(W, k[1], s[1], p[1], self.ceil_mode)
+        ho = pool_output_size(H, k[0], s[0], p[0], self.ceil_mode)
+        wo = pool_output_size(W, k[1], s[1], p[1], self.ceil_mode)
         if ho < 1 or wo < 1:
             # PyTorch's words: "Given input size: ... Output size is too small"
             raise ValueError(f"{what}: Given input size: ({C}x{H}x{W}). Calculated output "

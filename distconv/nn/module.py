@@ -279,13 +279,7 @@ class Module:
                 out[pre + bname] = np.array(to_numpy(b.to_global()), copy=True)
         return out
 
-    def _load_checked(self, state_dict) -> None:
-        """:meth:`load_state_dict` (strict) for a dict the caller has already shown to be
-        identical on every rank (checkpoint loading compares the file's checksum): the
-        per-key checksums are skipped."""
-        self.load_state_dict(state_dict, strict=True, _values_agreed=True)
-
-    def load_state_dict(self, state_dict, strict: bool = True, *, _values_agreed=False):
+    def load_state_dict(self, state_dict, strict: bool = True, *, check_values: bool = True):
         """Load global arrays (PyTorch names and layouts); each rank keeps only its shard.
 
         ``state_dict``: a mapping ``{key: array}``, each array of the GLOBAL shape of that
@@ -309,9 +303,12 @@ class Module:
         checksum of each array is compared across ranks (one allreduce of 16 bytes per
         key), and keys whose values (or presence) differ raise ``RuntimeError`` naming
         them, so replicas never diverge (``benchmarks/replicas.md`` has the cost).
+        ``check_values=False`` skips that comparison, for a caller that has already shown
+        the dict to be identical on every rank (checkpoint loading compares the file's
+        checksum).
         """
         from .state import load_state
-        return load_state(self, state_dict, strict, _values_agreed)
+        return load_state(self, state_dict, strict, check_values)
 
     def _upgrade_state(self, state, prefix, version) -> None:
         """Rewrite this module's entries of an older state-dict format in ``state`` in

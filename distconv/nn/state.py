@@ -51,8 +51,9 @@ def _torch_size(shape) -> str:
     return f"torch.Size({[int(s) for s in shape]})"
 
 
-def load_state(module, state_dict, strict: bool = True, _values_agreed: bool = False):
-    """``module.load_state_dict(state_dict, strict)`` (see its docstring)."""
+def load_state(module, state_dict, strict: bool = True, check_values: bool = True):
+    """``module.load_state_dict(state_dict, strict, check_values=check_values)`` (see its
+    docstring)."""
     from ..replicas import differing, digest
     from .module import _agree_local
     own = [p.data for p in module.parameters()] + [b for _, b in module.named_buffers()]
@@ -79,7 +80,7 @@ def load_state(module, state_dict, strict: bool = True, _values_agreed: bool = F
     agree(not errors, head + "\n\t".join(errors), RuntimeError)
     # the same values on every rank: one checksum per key of this model (a sentinel
     # where a rank does not load the key), compared with one allreduce
-    if comm is not None and comm.size > 1 and not _values_agreed:
+    if comm is not None and comm.size > 1 and check_values:
         by_key = {k: arr for k, _, _, arr, _ in todo}
         keys = [f"{mn}.{n}" if mn else n for mn, m in module.named_modules()
                 for n in list(m._parameters) + list(m._buffers)]   # state-dict order

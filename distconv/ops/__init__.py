@@ -3,13 +3,14 @@ dropout masks.
 
 Nothing here talks to MPI or knows about distributions; layers in
 :mod:`distconv.nn` call these on their local blocks. All image arrays are
-NCHW and convolution weights OIHW, as in PyTorch.
+NCHW and convolution weights OIHW, as in PyTorch. Kernel/stride/padding arguments and output
+sizes follow one set of rules, :mod:`distconv.ops.geometry`.
 """
-from .conv import (conv2d_output_hw, conv2d_forward, conv2d_backward_data,  # noqa: F401
-                   conv2d_backward_filter)
+from .geometry import conv2d_output_hw, pool2d_output_hw  # noqa: F401
+from .conv import conv2d_forward, conv2d_backward_data, conv2d_backward_filter  # noqa: F401
 from .pool import (max_pool2d_forward, max_pool2d_backward, avg_pool2d_forward,  # noqa: F401
                    avg_pool2d_backward, global_avg_pool_forward, global_avg_pool_backward,
-                   pool2d_output_hw, avg_pool2d_divisor, adaptive_pool_bins,
+                   avg_pool2d_divisor, adaptive_pool_bins,
                    adaptive_avg_pool2d_output_hw, adaptive_avg_pool2d_forward,
                    adaptive_avg_pool2d_backward)
 from .dropout import dropout_mask, dropout_keep, dropout_key  # noqa: F401

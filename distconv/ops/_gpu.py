@@ -1,4 +1,4 @@
-"""Dispatch of the ops to their CUDA kernels (distconv/ops/cuda.py) for CuPy arrays, and to
+"""Dispatch of the ops to their CUDA kernels (distconv/ops/cuda/) for CuPy arrays, and to
 their shape rules (distconv/ops/shapes.py) for shape-only arrays."""
 import numpy as np
 

@@ -23,13 +23,6 @@ _BYTES = 0
 _LIMIT = 512 * 2 ** 20  # bytes kept alive at most
 
 
-def set_limit(nbytes: int) -> None:
-    """Set the byte budget of the cache (0 disables caching) and trim it."""
-    global _LIMIT
-    _LIMIT = max(0, int(nbytes))
-    _trim()
-
-
 def clear() -> None:
     """Drop every cached buffer."""
     global _BYTES

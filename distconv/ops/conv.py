@@ -41,6 +41,7 @@ import numpy as np
 from ..backend import array_module
 from . import _workspace
 from ._gpu import gpu_impl
+from .geometry import ConvGeometry, conv2d_output_hw, pair  # noqa: F401  (re-exported)
 
 # Fold samples into one GEMM until it has at least this many columns.
 _TARGET_COLS = 4096
@@ -48,49 +49,6 @@ _TARGET_COLS = 4096
 _EXT_MAX_WASTE = 0.05
 # Backward-filter computes dw^T = cols @ dy^T when F is at most this (see there).
 _BWF_SWAP_MAX_F = 128
-
-
-def _pair(v, name):
-    if isinstance(v, (int, np.integer)):
-        return (int(v), int(v))
-    try:
-        a, b = v
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
-    return (int(a), int(b))
-
-
-def _check_params(stride, padding, dilation):
-    stride = _pair(stride, "stride")
-    padding = _pair(padding, "padding")
-    dilation = _pair(dilation, "dilation")
-    if min(stride) < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if min(padding) < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
-    if min(dilation) < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation}")
-    return stride, padding, dilation
-
-
-def conv2d_output_hw(h, w, kernel_hw, stride, padding, dilation):
-    """Output spatial size (Ho, Wo) of a convolution of an (h, w) image (PyTorch formula).
-
-    ``Ho = (h + 2*ph - dh*(kh-1) - 1) // sh + 1`` and likewise for W.
-    Raises ValueError when Ho or Wo would be < 1.
-    """
-    kh, kw = _pair(kernel_hw, "kernel_hw")
-    (sh, sw), (ph, pw), (dh, dw) = _check_params(stride, padding, dilation)
-    if kh < 1 or kw < 1:
-        raise ValueError(f"kernel size must be >= 1, got {(kh, kw)}")
-    eh = h + 2 * ph - dh * (kh - 1) - 1
-    ew = w + 2 * pw - dw * (kw - 1) - 1
-    if eh < 0 or ew < 0:
-        raise ValueError(
-            f"convolution output would be empty: input {h}x{w}, kernel {kh}x{kw}, "
-            f"stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)} gives "
-            f"{eh // sh + 1}x{ew // sw + 1}")
-    return eh // sh + 1, ew // sw + 1
 
 
 def _as_strided(xp, a, shape, strides):
@@ -103,8 +61,9 @@ def _block_size(n, cols_per_sample):
     return max(1, min(n, -(-_TARGET_COLS // max(1, cols_per_sample))))
 
 
-class _Geom:
-    """Shapes and the chosen im2col layout of one convolution.
+class _Geom(ConvGeometry):
+    """Shapes (:class:`~distconv.ops.geometry.ConvGeometry`) and the chosen im2col layout
+    of one convolution.
 
     In the "phase" layout (``ext``) the zero-padded input is split into
     sh*sw phase images ``P[a, b][c, r, q] = xpad[c, a + sh*r, b + sw*q]``
@@ -115,19 +74,9 @@ class _Geom:
     With stride 1 there is one phase: the padded image itself.
     """
 
-    def __init__(self, x_shape, w_shape, stride, padding, dilation):
-        self.N, self.C, self.H, self.W = (int(s) for s in x_shape)
-        self.F, Cw, self.kh, self.kw = (int(s) for s in w_shape)
-        if Cw != self.C:
-            raise ValueError(f"input has {self.C} channels but weight expects {Cw} "
-                             f"(x {tuple(x_shape)}, w {tuple(w_shape)})")
-        (self.sh, self.sw), (self.ph, self.pw), (self.dh, self.dw) = \
-            _check_params(stride, padding, dilation)
-        self.Ho, self.Wo = conv2d_output_hw(self.H, self.W, (self.kh, self.kw),
-                                            (self.sh, self.sw), (self.ph, self.pw),
-                                            (self.dh, self.dw))
-        self.K = self.C * self.kh * self.kw
-        self.L = self.Ho * self.Wo
+    def __init__(self, x_shape, kernel_hw, stride, padding, dilation, *, out_channels=None):
+        super().__init__(x_shape, kernel_hw, stride, padding, dilation,
+                         out_channels=out_channels)
         self.pointwise = (self.kh == 1 and self.kw == 1 and self.ph == 0 and self.pw == 0)
         self.Hp = self.H + 2 * self.ph
         self.Wp = self.W + 2 * self.pw
@@ -257,7 +206,7 @@ def conv2d_forward(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     if _g is not None:
         return _g(x, w, stride, padding, dilation)
     xp = array_module(x)
-    g = _Geom(x.shape, w.shape, stride, padding, dilation)
+    g = _Geom.of_weight(x.shape, w.shape, stride, padding, dilation)
     dt = x.dtype
     y = xp.empty((g.N, g.F, g.Ho, g.Wo), dt)
     if y.size == 0:
@@ -298,7 +247,7 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
     H, W = (int(v) for v in x_hw)
     N, F = int(dy.shape[0]), int(dy.shape[1])
     C = int(w.shape[1])
-    g = _Geom((N, C, H, W), w.shape, stride, padding, dilation)
+    g = _Geom.of_weight((N, C, H, W), w.shape, stride, padding, dilation)
     if tuple(dy.shape) != (N, g.F, g.Ho, g.Wo):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(N, g.F, g.Ho, g.Wo)} "
                          f"for input {H}x{W} and weight {tuple(w.shape)}")
@@ -412,9 +361,9 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
     if _g is not None:
         return _g(x, dy, kernel_hw, stride, padding, dilation)
     xp = array_module(x)
-    kh, kw = _pair(kernel_hw, "kernel_hw")
+    kh, kw = pair(kernel_hw, "kernel_hw")
     F = int(dy.shape[1])
-    g = _Geom(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
+    g = _Geom.of_weight(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
     if tuple(dy.shape) != (g.N, F, g.Ho, g.Wo):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(g.N, F, g.Ho, g.Wo)} "
                          f"for x {tuple(x.shape)} and kernel {(kh, kw)}")

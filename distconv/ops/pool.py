@@ -29,49 +29,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from .conv import _pair
 from ._gpu import gpu_impl
-
-
-def pool_output_size(n, k, s, p, ceil_mode=False):
-    """Output length of a 1-D pooling window sweep (PyTorch's ``pooling_output_shape``).
-
-    Returns an int that may be < 1; callers raise on it.
-    """
-    num = n + 2 * p - k + ((s - 1) if ceil_mode else 0)
-    out = num // s + 1  # floor division == PyTorch's div_rtn
-    if ceil_mode and (out - 1) * s >= n + p:
-        out -= 1
-    return out
-
-
-def pool2d_output_hw(h, w, kernel, stride=None, padding=0, ceil_mode=False):
-    """Output (Ho, Wo) of 2-D max/average pooling of an (h, w) image, as PyTorch computes it.
-
-    ``stride`` None means ``kernel``. Raises ValueError on a bad geometry
-    (padding above half the kernel, non-positive kernel or stride, empty output).
-    """
-    return _geom((0, 0, h, w), kernel, stride, padding, ceil_mode)[10:12]
-
-
-def _geom(x_shape, kernel, stride, padding, ceil_mode=False):
-    kh, kw = _pair(kernel, "kernel")
-    sh, sw = _pair(kernel if stride is None else stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    if min(kh, kw) < 1 or min(sh, sw) < 1 or min(ph, pw) < 0:
-        raise ValueError(f"pooling needs kernel >= 1, stride >= 1, padding >= 0; got kernel "
-                         f"{(kh, kw)}, stride {(sh, sw)}, padding {(ph, pw)}")
-    if ph > kh // 2 or pw > kw // 2:
-        raise ValueError(f"pad should be at most half of the kernel size, got padding {(ph, pw)} "
-                         f"for kernel {(kh, kw)}")
-    N, C, H, W = (int(s) for s in x_shape)
-    Ho = pool_output_size(H, kh, sh, ph, ceil_mode)
-    Wo = pool_output_size(W, kw, sw, pw, ceil_mode)
-    if Ho < 1 or Wo < 1:
-        raise ValueError(
-            f"pooling output would be empty: input {H}x{W}, kernel {(kh, kw)}, stride "
-            f"{(sh, sw)}, padding {(ph, pw)}, ceil_mode={bool(ceil_mode)} gives {Ho}x{Wo}")
-    return N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo
+from .geometry import pair, pool2d_geometry
+from .geometry import pool2d_output_hw, pool_output_size  # noqa: F401  (ops.pool's names)
 
 
 def _padded_hw(H, W, kh, kw, sh, sw, ph, pw, Ho, Wo):
@@ -101,8 +61,8 @@ def avg_pool2d_divisor(x_shape, kernel, stride=None, padding=0, ceil_mode=False,
     (min(ws+kw, W+pw) - ws)`` with ``hs = ho*sh - ph``; with ``count_include_pad=False``
     the window clipped to the input itself.
     """
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x_shape, kernel, stride, padding,
-                                                      ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x_shape, kernel, stride, padding, ceil_mode)
     dh = _divisor_1d(H, kh, sh, ph, Ho, count_include_pad)
     dw = _divisor_1d(W, kw, sw, pw, Wo, count_include_pad)
     return np.multiply.outer(dh, dw).astype(np.float64)
@@ -110,7 +70,7 @@ def avg_pool2d_divisor(x_shape, kernel, stride=None, padding=0, ceil_mode=False,
 
 def max_pool_index_dtype(kernel):
     """dtype of max pooling's argmax: uint8 when the kernel has <= 256 elements, else int32."""
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    kh, kw = pair(kernel, "kernel")
     return np.dtype(np.uint8 if kh * kw <= 256 else np.int32)
 
 
@@ -126,8 +86,8 @@ def max_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=Fals
     _g = gpu_impl("max_pool2d_forward", x)
     if _g is not None:
         return _g(x, kernel, stride, padding, ceil_mode=ceil_mode)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x.shape, kernel, stride, padding,
-                                                      ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x.shape, kernel, stride, padding, ceil_mode)
     xp = array_module(x)
     idt = max_pool_index_dtype((kh, kw)).type
     y = xp.empty((N, C, Ho, Wo), x.dtype)
@@ -168,8 +128,8 @@ def max_pool2d_backward(dy, argmax, x_shape, kernel, stride=None, padding=(0, 0)
     _g = gpu_impl("max_pool2d_backward", dy)
     if _g is not None:
         return _g(dy, argmax, x_shape, kernel, stride, padding, ceil_mode=ceil_mode)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x_shape, kernel, stride, padding,
-                                                      ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x_shape, kernel, stride, padding, ceil_mode)
     xp = array_module(dy)
     if tuple(dy.shape) != (N, C, Ho, Wo) or tuple(argmax.shape) != (N, C, Ho, Wo):
         raise ValueError(f"dy {tuple(dy.shape)} and argmax {tuple(argmax.shape)} must have the "
@@ -199,8 +159,8 @@ def avg_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=Fals
     if _g is not None:
         return _g(x, kernel, stride, padding, ceil_mode=ceil_mode,
                   count_include_pad=count_include_pad)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x.shape, kernel, stride, padding,
-                                                      ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x.shape, kernel, stride, padding, ceil_mode)
     div = avg_pool2d_divisor(x.shape, kernel, stride, padding, ceil_mode, count_include_pad)
     uniform = bool((div == kh * kw).all())
     xp = array_module(x)
@@ -233,8 +193,8 @@ def avg_pool2d_backward(dy, x_shape, kernel, stride=None, padding=(0, 0), *, cei
     if _g is not None:
         return _g(dy, x_shape, kernel, stride, padding, ceil_mode=ceil_mode,
                   count_include_pad=count_include_pad)
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = _geom(x_shape, kernel, stride, padding,
-                                                      ceil_mode)
+    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
+        x_shape, kernel, stride, padding, ceil_mode)
     div = avg_pool2d_divisor(x_shape, kernel, stride, padding, ceil_mode, count_include_pad)
     uniform = bool((div == kh * kw).all())
     xp = array_module(dy)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..meta import MetaArray
-from .conv import conv2d_output_hw
-from .pool import max_pool_index_dtype, pool2d_output_hw
+from .geometry import conv2d_output_hw, pool2d_output_hw
+from .pool import max_pool_index_dtype
 
 
 def conv2d_forward(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import nn
-from ..ops import conv2d_output_hw
+from ..ops.geometry import conv2d_output_hw, pool_output_size
 
 STRATEGIC = ("conv", "linear", "bn")
 
@@ -212,8 +212,9 @@ def _leaf(name, m, shape):
         return LayerSpec(name, "relu", shape, shape, {"layer": "Dropout"})
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
         k, s, p = m.kernel_size, m.stride, m.padding
-        ho = (shape[2] + 2 * p[0] - k[0]) // s[0] + 1
-        wo = (shape[3] + 2 * p[1] - k[1]) // s[1] + 1
+        # floor mode: a ceil_mode pool whose size differs fails the traced-shape check
+        ho = pool_output_size(shape[2], k[0], s[0], p[0])
+        wo = pool_output_size(shape[3], k[1], s[1], p[1])
         kind = "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool"
         return LayerSpec(name, kind, shape, (shape[0], shape[1], ho, wo),
                          {"kernel_size": tuple(k), "stride": tuple(s), "padding": tuple(p)})

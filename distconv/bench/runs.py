@@ -1,0 +1,55 @@
+"""Model set-up shared by the scaling, paired and PyTorch-comparison scripts."""
+from __future__ import annotations
+
+
+def input_distribution(model):
+    """Where the model's input must arrive: its first conv's input distribution (the
+    activation layout of that layer's strategy, which is what ``graph_events`` assumes)."""
+    first = model.conv1 if hasattr(model, "conv1") else model[0]
+    return first.input_distribution
+
+
+def self_strategy():
+    """A Strategy whose grid is this process alone (a 1-rank job inside a P-rank one)."""
+    from ..comm import self_comm
+    from ..grid import ProcessGrid
+    from ..strategy import AXES, Strategy
+    grid = ProcessGrid(self_comm(), (1, 1, 1), AXES)
+
+    class _Self(Strategy):
+        def grid(self, comm=None):
+            return grid
+    return _Self(sample=1, channel=1, filter=1)
+
+
+def plan_and_predict(comm, model, x_shape, fixed_plan=None, overlap=True):
+    """Calibrate the machine (all ranks), then on rank 0 search a plan (``fixed_plan is
+    None``: strategy ``auto``) or take ``fixed_plan``, and simulate its step; the other
+    ranks wait without spinning. Returns ``(plan, predicted, machine notes)`` on every rank:
+    ``plan`` ``{layer: (s, c, f)}``, ``predicted`` the simulated step's ``step_s``,
+    ``compute_s``, ``comm_s``, ``sync_s``, ``exposed_sync_s`` and ``update_s``."""
+    from ..planner.auto import MEASURE_ROUNDS, default_cache_path, plan_model
+    from ..planner.compute import ComputeModel
+    from ..planner.costs import CostModel
+    from ..planner.graph import trace
+    from ..planner.machine import calibrate
+    from ..planner.simulate import simulate
+    machine = calibrate(comm)
+    res = None
+    if comm.rank == 0:
+        compute = ComputeModel(cache_path=default_cache_path(), threads=1,
+                               rounds=MEASURE_ROUNDS)
+        if fixed_plan is None:
+            r = plan_model(model, x_shape, comm.size, machine, compute, overlap=overlap)
+            plan, pred = r["plan"], r["predicted"]
+        else:
+            plan = fixed_plan
+            pred = simulate(CostModel(trace(model, x_shape), comm.size, machine, compute),
+                            plan, overlap=overlap)
+        if compute.measured:
+            compute.save()
+        keys = ("step_s", "compute_s", "comm_s", "sync_s", "exposed_sync_s", "update_s")
+        res = ({k: tuple(v) for k, v in plan.items()}, {k: pred[k] for k in keys},
+               machine.notes)
+    comm.idle_barrier()
+    return comm.allgather_obj(res)[0]

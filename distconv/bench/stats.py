@@ -1,0 +1,29 @@
+"""Counters and timing rules shared by the benchmark scripts."""
+from __future__ import annotations
+
+#: a repetition is clean when the OS took less than ``frac`` of its step from every rank
+#: ... or less than this many seconds
+CLEAN_FLOOR_S = 0.5e-3
+
+_FIELDS = ("calls", "bytes_sent", "bytes_recv", "time")
+
+
+def stats_delta(after, before):
+    """``{kind: {calls, bytes_sent, bytes_recv, time}}`` of what happened between two
+    ``Communicator.stats()`` snapshots (kinds with no call and no byte left out; the
+    ``total`` entry dropped)."""
+    out = {}
+    for k, v in after.items():
+        if k == "total":
+            continue
+        b = before.get(k, {"calls": 0, "bytes_sent": 0, "bytes_recv": 0, "time": 0.0})
+        d = {f: v[f] - b[f] for f in _FIELDS}
+        if d["calls"] or d["bytes_sent"] or d["bytes_recv"]:
+            out[k] = d
+    return out
+
+
+def is_clean(steps, losts, frac, floor=CLEAN_FLOOR_S):
+    """Clean repetition: on every rank the time the OS took (``losts``, seconds) is at most
+    ``frac`` of that rank's step (``steps``) or ``floor`` seconds."""
+    return all(lost <= max(frac * step, floor) for step, lost in zip(steps, losts))
