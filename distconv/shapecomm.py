@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .comm import (CommStats, Communicator, allreduce_bytes, alltoall_args, exchange_bytes,
-                   gather_bytes, scatter_bytes)
+                   gather_bytes, halo_args, halo_bytes, scatter_bytes)
 from .distribution import block_sizes
 from .meta import MetaArray
 
@@ -210,6 +210,16 @@ class ShapeComm(Communicator):
         self._record(kind, *exchange_bytes(send_counts, recv_counts, self.rank,
                                            send.dtype.itemsize))
         return MetaArray((sum(recv_counts),), send.dtype)
+
+    def halo_exchange(self, x, sends, recvs, out_shape, fill=0, kind: str = "halo"):
+        sends, recvs = halo_args(x.shape, out_shape, sends, recvs, self.size, self.rank)
+        self._record(kind, *halo_bytes(sends, recvs, self.rank, x.dtype.itemsize))
+        return MetaArray(out_shape, x.dtype)
+
+    def halo_exchange_adjoint(self, y, sends, recvs, x_shape, kind: str = "halo_adjoint"):
+        sends, recvs = halo_args(x_shape, y.shape, sends, recvs, self.size, self.rank)
+        self._record(kind, *halo_bytes(recvs, sends, self.rank, y.dtype.itemsize))
+        return MetaArray(x_shape, y.dtype)
 
     def bcast(self, x, root: int = 0):
         if self.size == 1:
