@@ -13,13 +13,13 @@ its *window*. :func:`windows` gives, for every block, that span split into
 * ``rows``: the input rows inside ``[0, n)``,
 * ``pieces``: which block owns which of those rows, possibly several blocks beyond the
   nearest neighbour when blocks are small (``n = 7`` on 4 blocks with a 7-wide kernel),
-  the block's own rows included.
+  the block's own rows included; each trimmed to the rows some output reads, so an owner
+  whose rows fall wholly in the gaps of a dilated or strided kernel sends nothing.
 
 Running the op with padding 0 on the window (pad rows, then rows) gives exactly the
 block's ``o1 - o0`` output rows. Rows the block owns but does not read are simply not in
-its window (a "negative halo" is trimmed). The span is contiguous: with ``k < s`` it may
-include rows no output reads (between two taps), which costs a few bytes, never a wrong
-result. A block whose output block is empty has an empty window and no pieces.
+its window (a "negative halo" is trimmed). A block whose output block is empty has an
+empty window and no pieces.
 
 ``windows`` works with any ``n_out`` (pooling's ``ceil_mode`` gives one more output row
 whose window may reach past the right padding; those positions count as padding).
@@ -146,10 +146,29 @@ def windows(n: int, parts: int, kernel: int, stride: int = 1, padding=0, dilatio
         while row < r1:
             q = owner_of(n, parts, row)
             stop = min(r1, block_range(n, parts, q)[1])
-            pieces.append((q, row, stop))
+            hull = _read_hull(row, stop, o0, o1, stride, p_lo, dilation, kernel)
+            if hull is not None:
+                pieces.append((q,) + hull)
             row = stop
         out.append(Window(i, owned, (o0, o1), a, (r0, r1), (lo_pad, hi_pad), tuple(pieces)))
     return tuple(out)
+
+
+def _read_hull(lo, hi, o0, o1, stride, p_lo, dilation, kernel):
+    """``(first, last + 1)`` of the rows in ``[lo, hi)`` that output rows ``[o0, o1)`` read
+    (``o*stride - p_lo + j*dilation``), or None when they read none of them."""
+    first = last = None
+    for j in range(kernel):
+        off = j * dilation - p_lo
+        # outputs o with lo <= o*stride + off < hi
+        oa = max(o0, -(-(lo - off) // stride))
+        ob = min(o1 - 1, (hi - 1 - off) // stride)
+        if oa > ob:
+            continue
+        a, b = oa * stride + off, ob * stride + off
+        first = a if first is None else min(first, a)
+        last = b if last is None else max(last, b)
+    return None if first is None else (first, last + 1)
 
 
 def sends(wins, owner: int) -> tuple[tuple[int, int, int], ...]:

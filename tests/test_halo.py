@@ -67,16 +67,29 @@ def problems(n, parts, k, s, pad, d, wins, values=True):
             out.append(f"{tag}: rows {w.rows} != {inside[:1]}..{inside[-1:]}")
         if w.pad != (sum(r < 0 for r in range(lo, hi)), sum(r >= n for r in range(lo, hi))):
             out.append(f"{tag}: pad {w.pad}")
-        got = [r for _, a, b in w.pieces for r in range(a, b)]
-        if got != inside:
-            out.append(f"{tag}: pieces {w.pieces} do not cover rows {w.rows} in order")
+        readin = [r for r in read if 0 <= r < n]
+        prev = w.rows[0]
         for q, a, b in w.pieces:
-            if not (b > a and blocks[q][0] <= a and b <= blocks[q][1]):
-                out.append(f"{tag}: piece {(q, a, b)} not inside owner block {blocks[q]}")
+            if not (b > a and a >= prev and blocks[q][0] <= a and b <= blocks[q][1]):
+                out.append(f"{tag}: piece {(q, a, b)} not ascending inside rows {w.rows} and "
+                           f"owner block {blocks[q]}")
+            prev = b
+            mine = [r for r in readin if blocks[q][0] <= r < blocks[q][1]]
+            if not mine or (a, b) != (mine[0], mine[-1] + 1):
+                out.append(f"{tag}: piece {(q, a, b)} is not the hull of the rows read there")
+        if w.pieces and w.pieces[-1][2] > w.rows[1]:
+            out.append(f"{tag}: pieces {w.pieces} reach past rows {w.rows}")
+        got = {r for _, a, b in w.pieces for r in range(a, b)}
+        if not set(readin) <= got:
+            out.append(f"{tag}: pieces {w.pieces} miss read rows {sorted(set(readin) - got)}")
         if len({q for q, _, _ in w.pieces}) != len(w.pieces):
             out.append(f"{tag}: an owner appears twice in {w.pieces}")
         if values:
-            win = np.concatenate([np.zeros(w.pad[0]), x[w.rows[0]:w.rows[1]], np.zeros(w.pad[1])])
+            # rows outside every piece are NaN: a read of one shows in the result
+            body = np.full(max(0, w.rows[1] - w.rows[0]), np.nan)
+            for _, a, b in w.pieces:
+                body[a - w.rows[0]:b - w.rows[0]] = x[a:b]
+            win = np.concatenate([np.zeros(w.pad[0]), body, np.zeros(w.pad[1])])
             if len(win) != w.size:
                 out.append(f"{tag}: window length {len(win)} != size {w.size}")
                 continue
@@ -111,6 +124,7 @@ def test_windows_match_brute_force():
     (9, 3, 3, 1, 2, 2),       # dilation 2, 'same'
     (3, 5, 3, 1, 1, 1),       # n < parts: empty blocks
     (8, 2, 1, 2, 0, 1),       # kernel shorter than the stride
+    (7, 4, 3, 1, 2, 2),       # dilation 2 on 2-row blocks: an unread row is not sent
 ])
 def test_named_cases_with_values(n, parts, k, s, pad, d):
     wins = halo.windows(n, parts, k, s, pad, d)
@@ -123,6 +137,11 @@ def test_multi_owner_and_empty_blocks():
     assert wins[1].halo == (2, 3)
     w = halo.windows(3, 5, 3, 1, 1)
     assert [x.size for x in w] == [3, 3, 3, 0, 0] and w[4].pieces == ()
+    # dilation 2: block 3 reads rows 4 and 6 only, so block 2 sends row 4 alone
+    assert halo.windows(7, 4, 3, 1, 2, 2)[3].pieces == ((2, 4, 5), (3, 6, 7))
+    # an owner whose rows all fall in a gap sends nothing: taps 5 apart read rows 0, 1, 5, 6
+    w = halo.windows(12, 6, 2, 1, 0, 5)[0]
+    assert w.rows == (0, 7) and [q for q, _, _ in w.pieces] == [0, 2, 3]
     # sends are the transpose of the pieces
     wins = halo.windows(11, 4, 7, 2, 3)
     for q in range(4):
