@@ -307,3 +307,80 @@ def test_bad_input_raises_everywhere(comm):
             fn()
     assert len(cases) == (8 if p == 1 else 10)
     c.barrier()
+
+
+# ---------------------------------------------------------------------------- pooling
+# (kind, N, C, H, W, kernel, stride, padding, ceil_mode, count_include_pad)
+POOL_CASES = {
+    "max-3s2p1": ("max", 2, 2, 9, 8, 3, 2, 1, False, True),
+    "max-ceil": ("max", 1, 3, 8, 7, 3, 2, 1, True, True),
+    "max-2x2-odd": ("max", 2, 2, 7, 5, 2, None, 0, False, True),
+    "max-rect-tiny": ("max", 3, 2, 3, 5, (3, 2), (1, 2), (1, 0), False, True),
+    "avg-3s1p1-exclude-pad": ("avg", 2, 2, 7, 6, 3, 1, 1, False, False),
+    "avg-ceil-include-pad": ("avg", 1, 2, 8, 9, 3, 2, 1, True, True),
+    "avg-ceil-exclude-pad": ("avg", 2, 1, 9, 6, (3, 2), 2, (1, 1), True, False),
+}
+
+
+@pytest.mark.parametrize("name", list(POOL_CASES))
+@mpi(ranks=(1, 2, 3, 4), timeout=60)
+def test_pool2d_vs_torch(comm, name):
+    """max/avg pooling on every grid, N split over sample (even grids) or C split over
+    sample (odd ones: pooling keeps any channel split), against torch float64."""
+    import torch
+
+    from distconv import spatial
+    from distconv.backend import set_default_dtype
+    from distconv.comm import Communicator
+    from distconv.distribution import Distribution
+    from distconv.grid import ProcessGrid
+    from distconv.tensor import DistTensor
+
+    set_default_dtype(np.float64)
+    kind, N, C, H, W, k, s, p, ceil, cip = POOL_CASES[name]
+    c = Communicator(comm)
+    rng = np.random.default_rng(5)
+    xg = rng.standard_normal((N, C, H, W))
+    xt = torch.tensor(xg, requires_grad=True)
+    if kind == "max":
+        yt = torch.nn.functional.max_pool2d(xt, k, s, p, ceil_mode=ceil)
+    else:
+        yt = torch.nn.functional.avg_pool2d(xt, k, s, p, ceil_mode=ceil, count_include_pad=cip)
+    dyg = rng.standard_normal(tuple(yt.shape))
+    yt.backward(torch.tensor(dyg))
+    rep = Report()
+    for n, gshape in enumerate(grids(comm.size)):
+        g = ProcessGrid(c, gshape, NAMES)
+        split = ([("sample",), None] if n % 2 == 0 else [None, ("sample",)])
+        x = DistTensor.from_global(xg, Distribution(g, split + [("height",), ("width",)]))
+        x.requires_grad = True
+        if kind == "max":
+            y = spatial.max_pool2d(x, k, s, p, ceil_mode=ceil)
+        else:
+            y = spatial.avg_pool2d(x, k, s, p, ceil_mode=ceil, count_include_pad=cip)
+        y.backward(dyg)
+        what = f"{name} grid={dict(zip(NAMES, gshape))} split={split}"
+        rep.check(f"{what} y", y.to_global(), yt)
+        rep.check(f"{what} dx", x.grad.to_global(), xt.grad)
+    rep.assert_ok(comm)
+
+
+@mpi(ranks=(4,), timeout=60)
+def test_pool_negative_control_global_divisor(comm):
+    """Dividing by kh*kw instead of the global divisor (what a purely local average would do)
+    must fail the ceil-mode, count_include_pad=False comparison."""
+    from distconv import ops, spatial
+
+    real = ops.avg_pool2d_divisor
+
+    def uniform(x_shape, kernel, stride=None, padding=0, ceil_mode=False,
+                count_include_pad=True):
+        d = real(x_shape, kernel, stride, padding, ceil_mode, count_include_pad)
+        return np.full_like(d, float(np.prod(spatial.halo.pair(kernel, "k"))))
+
+    spatial.ops.avg_pool2d_divisor = uniform
+    try:
+        with pytest.raises(AssertionError, match="relative error"):
+            test_pool2d_vs_torch(comm, "avg-ceil-exclude-pad")
+    finally:
+        spatial.ops.avg_pool2d_divisor = real
