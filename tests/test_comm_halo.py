@@ -124,6 +124,10 @@ def test_halo_exchange_pair(comm, n):
                              "halo_adjoint": (1, want_recv, want_sent)}
         assert [(e.kind, e.sent, e.recv) for e in sc.events] == [
             ("halo", want_sent, want_recv), ("halo_adjoint", want_recv, want_sent)]
+        # the event's group: this rank and every peer a non-empty box goes to or comes from
+        peers = {r for r, (wa, wb) in enumerate(wins) if min(wb, hi) > max(wa, lo)}
+        peers |= {q for q, (ql, qh) in enumerate(blocks) if min(b, qh) > max(a, ql)}
+        assert sc.events[0].group == sc.events[1].group == tuple(sorted(peers | {me}))
 
 
 @mpi(ranks=(2, 3, 4), timeout=30)
