@@ -22,7 +22,8 @@ from .nn import manual_seed, sync_gradients  # noqa: F401
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "optim", "planner", "data", "checkpoint", "trace", "profile")
+_LAZY = ("models", "optim", "planner", "data", "checkpoint", "trace", "profile", "halo",
+         "spatial")
 
 
 def __getattr__(name):

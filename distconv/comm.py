@@ -14,6 +14,9 @@ sizes ``b_j`` (bytes):
 * allreduce:       reduce_scatter + allgather of the buffer cut in p floor+1 blocks
 * alltoall:        sent = bytes to other ranks,   recv = bytes from other ranks
 * bcast:           root sends n*(p-1), the others receive n
+* halo (point-to-point, :meth:`Communicator.halo_exchange`): sent = the boxes this rank
+  sends to other ranks, recv = the boxes it receives from them (its own box is a local
+  copy and counts nothing); the adjoint (``halo_adjoint``) the other way round
 
 GPU arrays: the current stream is synchronised before any MPI call; device
 pointers go straight to MPI when ``DISTCONV_CUDA_AWARE=1`` (a CUDA-aware MPI),
@@ -465,6 +468,80 @@ class Communicator:
         self._record(kind, *exchange_bytes(send_counts, recv_counts, me, item), t0)
         return out
 
+    # ------------------------------------------------------- point-to-point halo
+    def halo_exchange(self, x, sends, recvs, out_shape, fill=0, kind: str = "halo"):
+        """Boxes of ``x`` to and from chosen peers (a neighbourhood alltoallv, Isend/Irecv).
+
+        ``x``: this rank's block. ``sends``: ``[(peer, region), ...]``: ``x[region]`` goes to
+        rank ``peer``; ``recvs``: ``[(peer, region), ...]``: ``out[region]`` is filled with
+        the box ``peer`` sends here. ``region``: a tuple of ``slice(start, stop)``, one per
+        dim. At most one send and one receive per peer; the pair with ``peer == rank`` is a
+        local copy. A peer's send and the receiver's matching region must have the same
+        shape: both come from one plan every rank computes alike (:mod:`distconv.halo`).
+        Returns ``out`` of ``out_shape`` (dtype of ``x``), ``fill`` where no box lands.
+        The checks here are local: a plan that differs between ranks is a caller's bug.
+        """
+        xp = array_module(x)
+        sends, recvs = halo_args(x.shape, out_shape, sends, recvs, self.size, self.rank)
+        t0 = time.perf_counter()
+        if fill == 0:
+            out = xp.zeros(tuple(out_shape), x.dtype)
+        else:
+            out = xp.full(tuple(out_shape), fill, x.dtype)
+
+        def put(reg, a):
+            out[reg] = a
+
+        self._p2p(xp, x, sends, recvs, _HALO_TAG, put)
+        self._record(kind, *halo_bytes(sends, recvs, self.rank, x.dtype.itemsize), t0)
+        return out
+
+    def halo_exchange_adjoint(self, y, sends, recvs, x_shape, kind: str = "halo_adjoint"):
+        """The transpose of :meth:`halo_exchange` with the same ``sends``/``recvs``.
+
+        ``y``: an array of the exchange's ``out_shape`` (a gradient of its result); the
+        box ``y[region]`` of every receive goes back to its peer, and every send region
+        of the result adds what its peer returns. Returns ``dx`` of ``x_shape`` (zeros
+        where ``x`` was sent nowhere), so ``<halo_exchange(x), y> == <x, adjoint(y)>``
+        summed over ranks.
+        """
+        xp = array_module(y)
+        sends, recvs = halo_args(x_shape, y.shape, sends, recvs, self.size, self.rank)
+        t0 = time.perf_counter()
+        dx = xp.zeros(tuple(x_shape), y.dtype)
+
+        def add(reg, a):
+            dx[reg] += a
+
+        self._p2p(xp, y, recvs, sends, _HALO_ADJ_TAG, add)
+        self._record(kind, *halo_bytes(recvs, sends, self.rank, y.dtype.itemsize), t0)
+        return dx
+
+    def _p2p(self, xp, src, sends, recvs, tag, put):
+        """Post every receive, then every send, copy the own box, wait, ``put`` each box
+        (``keep`` holds the send buffers until the sends completed)."""
+        me = self.rank
+        reqs, landed, keep = [], [], []
+        for peer, reg, shp in recvs:
+            if peer != me and _numel(shp):
+                rb, get = self._recv_buf(xp, shp, src.dtype)
+                reqs.append(self.mpi.Irecv(rb, source=peer, tag=tag))
+                landed.append((reg, get))
+        for peer, reg, shp in sends:
+            if peer != me and _numel(shp):
+                sb = self._send_buf(xp.ascontiguousarray(src[reg]))
+                keep.append(sb)
+                reqs.append(self.mpi.Isend(sb, dest=peer, tag=tag))
+        own = [reg for peer, reg, _ in sends if peer == me]
+        for peer, reg, _ in recvs:
+            if peer == me:
+                put(reg, src[own[0]])
+        if reqs:
+            MPI.Request.Waitall(reqs)
+        for reg, get in landed:
+            put(reg, get())
+        del keep
+
     def bcast(self, x, root: int = 0):
         """Broadcast ``x`` from ``root``; every rank passes an array of the same shape/dtype."""
         xp = array_module(x)
@@ -537,6 +614,66 @@ def alltoall_args(shape, split_axis, concat_axis, send_counts, recv_counts, size
         raise ValueError(f"alltoall: send_counts {send_counts} / recv_counts {recv_counts} "
                          f"do not fit local shape {tuple(shape)} on {size} ranks")
     return sa, ca, send_counts, recv_counts
+
+
+_HALO_TAG = 0x4A10
+_HALO_ADJ_TAG = 0x4A11
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _region(region, shape, what):
+    """``(tuple of slices, box shape)`` of a region of an array of ``shape``."""
+    try:
+        region = tuple(region)
+    except TypeError:
+        raise ValueError(f"halo_exchange: {what} region {region!r} is not a tuple of "
+                         f"slices") from None
+    if len(region) != len(shape) or not all(isinstance(r, slice) for r in region):
+        raise ValueError(f"halo_exchange: {what} region {region!r} must be one slice per dim "
+                         f"of shape {tuple(shape)}")
+    out, box = [], []
+    for r, n in zip(region, shape):
+        a, b = (0 if r.start is None else int(r.start)), (n if r.stop is None else int(r.stop))
+        if r.step not in (None, 1) or not 0 <= a <= b <= n:
+            raise ValueError(f"halo_exchange: {what} region {region!r} is not a box inside "
+                             f"shape {tuple(shape)}")
+        out.append(slice(a, b))
+        box.append(b - a)
+    return tuple(out), tuple(box)
+
+
+def halo_args(x_shape, out_shape, sends, recvs, size, rank):
+    """Checked ``(sends, recvs)`` of a halo exchange, each ``[(peer, region, box shape)]``
+    (regions of ``x_shape`` and ``out_shape``); ``ValueError`` naming what does not fit."""
+    lists = []
+    for what, items, shape in (("send", sends, x_shape), ("recv", recvs, out_shape)):
+        norm, seen = [], set()
+        for item in items:
+            peer, region = item
+            peer = int(peer)
+            if not 0 <= peer < size or peer in seen:
+                raise ValueError(f"halo_exchange: {what} peer {peer} is outside {size} ranks "
+                                 f"or listed twice")
+            seen.add(peer)
+            norm.append((peer, *_region(region, shape, what)))
+        lists.append(norm)
+    own = [[b for p, _, b in lst if p == rank] for lst in lists]
+    if own[0] != own[1]:
+        raise ValueError(f"halo_exchange: rank {rank}'s own box is sent as {own[0]} but "
+                         f"received as {own[1]}")
+    return lists[0], lists[1]
+
+
+def halo_bytes(sends, recvs, me, item):
+    """halo exchange: ``(sent, recv)``: the boxes to and from the other ranks."""
+    return (sum(_numel(b) for p, _, b in sends if p != me) * item,
+            sum(_numel(b) for p, _, b in recvs if p != me) * item)
 
 
 def allreduce_bytes(n, p, me, item):

@@ -6,7 +6,8 @@ data: each collective checks its arguments as the real one does, returns a
 this rank would send and receive with the real communicator's byte accounting
 (:func:`distconv.comm.gather_bytes` and friends), in ``stats()`` (the same dictionary as
 ``Communicator.stats()``) and, per call, in ``events`` (kind, the world ranks of the
-group, bytes sent, bytes received). It needs no mpi4py.
+group, bytes sent, bytes received). For the point-to-point halo exchange the group is
+this rank and the peers it exchanges non-empty boxes with. It needs no mpi4py.
 
 ::
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .comm import (CommStats, Communicator, allreduce_bytes, alltoall_args, exchange_bytes,
-                   gather_bytes, scatter_bytes)
+                   gather_bytes, halo_args, halo_bytes, scatter_bytes)
 from .distribution import block_sizes
 from .meta import MetaArray
 
@@ -81,9 +82,16 @@ class ShapeComm(Communicator):
     def tag(self, value):
         self._log.tag = value
 
-    def _record(self, kind, sent, recv, t0=None):
+    def _record(self, kind, sent, recv, t0=None, group=None):
         self._stats.add(kind, sent, recv, 0.0)
-        self._log.events.append(Event(kind, self.members, int(sent), int(recv), self._log.tag))
+        group = self.members if group is None else group
+        self._log.events.append(Event(kind, group, int(sent), int(recv), self._log.tag))
+
+    def _p2p_group(self, sends, recvs) -> tuple:
+        """World ranks of a point-to-point exchange: this rank and the peers it sends to or
+        receives from (non-empty boxes), ascending."""
+        peers = {p for p, _, box in list(sends) + list(recvs) if all(box)} | {self.rank}
+        return tuple(sorted(self.members[p] for p in peers))
 
     def split(self, color, key=0):
         raise NotImplementedError("ShapeComm cannot split by colour (it knows no peers); "
@@ -222,6 +230,18 @@ class ShapeComm(Communicator):
         """Record an alltoallv of ``sent``/``recv`` bytes counted by the caller
         (``recv_only`` mode)."""
         self._record(kind, sent if self.size > 1 else 0, recv if self.size > 1 else 0)
+
+    def halo_exchange(self, x, sends, recvs, out_shape, fill=0, kind: str = "halo"):
+        sends, recvs = halo_args(x.shape, out_shape, sends, recvs, self.size, self.rank)
+        self._record(kind, *halo_bytes(sends, recvs, self.rank, x.dtype.itemsize),
+                     group=self._p2p_group(sends, recvs))
+        return MetaArray(out_shape, x.dtype)
+
+    def halo_exchange_adjoint(self, y, sends, recvs, x_shape, kind: str = "halo_adjoint"):
+        sends, recvs = halo_args(x_shape, y.shape, sends, recvs, self.size, self.rank)
+        self._record(kind, *halo_bytes(recvs, sends, self.rank, y.dtype.itemsize),
+                     group=self._p2p_group(sends, recvs))
+        return MetaArray(x_shape, y.dtype)
 
     def bcast(self, x, root: int = 0):
         if self.size == 1:

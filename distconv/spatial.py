@@ -1,0 +1,420 @@
+"""Spatial parallelism: H and W of NCHW activations split over grid axes, with halo exchange.
+
+A tensor whose dim 2 (H) and/or 3 (W) is split in floor+1 blocks over one grid axis each
+(any names, e.g. a ``("sample", "height", "width")`` grid from
+:func:`distconv.grid.get_grid`) feeds a convolution or pooling window by window: each rank
+computes its block of the output (split by the same floor+1 rule on ``Ho``/``Wo``) from
+exactly the input rows and columns that block reads (:mod:`distconv.halo`).
+
+* :func:`halo_gather` gives each rank its input window -- its own rows, the halo rows of
+  any owners they reach into (several, when blocks are small), the corners when both H and
+  W are split (sent straight by the diagonal owner, one message per pair of ranks) and the
+  padding at the global borders -- by one :meth:`Communicator.halo_exchange` over the
+  spatial axes. Recorded: its backward is the adjoint exchange (each owner adds the halo
+  part of the window's gradient into its block).
+* :func:`conv2d` is a convolution on such a tensor with a replicated weight: a halo gather,
+  then the local conv kernels of :mod:`distconv.ops` with padding 0 on the window.
+  Backward: ``dx`` through the local backward-data kernel and the adjoint exchange; ``dw``
+  and ``db`` are pending sums over the axes that split the output (sample, height, width),
+  resolved by the usual reduction (``DistTensor.redistribute``, a leaf's accumulation, or
+  the optimizer's segmented allreduce).
+
+* :func:`max_pool2d` and :func:`avg_pool2d` likewise (``-inf`` and zero padding; the
+  average divides by the rank's block of the global divisor, so every PyTorch mode holds).
+
+The window tensor of :func:`halo_gather` is a :class:`WindowTensor`: its blocks overlap, so
+it lives in a :class:`WindowDistribution` and is only computed on locally, never
+redistributed.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from . import autograd, halo, ops
+from .backend import array_module
+from .distribution import Distribution, block_range
+from .tensor import DistTensor
+
+
+class WindowDistribution(Distribution):
+    """The layout of a halo window tensor: ``base`` (the source tensor's distribution) with
+    each dim ``d`` of ``windows`` replaced by the overlapping windows ``windows[d]`` (one
+    :class:`distconv.halo.Window` per block of ``d``). Along such a dim the global
+    coordinate is the input row plus ``offsets[d]`` (the left padding), so every block's
+    range is ``(start + offset, start + offset + size)``; other dims are as in ``base``."""
+
+    __slots__ = ("windows", "offsets")
+
+    def __init__(self, base: Distribution, windows: dict, offsets: dict):
+        super().__init__(base.grid, base.split, base.pending)
+        self.windows = {int(d): tuple(w) for d, w in windows.items()}
+        self.offsets = {int(d): int(o) for d, o in offsets.items()}
+
+    def block_index(self, dim: int, coords=None) -> int:
+        """The block of ``dim`` at grid ``coords`` (default: this rank)."""
+        axes = self.split[dim]
+        return self._coord_map(coords)[axes[0]] if axes else 0
+
+    def window(self, dim: int, coords=None) -> halo.Window:
+        return self.windows[dim][self.block_index(dim, coords)]
+
+    def dim_range(self, dim, length, coords=None, upto=None):
+        if dim not in self.windows:
+            return super().dim_range(dim, length, coords, upto)
+        w = self.window(dim, coords)
+        if w.size == 0:
+            return 0, 0
+        s = w.start + self.offsets[dim]
+        return s, s + w.size
+
+    def replace(self, split=None, pending=None):
+        if (split is None or tuple(split) == self.split) and not pending:
+            return self
+        raise ValueError("a halo window distribution cannot be changed (its blocks overlap)")
+
+    def __eq__(self, other):
+        return (isinstance(other, WindowDistribution) and super().__eq__(other)
+                and self.windows == other.windows and self.offsets == other.offsets)
+
+    def __hash__(self):
+        return hash((super().__hash__(), tuple(sorted(self.windows.items()))))
+
+    def __repr__(self):
+        return "Window" + super().__repr__()[:-1] + f", windows on dims {sorted(self.windows)})"
+
+
+class WindowTensor(DistTensor):
+    """A DistTensor of overlapping halo windows (see :func:`halo_gather`): computed on
+    locally; redistributing it to anything else raises ``ValueError``."""
+
+    __slots__ = ()
+
+    def _move(self, target):
+        if target == self.distribution:
+            return self
+        raise ValueError("a halo window tensor cannot be redistributed (its blocks overlap); "
+                         "compute on its local windows instead")
+
+
+@dataclass
+class Plan:
+    """One rank's halo exchange: ``sends``/``recvs`` as :meth:`Communicator.halo_exchange`
+    takes them, over ``comm`` (the sub-communicator of the spatial ``axes``);
+    ``blocks[peer]``: the peer's block index on each windowed dim (in ``dims`` order);
+    ``out_shape``: the local window's shape."""
+
+    comm: object
+    axes: tuple
+    dims: tuple
+    sends: list
+    recvs: list
+    blocks: dict
+    out_shape: tuple
+
+
+def _check_windows(t: DistTensor, windows) -> dict:
+    if not isinstance(t, DistTensor):
+        raise TypeError(f"halo_gather: expected a DistTensor, got {type(t).__name__}")
+    if isinstance(t, WindowTensor):
+        raise ValueError("halo_gather: the input is already a halo window tensor")
+    try:
+        windows = {int(d): tuple(w) for d, w in dict(windows).items()}
+    except (TypeError, ValueError):
+        raise TypeError("halo_gather: windows must map a dim to its tuple of "
+                        "distconv.halo.Window (one per block)") from None
+    dist = t.distribution
+    for d, wins in windows.items():
+        if not 0 <= d < t.ndim:
+            raise ValueError(f"halo_gather: dim {d} is out of range for a {t.ndim}-d tensor")
+        if len(dist.split[d]) > 1:
+            raise ValueError(f"halo_gather: dim {d} is split over {dist.split[d]}; a windowed "
+                             f"dim may be split over one grid axis at most")
+        p = dist.parts(d)
+        n = t.shape[d]
+        ok = len(wins) == p and all(isinstance(w, halo.Window) and w.block == i
+                                    and w.owned == block_range(n, p, i)
+                                    for i, w in enumerate(wins))
+        if not ok:
+            raise ValueError(f"halo_gather: the windows of dim {d} were not made for {p} "
+                             f"floor+1 blocks of length {n} (use distconv.halo.windows({n}, "
+                             f"{p}, ...))")
+    return windows
+
+
+def exchange_plan(dist: Distribution, shape, windows: dict) -> Plan:
+    """The halo exchange of this rank for a tensor of global ``shape`` laid out as ``dist``
+    and the per-dim ``windows`` (checked by the caller). Pure arithmetic except the first
+    use of the spatial sub-communicator (a cached split over the grid)."""
+    grid = dist.grid
+    dims = tuple(sorted(windows))
+    axes = tuple(dist.split[d][0] for d in dims if dist.split[d])
+    comm = grid.sub(axes)
+    sizes = {d: dist.parts(d) for d in dims}
+    mine = {d: grid.coord(dist.split[d][0]) if dist.split[d] else 0 for d in dims}
+    local = dist.local_shape(shape)
+
+    def peer(blocks):
+        r = 0
+        for d, b in zip(dims, blocks):
+            if dist.split[d]:
+                r = r * sizes[d] + b
+        return r
+
+    wmine = {d: windows[d][mine[d]] for d in dims}
+    out_shape = tuple(wmine[d].size if d in wmine else n for d, n in enumerate(local))
+    recvs, sends, blocks = [], [], {}
+    for combo in itertools.product(*(wmine[d].pieces for d in dims)):
+        region = [slice(None)] * len(local)
+        for d, (q, a, b) in zip(dims, combo):
+            w = wmine[d]
+            region[d] = slice(w.pad[0] + a - w.rows[0], w.pad[0] + b - w.rows[0])
+        owners = tuple(q for q, _, _ in combo)
+        recvs.append((peer(owners), tuple(region)))
+        blocks[peer(owners)] = owners
+    for combo in itertools.product(*(halo.sends(windows[d], mine[d]) for d in dims)):
+        region = [slice(None)] * len(local)
+        for d, (_, a, b) in zip(dims, combo):
+            lo = windows[d][mine[d]].owned[0]
+            region[d] = slice(a - lo, b - lo)
+        dests = tuple(j for j, _, _ in combo)
+        sends.append((peer(dests), tuple(region)))
+        blocks[peer(dests)] = dests
+    return Plan(comm, axes, dims, sends, recvs, blocks, out_shape)
+
+
+def halo_gather(t: DistTensor, windows, fill=0.0) -> WindowTensor:
+    """Each rank's input window of ``t`` (differentiable).
+
+    ``t``: a DistTensor whose windowed dims are each split over at most one grid axis
+    (pending sums are resolved first). ``windows``: ``{dim: distconv.halo.windows(...)}``
+    for that dim's global length and number of blocks. ``fill``: the value of the padding
+    (0 for convolution and average pooling, ``-inf`` for max pooling).
+
+    Returns a :class:`WindowTensor` whose local block is ``t.local`` with each windowed dim
+    ``d`` replaced by this rank's window (``windows[d][block].size`` rows: padding, the
+    rows of every owner its outputs read, corners included). Its global shape has
+    ``offset + max(window stop)`` rows on a windowed dim (``offset``: the left padding).
+    Backward: the adjoint exchange, the window gradient's halo parts added into their
+    owners' blocks; the padding's gradient is dropped.
+    """
+    windows = _check_windows(t, windows)
+    if t.distribution.pending:
+        t = t.redistribute(t.distribution.replace(pending=()))
+    dist = t.distribution
+    plan = exchange_plan(dist, t.shape, windows)
+    offsets, gshape = {}, list(t.shape)
+    for d, wins in windows.items():
+        live = [w for w in wins if w.size]
+        offsets[d] = max([0] + [-w.start for w in live])
+        gshape[d] = offsets[d] + max([t.shape[d]] + [w.start + w.size for w in live])
+    wdist = WindowDistribution(dist, windows, offsets)
+    local = plan.comm.halo_exchange(t.local, plan.sends, plan.recvs, plan.out_shape, fill=fill)
+    out = WindowTensor(local, wdist, gshape)
+    x_shape, x_local_shape = t.shape, tuple(t.local.shape)
+
+    def backward(dy, needs):
+        if dy.distribution != wdist:
+            raise ValueError(f"halo_gather.backward: the gradient is laid out as "
+                             f"{dy.distribution}, expected the window layout {wdist}")
+        dx = plan.comm.halo_exchange_adjoint(dy.local, plan.sends, plan.recvs, x_local_shape)
+        return (DistTensor(dx, dist, x_shape),)
+
+    autograd.record("halo_gather", backward, [t], out)
+    return out
+
+
+# ----------------------------------------------------------------------------- conv2d
+def _padding_pairs(padding, kernel, stride, dilation):
+    """``((ph_lo, ph_hi), (pw_lo, pw_hi))`` from an int, a pair, ``'valid'`` or ``'same'``
+    (PyTorch's rule: total ``d*(k-1)``, the left side gets half, rounded down)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding != "same":
+            raise ValueError(f"conv2d: padding string must be 'same' or 'valid', got "
+                             f"{padding!r}")
+        if stride != (1, 1):
+            raise ValueError(f"conv2d: padding='same' needs stride 1, got {stride}")
+        out = []
+        for k, d in zip(kernel, dilation):
+            tot = d * (k - 1)
+            out.append((tot // 2, tot - tot // 2))
+        return tuple(out)
+    ph, pw = halo.pair(padding, "padding")
+    return (ph, ph), (pw, pw)
+
+
+def _as_replicated(w, grid):
+    """``w`` (a DistTensor on any grid over the same ranks, or an array every rank passes
+    alike) replicated on ``grid``; a DistTensor move is recorded."""
+    rep = Distribution.replicated(grid, len(w.shape))
+    if isinstance(w, DistTensor):
+        return w.redistribute(rep)
+    return DistTensor.from_global(array_module(w).asarray(w), rep)
+
+
+def conv2d(x: DistTensor, weight, bias=None, stride=1, padding=0, dilation=1) -> DistTensor:
+    """2-D convolution (cross-correlation, PyTorch's ``F.conv2d``) of a spatially split ``x``.
+
+    x: DistTensor (N, C, H, W); N may be split over any axes, C not at all, H and W over
+    at most one grid axis each. weight: (F, C, kh, kw) and bias: (F,) or None, each a
+    DistTensor (moved to replicated on ``x``'s grid, recorded) or an array every rank
+    passes alike. stride, dilation: int or pair; padding: int, pair, ``'same'`` (stride 1)
+    or ``'valid'``. Returns y: (N, F, Ho, Wo), split like ``x`` on N, on Ho and Wo over
+    ``x``'s H and W axes in floor+1 blocks (blocks may be empty). Backward gives ``dx`` in
+    ``x``'s layout and ``dw``/``db`` pending over the axes that split ``y``.
+    """
+    if not isinstance(x, DistTensor) or x.ndim != 4:
+        raise ValueError(f"conv2d: x must be a 4-D (N, C, H, W) DistTensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    dist = x.distribution
+    if dist.split[1]:
+        raise ValueError(f"conv2d: x is split on channels over {dist.split[1]}; the spatial "
+                         f"conv needs whole channels (redistribute first)")
+    if tuple(getattr(weight, "shape", ())[1:2]) != (x.shape[1],) or len(weight.shape) != 4:
+        raise ValueError(f"conv2d: weight must be (F, {x.shape[1]}, kh, kw) for x of shape "
+                         f"{x.shape}, got {tuple(getattr(weight, 'shape', ()))}")
+    F, _, kh, kw = (int(s) for s in weight.shape)
+    if bias is not None and tuple(bias.shape) != (F,):
+        raise ValueError(f"conv2d: bias must have shape ({F},), got {tuple(bias.shape)}")
+    stride = halo.pair(stride, "stride")
+    dilation = halo.pair(dilation, "dilation")
+    if kh < 1 or kw < 1:
+        raise ValueError(f"conv2d: kernel must be at least 1x1, got {(kh, kw)}")
+    pads = _padding_pairs(padding, (kh, kw), stride, dilation)
+    wins = {2 + i: halo.windows(x.shape[2 + i], dist.parts(2 + i), k, s, p, d)
+            for i, (k, s, p, d) in enumerate(zip((kh, kw), stride, pads, dilation))}
+    ho, wo = (halo.out_size(x.shape[2 + i], k, s, p, d)
+              for i, (k, s, p, d) in enumerate(zip((kh, kw), stride, pads, dilation)))
+    grid = dist.grid
+    w = _as_replicated(weight, grid)
+    if w.dtype != x.dtype:
+        raise TypeError(f"conv2d: weight dtype {w.dtype} differs from x's {x.dtype}")
+    b = None if bias is None else _as_replicated(bias, grid)
+    xw = halo_gather(x, wins)
+    y_dist = Distribution(grid, [dist.split[0], None, dist.split[2], dist.split[3]])
+    y_shape = (x.shape[0], F, ho, wo)
+    want = y_dist.local_shape(y_shape)
+    xp = array_module(xw.local)
+    win_hw = tuple(xw.local.shape[2:])
+    live = all(want) and all(win_hw)
+    if live:
+        y_local = ops.conv2d_forward(xw.local, w.local, stride, (0, 0), dilation)
+    else:
+        y_local = xp.zeros(want, x.dtype)
+    if b is not None:
+        y_local = y_local + b.local.reshape(1, F, 1, 1)
+    y = DistTensor(y_local, y_dist, y_shape)
+    pend = y_dist.split_axes
+
+    def backward(dy, needs):
+        dy = dy._move(y_dist)
+        out = []
+        if needs[0]:
+            dxw = (ops.conv2d_backward_data(dy.local, w.local, win_hw, stride, (0, 0), dilation)
+                   if live else xp.zeros(xw.local.shape, x.dtype))
+            out.append(WindowTensor(dxw, xw.distribution, xw.shape))
+        else:
+            out.append(None)
+        if needs[1]:
+            dw = (ops.conv2d_backward_filter(xw.local, dy.local, (kh, kw), stride, (0, 0),
+                                             dilation)
+                  if live else xp.zeros(w.local.shape, x.dtype))
+            out.append(DistTensor(dw, Distribution(grid, [None] * 4, pending=pend), w.shape))
+        else:
+            out.append(None)
+        if b is not None:
+            out.append(DistTensor(dy.local.sum(axis=(0, 2, 3)),
+                                  Distribution(grid, [None], pending=pend), (F,))
+                       if needs[2] else None)
+        return tuple(out)
+
+    autograd.record("conv2d_spatial", backward, [xw, w] + ([b] if b is not None else []), y)
+    return y
+
+
+# ---------------------------------------------------------------------------- pooling
+def _pool_setup(x, kernel, stride, padding, ceil_mode, what):
+    """Checked geometry, windows and output layout of a pooling of ``x``."""
+    if not isinstance(x, DistTensor) or x.ndim != 4:
+        raise ValueError(f"{what}: x must be a 4-D (N, C, H, W) DistTensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    k = halo.pair(kernel, "kernel_size")
+    s = k if stride is None else halo.pair(stride, "stride")
+    p = halo.pair(padding, "padding")
+    ho, wo = ops.pool2d_output_hw(x.shape[2], x.shape[3], k, s, p, ceil_mode)
+    dist = x.distribution
+    wins = {2 + i: halo.windows(x.shape[2 + i], dist.parts(2 + i), k[i], s[i], p[i], 1,
+                                n_out=n_out)
+            for i, n_out in enumerate((ho, wo))}
+    y_dist = Distribution(dist.grid, dist.split)
+    y_shape = (x.shape[0], x.shape[1], ho, wo)
+    return k, s, p, wins, y_dist, y_shape
+
+
+def max_pool2d(x: DistTensor, kernel_size, stride=None, padding=0,
+               ceil_mode: bool = False) -> DistTensor:
+    """Max pooling (PyTorch's ``F.max_pool2d``) of a spatially split ``x``.
+
+    x: DistTensor (N, C, H, W), N and C split any way, H and W over at most one grid axis
+    each. Returns (N, C, Ho, Wo) split like ``x``, Ho/Wo in floor+1 blocks. The window is
+    gathered with ``-inf`` padding (ceil-mode windows that pass the right padding read
+    ``-inf`` there, as PyTorch ignores them). One difference from PyTorch, for inputs
+    holding ``-inf`` only: a window whose values are all ``-inf`` may send its (zero
+    contribution) gradient to a padding position instead of its first in-bounds element.
+    """
+    k, s, _, wins, y_dist, y_shape = _pool_setup(x, kernel_size, stride, padding, ceil_mode,
+                                                 "max_pool2d")
+    xw = halo_gather(x, wins, fill=-float("inf"))
+    want = y_dist.local_shape(y_shape)
+    xp = array_module(xw.local)
+    live = all(want) and all(xw.local.shape)
+    if live:
+        y_local, arg = ops.max_pool2d_forward(xw.local, k, s, (0, 0))
+    else:
+        y_local, arg = xp.zeros(want, x.dtype), None
+    y = DistTensor(y_local, y_dist, y_shape)
+    win_shape = tuple(xw.local.shape)
+
+    def backward(dy, needs):
+        dy = dy._move(y_dist)
+        dxw = (ops.max_pool2d_backward(dy.local, arg, win_shape, k, s, (0, 0)) if live
+               else xp.zeros(win_shape, x.dtype))
+        return (WindowTensor(dxw, xw.distribution, xw.shape),)
+
+    autograd.record("max_pool2d_spatial", backward, [xw], y)
+    return y
+
+
+def avg_pool2d(x: DistTensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True) -> DistTensor:
+    """Average pooling (PyTorch's ``F.avg_pool2d``, its divisor rules) of a spatially split
+    ``x``; layouts as :func:`max_pool2d`. Each rank sums its zero-padded window and divides
+    by its block of the global divisor (:func:`distconv.ops.avg_pool2d_divisor`), so
+    ``count_include_pad=False`` and ceil mode divide exactly as on one rank."""
+    k, s, p, wins, y_dist, y_shape = _pool_setup(x, kernel_size, stride, padding, ceil_mode,
+                                                 "avg_pool2d")
+    div = ops.avg_pool2d_divisor(tuple(x.shape), k, s, p, ceil_mode, count_include_pad)
+    (h0, h1), (w0, w1) = y_dist.dim_range(2, y_shape[2]), y_dist.dim_range(3, y_shape[3])
+    xw = halo_gather(x, wins)
+    want = y_dist.local_shape(y_shape)
+    xp = array_module(xw.local)
+    # the local op divides by kh*kw (no padding, no ceil mode): rescale to the true divisor
+    scale = xp.asarray((k[0] * k[1] / div[h0:h1, w0:w1]).astype(x.dtype))
+    live = all(want) and all(xw.local.shape)
+    if live:
+        y_local = ops.avg_pool2d_forward(xw.local, k, s, (0, 0)) * scale
+    else:
+        y_local = xp.zeros(want, x.dtype)
+    y = DistTensor(y_local, y_dist, y_shape)
+    win_shape = tuple(xw.local.shape)
+
+    def backward(dy, needs):
+        dy = dy._move(y_dist)
+        dxw = (ops.avg_pool2d_backward(dy.local * scale, win_shape, k, s, (0, 0)) if live
+               else xp.zeros(win_shape, x.dtype))
+        return (WindowTensor(dxw, xw.distribution, xw.shape),)
+
+    autograd.record("avg_pool2d_spatial", backward, [xw], y)
+    return y
