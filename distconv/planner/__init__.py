@@ -6,8 +6,10 @@
   this machine and cached, or from a fitted model.
 * :mod:`.machine`: a machine description (ranks per node, link α–β per collective,
   compute scale) saved as JSON; calibrated on the current job or written by hand.
-* :mod:`.commmodel`: bytes each rank sends and receives in every collective that a
-  layer under a strategy issues (an exact mirror of :mod:`distconv.tensor`).
+* :mod:`.commmodel`: bytes each rank sends and receives in a redistribution or a cat,
+  from :mod:`distconv.tensor`'s own code run shape-only.
+* :mod:`.events`: which redistributions and allreduces each layer kind issues under a
+  strategy (a hand-written list, checked against ``comm.stats()``).
 * :mod:`.costs`: per-layer time and memory of a strategy.
 * :mod:`.search`: dynamic programming over series-parallel graphs (node and edge
   elimination).

@@ -2,8 +2,9 @@
 
 :class:`CostModel` combines
 
-* the bytes of every collective a layer issues (:func:`.events.layer_events`, an exact
-  mirror of distconv's layers) turned into seconds by the machine's α–β model
+* the bytes of every collective a layer issues (:func:`.events.layer_events`: which
+  moves a layer makes, each priced by the real redistribution code run shape-only in
+  :mod:`.commmodel`) turned into seconds by the machine's α–β model
   (:meth:`.machine.Machine.collective_time`, per link class: a group within one node
   is ``intra``, else ``inter``);
 * the seconds of the layer's local kernels on the largest shard (rank 0's: floor+1
