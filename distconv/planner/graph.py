@@ -17,8 +17,11 @@ for the identity; ``join``: the layer after the add, or None). Layer names are t
 ``model.set_strategy(plan)``.
 
 Kinds: ``conv``, ``linear``, ``bn`` (each takes a :class:`distconv.Strategy`: the
-*strategic* layers) and ``relu``, ``maxpool``, ``avgpool``, ``gap`` (global
-average pool), ``flatten`` (which run on whatever split their input has).
+*strategic* layers) and ``relu`` (also ``Dropout``, priced as a ReLU: elementwise, one
+saved array), ``maxpool``, ``avgpool`` (``AvgPool2d``, and ``AdaptiveAvgPool2d`` to an
+output larger than 1x1, whose ``attrs`` then hold ``output_size`` instead of a kernel),
+``gap`` (global average pool: ``AdaptiveAvgPool2d`` to 1x1), ``flatten`` (which run on
+whatever split their input has).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 
 from .. import nn
 from ..ops import conv2d_output_hw
+from ..ops.pool import adaptive_avg_pool2d_output_hw, pool_output_size
 
 STRATEGIC = ("conv", "linear", "bn")
 
@@ -211,14 +215,27 @@ def _leaf(name, m, shape):
         # as a ReLU (its mask hash costs more compute than a ReLU; not measured separately)
         return LayerSpec(name, "relu", shape, shape, {"layer": "Dropout"})
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        if len(shape) != 4:
+            raise ValueError(f"{name}: {type(m).__name__} cannot take shape {shape}")
         k, s, p = m.kernel_size, m.stride, m.padding
-        ho = (shape[2] + 2 * p[0] - k[0]) // s[0] + 1
-        wo = (shape[3] + 2 * p[1] - k[1]) // s[1] + 1
+        ceil = bool(getattr(m, "ceil_mode", False))
+        ho = pool_output_size(shape[2], k[0], s[0], p[0], ceil)
+        wo = pool_output_size(shape[3], k[1], s[1], p[1], ceil)
         kind = "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool"
-        return LayerSpec(name, kind, shape, (shape[0], shape[1], ho, wo),
-                         {"kernel_size": tuple(k), "stride": tuple(s), "padding": tuple(p)})
+        attrs = {"kernel_size": tuple(k), "stride": tuple(s), "padding": tuple(p)}
+        if ceil:  # priced as the floor-mode kernel of the same arguments
+            attrs["ceil_mode"] = True
+        return LayerSpec(name, kind, shape, (shape[0], shape[1], ho, wo), attrs)
     if isinstance(m, nn.AdaptiveAvgPool2d):
-        return LayerSpec(name, "gap", shape, (shape[0], shape[1], 1, 1))
+        if len(shape) != 4:
+            raise ValueError(f"{name}: AdaptiveAvgPool2d cannot take shape {shape}")
+        ho, wo = adaptive_avg_pool2d_output_hw(shape[2], shape[3], m.output_size)
+        if (ho, wo) == (1, 1):
+            return LayerSpec(name, "gap", shape, (shape[0], shape[1], 1, 1))
+        # any other output (AlexNet's 6x6, VGG's 7x7): an average pool whose bins are
+        # PyTorch's adaptive ones, on any N/C split like the others
+        return LayerSpec(name, "avgpool", shape, (shape[0], shape[1], ho, wo),
+                         {"output_size": (ho, wo)})
     if isinstance(m, nn.Flatten):
         n = 1
         for s in shape[1:]:
