@@ -267,6 +267,8 @@ def build_model(name: str, image_shape, num_classes: int, width: int = 16,
         return models.small_resnet(num_classes, in_channels=c, width=width)
     if name in models.CNN_MODELS:
         kw = {"width_divisor": width_divisor}
+        if name != "alexnet":  # the plan needs shapes only: skip torchvision's init
+            kw["init_weights"] = False
         if name == "inception_v3":
             kw["aux_logits"] = aux_logits
         else:

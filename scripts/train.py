@@ -319,13 +319,6 @@ def main(argv=None) -> int:
     planned = strategy == "auto"
     if planned:
         strategy = None
-        if args.model == "inception_v3" and not args.no_aux_logits:
-            # the same error on every rank (it depends on the arguments only)
-            raise ValueError(
-                f"--strategy auto is not available for --model inception_v3 with its "
-                f"auxiliary classifier in train.py: the planner does not plan a model with "
-                f"two outputs yet. Pass --no-aux-logits, one strategy (e.g. '--strategy "
-                f"sample={size}'), 'mixed', or a per-layer plan file")
     if args.model == "small_resnet":
         model = models.small_resnet(num_classes, in_channels=in_ch, width=args.width,
                                     strategy=strategy)

@@ -8,16 +8,14 @@
 * its compute price: the fitted model (a machine file's ``avgpool`` rates apply; without
   them the one-core defaults: negative control), the measured kernel and its cache key,
   the shard of the strategy's split;
-* ``scripts/plan.py --model vgg16_bn`` plans the full-size network on ``v100_ib``;
+* ``scripts/plan.py --model vgg16_bn`` (4 times narrower, 512 hidden) plans at 224x224
+  on ``v100_ib`` and records train.py's knobs;
 * under MPI (2 ranks), the planner's own plan of small AlexNet and VGG-BN variants is
   applied to the real models (AlexNet with its convs 8 times narrower, VGG with batch
   norm on a short configuration) and one training step matches torchvision in float64; the
   same comparison against a reference with one bias changed fails (negative control).
 """
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +24,6 @@ from distconv import models, nn
 from distconv.planner.graph import GraphError, trace
 from tests.mpi_harness import mpi
 
-REPO = Path(__file__).resolve().parent.parent
 CFG = [8, "M", 16, "M", 16, "M", 16, "M", 16, "M"]
 
 
@@ -110,18 +107,19 @@ def test_adaptive_pool_measured_and_cached(tmp_path):
     assert again.adaptive_avgpool(2, 3, 5, 5, 7, 7) == (fw, bw)
 
 
-def test_plan_script_plans_full_vgg16_bn(tmp_path):
+def test_plan_script_plans_vgg16_bn(tmp_path):
+    from tests.test_plan_script import load_script
     out = tmp_path / "plan.json"
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "plan.py"), "--model",
-                        "vgg16_bn", "--batch", "128", "--ranks", "4", "--machine", "v100_ib",
-                        "--out", str(out), "--quiet"], capture_output=True, text=True,
-                       timeout=120, cwd=str(tmp_path))
-    assert r.returncode == 0, r.stderr
+    assert load_script().main(["--model", "vgg16_bn", "--batch", "128", "--ranks", "4",
+                               "--machine", "v100_ib", "--width-divisor", "4", "--hidden",
+                               "512", "--out", str(out), "--quiet"]) == 0
     doc = json.loads(out.read_text())
-    names = [n for n, m in models.vgg16_bn().named_modules()
+    names = [n for n, m in models.vgg16_bn(width_divisor=4, hidden=512).named_modules()
              if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
     assert list(doc["plan"]) == names and len(names) == 13 + 13 + 3
-    assert doc["meta"]["model"] == "vgg16_bn" and doc["meta"]["hidden"] == 4096
+    assert doc["meta"]["model"] == "vgg16_bn" and doc["meta"]["hidden"] == 512
+    assert doc["meta"]["width_divisor"] == 4 and doc["meta"]["input_shape"] == [128, 3, 224,
+                                                                                224]
 
 
 @pytest.mark.parametrize("name,hw", [("alexnet", 63), ("vgg_bn", 33)])
