@@ -128,7 +128,8 @@ def test_planners_plan_matches_torchvision(comm, name, hw):
     """The planner's plan (free communication, so model parallelism pays and the plan
     mixes strategies; the fitted compute model: every rank finds the same plan) applied
     to the real model: one training step equals torchvision's. Negative control: the same
-    comparison with one classifier bias of the reference changed reports mismatches."""
+    comparison (AlexNet) with one classifier bias of the reference changed reports
+    mismatches."""
     import torch
 
     import distconv as dc
@@ -154,6 +155,8 @@ def test_planners_plan_matches_torchvision(comm, name, hw):
     compare_step(m, tm, x, lab, rep, f"{name} planner plan ({res['chosen']})",
                  Strategy().activation_distribution(4))
     rep.assert_ok(comm)
+    if name != "alexnet":  # the negative control of the comparison: once is enough
+        return
     with torch.no_grad():
         tm.classifier[-1].bias[0] += 1e-3
     bad = Report()
