@@ -124,6 +124,10 @@ def build_parser():
                    help="also run MCMC (FlexFlow's search) for S seconds from the fastest "
                         "predicted candidate of each case (0: no)")
     p.add_argument("--mcmc-seed", type=int, default=0)
+    p.add_argument("--no-overlap", action="store_true",
+                   help="gradient allreduces blocking after backward instead of overlapped "
+                        "with it (plan_model(..., overlap=False); OptCNN's cost model adds "
+                        "the parameter sync to the step)")
     p.add_argument("--source-commit", default=None, metavar="SHA",
                    help="the distconv commit these numbers come from, recorded in the JSON "
                         "(default: git rev-parse HEAD of the checkout this script is in, "
@@ -200,7 +204,7 @@ def simulate_local_bn(cost, plan, overlap=True) -> float:
 
 
 def run_case(model_name, n, p, shape, classes, machine, optimizer, mcmc_budget=0.0,
-             mcmc_seed=0):
+             mcmc_seed=0, overlap=True):
     from distconv.planner import auto
     from distconv.planner.costs import CostModel
     from distconv.planner.simulate import simulate
@@ -208,7 +212,8 @@ def run_case(model_name, n, p, shape, classes, machine, optimizer, mcmc_budget=0
     model = build_model(model_name, shape, classes)
     family = family_of(model_name)
     t0 = time.perf_counter()
-    res = auto.plan_model(model, (n,) + tuple(shape), p, machine, optimizer=optimizer)
+    res = auto.plan_model(model, (n,) + tuple(shape), p, machine, optimizer=optimizer,
+                          overlap=overlap)
     wall = time.perf_counter() - t0
     pr, dp = res["predicted"], res["dp"]
     kinds = {layer.name: layer.kind for layer in res["graph"].layers()}
@@ -236,7 +241,8 @@ def run_case(model_name, n, p, shape, classes, machine, optimizer, mcmc_budget=0
     rec["sync_bytes_ratio"] = (rec["dp"]["sync_bytes"] / rec["plan"]["sync_bytes"]
                                if rec["plan"]["sync_bytes"] else None)
     cost = res["cost"]
-    rec["dp_local_bn_step_s"] = simulate_local_bn(cost, auto.data_parallel(res["graph"], p))
+    rec["dp_local_bn_step_s"] = simulate_local_bn(cost, auto.data_parallel(res["graph"], p),
+                                                  overlap)
     rec["speedup_vs_dp_local_bn"] = rec["dp_local_bn_step_s"] / pr["step_s"]
     rec["chosen"] = res["chosen"]
     rec["fastest"] = res["fastest"]  # the fastest predicted candidate (min_gain 0)
@@ -248,13 +254,13 @@ def run_case(model_name, n, p, shape, classes, machine, optimizer, mcmc_budget=0
         "plan_speedup_over_it": add / pr["step_s"]}
     if p > n:  # data parallelism on only N ranks (the others idle): the better DP baseline
         cost_n = CostModel(res["graph"], n, machine, optimizer=optimizer)
-        dpn = simulate(cost_n, auto.data_parallel(res["graph"], n))
+        dpn = simulate(cost_n, auto.data_parallel(res["graph"], n), overlap=overlap)
         rec["dp_on_n_ranks"] = block(dpn)
         rec["speedup_vs_dp_on_n_ranks"] = dpn["step_s"] / pr["step_s"]
     if mcmc_budget and mcmc_budget > 0:
         from distconv.planner.mcmc import mcmc
         run = mcmc(cost, res["fastest_plan"], float(mcmc_budget), seed=mcmc_seed,
-                   memory_limit=res["memory_limit"])
+                   memory_limit=res["memory_limit"], overlap=overlap)
         rec["mcmc"] = {k: run[k] for k in ("start_step_s", "step_s", "gain", "proposals",
                                            "accepted", "improved", "seconds", "seed")}
         rec["mcmc"]["start"] = res["fastest"]
@@ -459,7 +465,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for i, (m, n, p, shp) in enumerate(cases):
         rec = run_case(m, n, p, shp, args.num_classes, machine, args.optimizer,
-                       args.mcmc_budget, args.mcmc_seed)
+                       args.mcmc_budget, args.mcmc_seed, not args.no_overlap)
         records.append(rec)
         print(f"[{i + 1}/{len(cases)}] {m} {'x'.join(map(str, shp))} P={p} N={n}: plan "
               f"{rec['plan']['step_s'] * 1e3:.2f} ms, DP {rec['dp']['step_s'] * 1e3:.2f} ms, "
@@ -473,7 +479,7 @@ def main(argv=None) -> int:
         "what": "simulated (cost model only, nothing run on GPUs): planner plan vs pure "
                 "data parallelism",
         "machine": machine.to_dict(), "machine_file": os.path.abspath(path),
-        "optimizer": args.optimizer, "overlap": True, "dtype": "float32",
+        "optimizer": args.optimizer, "overlap": not args.no_overlap, "dtype": "float32",
         "mcmc_budget_s": args.mcmc_budget, "mcmc_seed": args.mcmc_seed,
         "source": source_info(args.source_commit),
         "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
