@@ -13,10 +13,10 @@ model with several outputs (Inception-v3's auxiliary logits) adds ``"output"`` b
 whose extra branches end in the other outputs (see :func:`trace`). The
 result is a :class:`Graph`: a list of items, each a :class:`LayerSpec` or a
 :class:`BlockSpec` (``branches`` in the join's operand order, ``op`` ``"add"``,
-``"cat"`` or ``"output"``; for an add ``body`` is the first operand and ``shortcut`` the second, empty
-for the identity; ``join``: the layer after the add, or None). Layer names are those of
-``named_modules()``, so a plan ``{name: strategy}`` applies with
-``model.set_strategy(plan)``.
+``"cat"`` or ``"output"``; for an add ``body`` is the first operand and ``shortcut``
+the second, empty for the identity; ``join``: the layer after the add, or None).
+Layer names are those of ``named_modules()``, so a plan ``{name: strategy}`` applies
+with ``model.set_strategy(plan)``.
 
 Kinds: ``conv``, ``linear``, ``bn`` (each takes a :class:`distconv.Strategy`: the
 *strategic* layers) and ``relu`` (also ``Dropout``, priced as a ReLU: elementwise, one

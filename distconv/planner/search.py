@@ -16,9 +16,10 @@ output moved into its slot of the output layout and the gradient back
 (:meth:`.costs.CostModel.cat_part`) -- and the branches' entry x join-output matrices
 are summed (edge elimination). Branches run one after another on all ranks, so their
 costs add. A model with several outputs has ``"output"`` blocks (Inception-v3's
-auxiliary classifier): a branch that ends in another output joins nothing, so its exit
-state is minimised freely and its entry x (any) cost added. The input is placed where the graph's first strategic layer computes (that
-layer's matrix is restricted to its diagonal). The result is the optimum of the
+auxiliary classifier): a branch that ends in another output joins nothing, so its cost
+for each entry state is its minimum over every exit state. The input is placed where
+the graph's first strategic layer computes (that layer's matrix is restricted to its
+diagonal). The result is the optimum of the
 additive cost (forward + backward compute + communication + gradient allreduce +
 optimizer step) over all per-layer plans; :func:`brute_force` checks it on small graphs
 in the tests (``tests/test_planner_search.py``, ``tests/test_planner_dag.py``). A graph
