@@ -4,7 +4,7 @@
 * the traced graph prices ``AdaptiveAvgPool2d`` of any output size (an ``avgpool`` layer
   with ``output_size``; 1x1 stays the global ``gap``), upsampling and overlapping bins
   included; a layer whose real output differs from what the planner assumes is refused
-  (negative control);
+  (negative control); the trace draws no dropout mask (a real forward does);
 * its compute price: the fitted model (a machine file's ``avgpool`` rates apply; without
   them the one-core defaults: negative control), the measured kernel and its cache key,
   the shard of the strategy's split;
@@ -51,6 +51,26 @@ def test_adaptive_pool_traced_as_average_pool(name, hw, pooled):
     g2 = trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
                (2, 3, 9, 9))
     assert [x.kind for x in g2.layers()] == ["conv", "gap", "flatten"]
+
+
+def test_tracing_draws_no_dropout_mask(monkeypatch):
+    """The shape-only trace gives Dropout a shape-only mask: at the paper-scale batches
+    (32 768 x 9 216 features for AlexNet) hashing the real mask took seconds and GBs.
+    Negative control: a real training-mode forward does draw it."""
+    from distconv.ops import dropout as dmod
+    calls = []
+    orig = dmod.dropout_mask
+
+    def spy(*a, **kw):
+        calls.append(a[0])
+        return orig(*a, **kw)
+    monkeypatch.setattr(dmod, "dropout_mask", spy)
+    m = _small("alexnet")
+    g = trace(m, (65536, 3, 63, 63))
+    assert calls == [] and g.out_shape == (65536, 5)
+    assert [x.step for _, x in m.named_modules() if isinstance(x, nn.Dropout)] == [0, 0]
+    m(np.zeros((2, 3, 63, 63), np.float32))
+    assert len(calls) == 2
 
 
 def test_a_layer_that_differs_from_the_planners_shape_is_refused():
