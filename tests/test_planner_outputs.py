@@ -1,9 +1,9 @@
 """The planner on models with two outputs (Inception-v3's ``(logits, aux_logits)``).
 
 * ``trace`` reads a second output as an ``"output"`` block at the value that also feeds
-  it: branch 0 continues to the first output, the other branch ends in the second and
-  joins nothing; branches keep the model's execution order; a value that is computed
-  but is no output is still refused;
+  it (also inside a cat's branch): branch 0 continues to the first output, the other
+  branch ends in the second and joins nothing; branches keep the model's execution
+  order; a value that is computed but is no output is still refused;
 * the DP returns the brute-force optimum (the aux branch's exit state free), also under
   random penalties; a DP that ties the aux branch's exit to the main path's state is
   caught by the same check (negative control);
@@ -60,7 +60,26 @@ def _models():
             y = self.head(self.c3(t))
             return y, self.aux(t)
 
-    return {"twoout": (TwoOut, (5, 3, 7, 6)), "late": (Late, (4, 3, 5, 5))}
+    class Nested(nn.Module):
+        """The second output forks inside a cat's branch: h -> cat(1x1(h), 3x3(t = 1x1(h)))
+        with t also feeding gap-fc (aux)."""
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 1)
+            self.b1 = nn.Conv2d(4, 2, 1)
+            self.t = nn.Conv2d(4, 3, 1)
+            self.b2 = nn.Conv2d(3, 3, 3, padding=1)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2))
+            self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+
+        def forward(self, x):
+            h = self.stem(x)
+            t = self.t(h)
+            return self.head(dc.cat([self.b1(h), self.b2(t)])), self.aux(t)
+
+    return {"twoout": (TwoOut, (5, 3, 7, 6)), "late": (Late, (4, 3, 5, 5)),
+            "nested": (Nested, (3, 3, 4, 4))}
 
 
 def _model(which):
@@ -89,6 +108,10 @@ def test_second_output_is_an_output_block():
     m, _ = _model("twoout")
     assert g.strategic_names() == [n for n, x in m.named_modules()
                                    if isinstance(x, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+    nested = _graph("nested")  # the output block sits inside the cat's second branch
+    cat = nested.items[1]
+    assert cat.op == "cat" and [type(x).__name__ for x in cat.branches[1]] == [
+        "LayerSpec", "BlockSpec"] and cat.branches[1][1].op == "output"
     late = _graph("late")
     assert [type(x).__name__ for x in late.items] == ["LayerSpec", "LayerSpec", "BlockSpec"]
     assert late.items[2].order == () and late.items[2].in_shape == (4, 6, 5, 5)
@@ -124,7 +147,7 @@ def _pinned_exit(monkeypatch):
     monkeypatch.setattr(search._Seq, "then", then)
 
 
-@pytest.mark.parametrize("which,p", [("twoout", 3), ("late", 4)])
+@pytest.mark.parametrize("which,p", [("twoout", 3), ("late", 4), ("nested", 3)])
 def test_dp_equals_brute_force(monkeypatch, which, p):
     from distconv.planner.search import Planner
     from tests.test_planner_dag import _check_plan, _cost, _perturb, assert_optimal
@@ -227,7 +250,7 @@ def test_predicted_bytes_equal_measured(comm):
     import distconv as dc
     from distconv.shapecomm import Event
     dc.set_default_dtype(np.float64)
-    for which in ("twoout", "late"):
+    for which in ("twoout", "late", "nested"):
         for plan in _plans(which, comm.size):
             _run_and_compare(comm, which, plan)
     # negative control: one aux layer predicted with one more allgather of 8 bytes
