@@ -35,7 +35,10 @@ class StepTrace:
     ``Communicator.stats()``; ``events``: :class:`~distconv.shapecomm.Event` list in issue
     order, tagged ``(phase, module name)`` with phase ``forward``, ``backward``, ``sync``,
     ``step`` or ``loss``; ``nodes``: the recorded autograd nodes of the step, in
-    recording order (see :func:`graph_of`); ``logits_shape``: the output's global shape.
+    recording order (see :func:`graph_of`); ``logits_shape``: the output's global shape
+    (the first output's for a model with several, such as Inception-v3's ``(logits,
+    aux_logits)``); ``outputs``: the index in ``nodes`` of the node that produced each
+    output, in the model's order (None: an output no node produced).
     """
 
     nranks: int
@@ -44,6 +47,7 @@ class StepTrace:
     events: list
     nodes: list = field(default_factory=list)
     logits_shape: tuple = ()
+    outputs: tuple = ()
 
     def bytes_by_tag(self) -> dict:
         """``{(phase, module): (sent, recv)}`` summed over the events."""
@@ -176,7 +180,9 @@ def shape_only_step(model, in_shape, nranks: int, rank: int = 0, plan=None, labe
                     optimizer=None, sync=None, forward_only: bool = False) -> StepTrace:
     """One training step of ``model`` as rank ``rank`` of ``nranks``, shapes only:
     ``opt.zero_grad(); loss = CrossEntropyLoss()(model(x), labels); loss.backward();
-    opt.step()`` inside :class:`shape_only`.
+    opt.step()`` inside :class:`shape_only`. A model that returns a tuple of tensors
+    (Inception-v3's ``(logits, aux_logits)`` in training mode) gets the sum of their
+    cross-entropy losses (the weights of such a sum change no shape and no byte).
 
     in_shape: the global input shape ``(N, C, H, W)``; plan: a Strategy, its text, or a
     per-layer plan (default: the strategies the model has); labels: ``(N,)`` integer
@@ -205,13 +211,20 @@ def shape_only_step(model, in_shape, nranks: int, rank: int = 0, plan=None, labe
             x = ctx.input(in_shape)
             with _NodeLog() as log:
                 y = _run("forward", lambda: model(x), world)
-            if not isinstance(y, DistTensor):
+            outs = tuple(y) if isinstance(y, tuple) else (y,)
+            if not outs or not all(isinstance(o, DistTensor) for o in outs):
                 raise RuntimeError(f"shape-only execution: the model returned "
-                                   f"{type(y).__name__}; the step needs one logits tensor")
+                                   f"{type(y).__name__}; the step needs one logits tensor "
+                                   f"or a tuple of them")
+            index = {id(n): i for i, n in enumerate(log.nodes)}
+            out_nodes = tuple(index.get(id(o.grad_fn)) for o in outs)
+            y = outs[0]
             if not forward_only:
                 lab = np.zeros(in_shape[0], np.int64) if labels is None else labels
                 world.tag = ("loss", "")
                 loss = CrossEntropyLoss()(y, lab)
+                for o in outs[1:]:
+                    loss = loss + CrossEntropyLoss()(o, lab)
                 _run("backward", loss.backward, world)
                 _run("sync", opt._synced_grads, world, tag=("sync", ""))
                 _run("step", opt.step, world, tag=("step", ""))
@@ -219,7 +232,7 @@ def shape_only_step(model, in_shape, nranks: int, rank: int = 0, plan=None, labe
             for v in stats.values():
                 v["time"] = 0.0
             return StepTrace(nranks, rank, stats, list(world.events), log.nodes,
-                             tuple(y.shape))
+                             tuple(y.shape), out_nodes)
         finally:
             if sync_obj is not None:
                 sync_obj.remove()

@@ -21,11 +21,16 @@ One MPI job does everything:
    default_cache_path()``). After measuring, each entry keeps the largest of the ranks'
    medians (a step waits for the slowest rank at every collective) and every rank
    rebuilds the same cost model from them, so every rank plans alike.
-4. The model is a wide ResNet with a CIFAR stem: ``ResNet(BasicBlock, --blocks, stem=
-   "cifar", base_width=--width)`` (default two stages of one basic block, 256 and 512
-   channels, 8x8 inputs, global batch 4, 10 classes: 4.7 M parameters, 19 MB of weight
-   gradients against 0.26 MB activations): wide enough that channel and filter splits
-   beat data parallelism, whose gradient allreduce and replicated update dominate.
+4. The model (``--model``) is a wide ResNet with a CIFAR stem: ``ResNet(BasicBlock,
+   --blocks, stem="cifar", base_width=--width)`` (default two stages of one basic block,
+   256 and 512 channels, 8x8 inputs, global batch 4, 10 classes: 4.7 M parameters, 19 MB
+   of weight gradients against 0.26 MB activations): wide enough that channel and filter
+   splits beat data parallelism, whose gradient allreduce and replicated update dominate.
+   ``--model inception``: a small Inception-style net whose blocks concatenate branches
+   (:class:`IncNet`: a 3x3 stem with batch norm, then ``sum(--blocks)`` blocks of three
+   towers -- 1x1 | 1x1-relu-3x3 | 3x3 avg pool-1x1, W/4 + W/2 + W/4 channels -- joined by
+   ``dc.cat`` and followed by batch norm and ReLU, then global pooling and the fc; width
+   W = --width, default 512: 1.7 M parameters at two blocks).
 5. Plans: the hand plans (uniform sample, channel and filter splits; on 4 ranks the
    2x2 mixes too; and mixed per-layer plans, see ``hand_plans``) and the planner's own
    plan (``auto``: :func:`distconv.planner.auto.plan_model` with the same machine and
@@ -112,7 +117,11 @@ def parse_args(argv=None):
     ap.add_argument("--out", metavar="FILE", help="rank 0 writes every figure as JSON here")
     ap.add_argument("--quick", action="store_true",
                     help="CI-sized run: width 8, 8x8, batch 2, 2 repeats (seconds)")
-    ap.add_argument("--width", type=int, help="channels of the first stage (default 256)")
+    ap.add_argument("--model", choices=("resnet", "inception"), default="resnet",
+                    help="the wide ResNet (default) or the Inception-style IncNet, whose "
+                         "blocks join branches with dc.cat")
+    ap.add_argument("--width", type=int, help="channels of the first stage (default 256; "
+                                              "inception: 512, a multiple of 4)")
     ap.add_argument("--blocks", help="basic blocks per stage, comma-separated (default 1,1: "
                                      "two stages, width and 2*width channels)")
     ap.add_argument("--size", type=int, help="input height = width (default 8)")
@@ -159,6 +168,8 @@ def parse_args(argv=None):
     ap.add_argument("--md", metavar="FILE", help="rank 0 also writes a Markdown report")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.model == "inception" and a.width is None and not a.quick:
+        a.width = 512
     for k, v in DEFAULTS.items():
         if getattr(a, k) is None:
             setattr(a, k, QUICK[k] if a.quick else v)
@@ -176,6 +187,8 @@ def parse_args(argv=None):
               "compute_rounds"):
         if getattr(a, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1")
+    if a.model == "inception" and a.width % 4:
+        ap.error(f"--model inception needs --width divisible by 4, got {a.width}")
     if a.warmup < 0 or a.max_repeats < a.repeats:
         ap.error("need --warmup >= 0 and --max-repeats >= --repeats")
     if not 0 < a.clean_frac < 1 or not 0 < a.rank_margin < 10:
@@ -184,26 +197,63 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------ model and plans
+def inception_net(width, nblocks, classes, in_channels=3):
+    """:class:`IncNet` (built here so that distconv.nn is imported after the thread
+    limits): stem conv3x3-bn-relu, ``nblocks`` blocks of three towers joined by dc.cat."""
+    import distconv as dc
+    from distconv import nn
+
+    class Block(nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            q, h = w // 4, w // 2
+            self.b1 = nn.Conv2d(w, q, 1)
+            self.b2 = nn.Sequential(nn.Conv2d(w, h, 1), nn.ReLU(), nn.Conv2d(h, h, 3, padding=1))
+            self.b3 = nn.Sequential(nn.AvgPool2d(3, stride=1, padding=1), nn.Conv2d(w, q, 1))
+            self.bn = nn.BatchNorm2d(2 * q + h)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.bn(dc.cat([self.b1(x), self.b2(x), self.b3(x)])))
+
+    class IncNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+                                      nn.BatchNorm2d(width), nn.ReLU())
+            self.blocks = nn.Sequential(*[Block(width) for _ in range(nblocks)])
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(width, classes)
+
+        def forward(self, x):
+            return self.fc(self.head(self.blocks(self.stem(x))))
+    return IncNet()
+
+
 def build_model(args):
-    from distconv.models.resnet import BasicBlock, ResNet
     from distconv.nn import manual_seed
     manual_seed(args.seed)
+    if getattr(args, "model", "resnet") == "inception":
+        return inception_net(args.width, sum(args.blocks), args.classes)
+    from distconv.models.resnet import BasicBlock, ResNet
     return ResNet(BasicBlock, list(args.blocks), num_classes=args.classes, in_channels=3,
                   stem="cifar", base_width=args.width)
 
 
 def _stage(name):
-    """0 for the stem, i for layer<i>..., len+1 for fc."""
+    """0 for the stem, i for layer<i>... (ResNet) or blocks.<i-1>... (IncNet), 99 for fc."""
     if name.startswith("layer"):
         return int(name[5:].split(".")[0])
-    return 0 if name in ("conv1", "bn1") else 99
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return 0 if name in ("conv1", "bn1") or name.startswith("stem.") else 99
 
 
 def hand_plans(graph, p):
     """``[(label, {name: (s, c, f)})]``: uniform splits and per-layer mixes (see the doc)."""
     names = graph.strategic_names()
     S, C, F = (p, 1, 1), (1, p, 1), (1, 1, p)
-    nst = max(_stage(n) for n in names if n.startswith("layer"))
+    nst = max((_stage(n) for n in names if _stage(n) not in (0, 99)), default=1)
 
     def rule(fn):
         return {n: fn(n) for n in names}
@@ -216,6 +266,8 @@ def hand_plans(graph, p):
         last = n.split(".")
         if "downsample" in last:
             return 3
+        if n.startswith("blocks."):  # IncNet: a tower's first conv -> 1, the 3x3 after -> 2
+            return 2 if last[2:] == ["b2", "2"] or last[-1] == "bn" else 1
         return 1 if last[-1] in ("conv1", "bn1") else 2
 
     plans = [("sample", rule(lambda n: S)), ("channel", rule(lambda n: C)),
@@ -234,6 +286,11 @@ def hand_plans(graph, p):
             lambda n: F if _stage(n) == 0 else C if _stage(n) == 99 else
             (F if block_part(n) == 1 else C))),
     ]
+    if any(n.startswith("blocks.") for n in names):  # IncNet: towers of one block differ
+        def tower(n):
+            t = n.split(".")[2] if n.count(".") >= 2 else ""
+            return {"b1": C, "b2": F, "b3": C}.get(t, S)
+        plans.append(("towers-channel/filter/channel", rule(tower)))
     return plans
 
 
@@ -401,7 +458,8 @@ class Case:
         self.opt = SGD(self.params, lr=s["lr"], momentum=s["momentum"],
                        weight_decay=s["weight_decay"], nesterov=s["nesterov"])
         self.crit = dc.nn.CrossEntropyLoss()
-        self.x = DistTensor.from_global(x_glob, self.model.conv1.input_distribution)
+        first = next(m for _, m in self.model.named_modules() if isinstance(m, dc.nn.Conv2d))
+        self.x = DistTensor.from_global(x_glob, first.input_distribution)
         self.labels = labels
         self.recs = []
 
@@ -782,7 +840,10 @@ def main(argv=None):
         print_table(rows, summary, measured)
         doc = {"benchmark": "bench_planner", "args": {k: v for k, v in vars(args).items()},
                "bytes_only": bytes_only,
-               "model": {"name": "ResNet(BasicBlock, stem=cifar)", "blocks": args.blocks,
+               "model": {"name": ("IncNet (stem, blocks of 3 towers joined by dc.cat)"
+                                  if args.model == "inception"
+                                  else "ResNet(BasicBlock, stem=cifar)"),
+                         "blocks": args.blocks,
                          "width": args.width, "input_shape": list(in_shape),
                          "classes": args.classes, "dtype": "float32",
                          "strategic_layers": len(graph.strategic_names())},

@@ -50,6 +50,8 @@ examples:
       ResNet-50 on 1024 V100s (4 per node, InfiniBand), ImageNet 3x224x224 inputs
   python scripts/plan.py --model wide_resnet50_2 --batch 64 --ranks 64 \\
       --machine v100_ib --memory-limit 8GiB --optimizer adam
+  python scripts/plan.py --model vgg16 --batch 512 --ranks 16 --machine v100_ib
+      VGG-16 (also alexnet, vgg11[_bn], vgg16_bn, inception_v3 at 3x299x299)
   mpiexec -n 2 python scripts/plan.py --machine calibrate --save-machine node.json
       measure this job's links and kernels, plan for 2 ranks, keep the machine file
   python scripts/plan.py --machine node.json --ranks 8 --compute measure
@@ -60,9 +62,11 @@ examples:
 """
 
 # Default image shape and class count per model: train.py's digits data (8x8 grey
-# images, 10 classes) for small_resnet, ImageNet for the others.
+# images, 10 classes) for small_resnet, ImageNet for the others (299x299 for Inception-v3,
+# the smallest its auxiliary classifier takes).
 DIGITS_SHAPE = (1, 8, 8)
 IMAGENET_SHAPE = (3, 224, 224)
+INCEPTION_SHAPE = (3, 299, 299)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -147,8 +151,14 @@ def _positive(what):
     return conv
 
 
+def model_names() -> list:
+    """Every ``--model`` name: the ResNets of ``distconv.models.MODELS`` and the networks
+    of ``CNN_MODELS`` (AlexNet, VGG, Inception-v3), as train.py accepts them."""
+    from distconv.models import CNN_MODELS, MODELS
+    return sorted(MODELS) + sorted(CNN_MODELS)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from distconv.models import MODELS
     from distconv.planner.machine import available
     p = _Parser(
         prog=PROG,
@@ -160,20 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "--machine calibrate.",
         epilog=EXAMPLES.format(builtins=", ".join(available()) or "none"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small_resnet", choices=sorted(MODELS), metavar="NAME",
-                   help=f"model of distconv.models.MODELS: {', '.join(sorted(MODELS))} "
+    p.add_argument("--model", default="small_resnet", choices=model_names(), metavar="NAME",
+                   help=f"model (train.py --model): {', '.join(model_names())} "
                         "(default: small_resnet, train.py's default)")
     p.add_argument("--batch", type=_positive("global batch"), default=64, metavar="N",
                    help="GLOBAL mini-batch size (train.py --batch-size; default 64)")
     p.add_argument("--image-shape", type=_shape_arg, default=None, metavar="C,H,W",
                    help="input image shape (default: 1,8,8 for small_resnet, the digits "
-                        "data train.py uses; 3,224,224 for the ImageNet models). ImageNet "
-                        "models get train.py's 3x3 'cifar' stem when W <= 64")
+                        "data train.py uses; 3,299,299 for inception_v3; 3,224,224 for the "
+                        "other ImageNet models). The ResNets get train.py's 3x3 'cifar' "
+                        "stem when W <= 64")
     p.add_argument("--num-classes", type=_positive("classes"), default=None, metavar="K",
                    help="classes of the classifier (default: 10 for small_resnet, 1000 "
                         "otherwise)")
     p.add_argument("--width", type=_positive("channels"), default=16,
                    help="base width of small_resnet (train.py --width; default 16)")
+    p.add_argument("--width-divisor", type=_positive("divisor"), default=1,
+                   help="alexnet, vgg*, inception_v3: every conv channel count divided by "
+                        "this (train.py --width-divisor; default 1: torchvision's widths)")
+    p.add_argument("--hidden", type=_positive("features"), default=4096,
+                   help="alexnet, vgg*: width of the two hidden classifier layers "
+                        "(train.py --hidden; default 4096)")
+    p.add_argument("--no-aux-logits", action="store_true",
+                   help="inception_v3 without its auxiliary classifier (train.py "
+                        "--no-aux-logits; with it the model has two outputs)")
     p.add_argument("--ranks", type=_positive("ranks"), default=None, metavar="P",
                    help="target number of ranks, any size (required, except with "
                         "--machine calibrate where it defaults to the MPI job size)")
@@ -231,15 +251,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------ model and machine
 def default_shape(model: str) -> tuple:
-    return DIGITS_SHAPE if model == "small_resnet" else IMAGENET_SHAPE
+    if model == "small_resnet":
+        return DIGITS_SHAPE
+    return INCEPTION_SHAPE if model == "inception_v3" else IMAGENET_SHAPE
 
 
-def build_model(name: str, image_shape, num_classes: int, width: int = 16):
-    """The model train.py builds for ``--model name`` on images of ``image_shape``."""
+def build_model(name: str, image_shape, num_classes: int, width: int = 16,
+                width_divisor: int = 1, hidden: int = 4096, aux_logits: bool = True):
+    """The model train.py builds for ``--model name`` on images of ``image_shape``
+    (``width``: small_resnet's; ``width_divisor``, ``hidden``, ``aux_logits``: the
+    AlexNet/VGG/Inception knobs of train.py)."""
     from distconv import models
     c, _, w = image_shape
     if name == "small_resnet":
         return models.small_resnet(num_classes, in_channels=c, width=width)
+    if name in models.CNN_MODELS:
+        kw = {"width_divisor": width_divisor}
+        if name != "alexnet":  # the plan needs shapes only: skip torchvision's init
+            kw["init_weights"] = False
+        if name == "inception_v3":
+            kw["aux_logits"] = aux_logits
+        else:
+            kw["hidden"] = hidden
+        return models.CNN_MODELS[name](num_classes, in_channels=c, **kw)
     stem = "cifar" if w <= 64 else "imagenet"  # as scripts/train.py chooses it
     return models.MODELS[name](num_classes, in_channels=c, stem=stem)
 
@@ -340,6 +374,7 @@ def _fmt_bytes(n) -> str:
 # ------------------------------------------------------------------ the work
 def run_plan(args, machine, source: str, ranks: int, say) -> dict:
     """Build the model, plan it, print, write the plan file. Rank 0 only."""
+    from distconv.models import CNN_MODELS
     from distconv.planner import auto
     from distconv.planner.planfile import save_plan
 
@@ -347,7 +382,8 @@ def run_plan(args, machine, source: str, ranks: int, say) -> dict:
     classes = args.num_classes or (10 if args.model == "small_resnet" else 1000)
     in_shape = (args.batch,) + tuple(shape)
     try:
-        model = build_model(args.model, shape, classes, args.width)
+        model = build_model(args.model, shape, classes, args.width, args.width_divisor,
+                            args.hidden, not args.no_aux_logits)
     except ValueError as e:
         raise PlanError(f"--model {args.model} with --image-shape {_join(shape)}: {e}") \
             from None
@@ -409,8 +445,12 @@ def run_plan(args, machine, source: str, ranks: int, say) -> dict:
     meta = {
         "model": args.model, "num_classes": classes,
         "width": args.width if args.model == "small_resnet" else None,
-        "stem": (None if args.model == "small_resnet"
+        "stem": (None if args.model == "small_resnet" or args.model in CNN_MODELS
                  else ("cifar" if shape[2] <= 64 else "imagenet")),
+        **({"width_divisor": args.width_divisor} if args.model in CNN_MODELS else {}),
+        **({"hidden": args.hidden} if args.model in CNN_MODELS
+           and args.model != "inception_v3" else {}),
+        **({"aux_logits": not args.no_aux_logits} if args.model == "inception_v3" else {}),
         "input_shape": list(in_shape), "ranks": ranks, "machine": machine.name,
         "machine_source": source, "ranks_per_node": machine.ranks_per_node,
         "compute": mode, "threads": threads, "memory_limit": res["memory_limit"],
@@ -425,6 +465,12 @@ def run_plan(args, machine, source: str, ranks: int, say) -> dict:
         raise PlanError(f"--out: cannot write the plan file {args.out!r}: "
                         f"{e.strerror or e}") from None
     width = f" --width {args.width}" if args.model == "small_resnet" and args.width != 16 else ""
+    if args.model in CNN_MODELS:  # train.py must build the same model
+        width += f" --width-divisor {args.width_divisor}" if args.width_divisor != 1 else ""
+        if args.model != "inception_v3" and args.hidden != 4096:
+            width += f" --hidden {args.hidden}"
+        if args.model == "inception_v3" and args.no_aux_logits:
+            width += " --no-aux-logits"
     say(f"wrote {args.out} ({len(res['plan'])} layers); use it with: mpiexec -n {ranks} "
         f"python scripts/train.py --model {args.model}{width} --batch-size {args.batch} "
         f"--strategy {args.out}")

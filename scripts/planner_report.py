@@ -254,8 +254,12 @@ def markdown(doc):
              f"{env['mpi_library']}; numpy {env['numpy']}, mpi4py {env['mpi4py']}, python "
              f"{env['python']}; one BLAS thread per rank; load average at start "
              f"{env['loadavg'][0]:.2f}; {env['date']}; git {env['git'].get('commit')}.", "",
-             f"Model: ResNet with a CIFAR stem, basic blocks {m['blocks']}, first-stage width "
-             f"{m['width']}, input {m['input_shape']}, {m['classes']} classes, float32, SGD "
+             (f"Model: IncNet (a 3x3 stem, then {sum(m['blocks'])} blocks of three towers "
+              f"joined by dc.cat), width {m['width']}"
+              if str(m.get("name", "")).startswith("IncNet") else
+              f"Model: ResNet with a CIFAR stem, basic blocks {m['blocks']}, first-stage width "
+              f"{m['width']}")
+             + f", input {m['input_shape']}, {m['classes']} classes, float32, SGD "
              f"(momentum 0.9, weight decay 1e-4); {m['strategic_layers']} strategic layers.",
              "", "Predicted: `simulate(cost, plan, overlap=False)` with the alpha-beta machine "
              "calibrated on the same job and kernel times measured on it (threads=1, the "

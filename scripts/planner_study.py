@@ -18,6 +18,13 @@ time of the whole ``plan_model`` call, and which strategies the plan uses in whi
 When P > N it also simulates data parallelism on only N of the ranks (the rest idle), the
 better data-parallel baseline there.
 
+Models: the ResNets of ``distconv.models.MODELS`` and the OptCNN/FlexFlow networks of
+``CNN_MODELS`` (``alexnet``, ``vgg16``, ``inception_v3`` -- with its auxiliary classifier,
+torchvision's training-mode default -- ...; ImageNet shapes: 3x299x299 for Inception-v3,
+3x224x224 for the others unless ``--image-shape`` is given). ``--mcmc-budget S`` also
+runs :func:`distconv.planner.mcmc.mcmc` for S seconds from the fastest predicted
+candidate of each case and records what it finds and the seconds it took.
+
 Nothing here runs a network: every number is the planner's cost model. It is CPU-bound
 (several seconds per case at 1024 ranks): run it under ``flock`` on a shared machine.
 Prints a Markdown table (``--markdown`` also writes it to a file).
@@ -36,12 +43,22 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
+# the stages of the other families (by the first part of torchvision's module names)
+FAMILY_STAGES = {
+    "resnet": STAGES,
+    "features": ("features", "classifier"),                      # AlexNet, VGG
+    "inception": ("stem", "Mixed_5", "Mixed_6", "Mixed_7", "AuxLogits", "fc"),
+}
+DEFAULT_SHAPE = (3, 224, 224)
+INCEPTION_SHAPE = (3, 299, 299)
 # plan_model's name for the search with the gradient allreduce counted in full (the
 # additive DP cost alone: what plan_model returned before commit 6bbccff)
 ADDITIVE = "search (allreduce weight 1)"
 
 
 def _ints(text):
+    if text.strip().lower() in ("", "none"):
+        return []
     try:
         vals = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -52,8 +69,28 @@ def _ints(text):
     return vals
 
 
+def model_names() -> list:
+    from distconv.models import CNN_MODELS, MODELS
+    return sorted(MODELS) + sorted(CNN_MODELS)
+
+
+def build_model(name, shape, classes):
+    """The model of ``name`` for images of ``shape`` (C, H, W): a ResNet with train.py's
+    stem choice, or an OptCNN/FlexFlow network at torchvision's widths (weights left
+    uninitialised where the model allows it: the planner needs shapes only)."""
+    from distconv import models
+    if name in models.CNN_MODELS:
+        kw = {} if name == "alexnet" else {"init_weights": False}
+        return models.CNN_MODELS[name](classes, in_channels=shape[0], **kw)
+    return models.MODELS[name](classes, in_channels=shape[0],
+                               stem="cifar" if shape[2] <= 64 else "imagenet")
+
+
+def default_shape(name) -> tuple:
+    return INCEPTION_SHAPE if name == "inception_v3" else DEFAULT_SHAPE
+
+
 def build_parser():
-    from distconv.models import MODELS
     p = argparse.ArgumentParser(
         prog="planner_study.py",
         description="Simulated paper-scale comparison of planner plans with pure data "
@@ -63,23 +100,34 @@ def build_parser():
                "benchmarks/results/planner_paper_scale.json --markdown /tmp/table.md",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default="resnet50,wide_resnet50_2",
-                   help=f"comma-separated models of {sorted(MODELS)}")
+                   help=f"comma-separated models of {model_names()}")
     p.add_argument("--ranks", type=_ints, default=[16, 64, 256, 1024],
                    help="rank counts P")
     p.add_argument("--per-gpu", type=_ints, default=[1, 2, 4],
                    help="samples per GPU b (global batch N = b*P)")
     p.add_argument("--global-batch", type=_ints, default=[64, 256],
-                   help="fixed global batches N run at every P (strong scaling)")
+                   help="fixed global batches N run at every P (strong scaling; 'none': "
+                        "no such cases)")
     p.add_argument("--extra", action="append", default=None, metavar="MODEL:P:N[:CxHxW]",
                    help="extra cases (repeatable), optionally with their own image shape. "
                         "Default: wide_resnet50_2 at 64 samples per GPU on 16 ranks (large "
                         "per-GPU batch), and on 64 ranks with 16 images of 3x3072x3072 and "
                         "32 of 3x2048x2048 (large images: data parallelism needs a whole "
-                        "sample per GPU, 35 GB and 16 GB, against the 16 GB of a V100)")
-    p.add_argument("--image-shape", default="3,224,224", help="C,H,W")
+                        "sample per GPU, 35 GB and 16 GB, against the 16 GB of a V100); "
+                        "'none': no extra case")
+    p.add_argument("--image-shape", default=None,
+                   help="C,H,W (default 3,299,299 for inception_v3, else 3,224,224)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--machine", default="v100_ib", help="machine file or shipped name")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--mcmc-budget", type=float, default=0.0, metavar="S",
+                   help="also run MCMC (FlexFlow's search) for S seconds from the fastest "
+                        "predicted candidate of each case (0: no)")
+    p.add_argument("--mcmc-seed", type=int, default=0)
+    p.add_argument("--no-overlap", action="store_true",
+                   help="gradient allreduces blocking after backward instead of overlapped "
+                        "with it (plan_model(..., overlap=False); OptCNN's cost model adds "
+                        "the parameter sync to the step)")
     p.add_argument("--source-commit", default=None, metavar="SHA",
                    help="the distconv commit these numbers come from, recorded in the JSON "
                         "(default: git rev-parse HEAD of the checkout this script is in, "
@@ -90,18 +138,30 @@ def build_parser():
     return p
 
 
-def stage_of(name: str) -> str:
+def family_of(model_name: str) -> str:
+    if model_name.startswith(("alexnet", "vgg")):
+        return "features"
+    return "inception" if model_name.startswith("inception") else "resnet"
+
+
+def stage_of(name: str, family: str = "resnet") -> str:
     head = name.split(".", 1)[0]
-    if head in ("conv1", "bn1"):
+    if family == "inception":
+        if head.startswith("Conv2d_"):
+            return "stem"
+        if head.startswith("Mixed_"):
+            return head[:7]
+        return head if head in FAMILY_STAGES[family] else "other"
+    if family == "resnet" and head in ("conv1", "bn1"):
         return "stem"
-    return head if head in STAGES else "other"
+    return head if head in FAMILY_STAGES[family] else "other"
 
 
-def stage_usage(plan: dict, kinds: dict) -> dict:
+def stage_usage(plan: dict, kinds: dict, family: str = "resnet") -> dict:
     """``{stage: {"s1 c2 f2": {"conv": n, "bn": m}, ...}}``."""
     out: dict = {}
     for name, (s, c, f) in plan.items():
-        d = out.setdefault(stage_of(name), {}).setdefault(f"s{s} c{c} f{f}", {})
+        d = out.setdefault(stage_of(name, family), {}).setdefault(f"s{s} c{c} f{f}", {})
         d[kinds[name]] = d.get(kinds[name], 0) + 1
     return out
 
@@ -143,20 +203,21 @@ def simulate_local_bn(cost, plan, overlap=True) -> float:
     return t + sum(c.update for _, c in rows)
 
 
-def run_case(model_name, n, p, shape, classes, machine, optimizer):
-    from distconv import models
+def run_case(model_name, n, p, shape, classes, machine, optimizer, mcmc_budget=0.0,
+             mcmc_seed=0, overlap=True):
     from distconv.planner import auto
     from distconv.planner.costs import CostModel
     from distconv.planner.simulate import simulate
 
-    model = models.MODELS[model_name](classes, in_channels=shape[0],
-                                      stem="cifar" if shape[2] <= 64 else "imagenet")
+    model = build_model(model_name, shape, classes)
+    family = family_of(model_name)
     t0 = time.perf_counter()
-    res = auto.plan_model(model, (n,) + tuple(shape), p, machine, optimizer=optimizer)
+    res = auto.plan_model(model, (n,) + tuple(shape), p, machine, optimizer=optimizer,
+                          overlap=overlap)
     wall = time.perf_counter() - t0
     pr, dp = res["predicted"], res["dp"]
     kinds = {layer.name: layer.kind for layer in res["graph"].layers()}
-    usage = stage_usage(res["plan"], kinds)
+    usage = stage_usage(res["plan"], kinds, family)
 
     def block(d):
         return {"step_s": d["step_s"], "compute_s": d["compute_s"], "comm_s": d["comm_s"],
@@ -173,13 +234,15 @@ def run_case(model_name, n, p, shape, classes, machine, optimizer):
            "memory_limit": res["memory_limit"],
            "fits": {"plan": res["memory_limit"] is None or pr["memory"] <= res["memory_limit"],
                     "dp": res["memory_limit"] is None or dp["memory"] <= res["memory_limit"]},
+           "family": family, "stages": list(FAMILY_STAGES[family]),
            "stage_usage": usage,
-           "dominant": {s: dominant(usage, s) for s in STAGES},
+           "dominant": {s: dominant(usage, s) for s in FAMILY_STAGES[family]},
            "plan_strategies": {k: list(v) for k, v in res["plan"].items()}}
     rec["sync_bytes_ratio"] = (rec["dp"]["sync_bytes"] / rec["plan"]["sync_bytes"]
                                if rec["plan"]["sync_bytes"] else None)
     cost = res["cost"]
-    rec["dp_local_bn_step_s"] = simulate_local_bn(cost, auto.data_parallel(res["graph"], p))
+    rec["dp_local_bn_step_s"] = simulate_local_bn(cost, auto.data_parallel(res["graph"], p),
+                                                  overlap)
     rec["speedup_vs_dp_local_bn"] = rec["dp_local_bn_step_s"] / pr["step_s"]
     rec["chosen"] = res["chosen"]
     rec["fastest"] = res["fastest"]  # the fastest predicted candidate (min_gain 0)
@@ -191,9 +254,18 @@ def run_case(model_name, n, p, shape, classes, machine, optimizer):
         "plan_speedup_over_it": add / pr["step_s"]}
     if p > n:  # data parallelism on only N ranks (the others idle): the better DP baseline
         cost_n = CostModel(res["graph"], n, machine, optimizer=optimizer)
-        dpn = simulate(cost_n, auto.data_parallel(res["graph"], n))
+        dpn = simulate(cost_n, auto.data_parallel(res["graph"], n), overlap=overlap)
         rec["dp_on_n_ranks"] = block(dpn)
         rec["speedup_vs_dp_on_n_ranks"] = dpn["step_s"] / pr["step_s"]
+    if mcmc_budget and mcmc_budget > 0:
+        from distconv.planner.mcmc import mcmc
+        run = mcmc(cost, res["fastest_plan"], float(mcmc_budget), seed=mcmc_seed,
+                   memory_limit=res["memory_limit"], overlap=overlap)
+        rec["mcmc"] = {k: run[k] for k in ("start_step_s", "step_s", "gain", "proposals",
+                                           "accepted", "improved", "seconds", "seed")}
+        rec["mcmc"]["start"] = res["fastest"]
+        rec["mcmc"]["speedup_vs_dp"] = dp["step_s"] / run["step_s"]
+        rec["mcmc"]["search_plus_mcmc_s"] = res["search_s"] + run["seconds"]
     return rec
 
 
@@ -226,7 +298,8 @@ def source_info(commit=None) -> dict:
 
 def _name(r) -> str:
     shp = r["input_shape"][1:]
-    return r["model"] + ("" if shp == [3, 224, 224] else f" @{shp[1]}x{shp[2]}")
+    return r["model"] + ("" if tuple(shp) == default_shape(r["model"])
+                         else f" @{shp[1]}x{shp[2]}")
 
 
 def _table(head, rows) -> list:
@@ -258,7 +331,8 @@ def markdown(records) -> str:
             f"{_ratio(r['sync_time_ratio'])}", f"{_ratio(r['sync_bytes_ratio'])}",
             f"{pl['exposed_sync_s'] * 1e3:.2f} / {dp['exposed_sync_s'] * 1e3:.2f}",
             f"{pl['memory'] / 1e9:.2f} / {dp['memory'] / 1e9:.2f}"])
-        t3.append(base + [r["dominant"][s] for s in STAGES])
+        t3.append((tuple(r.get("stages", STAGES)),
+                   base + [r["dominant"].get(s, "") for s in r.get("stages", STAGES)]))
     out = ["Step time (predicted, ms) and speedup of the plan over pure data parallelism "
            "(DP, every layer (P,1,1), synchronised batch norm); DP-on-N: over DP on only N "
            "of the ranks (P > N); local-BN: over DP without the batch-norm statistics "
@@ -285,7 +359,22 @@ def markdown(records) -> str:
     out += ["", "Strategy of most conv layers per stage (sSAMPLE cCHANNEL fFILTER; +k: k "
             "other strategies in the stage, e.g. for a downsample conv or the bn layers).",
             ""]
-    out += _table(["model", "P", "N", "N/P"] + list(STAGES), t3)
+    for stages in dict.fromkeys(st for st, _ in t3):  # one table per model family
+        out += _table(["model", "P", "N", "N/P"] + list(stages),
+                      [row for st, row in t3 if st == stages]) + [""]
+    mc = [r for r in records if r.get("mcmc")]
+    if mc:
+        out += ["Search seconds: the DP (plan_model's three searches, which also build the "
+                "cost tables) and MCMC from the fastest candidate for the given budget; "
+                "speedups over DP of the fastest DP candidate and of MCMC's best plan.", ""]
+        out += _table(["model", "P", "N", "DP search s", "MCMC s", "DP + MCMC s",
+                       "proposals", "fastest DP cand.", "MCMC", "MCMC gain"],
+                      [[_name(r), str(r["ranks"]), str(r["global_batch"]),
+                        f"{r['search_s']:.2f}", f"{r['mcmc']['seconds']:.2f}",
+                        f"{r['mcmc']['search_plus_mcmc_s']:.2f}", str(r["mcmc"]["proposals"]),
+                        f"{r['fastest_speedup_vs_dp']:.3f}x",
+                        f"{r['mcmc']['speedup_vs_dp']:.3f}x",
+                        f"{100 * (r['mcmc']['gain'] - 1):.2f}%"] for r in mc])
     return "\n".join(out)
 
 
@@ -324,22 +413,24 @@ def _ratio(x):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from distconv.models import MODELS
     from distconv.planner.machine import Machine, available, builtin
 
+    known = model_names()
     names = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in names if m not in MODELS]
+    bad = [m for m in names if m not in known]
     if bad:
         print(f"planner_study.py: error: --models: unknown {bad}; expected names of "
-              f"{sorted(MODELS)}", file=sys.stderr)
+              f"{known}", file=sys.stderr)
         return 2
-    try:
-        shape = tuple(int(v) for v in args.image_shape.split(","))
-        assert len(shape) == 3 and min(shape) >= 1
-    except (ValueError, AssertionError):
-        print(f"planner_study.py: error: --image-shape: expected C,H,W (three integers "
-              f">= 1), got {args.image_shape!r}", file=sys.stderr)
-        return 2
+    shape = None
+    if args.image_shape is not None:
+        try:
+            shape = tuple(int(v) for v in args.image_shape.split(","))
+            assert len(shape) == 3 and min(shape) >= 1
+        except (ValueError, AssertionError):
+            print(f"planner_study.py: error: --image-shape: expected C,H,W (three integers "
+                  f">= 1), got {args.image_shape!r}", file=sys.stderr)
+            return 2
     path = args.machine if os.path.exists(args.machine) or args.machine not in available() \
         else builtin(args.machine)
     try:
@@ -352,36 +443,44 @@ def main(argv=None) -> int:
         for p in args.ranks:
             batches = sorted({b * p for b in args.per_gpu} | set(args.global_batch))
             cases += [(m, n, p) for n in batches]
-    cases = [(m, n, p, shape) for m, n, p in cases]
+    cases = [(m, n, p, shape or default_shape(m)) for m, n, p in cases]
     extra = args.extra if args.extra is not None else [
         "wide_resnet50_2:16:1024", "wide_resnet50_2:64:16:3x3072x3072",
         "wide_resnet50_2:64:32:3x2048x2048"]
     for e in extra:
+        if e.strip().lower() in ("", "none"):  # --extra none: no extra case
+            continue
         try:
             parts = e.split(":")
-            assert len(parts) in (3, 4) and parts[0] in MODELS
-            shp = tuple(int(v) for v in parts[3].split("x")) if len(parts) == 4 else shape
+            assert len(parts) in (3, 4) and parts[0] in known
+            shp = (tuple(int(v) for v in parts[3].split("x")) if len(parts) == 4
+                   else shape or default_shape(parts[0]))
             assert len(shp) == 3 and min(shp) >= 1
             cases.append((parts[0], int(parts[2]), int(parts[1]), shp))
         except (ValueError, AssertionError):
             print(f"planner_study.py: error: --extra: expected MODEL:P:N[:CxHxW] with MODEL "
-                  f"in {sorted(MODELS)}, got {e!r}", file=sys.stderr)
+                  f"in {known}, got {e!r}", file=sys.stderr)
             return 2
     records = []
     t_all = time.perf_counter()
     for i, (m, n, p, shp) in enumerate(cases):
-        rec = run_case(m, n, p, shp, args.num_classes, machine, args.optimizer)
+        rec = run_case(m, n, p, shp, args.num_classes, machine, args.optimizer,
+                       args.mcmc_budget, args.mcmc_seed, not args.no_overlap)
         records.append(rec)
         print(f"[{i + 1}/{len(cases)}] {m} {'x'.join(map(str, shp))} P={p} N={n}: plan "
               f"{rec['plan']['step_s'] * 1e3:.2f} ms, DP {rec['dp']['step_s'] * 1e3:.2f} ms, "
               f"speedup {rec['speedup_vs_dp']:.2f}x, sync {_ratio(rec['sync_time_ratio'])} less, "
               f"chosen {rec['chosen']}, search {rec['search_s']:.1f} s, plan_model "
-              f"{rec['plan_model_s']:.1f} s", flush=True)
+              f"{rec['plan_model_s']:.1f} s"
+              + (f", MCMC {rec['mcmc']['seconds']:.1f} s {rec['mcmc']['proposals']} "
+                 f"proposals gain {100 * (rec['mcmc']['gain'] - 1):.2f}%"
+                 if rec.get("mcmc") else ""), flush=True)
     doc = {
         "what": "simulated (cost model only, nothing run on GPUs): planner plan vs pure "
                 "data parallelism",
         "machine": machine.to_dict(), "machine_file": os.path.abspath(path),
-        "optimizer": args.optimizer, "overlap": True, "dtype": "float32",
+        "optimizer": args.optimizer, "overlap": not args.no_overlap, "dtype": "float32",
+        "mcmc_budget_s": args.mcmc_budget, "mcmc_seed": args.mcmc_seed,
         "source": source_info(args.source_commit),
         "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

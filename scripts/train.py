@@ -319,15 +319,6 @@ def main(argv=None) -> int:
     planned = strategy == "auto"
     if planned:
         strategy = None
-        if args.model not in models.MODELS:
-            # the same error on every rank (it depends on the arguments only)
-            raise ValueError(
-                f"--strategy auto is not available for --model {args.model} in train.py: "
-                f"the planner does not yet price adaptive pooling to more than 1x1 (AlexNet, "
-                f"VGG) nor plan a model with two outputs (Inception's auxiliary logits; "
-                f"dc.planner.plan_model plans inception_v3(aux_logits=False)). Pass one "
-                f"strategy (e.g. '--strategy sample={size}'), 'mixed', or a per-layer plan "
-                f"file")
     if args.model == "small_resnet":
         model = models.small_resnet(num_classes, in_channels=in_ch, width=args.width,
                                     strategy=strategy)

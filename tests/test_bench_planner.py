@@ -1,7 +1,8 @@
 """scripts/bench_planner.py: the planner's predicted vs measured validation, CI-sized.
 
-The script runs on 2 ranks with ``--quick`` (tiny model, 2 repetitions) and on 4 ranks
-with ``--bytes-only``; the tests check the JSON's structure, that every number is finite,
+The script runs on 2 ranks with ``--quick`` (tiny model, 2 repetitions), on 2 ranks with
+``--model inception --bytes-only`` (the Inception-style net) and on 4 ranks with
+``--bytes-only``; the tests check the JSON's structure, that every number is finite,
 that the auto plan is one of the entries and that the predicted bytes per rank equal the
 measured ones. Times are never asserted (the machine is shared).
 """
@@ -27,6 +28,23 @@ def _run(tmp_path, nranks, *extra, timeout=60):
                              "--md", str(md), *extra], cwd=str(ROOT))
     assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
     return json.loads(out.read_text()), md.read_text(), r.stdout
+
+
+def test_inception_model_bytes_two_ranks(tmp_path):
+    """``--model inception`` (IncNet: blocks of three towers joined by dc.cat): its hand
+    plans (one mixing the towers of a block) and the auto plan send exactly the predicted
+    bytes on both ranks."""
+    doc, _, _ = _run(tmp_path, 2, "--model", "inception", "--bytes-only")
+    assert doc["model"]["name"].startswith("IncNet") and doc["bytes_only"]
+    labels = [p["label"] for p in doc["plans"]]
+    assert "towers-channel/filter/channel" in labels and "auto" in labels
+    assert doc["model"]["strategic_layers"] == 2 + 2 * 5 + 1  # stem conv+bn, 2 blocks, fc
+    tower = next(p for p in doc["plans"] if p["label"] == "towers-channel/filter/channel")
+    assert tower["plan"]["blocks.0.b1"] == [1, 2, 1] and tower["plan"]["blocks.0.b2.0"] == [
+        1, 1, 2]
+    for p in doc["plans"]:
+        assert p["bytes"]["equal"], (p["label"], p["bytes"]["per_rank"])
+    assert doc["summary"]["bytes_all_equal"]
 
 
 def test_help():

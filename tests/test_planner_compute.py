@@ -161,13 +161,14 @@ def test_all_ops_measure_on_tiny_shapes():
         "maxpool": m.maxpool(2, 3, 8, 8, 3, 2, 1),
         "avgpool": m.avgpool(2, 3, 8, 8, 2, None, 0),
         "global_avgpool": m.global_avgpool(2, 3, 4, 4),
+        "adaptive_avgpool": m.adaptive_avgpool(2, 3, 5, 5, 3, 3),
         "conv_s2": m.conv(2, 3, 9, 9, 4, (3, 1), 2, (1, 0), 1),
     }
     for name, t in out.items():
         assert all(isinstance(x, float) and x > 0 for x in t), name
     add, sgd, adam = m.add(50), m.update(50), m.update(50, "adam")
     assert all(isinstance(x, float) and x > 0 for x in (add, sgd, adam))
-    assert m.measured == 3 + 2 * 5 + 3 + 3
+    assert m.measured == 3 + 2 * 6 + 3 + 3
     assert {k.split("|")[0] for k in m.entries} == set(FAMILIES)
     with pytest.raises(ValueError):
         m.update(10, "rmsprop")

@@ -14,6 +14,7 @@ from .. import ops
 from ..ops.geometry import pair, pool_output_size
 from ..backend import get_xp
 from ..distribution import Distribution
+from ..meta import MetaArray, is_meta
 from ..strategy import Strategy
 from ..tensor import DistTensor
 from .module import Layer, _init_rng, as_dist
@@ -256,9 +257,11 @@ class Dropout(_Elementwise):
     def _forward(self, x, save):
         if not self.training or self.p == 0.0:
             return DistTensor(x.local, x.distribution, x.shape), None
-        xp = get_xp()
-        mask = ops.dropout.dropout_mask(x.shape, x.distribution.slices(x.shape), self.p,
-                                        self.seed, self.step, x.dtype, xp=xp)
+        if is_meta(x.local):  # shape-only (distconv.trace, the planner): no mask to hash
+            mask = MetaArray(tuple(x.local.shape), x.dtype)
+        else:
+            mask = ops.dropout.dropout_mask(x.shape, x.distribution.slices(x.shape), self.p,
+                                            self.seed, self.step, x.dtype, xp=get_xp())
         self.step += 1
         y = DistTensor(x.local * mask, x.distribution, x.shape)
         return y, ((x.distribution, mask) if save else None)

@@ -80,6 +80,9 @@ FAMILIES = {
     "maxpool_fwd": ("maxpool", "memory"), "maxpool_bwd": ("maxpool", "memory"),
     "avgpool_fwd": ("avgpool", "memory"), "avgpool_bwd": ("avgpool", "memory"),
     "gap_fwd": ("global_avgpool", "memory"), "gap_bwd": ("global_avgpool", "memory"),
+    # adaptive average pooling to more than 1x1 (AlexNet's 6x6, VGG's 7x7): an average
+    # pool, so a machine file's "avgpool" rates apply to it too
+    "adaptive_fwd": ("avgpool", "memory"), "adaptive_bwd": ("avgpool", "memory"),
     "add": ("add", "memory"),
     "update_sgd": ("update", "memory"), "update_adam": ("update", "memory"),
 }
@@ -143,6 +146,12 @@ def work(family, a, itemsize):
         return float(b * nc * (a["h"] * a["w"] + a["k"][0] * a["k"][1] * ho * wo))
     if family.startswith("gap"):
         return float(b * a["n"] * a["c"] * (a["h"] * a["w"] + 1))
+    if family.startswith("adaptive"):
+        # two batched GEMMs with the (ho, h) and (w, wo) bin matrices: forward reads x,
+        # writes and reads the (h, wo) middle, writes y; backward the same from dy
+        h, w, ho, wo = a["h"], a["w"], a["ho"], a["wo"]
+        mid = h * wo if family == "adaptive_fwd" else ho * w
+        return float(b * a["n"] * a["c"] * (h * w + 2 * mid + ho * wo))
     numel = a["numel"] if "numel" in a else a["n"] * a["c"] * a["h"] * a["w"]
     arrays = {"bn_fwd": 3, "bn_bwd": 5, "relu_fwd": 2, "relu_bwd": 3, "add": 3,
               "update_sgd": 5, "update_adam": 7}[family]
@@ -580,6 +589,24 @@ class ComputeModel:
             return {fam: timer(fns[fam]) for fam in fams}
         return self._times(("gap_fwd", "gap_bwd"), dict(n=n, c=c, h=h, w=w), run)
 
+    def adaptive_avgpool(self, n, c, h, w, ho, wo):
+        """(forward, backward) seconds of adaptive average pooling x (n, c, h, w) ->
+        (n, c, ho, wo) with PyTorch's bins (:func:`distconv.ops.pool.
+        adaptive_avg_pool2d_forward`, two small GEMMs; the (1, 1) case is
+        :meth:`global_avgpool`)."""
+        if min(n, c, h, w, ho, wo) <= 0:
+            return (0.0, 0.0)
+        from ..ops import pool as _pool
+
+        def run(timer, fams):
+            x, dy = self._rand(n, c, h, w), self._rand(n, c, ho, wo)
+            fns = {"adaptive_fwd": lambda: _pool.adaptive_avg_pool2d_forward(x, (ho, wo)),
+                   "adaptive_bwd": lambda: _pool.adaptive_avg_pool2d_backward(
+                       dy, (n, c, h, w))}
+            return {fam: timer(fns[fam]) for fam in fams}
+        return self._times(("adaptive_fwd", "adaptive_bwd"),
+                           dict(n=n, c=c, h=h, w=w, ho=ho, wo=wo), run)
+
     def add(self, numel):
         """Seconds of ``a + b`` into a new array, a and b of ``numel`` elements."""
         if numel <= 0:
@@ -592,7 +619,9 @@ class ComputeModel:
 
     def layer_overhead(self, kind, bias=False):
         """``(forward, backward)`` seconds a distconv layer of ``kind`` (one of
-        :data:`OVERHEAD_KINDS`; ``"join"`` is a residual join) spends besides its kernels:
+        :data:`OVERHEAD_KINDS`; ``"join"`` is a residual join, ``"gap"`` an
+        ``AdaptiveAvgPool2d`` to 1x1 and ``"adaptive"`` one to a larger output) spends
+        besides its kernels:
         the Python of the layer, its checks, distributions and DistTensors, the no-op
         redistributions and the small per-channel arithmetic around the kernels.
         ``"redistribute"``: the Python of ``DistTensor.redistribute`` around ONE
@@ -701,8 +730,8 @@ def _median_time(fn, reps, before=None, after=None, single=False):
 
 
 # ------------------------------------------------------------------ layer overheads
-OVERHEAD_KINDS = ("conv", "linear", "bn", "relu", "maxpool", "avgpool", "gap", "flatten",
-                  "join", "redistribute")
+OVERHEAD_KINDS = ("conv", "linear", "bn", "relu", "maxpool", "avgpool", "gap", "adaptive",
+                  "flatten", "join", "redistribute")
 _SELF_GRID = []
 
 
@@ -766,6 +795,9 @@ def _overhead_case(cm, kind, bias):
         elif kind == "gap":
             layer, shape = nn.AdaptiveAvgPool2d(1), (1, 1, 1, 1)
             kern = cm.global_avgpool(1, 1, 1, 1)
+        elif kind == "adaptive":  # AdaptiveAvgPool2d to more than 1x1 (its GEMM path)
+            layer, shape = nn.AdaptiveAvgPool2d(2), (1, 1, 2, 2)
+            kern = cm.adaptive_avgpool(1, 1, 2, 2, 2, 2)
         elif kind == "flatten":
             layer, shape, kern = nn.Flatten(), (1, 1, 1, 1), (0.0, 0.0)
         elif kind == "join":

@@ -356,6 +356,8 @@ class CostModel:
             if k == "relu":
                 fw, bw = cm.relu(_prod(loc))
                 c.mem = _prod(loc) * it
+            elif k == "avgpool" and "output_size" in a:  # adaptive, output above 1x1
+                fw, bw = cm.adaptive_avgpool(*loc, *a["output_size"])
             elif k in ("maxpool", "avgpool"):
                 fn = cm.maxpool if k == "maxpool" else cm.avgpool
                 fw, bw = fn(*loc, a["kernel_size"], a["stride"], a["padding"])
@@ -367,8 +369,9 @@ class CostModel:
             else:
                 fw = bw = 0.0
             c.compute_fwd, c.compute_bwd = fw, bw
-        # the layer's own Python around its kernels (measured once per kind)
-        of, ob = self._overhead(k, bool(a.get("bias")))
+        # the layer's own Python around its kernels (measured once per kind; an adaptive
+        # average pool is an AdaptiveAvgPool2d, not an AvgPool2d)
+        of, ob = self._overhead("adaptive" if "output_size" in a else k, bool(a.get("bias")))
         c.compute_fwd += of
         c.compute_bwd += ob
 

@@ -8,17 +8,22 @@ autograd nodes it recorded, so any Module can be planned -- a ResNet, an
 graph is series-parallel: a chain of layers and blocks, a block being a fork whose
 branches (each a chain of layers and nested blocks, or the identity) all meet at one
 join, ``a + b`` (two branches; optionally followed by an elementwise layer such as the
-ReLU after a ResNet join) or ``dc.cat`` along the channels (any number of branches). The
+ReLU after a ResNet join) or ``dc.cat`` along the channels (any number of branches); a
+model with several outputs (Inception-v3's auxiliary logits) adds ``"output"`` blocks
+whose extra branches end in the other outputs (see :func:`trace`). The
 result is a :class:`Graph`: a list of items, each a :class:`LayerSpec` or a
-:class:`BlockSpec` (``branches`` in the join's operand order, ``op`` ``"add"`` or
-``"cat"``; for an add ``body`` is the first operand and ``shortcut`` the second, empty
-for the identity; ``join``: the layer after the add, or None). Layer names are those of
-``named_modules()``, so a plan ``{name: strategy}`` applies with
-``model.set_strategy(plan)``.
+:class:`BlockSpec` (``branches`` in the join's operand order, ``op`` ``"add"``,
+``"cat"`` or ``"output"``; for an add ``body`` is the first operand and ``shortcut``
+the second, empty for the identity; ``join``: the layer after the add, or None).
+Layer names are those of ``named_modules()``, so a plan ``{name: strategy}`` applies
+with ``model.set_strategy(plan)``.
 
 Kinds: ``conv``, ``linear``, ``bn`` (each takes a :class:`distconv.Strategy`: the
-*strategic* layers) and ``relu``, ``maxpool``, ``avgpool``, ``gap`` (global
-average pool), ``flatten`` (which run on whatever split their input has).
+*strategic* layers) and ``relu`` (also ``Dropout``, priced as a ReLU: elementwise, one
+saved array), ``maxpool``, ``avgpool`` (``AvgPool2d``, and ``AdaptiveAvgPool2d`` to an
+output larger than 1x1, whose ``attrs`` then hold ``output_size`` instead of a kernel),
+``gap`` (global average pool: ``AdaptiveAvgPool2d`` to 1x1), ``flatten`` (which run on
+whatever split their input has).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 
 from .. import nn
 from ..ops.geometry import conv2d_output_hw, pool_output_size
+from ..ops.pool import adaptive_avg_pool2d_output_hw
 
 STRATEGIC = ("conv", "linear", "bn")
 
@@ -74,6 +80,12 @@ class LayerSpec:
 class BlockSpec:
     """A fork and its join: ``n >= 2`` branches from one input, joined by ``op``.
 
+    ``op`` ``"output"``: no join; branch 0 continues to the model's (first) output and
+    the others each end in another output of the model (Inception's auxiliary
+    classifier); the block's output is branch 0's. ``order``: the branches' indices in
+    the order the model runs them (Inception-v3 runs its auxiliary classifier before
+    Mixed_7a), empty for operand order.
+
     ``branches``: one list per operand of the join, in operand order, each a sequence of
     :class:`LayerSpec` and nested :class:`BlockSpec` (``[]``: the identity, the fork's
     input itself). ``op``: ``"add"`` (``a + b``, two branches: a residual block,
@@ -88,6 +100,7 @@ class BlockSpec:
     in_shape: tuple
     out_shape: tuple
     op: str = "add"
+    order: tuple = ()  # branch indices in execution order (empty: operand order)
 
     @property
     def body(self) -> list:
@@ -97,10 +110,14 @@ class BlockSpec:
     def shortcut(self) -> list:
         return self.branches[1] if self.op == "add" else []
 
+    def run_order(self) -> list:
+        """Branch indices in execution order."""
+        return list(self.order) if self.order else list(range(len(self.branches)))
+
     def layers(self):
         """Every LayerSpec inside, in execution order (branch by branch, then the join)."""
-        for br in self.branches:
-            yield from _layers(br)
+        for i in self.run_order():
+            yield from _layers(self.branches[i])
         if self.join is not None:
             yield self.join
 
@@ -131,8 +148,11 @@ def _layers(items):
 def _traverse(items, dist, layer_fn, join_fn):
     for it in items:
         if isinstance(it, BlockSpec):
-            outs = [_traverse(br, dist, layer_fn, join_fn) for br in it.branches]
-            join_fn(it, *outs)
+            outs = [None] * len(it.branches)
+            for i in it.run_order():
+                outs[i] = _traverse(it.branches[i], dist, layer_fn, join_fn)
+            if it.op != "output":  # other outputs' branches join nothing
+                join_fn(it, *outs)
             dist = outs[0]
             if it.op == "cat":
                 from ..distribution import Distribution
@@ -168,8 +188,9 @@ class Graph:
         """Run through the graph in execution order, threading the input distribution:
         ``layer_fn(layer, in_dist) -> out_dist`` for every layer and ``join_fn(block,
         *branch_dists)`` at each join (before the ReLU after an add) with the output
-        distribution of every branch (``body_dist, shortcut_dist`` for a residual add).
-        Returns the distribution of the output."""
+        distribution of every branch (``body_dist, shortcut_dist`` for a residual add);
+        not for an ``"output"`` block, whose extra branches join nothing. Returns the
+        distribution of the (first) output."""
         return _traverse(self.items, dist, layer_fn, join_fn)
 
     def strategic_names(self) -> list:
@@ -211,15 +232,27 @@ def _leaf(name, m, shape):
         # as a ReLU (its mask hash costs more compute than a ReLU; not measured separately)
         return LayerSpec(name, "relu", shape, shape, {"layer": "Dropout"})
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        if len(shape) != 4:
+            raise ValueError(f"{name}: {type(m).__name__} cannot take shape {shape}")
         k, s, p = m.kernel_size, m.stride, m.padding
-        # floor mode: a ceil_mode pool whose size differs fails the traced-shape check
-        ho = pool_output_size(shape[2], k[0], s[0], p[0])
-        wo = pool_output_size(shape[3], k[1], s[1], p[1])
+        ceil = bool(getattr(m, "ceil_mode", False))
+        ho = pool_output_size(shape[2], k[0], s[0], p[0], ceil)
+        wo = pool_output_size(shape[3], k[1], s[1], p[1], ceil)
         kind = "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool"
-        return LayerSpec(name, kind, shape, (shape[0], shape[1], ho, wo),
-                         {"kernel_size": tuple(k), "stride": tuple(s), "padding": tuple(p)})
+        attrs = {"kernel_size": tuple(k), "stride": tuple(s), "padding": tuple(p)}
+        if ceil:  # priced as the floor-mode kernel of the same arguments
+            attrs["ceil_mode"] = True
+        return LayerSpec(name, kind, shape, (shape[0], shape[1], ho, wo), attrs)
     if isinstance(m, nn.AdaptiveAvgPool2d):
-        return LayerSpec(name, "gap", shape, (shape[0], shape[1], 1, 1))
+        if len(shape) != 4:
+            raise ValueError(f"{name}: AdaptiveAvgPool2d cannot take shape {shape}")
+        ho, wo = adaptive_avg_pool2d_output_hw(shape[2], shape[3], m.output_size)
+        if (ho, wo) == (1, 1):
+            return LayerSpec(name, "gap", shape, (shape[0], shape[1], 1, 1))
+        # any other output (AlexNet's 6x6, VGG's 7x7): an average pool whose bins are
+        # PyTorch's adaptive ones, on any N/C split like the others
+        return LayerSpec(name, "avgpool", shape, (shape[0], shape[1], ho, wo),
+                         {"output_size": (ho, wo)})
     if isinstance(m, nn.Flatten):
         n = 1
         for s in shape[1:]:
@@ -236,8 +269,8 @@ _SKIP = ("redistribute",)  # recorded moves: the planner chooses every layout it
 
 
 def _node_graph(model, in_shape):
-    """Forward nodes of a shape-only run: ``[(kind, module, name, input indices, output
-    shape)]``."""
+    """Forward nodes of a shape-only run: ``([(kind, module, name, input indices, output
+    shape)], output node indices)`` (one index per output of the model, in its order)."""
     from ..strategy import Strategy
     from ..trace import graph_of, shape_only_step
     names = {}
@@ -251,7 +284,7 @@ def _node_graph(model, in_shape):
     for kind, m, ins, shape in graph_of(tr.nodes):
         out.append((kind, m, names.get(id(m), type(m).__name__) if m is not None else kind,
                     [(-1 if i is None else i) for i in ins], tuple(shape)))
-    return out
+    return out, tuple(-1 if i is None else i for i in tr.outputs)
 
 
 def trace(model, in_shape) -> Graph:
@@ -263,9 +296,16 @@ def trace(model, in_shape) -> Graph:
     fork's immediate post-dominator. ``GraphError`` (a ValueError) names the node where
     the graph stops being one (e.g. a join fed by two forks, a value used after the join
     of its fork, a cat along another dim) or a module called twice (the planner gives
-    each module one strategy)."""
+    each module one strategy).
+
+    A model with several outputs (Inception-v3's ``(logits, aux_logits)`` in training
+    mode) is read around its first output: the graph is what that output is computed
+    from, and every value that also feeds another output forks there into a block of op
+    ``"output"`` whose branch 0 continues to the first output and whose other branches
+    (chains of layers and nested blocks) each end in one of the other outputs, joined by
+    nothing (each output feeds its own loss)."""
     in_shape = tuple(int(s) for s in in_shape)
-    nodes = _node_graph(model, in_shape)
+    nodes, outputs = _node_graph(model, in_shape)
     # a recorded move passes its input through: map it to what it moved
     alias = {}
     for i, (kind, _, _, ins, _) in enumerate(nodes):
@@ -273,6 +313,7 @@ def trace(model, in_shape) -> Graph:
             alias[i] = alias.get(ins[0], ins[0])
     keep = [i for i, n in enumerate(nodes) if n[0] not in _SKIP]
     inputs = {i: [alias.get(j, j) for j in nodes[i][3]] for i in keep}
+    outputs = tuple(alias.get(o, o) for o in outputs) or ((keep[-1],) if keep else ())
     consumers: dict = {}
     for i in keep:
         for j in inputs[i]:
@@ -286,8 +327,11 @@ def trace(model, in_shape) -> Graph:
                                  f"planner gives each module one strategy and cannot plan a "
                                  f"shared module yet")
             seen_modules[id(m)] = i
-    p = _Parser(nodes, keep, inputs, consumers, in_shape)
-    items, _ = p.chain(-1, None)
+    p = _Parser(nodes, keep, inputs, consumers, in_shape, outputs)
+    items, tail = p.chain(-1, None)
+    if outputs and tail != outputs[0]:
+        raise GraphError(f"the planner cannot reduce the graph at {p.label(tail)}: the "
+                         f"chain from the input ends there, not at the model's output")
     missing = [i for i in keep if i not in p.specs and i not in p.joins]
     if missing:
         raise GraphError(f"the planner cannot reduce the graph at {p.label(missing[0])}: it "
@@ -300,28 +344,49 @@ def trace(model, in_shape) -> Graph:
 class _Parser:
     """Series-parallel decomposition of the recorded forward nodes (see :func:`trace`)."""
 
-    def __init__(self, nodes, keep, inputs, consumers, in_shape):
+    def __init__(self, nodes, keep, inputs, consumers, in_shape, outputs=()):
         self.nodes, self.keep, self.inputs, self.consumers = nodes, keep, inputs, consumers
         self.shapes = {-1: in_shape}
         self.specs: dict = {}
         self.joins: set = set()
-        self.ipdom = self._post_dominators()
+        self.outputs = tuple(outputs)
+        # the main graph: every value the first output is computed from; a value of it
+        # that also feeds nodes outside it forks side branches to the other outputs
+        main = set()
+        todo = [self.outputs[0]] if self.outputs else []
+        while todo:
+            v = todo.pop()
+            if v in main:
+                continue
+            main.add(v)
+            todo += self.inputs.get(v, [])
+        self.main = main
+        self.side = {v: [c for c in consumers.get(v, []) if c not in main] for v in main}
+        self.sided: set = set()
+        order = [-1] + list(keep)
+        ip_main = self._post_dominators([v for v in order if v in main], self.succ)
+        ip_all = self._post_dominators(order, lambda v: self.consumers.get(v, []))
+        self.ipdom = {v: (ip_main[v] if v in main else ip_all[v]) for v in ip_all}
+
+    def succ(self, v):
+        """Consumers of ``v`` on the way to the first output (all of them off that way)."""
+        c = self.consumers.get(v, [])
+        return [x for x in c if x in self.main] if v in self.main else c
 
     def label(self, i):
         kind, m, name = self.nodes[i][:3]
         return f"the {kind!r} node (#{i})" if m is None else f"{name!r}"
 
-    def _post_dominators(self):
-        """Immediate post-dominator of every value (``None``: the model's output, or a value
-        whose paths end elsewhere too). Recording order is a topological order."""
-        order = [-1] + list(self.keep)
+    def _post_dominators(self, order, consumers):
+        """Immediate post-dominator of every value of ``order`` over the edges
+        ``consumers(v)`` (``None``: an output, or a value whose paths end elsewhere too).
+        Recording order is a topological order."""
         pos = {v: k for k, v in enumerate(order)}
-        out = order[-1]
-        END = len(order)  # a virtual exit after the output and after any dead end
+        END = len(order)  # a virtual exit after the outputs and after any dead end
         ip = {}
         for v in reversed(order):
-            succ = self.consumers.get(v, [])
-            if v == out or not succ:
+            succ = consumers(v)
+            if v in self.outputs or not succ:
                 ip[v] = END
                 continue
             cur = pos[succ[0]]
@@ -360,7 +425,22 @@ class _Parser:
         the enclosing fork; None: the model's output). Returns ``(items, that value)``."""
         items = []
         while True:
-            succ = self.consumers.get(v, [])
+            side = self.side.get(v)
+            if side and v not in self.sided:
+                # v also feeds other outputs: the rest of this chain and those branches
+                self.sided.add(v)
+                rest, tail = self.chain(v, stop)
+                branches = [rest] + [self.side_branch(v, c) for c in side]
+                first = [self.succ(v)[0] if self.succ(v) else None] + list(side)
+                run = sorted(range(len(first)),
+                             key=lambda k: (first[k] is None, first[k] or 0))
+                blk = BlockSpec("", branches, None, tuple(self.shapes[v]),
+                                tuple(self.shapes[tail]), "output",
+                                tuple(run) if run != list(range(len(first))) else ())
+                blk.name = _block_name(blk)
+                items.append(blk)
+                return items, tail
+            succ = self.succ(v)
             if not succ:
                 if stop is not None:
                     raise GraphError(f"the planner cannot reduce the graph at "
@@ -376,13 +456,22 @@ class _Parser:
             blk, v = self.block(v, stop)
             items.append(blk)
 
+    def side_branch(self, v, c):
+        """The branch from value ``v`` through its consumer ``c`` to another output."""
+        first = self.spec(c, v)
+        items, tail = self.chain(c, None)
+        if tail not in self.outputs[1:]:
+            raise GraphError(f"the planner cannot reduce the graph at {self.label(tail)}: "
+                             f"its output is never used (it is not an output of the model)")
+        return [first] + items
+
     def block(self, f, stop):
         """The block forking at value ``f``; returns ``(BlockSpec, its output value)``."""
         J = self.ipdom.get(f)
         fork = "the model's input" if f == -1 else self.label(f)
         if J is None or J == stop or (stop is not None and J > stop):
             raise GraphError(f"the planner cannot reduce the graph at {fork}: it feeds "
-                             f"{len(self.consumers[f])} consumers whose paths do not all "
+                             f"{len(self.succ(f))} consumers whose paths do not all "
                              f"meet at one join before its enclosing block ends")
         kind = self.nodes[J][0]
         ops = self.inputs[J]
@@ -393,7 +482,7 @@ class _Parser:
         if kind == "add" and len(ops) != 2:
             raise GraphError(f"{self.label(J)}: an add of {len(ops)} operands")
         branches, tails = [], []
-        for c in self.consumers[f]:
+        for c in self.succ(f):
             if c == J:
                 branches.append([])
                 tails.append(f)
@@ -419,22 +508,27 @@ class _Parser:
         self.shapes[J] = out_shape
         self.joins.add(J)
         join, out = None, J
-        succ = self.consumers.get(J, [])
-        if kind == "add" and len(succ) == 1 and succ[0] != stop:
+        succ = self.succ(J)
+        if kind == "add" and len(succ) == 1 and succ[0] != stop and not self.side.get(J):
             j = succ[0]
             m = self.nodes[j][1]
             if (m is not None and self.inputs[j] == [J]
                     and _leaf(self.nodes[j][2], m, out_shape).kind == "relu"):
                 join, out = self.spec(j, J), j
         blk = BlockSpec("", branches, join, in_shape, tuple(out_shape), kind)
-        names = [x.name.split(".") for x in blk.layers()]
-        common = []
-        for parts in zip(*names):
-            if len(set(parts)) != 1:
-                break
-            common.append(parts[0])
-        blk.name = ".".join(common[:min(len(n) for n in names) - 1]) if names else ""
+        blk.name = _block_name(blk)
         return blk, out
+
+
+def _block_name(blk) -> str:
+    """The module prefix the block's layers share (``""``: none)."""
+    names = [x.name.split(".") for x in blk.layers()]
+    common = []
+    for parts in zip(*names):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common[:min(len(n) for n in names) - 1]) if names else ""
 
 
 def _cat_shape(parser, J, shapes):

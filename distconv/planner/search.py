@@ -15,8 +15,11 @@ state -> body state), or for a cat that branch's share of the concatenation, its
 output moved into its slot of the output layout and the gradient back
 (:meth:`.costs.CostModel.cat_part`) -- and the branches' entry x join-output matrices
 are summed (edge elimination). Branches run one after another on all ranks, so their
-costs add. The input is placed where the graph's first strategic layer computes (that
-layer's matrix is restricted to its diagonal). The result is the optimum of the
+costs add. A model with several outputs has ``"output"`` blocks (Inception-v3's
+auxiliary classifier): a branch that ends in another output joins nothing, so its cost
+for each entry state is its minimum over every exit state. The input is placed where
+the graph's first strategic layer computes (that layer's matrix is restricted to its
+diagonal). The result is the optimum of the
 additive cost (forward + backward compute + communication + gradient allreduce +
 optimizer step) over all per-layer plans; :func:`brute_force` checks it on small graphs
 in the tests (``tests/test_planner_search.py``, ``tests/test_planner_dag.py``). A graph
@@ -268,6 +271,14 @@ class Planner:
             S, arg = reds[1].then(J)
             total += S
             args.append(arg)
+        elif it.op == "output":
+            # a branch to another output of the model joins nothing: its exit state is
+            # free (the best one for each entry state), whatever the block's output state
+            free = np.zeros((self.K, self.K))
+            for red in reds[1:]:
+                S, arg = red.then(free)
+                total += S
+                args.append(arg)
         else:
             total += np.diag(self._cat_matrix(it, 0, outs[0], outs[0]))[None, :]
             for i in range(1, len(it.branches)):
