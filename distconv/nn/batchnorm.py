@@ -77,8 +77,10 @@ class BatchNorm2d(Layer):
             state[key] = to_numpy(self._buffers["num_batches_tracked"].local).copy()
 
     def _group(self):
-        """Communicator of the ranks holding the same channels and other samples."""
-        return self._act.grid.sub(self._act.split[0])
+        """Communicator of the ranks holding the same channels and other samples (and,
+        under a spatial strategy, other height/width blocks): sample×height×width."""
+        sp = self._act.split
+        return self._act.grid.sub(sp[0] + sp[2] + sp[3])
 
     @property
     def input_distribution(self) -> Distribution:
