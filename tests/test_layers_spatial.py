@@ -63,6 +63,10 @@ def plans(p):
         ms2 = mixes[(i + 1) % len(mixes)]
         out.append((f"A {sp} | {ms}", {"0": sp, "1": sp, "4": ms, "7": ms}))
         out.append((f"B {ms2} | {sp}", {"0": ms2, "1": sp, "4": sp, "7": ms2}))
+    if p == 4:  # BatchNorm2d may combine channel with height (its C split is independent)
+        bn = Strategy(channel=2, height=2)
+        out.append((f"C bn {bn}", {"0": Strategy(sample=1, height=2, width=2), "1": bn,
+                                   "4": Strategy(width=2), "7": Strategy(filter=4)}))
     return out
 
 
