@@ -201,6 +201,22 @@ def halo_gather(t: DistTensor, windows, fill=0.0) -> WindowTensor:
     windows = _check_windows(t, windows)
     if t.distribution.pending:
         t = t.redistribute(t.distribution.replace(pending=()))
+    out, adjoint = _gather(t, windows, fill)
+    wdist = out.distribution
+
+    def backward(dy, needs):
+        if dy.distribution != wdist:
+            raise ValueError(f"halo_gather.backward: the gradient is laid out as "
+                             f"{dy.distribution}, expected the window layout {wdist}")
+        return (adjoint(dy.local),)
+
+    autograd.record("halo_gather", backward, [t], out)
+    return out
+
+
+def _gather(t: DistTensor, windows: dict, fill):
+    """Unrecorded halo gather of ``t`` (no pending sums; checked ``windows``): the window
+    tensor and ``adjoint(dwin_local) -> dx`` (a DistTensor in ``t``'s layout)."""
     dist = t.distribution
     plan = exchange_plan(dist, t.shape, windows)
     offsets, gshape = {}, list(t.shape)
@@ -213,15 +229,11 @@ def halo_gather(t: DistTensor, windows, fill=0.0) -> WindowTensor:
     out = WindowTensor(local, wdist, gshape)
     x_shape, x_local_shape = t.shape, tuple(t.local.shape)
 
-    def backward(dy, needs):
-        if dy.distribution != wdist:
-            raise ValueError(f"halo_gather.backward: the gradient is laid out as "
-                             f"{dy.distribution}, expected the window layout {wdist}")
-        dx = plan.comm.halo_exchange_adjoint(dy.local, plan.sends, plan.recvs, x_local_shape)
-        return (DistTensor(dx, dist, x_shape),)
+    def adjoint(dwin):
+        dx = plan.comm.halo_exchange_adjoint(dwin, plan.sends, plan.recvs, x_local_shape)
+        return DistTensor(dx, dist, x_shape)
 
-    autograd.record("halo_gather", backward, [t], out)
-    return out
+    return out, adjoint
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -283,16 +295,48 @@ def conv2d(x: DistTensor, weight, bias=None, stride=1, padding=0, dilation=1) ->
     if kh < 1 or kw < 1:
         raise ValueError(f"conv2d: kernel must be at least 1x1, got {(kh, kw)}")
     pads = _padding_pairs(padding, (kh, kw), stride, dilation)
-    wins = {2 + i: halo.windows(x.shape[2 + i], dist.parts(2 + i), k, s, p, d)
-            for i, (k, s, p, d) in enumerate(zip((kh, kw), stride, pads, dilation))}
-    ho, wo = (halo.out_size(x.shape[2 + i], k, s, p, d)
-              for i, (k, s, p, d) in enumerate(zip((kh, kw), stride, pads, dilation)))
     grid = dist.grid
     w = _as_replicated(weight, grid)
     if w.dtype != x.dtype:
         raise TypeError(f"conv2d: weight dtype {w.dtype} differs from x's {x.dtype}")
     b = None if bias is None else _as_replicated(bias, grid)
-    xw = halo_gather(x, wins)
+    if x.distribution.pending:
+        x = x.redistribute(x.distribution.replace(pending=()))
+    y, core_backward = conv2d_core(x, w.local, None if b is None else b.local, stride, pads,
+                                   dilation)
+    pend = y.distribution.split_axes
+
+    def backward(dy, needs):
+        dx, dw, db = core_backward(dy, needs[0], needs[1], b is not None and needs[2])
+        out = [dx, None if dw is None else
+               DistTensor(dw, Distribution(grid, [None] * 4, pending=pend), w.shape)]
+        if b is not None:
+            out.append(None if db is None else
+                       DistTensor(db, Distribution(grid, [None], pending=pend), (F,)))
+        return tuple(out)
+
+    autograd.record("conv2d_spatial", backward, [x, w] + ([b] if b is not None else []), y)
+    return y
+
+
+def conv2d_core(x: DistTensor, w, b, stride, pads, dilation):
+    """The unrecorded spatial convolution under :func:`conv2d` (and ``nn.Conv2d``).
+
+    ``x``: checked as :func:`conv2d` does, no pending sums; ``w``/``b``: this rank's full
+    (replicated) weight and bias arrays (``b`` may be None); ``pads``: ``((lo, hi), (lo,
+    hi))``. Returns ``y`` (N split like ``x``, C whole, Ho/Wo over ``x``'s H/W axes) and
+    ``backward(dy, need_dx, need_dw, need_db) -> (dx, dw, db)``: ``dx`` a DistTensor in
+    ``x``'s layout (halo parts added back into their owners), ``dw``/``db`` this rank's
+    local partial sums (pending over the axes that split ``y``), ``None`` where not needed.
+    """
+    dist = x.distribution
+    F, _, kh, kw = (int(v) for v in w.shape)
+    wins = {2 + i: halo.windows(x.shape[2 + i], dist.parts(2 + i), k, s, p, d)
+            for i, (k, s, p, d) in enumerate(zip((kh, kw), stride, pads, dilation))}
+    ho, wo = (halo.out_size(x.shape[2 + i], k, s, p, d)
+              for i, (k, s, p, d) in enumerate(zip((kh, kw), stride, pads, dilation)))
+    grid = dist.grid
+    xw, adjoint = _gather(x, _check_windows(x, wins), 0.0)
     y_dist = Distribution(grid, [dist.split[0], None, dist.split[2], dist.split[3]])
     y_shape = (x.shape[0], F, ho, wo)
     want = y_dist.local_shape(y_shape)
@@ -300,38 +344,29 @@ def conv2d(x: DistTensor, weight, bias=None, stride=1, padding=0, dilation=1) ->
     win_hw = tuple(xw.local.shape[2:])
     live = all(want) and all(win_hw)
     if live:
-        y_local = ops.conv2d_forward(xw.local, w.local, stride, (0, 0), dilation)
+        y_local = ops.conv2d_forward(xw.local, w, stride, (0, 0), dilation)
     else:
         y_local = xp.zeros(want, x.dtype)
     if b is not None:
-        y_local = y_local + b.local.reshape(1, F, 1, 1)
+        y_local = y_local + b.reshape(1, F, 1, 1)
     y = DistTensor(y_local, y_dist, y_shape)
-    pend = y_dist.split_axes
 
-    def backward(dy, needs):
+    def backward(dy, need_dx, need_dw, need_db):
         dy = dy._move(y_dist)
-        out = []
-        if needs[0]:
-            dxw = (ops.conv2d_backward_data(dy.local, w.local, win_hw, stride, (0, 0), dilation)
+        dx = dw = db = None
+        if need_dx:
+            dxw = (ops.conv2d_backward_data(dy.local, w, win_hw, stride, (0, 0), dilation)
                    if live else xp.zeros(xw.local.shape, x.dtype))
-            out.append(WindowTensor(dxw, xw.distribution, xw.shape))
-        else:
-            out.append(None)
-        if needs[1]:
+            dx = adjoint(dxw)
+        if need_dw:
             dw = (ops.conv2d_backward_filter(xw.local, dy.local, (kh, kw), stride, (0, 0),
                                              dilation)
-                  if live else xp.zeros(w.local.shape, x.dtype))
-            out.append(DistTensor(dw, Distribution(grid, [None] * 4, pending=pend), w.shape))
-        else:
-            out.append(None)
-        if b is not None:
-            out.append(DistTensor(dy.local.sum(axis=(0, 2, 3)),
-                                  Distribution(grid, [None], pending=pend), (F,))
-                       if needs[2] else None)
-        return tuple(out)
+                  if live else xp.zeros(w.shape, x.dtype))
+        if need_db:
+            db = dy.local.sum(axis=(0, 2, 3))
+        return dx, dw, db
 
-    autograd.record("conv2d_spatial", backward, [xw, w] + ([b] if b is not None else []), y)
-    return y
+    return y, backward
 
 
 # ---------------------------------------------------------------------------- pooling
@@ -364,9 +399,39 @@ def max_pool2d(x: DistTensor, kernel_size, stride=None, padding=0,
     holding ``-inf`` only: a window whose values are all ``-inf`` may send its (zero
     contribution) gradient to a padding position instead of its first in-bounds element.
     """
+    x = _no_pending(x, "max_pool2d")
+    y, core = max_pool2d_core(x, kernel_size, stride, padding, ceil_mode)
+    autograd.record("max_pool2d_spatial", lambda dy, needs: (core(dy),), [x], y)
+    return y
+
+
+def avg_pool2d(x: DistTensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True) -> DistTensor:
+    """Average pooling (PyTorch's ``F.avg_pool2d``, its divisor rules) of a spatially split
+    ``x``; layouts as :func:`max_pool2d`. Each rank sums its zero-padded window and divides
+    by its block of the global divisor (:func:`distconv.ops.avg_pool2d_divisor`), so
+    ``count_include_pad=False`` and ceil mode divide exactly as on one rank."""
+    x = _no_pending(x, "avg_pool2d")
+    y, core = avg_pool2d_core(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    autograd.record("avg_pool2d_spatial", lambda dy, needs: (core(dy),), [x], y)
+    return y
+
+
+def _no_pending(x, what):
+    if not isinstance(x, DistTensor) or x.ndim != 4:
+        raise ValueError(f"{what}: x must be a 4-D (N, C, H, W) DistTensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if x.distribution.pending:
+        x = x.redistribute(x.distribution.replace(pending=()))
+    return x
+
+
+def max_pool2d_core(x: DistTensor, kernel_size, stride=None, padding=0, ceil_mode=False):
+    """The unrecorded :func:`max_pool2d` (``x`` without pending sums): ``y`` and
+    ``backward(dy) -> dx`` (in ``x``'s layout, halo parts added back into their owners)."""
     k, s, _, wins, y_dist, y_shape = _pool_setup(x, kernel_size, stride, padding, ceil_mode,
                                                  "max_pool2d")
-    xw = halo_gather(x, wins, fill=-float("inf"))
+    xw, adjoint = _gather(x, _check_windows(x, wins), -float("inf"))
     want = y_dist.local_shape(y_shape)
     xp = array_module(xw.local)
     live = all(want) and all(xw.local.shape)
@@ -377,27 +442,24 @@ def max_pool2d(x: DistTensor, kernel_size, stride=None, padding=0,
     y = DistTensor(y_local, y_dist, y_shape)
     win_shape = tuple(xw.local.shape)
 
-    def backward(dy, needs):
+    def backward(dy):
         dy = dy._move(y_dist)
         dxw = (ops.max_pool2d_backward(dy.local, arg, win_shape, k, s, (0, 0)) if live
                else xp.zeros(win_shape, x.dtype))
-        return (WindowTensor(dxw, xw.distribution, xw.shape),)
+        return adjoint(dxw)
 
-    autograd.record("max_pool2d_spatial", backward, [xw], y)
-    return y
+    return y, backward
 
 
-def avg_pool2d(x: DistTensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
-               count_include_pad: bool = True) -> DistTensor:
-    """Average pooling (PyTorch's ``F.avg_pool2d``, its divisor rules) of a spatially split
-    ``x``; layouts as :func:`max_pool2d`. Each rank sums its zero-padded window and divides
-    by its block of the global divisor (:func:`distconv.ops.avg_pool2d_divisor`), so
-    ``count_include_pad=False`` and ceil mode divide exactly as on one rank."""
+def avg_pool2d_core(x: DistTensor, kernel_size, stride=None, padding=0, ceil_mode=False,
+                    count_include_pad=True):
+    """The unrecorded :func:`avg_pool2d` (``x`` without pending sums): ``y`` and
+    ``backward(dy) -> dx`` (in ``x``'s layout)."""
     k, s, p, wins, y_dist, y_shape = _pool_setup(x, kernel_size, stride, padding, ceil_mode,
                                                  "avg_pool2d")
     div = ops.avg_pool2d_divisor(tuple(x.shape), k, s, p, ceil_mode, count_include_pad)
     (h0, h1), (w0, w1) = y_dist.dim_range(2, y_shape[2]), y_dist.dim_range(3, y_shape[3])
-    xw = halo_gather(x, wins)
+    xw, adjoint = _gather(x, _check_windows(x, wins), 0.0)
     want = y_dist.local_shape(y_shape)
     xp = array_module(xw.local)
     # the local op divides by kh*kw (no padding, no ceil mode): rescale to the true divisor
@@ -410,11 +472,10 @@ def avg_pool2d(x: DistTensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     y = DistTensor(y_local, y_dist, y_shape)
     win_shape = tuple(xw.local.shape)
 
-    def backward(dy, needs):
+    def backward(dy):
         dy = dy._move(y_dist)
         dxw = (ops.avg_pool2d_backward(dy.local * scale, win_shape, k, s, (0, 0)) if live
                else xp.zeros(win_shape, x.dtype))
-        return (WindowTensor(dxw, xw.distribution, xw.shape),)
+        return adjoint(dxw)
 
-    autograd.record("avg_pool2d_spatial", backward, [xw], y)
-    return y
+    return y, backward

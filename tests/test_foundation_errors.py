@@ -136,7 +136,9 @@ def test_redistribute_bad_targets(comm):
 @pytest.mark.parametrize("text, match", [
     ("sample=two", r"sample='two' is not an integer"),
     ("filter=1.5", r"filter='1.5' is not an integer"),
-    ("foo=2", r"unknown key 'foo' \(expected sample, channel or filter\)"),
+    ("foo=2", r"unknown key 'foo' \(expected sample, channel, filter, height or width\)"),
+    ("height=0", r"Strategy height must be a positive integer, got 0"),
+    ("h=2,height=2", r"'height' given twice"),
     ("sample=2,s=2", r"'sample' given twice"),
     ("channel", r"expected key=value pairs like 'sample=2,channel=2', got 'channel'"),
     ("sample=0", r"Strategy sample must be a positive integer, got 0"),
@@ -159,6 +161,19 @@ def test_strategy_parse_good_and_constructor_checks():
     assert Strategy.parse("") == Strategy() == Strategy.parse("sample")
     assert Strategy.parse("sample=*,filter=2") == Strategy(filter=2)
     assert Strategy.parse(str(Strategy(sample=2, filter=2))) == Strategy(sample=2, filter=2)
+    # spatial fields: long and short names; shown only when > 1 (old text/plans unchanged)
+    assert Strategy.parse("height=2,width=2") == Strategy(height=2, width=2)
+    assert Strategy.parse("s=2,h=2") == Strategy(sample=2, height=2)
+    assert str(Strategy(sample=2)) == "sample=2,channel=1,filter=1"
+    assert Strategy(sample=2).to_dict() == {"sample": 2, "channel": 1, "filter": 1}
+    sp = Strategy(sample=1, height=2, width=3)
+    assert Strategy.parse(str(sp)) == sp and Strategy(**sp.to_dict()) == sp
+    assert sp.to_dict() == {"sample": 1, "channel": 1, "filter": 1, "height": 2, "width": 3}
+    assert Strategy(height=2).resolve(4) == (2, 1, 1, 2, 1)
+    assert Strategy(channel=2).resolve(4) == (2, 2, 1)
+    with pytest.raises(ValueError, match=r"sample\*channel\*filter\*height\*width = "
+                                         r"1\*1\*1\*2\*2 = 4 ranks, but there are 2"):
+        Strategy(sample=1, height=2, width=2).resolve(2)
     for bad in (dict(channel=True), dict(filter=0), dict(sample=2.0), dict(channel="2")):
         with pytest.raises(ValueError, match="must be a positive integer"):
             Strategy(**bad)

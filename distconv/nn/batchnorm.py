@@ -17,7 +17,8 @@ class BatchNorm2d(Layer):
     x: (N, C, H, W) -> y: same shape. Weight, bias and running statistics are split on C
     like the activations (over ``(channel, filter)``), so each rank keeps only its channels.
     In training the per-channel sums are allreduced over the ranks that hold the same
-    channels and different samples (the sample group), never over the whole world.
+    channels and different samples (the sample group; under a spatial strategy also the
+    other height/width blocks: sample×height×width), never over the whole world.
     ``global_stats=False`` normalises with each rank's own batch statistics, like LBANN's
     local batch norm (running statistics are still averaged over the sample group so that
     every replica keeps the same values).
@@ -77,8 +78,10 @@ class BatchNorm2d(Layer):
             state[key] = to_numpy(self._buffers["num_batches_tracked"].local).copy()
 
     def _group(self):
-        """Communicator of the ranks holding the same channels and other samples."""
-        return self._act.grid.sub(self._act.split[0])
+        """Communicator of the ranks holding the same channels and other samples (and,
+        under a spatial strategy, other height/width blocks): sample×height×width."""
+        sp = self._act.split
+        return self._act.grid.sub(sp[0] + sp[2] + sp[3])
 
     @property
     def input_distribution(self) -> Distribution:

@@ -14,6 +14,12 @@ Both are the same algorithm on different local math. For a layer on an
   local partial pending over ``filter`` -> reduce-scatter over ``filter``;
   ``dw`` from the kept ``x`` and the gathered ``dy``, pending over ``sample``
   until :func:`distconv.nn.sync_gradients`.
+
+Conv2d under a spatial strategy (``height``/``width`` above 1, with ``channel`` and
+``filter`` 1) runs :func:`distconv.spatial.conv2d_core` on the input in the spatial
+activation layout (N over sample, H over height, W over width): a halo exchange, then the
+local kernels; the weight is replicated, so ``dw``/``db`` are pending over
+sample×height×width and join the same segmented allreduce.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import math
 
 import numpy as np
 
-from .. import ops
+from .. import ops, spatial
 from ..ops.geometry import pair
 from ..distribution import Distribution
 from ..strategy import Strategy
@@ -39,8 +45,8 @@ class _SplitOp(Layer):
         if in_features < 1 or out_features < 1:
             raise ValueError(f"{type(self).__name__}: in and out sizes must be >= 1, got "
                              f"{in_features} and {out_features}")
-        self.strategy = Strategy() if strategy is None else (
-            Strategy.parse(strategy) if isinstance(strategy, str) else strategy)
+        self.strategy = self._checked(Strategy() if strategy is None else (
+            Strategy.parse(strategy) if isinstance(strategy, str) else strategy))
         rng = _init_rng()
         fan_in = int(np.prod(weight_shape[1:]))
         bound = 1.0 / math.sqrt(fan_in)
@@ -64,8 +70,24 @@ class _SplitOp(Layer):
         self._xc = Distribution(g, [("sample",), ("channel",)] + rest)
         self._yf = Distribution(g, [("sample",), ("filter",)] + rest)
 
+    def _checked(self, strategy: Strategy) -> Strategy:
+        """``strategy`` if this layer can run it; the same ValueError on every rank if not."""
+        if strategy.spatial:
+            name = type(self).__name__
+            if self.ndim != 4:
+                raise ValueError(f"{name}: strategy {strategy} splits height/width, but "
+                                 f"{name} has no spatial dims; give it a strategy without "
+                                 f"height/width")
+            if strategy.channel > 1 or strategy.filter > 1:
+                raise ValueError(f"{name}: strategy {strategy} combines a spatial split "
+                                 f"(height/width) with channel={strategy.channel}, filter="
+                                 f"{strategy.filter}; not supported yet: a spatially split "
+                                 f"{name} needs channel=1 and filter=1 (sample x height x "
+                                 f"width only)")
+        return strategy
+
     def _apply_strategy(self, strategy: Strategy) -> None:
-        self.strategy = strategy
+        self.strategy = self._checked(strategy)
         self._dists()
         self.weight.data = self.weight.data.redistribute(self._wdist)
         self.weight.grad = None
@@ -79,6 +101,8 @@ class _SplitOp(Layer):
 
     # --------------------------------------------------------------- passes
     def _forward(self, x, save):
+        if self.strategy.spatial:
+            return self._spatial_forward(x, save)
         self._check_input(x)
         check_dtype(x, self.weight.data.dtype, type(self).__name__)
         xc = x.redistribute(self._xc)
@@ -92,6 +116,8 @@ class _SplitOp(Layer):
         return y, ((x.distribution, x.shape, xc) if save else None)
 
     def _backward(self, ctx, dy, need_dx):
+        if self.strategy.spatial:
+            return self._spatial_backward(ctx, dy, need_dx)
         x_dist, x_shape, xc = ctx
         rep = self._wdist.replica_axes
         if self.bias is not None:
@@ -136,6 +162,25 @@ class Conv2d(_SplitOp):
             raise ValueError(f"Conv2d(in_channels={self.in_channels}) got an input with "
                              f"{x.shape[1]} channels (shape {x.shape})")
         self._out_shape(x.shape)
+
+    def _spatial_forward(self, x, save):
+        self._check_input(x)
+        check_dtype(x, self.weight.data.dtype, "Conv2d")
+        xs = x.redistribute(self._act)
+        pads = tuple((p, p) for p in self.padding)
+        b = None if self.bias is None else self.bias.data.local
+        y, bwd = spatial.conv2d_core(xs, self.weight.data.local, b, self.stride, pads,
+                                     self.dilation)
+        return y.redistribute(self._act), ((x.distribution, bwd) if save else None)
+
+    def _spatial_backward(self, ctx, dy, need_dx):
+        x_dist, bwd = ctx
+        dx, dw, db = bwd(dy, need_dx, True, self.bias is not None)
+        rep = self._wdist.replica_axes  # sample, height, width: the weight is replicated
+        self.weight.accumulate(dw, rep)
+        if self.bias is not None:
+            self.bias.accumulate(db, self._bdist.replica_axes)
+        return dx.redistribute(x_dist.replace(pending=())) if need_dx else None
 
     def _out_shape(self, s):
         ho, wo = ops.conv2d_output_hw(s[2], s[3], self.kernel_size, self.stride,

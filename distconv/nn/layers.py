@@ -1,16 +1,19 @@
 """Layers that work on any channel/sample split as it comes: ReLU, pooling, Dropout,
 Flatten.
 
-They need the spatial dimensions whole on each rank (distconv never splits H or
-W) and no pending sums; any N and C split passes through unchanged, so they
-cost no communication after a Conv2d or BatchNorm2d. A global array input is
+They need no pending sums; any N and C split passes through unchanged, so they
+cost no communication after a Conv2d or BatchNorm2d. ReLU and Dropout keep any
+H/W split too; MaxPool2d and AvgPool2d keep an H/W split over one grid axis each
+(a spatially split input, e.g. after a Conv2d with ``height``/``width``) and pool
+it with a halo exchange (:mod:`distconv.spatial`); AdaptiveAvgPool2d and Flatten
+gather H and W first (the exact-volume redistribution). A global array input is
 cut with the data-parallel activation layout.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .. import ops
+from .. import ops, spatial
 from ..ops.geometry import pair, pool_output_size
 from ..backend import get_xp
 from ..distribution import Distribution
@@ -20,13 +23,17 @@ from ..tensor import DistTensor
 from .module import Layer, _init_rng, as_dist
 
 
-def _elementwise_input(x, ndim=4):
-    """``x`` as a DistTensor whose last dims are whole and which has no pending sums."""
+def _elementwise_input(x, ndim=4, keep_spatial=None):
+    """``x`` as a DistTensor without pending sums whose last dims are whole, except where
+    ``keep_spatial(distribution)`` says the split of dims 2.. may stay."""
     if not isinstance(x, DistTensor):
         nd = getattr(x, "ndim", ndim)
         return as_dist(x, Strategy().activation_distribution(max(nd, 1)))
     d = x.distribution
-    if d.pending or any(d.split[i] for i in range(2, x.ndim)):
+    split_rest = any(d.split[i] for i in range(2, x.ndim))
+    if split_rest and keep_spatial is not None and keep_spatial(x):
+        return x.redistribute(d.replace(pending=())) if d.pending else x
+    if d.pending or split_rest:
         split = list(d.split[:2]) + [None] * (x.ndim - 2)
         x = x.redistribute(Distribution(d.grid, split))
     return x
@@ -37,8 +44,18 @@ class _Elementwise(Layer):
         return _elementwise_input(x)
 
 
+def _spatial_ok(x) -> bool:
+    """A 4-D tensor whose H and W are each split over one grid axis at most (what the
+    halo exchange of :mod:`distconv.spatial` takes)."""
+    d = x.distribution
+    return x.ndim == 4 and len(d.split[2]) <= 1 and len(d.split[3]) <= 1
+
+
 class ReLU(_Elementwise):
-    """max(x, 0) elementwise; any shape and distribution."""
+    """max(x, 0) elementwise; any shape and distribution (an H/W split stays)."""
+
+    def _input(self, x):
+        return _elementwise_input(x, keep_spatial=lambda t: True)
 
     def _forward(self, x, save):
         y = ops.relu_forward(x.local)
@@ -83,6 +100,14 @@ class _Pool(_Elementwise):
             raise ValueError(f"{what}: pad should be at most half of effective kernel size, "
                              f"but got padding={p} for kernel_size={k}")
 
+    def _input(self, x):
+        return _elementwise_input(x, keep_spatial=_spatial_ok)
+
+    @staticmethod
+    def _is_spatial(x) -> bool:
+        d = x.distribution
+        return bool(d.split[2] or d.split[3])
+
     def _check(self, x):
         """Output shape for input ``x`` (global shape: the same error on every rank)."""
         what = type(self).__name__
@@ -123,12 +148,18 @@ class MaxPool2d(_Pool):
 
     def _forward(self, x, save):
         shape = self._check(x)
+        if self._is_spatial(x):
+            y, bwd = spatial.max_pool2d_core(x, self.kernel_size, self.stride, self.padding,
+                                             self.ceil_mode)
+            return y, (("spatial", bwd) if save else None)
         y, arg = ops.max_pool2d_forward(x.local, self.kernel_size, self.stride, self.padding,
                                         ceil_mode=self.ceil_mode)
         return DistTensor(y, x.distribution, shape), ((x.distribution, x.shape, arg)
                                                       if save else None)
 
     def _backward(self, ctx, dy, need_dx):
+        if ctx[0] == "spatial":
+            return ctx[1](dy)
         dist, xshape, arg = ctx
         dy = dy.redistribute(dist)
         xl = dist.local_shape(xshape)
@@ -153,11 +184,17 @@ class AvgPool2d(_Pool):
 
     def _forward(self, x, save):
         shape = self._check(x)
+        if self._is_spatial(x):
+            y, bwd = spatial.avg_pool2d_core(x, self.kernel_size, self.stride, self.padding,
+                                             self.ceil_mode, self.count_include_pad)
+            return y, ("spatial", bwd)
         y = ops.avg_pool2d_forward(x.local, self.kernel_size, self.stride, self.padding,
                                    **self._kw())
         return DistTensor(y, x.distribution, shape), (x.distribution, x.shape)
 
     def _backward(self, ctx, dy, need_dx):
+        if ctx[0] == "spatial":
+            return ctx[1](dy)
         dist, xshape = ctx
         dy = dy.redistribute(dist)
         dx = ops.avg_pool2d_backward(dy.local, dist.local_shape(xshape), self.kernel_size,
