@@ -32,7 +32,7 @@ configurations (``torch 1x1``, ``distconv 1``) it is the steadier figure; for se
 ranks it also counts MPI's busy-waiting, and for ``torch 1xP`` it sums P threads (not
 comparable, left out of the table).
 Models: ResNet-18 with the CIFAR stem at 32x32 (10 classes) and ResNet-50 at 224x224
-(1000 classes); the PyTorch twins come from ``distconv/bench/torch_resnet.py`` (torchvision's
+(1000 classes); the PyTorch twins come from ``scripts/torch_resnet.py`` (torchvision's
 definitions, which ``distconv.models`` follows).
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ class _Config:
 class _Torch(_Config):
     def __init__(self, args, spec, x, y, threads, ddp_group=None):
         import torch
-        from distconv.bench import torch_resnet as tr
+        import torch_resnet as tr  # scripts/torch_resnet.py, beside this script
         self.torch, self.threads = torch, threads
         torch.manual_seed(args.seed)
         block, layers = ((tr.BasicBlock, [2, 2, 2, 2]) if spec["model"] == "resnet18"

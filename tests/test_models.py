@@ -2,7 +2,7 @@
 schedules and overlapped gradient sync against torch.optim / ``nn.sync_gradients``.
 
 Plain tests (one process): state-dict names and shapes of every model equal the oracle's
-(distconv/bench/torch_resnet.py), weights move both ways and give the same logits (float32, eval
+(scripts/torch_resnet.py), weights move both ways and give the same logits (float32, eval
 and train mode, batch-norm running statistics included), the LR schedules give torch's
 lr sequences. MPI cases (1, 2 ranks; GradientSync also at 4): a train step's loss,
 logits, input gradient, weight gradients and running statistics match torch float64
@@ -54,7 +54,12 @@ def build_torch(name, dtype, seed=0):
     """The torch oracle of ``name`` (own random initialisation from ``seed``)."""
     import torch
 
-    from distconv.bench import torch_resnet as tr
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "torch_resnet", Path(__file__).resolve().parents[1] / "scripts" / "torch_resnet.py")
+    tr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tr)
 
     spec = MODELS[name]
     torch.manual_seed(seed)
