@@ -20,7 +20,7 @@ setup(
                   # shipped machine files of the planner (planner.machine.builtin)
                   "distconv.planner": ["machines/*.json"]},
     include_package_data=False,
-    install_requires=["mpi4py", "numpy", "h5py"],
+    install_requires=["mpi4py", "numpy", "h5py", "threadpoolctl"],
     extras_require={
         # An MPI library with mpiexec from PyPI, for machines without a system MPI.
         "mpich": ["mpich"],

@@ -9,8 +9,8 @@ Run::
 
 One MPI job does everything:
 
-1. Each rank is limited to ONE BLAS/OpenMP thread (environment variables before numpy
-   is imported, plus threadpoolctl): a rank stands for one device.
+1. Each rank is limited to ONE BLAS/OpenMP thread (:func:`distconv.envinfo.pin_threads`:
+   the environment variables and threadpoolctl): a rank stands for one device.
 2. The machine's alpha-beta constants are measured on this job
    (:func:`distconv.planner.machine.calibrate`, message sizes from 4 KiB up to the
    model's largest message), or read with ``--machine FILE``.
@@ -62,7 +62,7 @@ the pairs whose measured times differ by more than ``--rank-margin`` (20%); the 
 plan's time over the best hand plan's, paired: for each hand plan the median over
 repetitions of (auto step / hand step in the same repetition), and the largest of these
 (the ratio of the two medians is reported too; it flips with the VM's speed modes, see
-``scripts/planner_report.py``). Targets (issue 7): MAE <= 20%, every such pair ordered
+``distconv/bench/planner_report.py``). Targets (issue 7): MAE <= 20%, every such pair ordered
 alike, auto <= 1.05x best hand (paired), bytes equal.
 
 ``--bytes-only`` (automatic when there are more ranks than CPU cores, e.g. 4 ranks on
@@ -76,31 +76,20 @@ Only rank 0 prints and writes the JSON (``--out``).
 """
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import os
+import platform
+import socket
+import sys
+import time
 
-_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-               "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-for _v in _THREAD_ENV:
-    os.environ[_v] = "1"
+import numpy as np
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import socket  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+from distconv.envinfo import blas_info, cpu_model, git_state, pin_threads
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-sys.path.insert(0, _ROOT)
-sys.path.insert(0, _HERE)
-
-import numpy as np  # noqa: E402
-
-from distconv.envinfo import blas_info, cpu_model, git_state  # noqa: E402
-
-from planner_report import (  # noqa: E402  (scripts/planner_report.py, beside this file)
+from distconv.bench.planner_report import (
     _json_default, compare, is_clean, markdown, print_table, rank_order, summarize)
 
 DEFAULTS = dict(width=256, blocks="1,1", size=8, batch=4, classes=10, repeats=25, warmup=2,
@@ -198,8 +187,7 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------ model and plans
 def inception_net(width, nblocks, classes, in_channels=3):
-    """:class:`IncNet` (built here so that distconv.nn is imported after the thread
-    limits): stem conv3x3-bn-relu, ``nblocks`` blocks of three towers joined by dc.cat."""
+    """:class:`IncNet`: stem conv3x3-bn-relu, ``nblocks`` blocks of three towers joined by dc.cat."""
     import distconv as dc
     from distconv import nn
 
@@ -519,6 +507,7 @@ class Case:
 
 # ------------------------------------------------------------------ main
 def main(argv=None):
+    pin_threads(1)  # one BLAS/OpenMP thread per rank
     args = parse_args(argv)
     from threadpoolctl import threadpool_limits
     threadpool_limits(limits=1)

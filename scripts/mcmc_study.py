@@ -33,7 +33,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 WEIGHTS = (1.0, 0.5, 0.0)
 

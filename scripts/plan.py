@@ -38,7 +38,6 @@ import shlex
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 PROG = "plan.py"
 EXAMPLES = """\

@@ -40,7 +40,6 @@ import shlex
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
 # the stages of the other families (by the first part of torchvision's module names)

@@ -206,8 +206,7 @@ def test_costs_add_layer_and_redistribution_overheads():
 
 # ------------------------------------------------------------------ planner_report, no MPI
 def _report():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import planner_report
+    from distconv.bench import planner_report
     return planner_report
 
 

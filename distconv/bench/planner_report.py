@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 
-CLEAN_FLOOR_S = 0.5e-3
+from .stats import is_clean
+
 #: rows that are the planner's: "auto" (plan_model's result) and "auto-fastest" (its
 #: fastest predicted plan, when min_gain made it return a uniform plan instead)
 AUTO_LABELS = ("auto", "auto-fastest")
-
-
-def is_clean(steps, losts, frac):
-    return all(lost <= max(frac * st, CLEAN_FLOOR_S) for st, lost in zip(steps, losts))
 
 
 def summarize(allr, frac):
