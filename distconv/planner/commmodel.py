@@ -113,13 +113,46 @@ def _dtype(item):
 
 def redistribute_events(shape, src, dst, rank: int, item: int) -> list:
     """Events of ``DistTensor.redistribute(src -> dst)`` of a tensor of global ``shape`` on
-    ``rank``: the real ``_move`` run shape-only (cached per arguments)."""
-    return list(_redistribute_cached(tuple(int(s) for s in shape), src, dst, int(rank),
-                                     int(item)))
+    ``rank``: the real ``_move`` run shape-only (cached per :func:`move_key`)."""
+    shape, rank, item = tuple(int(s) for s in shape), int(rank), int(item)
+    key = move_key(shape, src, dst, rank, item)
+    got = _MOVES.get(key)
+    if got is None:
+        if len(_MOVES) > _MOVES_SIZE:
+            _MOVES.clear()
+        got = _MOVES[key] = run_move(shape, src, dst, rank, item)
+    return list(got)
 
 
-@lru_cache(maxsize=200000)
-def _redistribute_cached(shape, src, dst, rank, item):
+_MOVES: dict = {}
+_MOVES_SIZE = 200000
+
+
+def move_key(shape, src, dst, rank, item) -> tuple:
+    """The cache key of a move's events on ``rank``.
+
+    Beyond :data:`EXACT_RANKS` the shape-only world counts an exchange from the rank's own
+    two blocks alone (``recv_only``: :func:`distconv.tensor._exchange_counted`). A move
+    between two grids into a target with nothing pending is one such exchange when the
+    source has nothing pending either (``_cross_grid`` -> ``_general``), so the key is
+    the rank's source and target boxes; a pending source is first reduced within its own
+    grid onto a dimension chosen by the source and by which dims the target splits, then
+    exchanged, so the key is the source, the target's split dims and its box. Every other
+    move is keyed by its full arguments. ``tests/test_planner_comm.py`` checks keyed
+    results against uncached runs."""
+    if src.grid.size > EXACT_RANKS and not dst.pending and (
+            tuple(src.grid.shape) != tuple(dst.grid.shape)
+            or tuple(src.grid.names) != tuple(dst.grid.names)):
+        dbox = dst.box(shape, dst.grid.coords_of(rank))
+        if not src.pending:
+            return ("x", src.grid.size, shape, src.box(shape, src.grid.coords_of(rank)), dbox, item)
+        return ("xp", shape, src, tuple(bool(a) for a in dst.split), dbox, rank, item)
+    return (shape, src, dst, rank, item)
+
+
+def run_move(shape, src, dst, rank, item) -> tuple:
+    """The events of ``src -> dst`` on ``rank``, uncached: ``DistTensor._move`` (not
+    recorded) on a shape-only world of the grid's size."""
     from ..comm import use_world
     from ..meta import MetaArray
     from ..tensor import DistTensor

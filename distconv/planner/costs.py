@@ -31,7 +31,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..distribution import block_sizes
-from .commmodel import cat_events
+from .commmodel import EXACT_RANKS, cat_events
 from .compute import OVERHEAD_KINDS
 from .events import act_dist, entry_events, inner_events, join_events, out_dist_of
 
@@ -107,7 +107,7 @@ class CostModel:
         if optimizer not in _OPT_SLOTS:
             raise ValueError(f"optimizer must be one of {sorted(_OPT_SLOTS)}, got {optimizer!r}")
         self.strategies = factorizations(self.p)
-        self.ranks = list(range(self.p)) if self.p <= 16 else [0]
+        self.ranks = list(range(self.p)) if self.p <= EXACT_RANKS else [0]
         self._cache: dict = {}
         self._ab: dict = {}
         self._ccache: dict = {}
@@ -407,7 +407,8 @@ def _layout(d, st, shape):
     split in ``c`` blocks, each in ``f``), and moving it to a *different* grid is the same
     between-grid alltoallv whatever ``c`` and ``f`` are; only a move within one grid
     takes other collectives. So such a source is keyed by ``(s, c*f)`` unless its grid is
-    the layer's own.
+    the layer's own. Beyond :data:`.commmodel.EXACT_RANKS` ranks any source with nothing
+    pending is keyed by rank 0's block (see :func:`_phys_layout`).
     """
     if st is None or d.pending or d.grid.shape == tuple(st):
         return d
@@ -417,9 +418,17 @@ def _layout(d, st, shape):
 
 def _phys_layout(d, shape):
     """``("act", s, c*f, ndim)`` for a between-layer distribution whose elements lie as on
-    grid ``(s, 1, c*f)`` (see :func:`_layout`), else None."""
+    grid ``(s, 1, c*f)`` (see :func:`_layout`), else None.
+
+    Beyond :data:`.commmodel.EXACT_RANKS` ranks, where rank 0 alone is evaluated, any
+    distribution with nothing pending gives ``("box", rank 0's block, the dims it
+    splits)``: the events of a move between two grids on rank 0 depend on nothing else of
+    it (:func:`.commmodel.move_key`), nor do those of a cat's exchange (rank 0's blocks:
+    :func:`distconv.tensor._exchange_counted`), nor rank 0's compute."""
     if d.pending:
         return None
+    if d.grid.size > EXACT_RANKS:
+        return ("box", d.box(shape, (0,) * len(d.grid.names)), tuple(bool(a) for a in d.split))
     sp = d.split
     if (sp[0] in ((), ("sample",)) and sp[1] in ((), ("channel",), ("filter",),
                                                 ("channel", "filter"))
