@@ -1,25 +1,14 @@
 """Model set-up shared by the scaling, paired and PyTorch-comparison scripts."""
 from __future__ import annotations
 
+from ..selfrank import self_strategy  # noqa: F401  (the scripts' 1-rank strategy)
+
 
 def input_distribution(model):
     """Where the model's input must arrive: its first conv's input distribution (the
     activation layout of that layer's strategy, which is what ``graph_events`` assumes)."""
     first = model.conv1 if hasattr(model, "conv1") else model[0]
     return first.input_distribution
-
-
-def self_strategy():
-    """A Strategy whose grid is this process alone (a 1-rank job inside a P-rank one)."""
-    from ..comm import self_comm
-    from ..grid import ProcessGrid
-    from ..strategy import AXES, Strategy
-    grid = ProcessGrid(self_comm(), (1, 1, 1), AXES)
-
-    class _Self(Strategy):
-        def grid(self, comm=None):
-            return grid
-    return _Self(sample=1, channel=1, filter=1)
 
 
 def plan_and_predict(comm, model, x_shape, fixed_plan=None, overlap=True):

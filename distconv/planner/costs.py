@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from ..distribution import block_sizes
 from .commmodel import EXACT_RANKS, cat_events
-from .compute import OVERHEAD_KINDS
+from .overhead import OVERHEAD_KINDS
 from .events import act_dist, entry_events, inner_events, join_events, out_dist_of
 
 _OPT_SLOTS = {"sgd": 1, "adam": 2}
