@@ -104,9 +104,47 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
         if compute.refine():
             cost = CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer)
     dp = simulate(cost, dp_plan, overlap=overlap)
+    sims, uniform, seconds = _candidates(cost, graph, dp, dp_plan, memory_limit, overlap)
+    best = min(sims + uniform, key=_step)
+    run = None
+    if mcmc_budget and mcmc_budget > 0:
+        from .mcmc import mcmc
+        run = mcmc(cost, best[1], float(mcmc_budget), seed=mcmc_seed,
+                   memory_limit=memory_limit, overlap=overlap)
+        run["start"] = best[0]
+        if run["step_s"] < _step(best):
+            best = ("mcmc", run["plan"], simulate(cost, run["plan"], overlap=overlap))
+            sims.append(best)
+    name, plan, pred = best
+    if uniform:
+        u = min(uniform, key=_step)
+        if _step(u) <= _step(best) * (1.0 + max(0.0, float(min_gain))):
+            name, plan, pred = u
+    shown = list(sims)
+    others = [x for x in uniform if x[0] != "data parallel"]
+    if others:
+        shown.append(min(others, key=_step))
+    if run is not None:
+        run["returned"] = name == "mcmc"
+    return {"plan": plan, "predicted": pred, "dp": dp, "chosen": name, "mcmc": run,
+            "candidates": {n: sm["step_s"] for n, _, sm in shown},
+            "fastest": best[0], "fastest_plan": best[1], "min_gain": float(min_gain),
+            "speedup_vs_dp": dp["step_s"] / pred["step_s"] if pred["step_s"] > 0 else 1.0,
+            "search_s": seconds, "memory_limit": memory_limit,
+            "cost": cost, "graph": graph}
+
+
+def _step(candidate) -> float:
+    return candidate[2]["step_s"]
+
+
+def _candidates(cost, graph, dp, dp_plan, memory_limit, overlap):
+    """``(searched, uniform, search seconds)``: ``[(name, plan, simulate(plan))]`` of the
+    DP's plans (data parallelism first: a tie keeps the plainer plan) and of every
+    uniform plan within the memory limit (data parallelism among them)."""
     cands, seconds = [], 0.0
     if memory_limit is None or dp["memory"] <= memory_limit:
-        cands.append(("data parallel", dp_plan))  # first: a tie keeps the plainer plan
+        cands.append(("data parallel", dp_plan))
     for w in (SYNC_WEIGHTS if overlap else (1.0,)):
         res = search(cost, memory_limit, sync_weight=w)
         seconds += res["seconds"]
@@ -120,36 +158,7 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
         sm = simulate(cost, q, overlap=overlap)
         if memory_limit is None or sm["memory"] <= memory_limit:
             uniform.append((f"uniform {strategy_text(st)}", q, sm))
-
-    def step(x):
-        return x[2]["step_s"]
-    best = min(sims + uniform, key=step)
-    run = None
-    if mcmc_budget and mcmc_budget > 0:
-        from .mcmc import mcmc
-        run = mcmc(cost, best[1], float(mcmc_budget), seed=mcmc_seed,
-                   memory_limit=memory_limit, overlap=overlap)
-        run["start"] = best[0]
-        if run["step_s"] < step(best):
-            best = ("mcmc", run["plan"], simulate(cost, run["plan"], overlap=overlap))
-            sims.append(best)
-    name, plan, pred = best
-    if uniform:
-        u = min(uniform, key=step)
-        if step(u) <= step(best) * (1.0 + max(0.0, float(min_gain))):
-            name, plan, pred = u
-    shown = list(sims)
-    others = [x for x in uniform if x[0] != "data parallel"]
-    if others:
-        shown.append(min(others, key=step))
-    if run is not None:
-        run["returned"] = name == "mcmc"
-    return {"plan": plan, "predicted": pred, "dp": dp, "chosen": name, "mcmc": run,
-            "candidates": {n: sm["step_s"] for n, _, sm in shown},
-            "fastest": best[0], "fastest_plan": best[1], "min_gain": float(min_gain),
-            "speedup_vs_dp": dp["step_s"] / pred["step_s"] if pred["step_s"] > 0 else 1.0,
-            "search_s": seconds, "memory_limit": memory_limit,
-            "cost": cost, "graph": graph}
+    return sims, uniform, seconds
 
 
 def predicted_summary(result: dict) -> dict:
