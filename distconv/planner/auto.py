@@ -108,13 +108,7 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     best = min(sims + uniform, key=_step)
     run = None
     if mcmc_budget and mcmc_budget > 0:
-        from .mcmc import mcmc
-        run = mcmc(cost, best[1], float(mcmc_budget), seed=mcmc_seed,
-                   memory_limit=memory_limit, overlap=overlap)
-        run["start"] = best[0]
-        if run["step_s"] < _step(best):
-            best = ("mcmc", run["plan"], simulate(cost, run["plan"], overlap=overlap))
-            sims.append(best)
+        run, best = _refine(cost, best, sims, mcmc_budget, mcmc_seed, memory_limit, overlap)
     name, plan, pred = best
     if uniform:
         u = min(uniform, key=_step)
@@ -132,6 +126,19 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
             "speedup_vs_dp": dp["step_s"] / pred["step_s"] if pred["step_s"] > 0 else 1.0,
             "search_s": seconds, "memory_limit": memory_limit,
             "cost": cost, "graph": graph}
+
+
+def _refine(cost, best, sims, budget, seed, memory_limit, overlap):
+    """MCMC from candidate ``best``: ``(the run, the new best candidate)``; a better plan
+    joins ``sims`` as ``"mcmc"``."""
+    from .mcmc import mcmc
+    run = mcmc(cost, best[1], float(budget), seed=seed, memory_limit=memory_limit,
+               overlap=overlap)
+    run["start"] = best[0]
+    if run["step_s"] < _step(best):
+        best = ("mcmc", run["plan"], simulate(cost, run["plan"], overlap=overlap))
+        sims.append(best)
+    return run, best
 
 
 def _step(candidate) -> float:

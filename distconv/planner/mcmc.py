@@ -139,37 +139,11 @@ def mcmc(cost, start_plan, budget_s, beta=None, seed=0, memory_limit=None,
             cur, cur_t = dict(best), best_t
             since = 0
             restarts += 1
-        nxt = dict(cur)
-        if rng.random() < propagate:
-            # FlexFlow's propagation move: copy one layer's configuration to its
-            # neighbour in execution order, and on with CONTINUE_PROPAGATION each step
-            i = rng.randrange(len(names))
-            step = 1 if rng.random() < 0.5 else -1
-            conf = cur[names[i]]
-            while True:
-                i += step
-                if not 0 <= i < len(names) or conf not in where[names[i]]:
-                    break
-                nxt[names[i]] = conf
-                if rng.random() >= CONTINUE_PROPAGATION:
-                    break
-            props += 1
-            since += 1
-            if nxt == cur:  # nothing changed: not a move (counted, never simulated)
-                continue
-        else:
-            # the move: one layer, one other configuration of it (both uniform)
-            name = names[rng.randrange(len(names))]
-            opts = choices[name]
-            i_old = where[name].get(cur[name], -1)
-            if i_old < 0:  # a start configuration not among the choices: any listed one
-                k = rng.randrange(len(opts))
-            else:  # any other one
-                k = rng.randrange(len(opts) - 1)
-                k += k >= i_old
-            nxt[name] = opts[k]
-            props += 1
-            since += 1
+        nxt = _propose(rng, cur, names, where, choices, propagate)
+        props += 1
+        since += 1
+        if nxt is None:  # a propagation that changed nothing: counted, never simulated
+            continue
         u = rng.random()
         t, m = objective(nxt)
         if memory_limit is not None and m > memory_limit:
@@ -188,3 +162,33 @@ def mcmc(cost, start_plan, budget_s, beta=None, seed=0, memory_limit=None,
             "proposals": props, "accepted": acc, "improved": improved,
             "rejected_memory": over, "restarts": restarts, "best_at": best_at,
             "seconds": time.perf_counter() - t0, "beta": beta, "seed": seed}
+
+
+def _propose(rng, cur, names, where, choices, propagate):
+    """The next plan proposed from ``cur`` (None: a propagation that changed nothing)."""
+    nxt = dict(cur)
+    if rng.random() < propagate:
+        # FlexFlow's propagation move: copy one layer's configuration to its neighbour
+        # in execution order, and on with CONTINUE_PROPAGATION each step
+        i = rng.randrange(len(names))
+        step = 1 if rng.random() < 0.5 else -1
+        conf = cur[names[i]]
+        while True:
+            i += step
+            if not 0 <= i < len(names) or conf not in where[names[i]]:
+                break
+            nxt[names[i]] = conf
+            if rng.random() >= CONTINUE_PROPAGATION:
+                break
+        return None if nxt == cur else nxt
+    # the move: one layer, one other configuration of it (both uniform)
+    name = names[rng.randrange(len(names))]
+    opts = choices[name]
+    i_old = where[name].get(cur[name], -1)
+    if i_old < 0:  # a start configuration not among the choices: any listed one
+        k = rng.randrange(len(opts))
+    else:  # any other one
+        k = rng.randrange(len(opts) - 1)
+        k += k >= i_old
+    nxt[name] = opts[k]
+    return nxt
