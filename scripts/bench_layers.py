@@ -74,6 +74,7 @@ import sys
 
 import numpy as np
 
+from distconv.bench.cli import fill_defaults, require_positive
 from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(batch=8, channels=256, filters=256, size=28, kernel=3, repeats=20, warmup=3)
@@ -140,14 +141,11 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    for k, v in DEFAULTS.items():
-        if getattr(a, k) is None:
-            setattr(a, k, QUICK[k] if a.quick else v)
+    fill_defaults(a, DEFAULTS, QUICK)
     if a.max_repeats is None:
         a.max_repeats = a.repeats if a.quick else 3 * a.repeats
-    for k in ("batch", "channels", "filters", "size", "kernel", "repeats", "threads"):
-        if getattr(a, k) < 1:
-            ap.error(f"--{k.replace('_', '-')} must be >= 1")
+    require_positive(ap, a, ("batch", "channels", "filters", "size", "kernel", "repeats",
+                             "threads"))
     if a.warmup < 0:
         ap.error("--warmup must be >= 0")
     if a.max_repeats < a.repeats:

@@ -82,6 +82,7 @@ import time
 
 import numpy as np
 
+from distconv.bench.cli import fill_defaults, require_positive
 from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(width=256, blocks="1,1", size=8, batch=4, classes=10, repeats=25, warmup=2,
@@ -156,9 +157,7 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     if a.model == "inception" and a.width is None and not a.quick:
         a.width = 512
-    for k, v in DEFAULTS.items():
-        if getattr(a, k) is None:
-            setattr(a, k, QUICK[k] if a.quick else v)
+    fill_defaults(a, DEFAULTS, QUICK)
     if a.wait_quiet is None:
         a.wait_quiet = 0.0 if a.quick else 600.0
     if a.max_repeats is None:
@@ -169,10 +168,8 @@ def parse_args(argv=None):
         ap.error(f"--blocks must be integers separated by commas, got {a.blocks!r}")
     if not a.blocks or min(a.blocks) < 1:
         ap.error("--blocks needs at least one stage of at least one block")
-    for k in ("width", "size", "batch", "classes", "repeats", "calib_reps", "compute_reps",
-              "compute_rounds"):
-        if getattr(a, k) < 1:
-            ap.error(f"--{k.replace('_', '-')} must be >= 1")
+    require_positive(ap, a, ("width", "size", "batch", "classes", "repeats", "calib_reps",
+                             "compute_reps", "compute_rounds"))
     if a.model == "inception" and a.width % 4:
         ap.error(f"--model inception needs --width divisible by 4, got {a.width}")
     if a.warmup < 0 or a.max_repeats < a.repeats:

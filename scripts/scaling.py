@@ -105,6 +105,7 @@ import sys
 
 from distconv.bench.scaling_report import (
     add_speedups, bytes_warnings, merge_reps, plot, summarize, write_csv)
+from distconv.bench.cli import fill_defaults, require_positive
 from distconv.envinfo import THREAD_ENV_VARS, pin_threads
 
 DEFAULTS = dict(ranks="1,2", strategies="sample;channel=2;filter=2;auto", batch=8, size=28,
@@ -151,12 +152,8 @@ def parse_args(argv=None):
     ap.add_argument("--strategy", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    for k, v in DEFAULTS.items():
-        if getattr(a, k) is None:
-            setattr(a, k, QUICK[k] if a.quick else v)
-    for k in ("batch", "size", "channels", "steps"):
-        if getattr(a, k) < 1:
-            ap.error(f"--{k} must be >= 1")
+    fill_defaults(a, DEFAULTS, QUICK)
+    require_positive(ap, a, ("batch", "size", "channels", "steps"))
     if a.warmup < 0:
         ap.error("--warmup must be >= 0")
     if a.bucket_kb < 1:

@@ -8,7 +8,9 @@ The scripts are argparse front ends; what more than one of them needs lives here
   P-rank job, and the planner's plan and predicted step for a model (calibrated here).
 * :mod:`distconv.bench.quiet`: waiting until the machine is quiet before timing;
 * :mod:`distconv.bench.models`: the planner scripts' models by name, built as train.py
-  builds them.
+  builds them;
+* :mod:`distconv.bench.cli`: argument defaults that differ with ``--quick`` and lower
+  bounds, checked alike in every script.
 
 What one script measures or reports lives in its own modules here, so the script is its
 argparse front end: ``planner_bench``, ``planner_run`` and ``planner_report``
