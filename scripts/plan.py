@@ -31,12 +31,13 @@ impossible; the message names what was expected and what came.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import re
-import shlex
 import sys
 import time
+
+from distconv.bench.models import build_model, default_shape, model_names
+from distconv.bench.plan_report import fmt_bytes, mcmc_vs_dp, model_flags, plan_meta, usage_text
 
 
 PROG = "plan.py"
@@ -59,13 +60,6 @@ examples:
 
 --machine: a JSON file, a shipped name ({builtins}) or 'calibrate'.
 """
-
-# Default image shape and class count per model: train.py's digits data (8x8 grey
-# images, 10 classes) for small_resnet, ImageNet for the others (299x299 for Inception-v3,
-# the smallest its auxiliary classifier takes).
-DIGITS_SHAPE = (1, 8, 8)
-IMAGENET_SHAPE = (3, 224, 224)
-INCEPTION_SHAPE = (3, 299, 299)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -150,13 +144,6 @@ def _positive(what):
     return conv
 
 
-def model_names() -> list:
-    """Every ``--model`` name: the ResNets of ``distconv.models.MODELS`` and the networks
-    of ``CNN_MODELS`` (AlexNet, VGG, Inception-v3), as train.py accepts them."""
-    from distconv.models import CNN_MODELS, MODELS
-    return sorted(MODELS) + sorted(CNN_MODELS)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from distconv.planner.machine import available
     p = _Parser(
@@ -169,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "--machine calibrate.",
         epilog=EXAMPLES.format(builtins=", ".join(available()) or "none"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    _add_machine_args(p)
+    _add_search_args(p)
+    return p
+
+
+def _add_model_args(p):
+    """--model, --batch, --image-shape, --num-classes and train.py's model knobs."""
     p.add_argument("--model", default="small_resnet", choices=model_names(), metavar="NAME",
                    help=f"model (train.py --model): {', '.join(model_names())} "
                         "(default: small_resnet, train.py's default)")
@@ -193,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-aux-logits", action="store_true",
                    help="inception_v3 without its auxiliary classifier (train.py "
                         "--no-aux-logits; with it the model has two outputs)")
+
+
+def _add_machine_args(p):
+    """--ranks, --machine and how kernel times are had."""
+    from distconv.planner.machine import available
     p.add_argument("--ranks", type=_positive("ranks"), default=None, metavar="P",
                    help="target number of ranks, any size (required, except with "
                         "--machine calibrate where it defaults to the MPI job size)")
@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive("threads"), default=None,
                    help="BLAS threads to measure kernels with (default: cores of this "
                         "node / ranks of the target on one node)")
+
+
+def _add_search_args(p):
+    """The search's limits and settings, and the output."""
     p.add_argument("--memory-limit", type=_bytes_arg, default=MACHINE_LIMIT, metavar="BYTES",
                    help="memory per rank the plan must fit, e.g. 16GiB, 512MiB, 16GB, "
                         "17179869184 or 'none' (default: the machine's memory_per_rank)")
@@ -245,38 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan file to write (default plan.json)")
     p.add_argument("--quiet", action="store_true",
                    help="print only errors (and warnings), not the table")
-    return p
 
 
-# ------------------------------------------------------------------ model and machine
-def default_shape(model: str) -> tuple:
-    if model == "small_resnet":
-        return DIGITS_SHAPE
-    return INCEPTION_SHAPE if model == "inception_v3" else IMAGENET_SHAPE
-
-
-def build_model(name: str, image_shape, num_classes: int, width: int = 16,
-                width_divisor: int = 1, hidden: int = 4096, aux_logits: bool = True):
-    """The model train.py builds for ``--model name`` on images of ``image_shape``
-    (``width``: small_resnet's; ``width_divisor``, ``hidden``, ``aux_logits``: the
-    AlexNet/VGG/Inception knobs of train.py)."""
-    from distconv import models
-    c, _, w = image_shape
-    if name == "small_resnet":
-        return models.small_resnet(num_classes, in_channels=c, width=width)
-    if name in models.CNN_MODELS:
-        kw = {"width_divisor": width_divisor}
-        if name != "alexnet":  # the plan needs shapes only: skip torchvision's init
-            kw["init_weights"] = False
-        if name == "inception_v3":
-            kw["aux_logits"] = aux_logits
-        else:
-            kw["hidden"] = hidden
-        return models.CNN_MODELS[name](num_classes, in_channels=c, **kw)
-    stem = "cifar" if w <= 64 else "imagenet"  # as scripts/train.py chooses it
-    return models.MODELS[name](num_classes, in_channels=c, stem=stem)
-
-
+# ------------------------------------------------------------------ machine and compute
 def resolve_machine(spec: str):
     """``(Machine, source)`` for a machine file path or a shipped name (not 'calibrate');
     :class:`PlanError` naming what was expected and what came."""
@@ -325,58 +300,9 @@ def make_compute(mode: str, machine, dtype: str, cache_path, threads):
     return ComputeModel(cache_path=cache_path, measure=False, **kw)
 
 
-# ------------------------------------------------------------------ reporting
-def short_strategy(st) -> str:
-    s, c, f = st
-    return f"s{s} c{c} f{f}"
-
-
-def strategy_usage(result) -> list:
-    """``[(strategy, {kind: count}), ...]`` of the plan, most used first."""
-    kinds = {layer.name: layer.kind for layer in result["graph"].layers()}
-    use: dict = {}
-    for name, st in result["plan"].items():
-        d = use.setdefault(tuple(st), {})
-        k = kinds.get(name, "?")
-        d[k] = d.get(k, 0) + 1
-    return sorted(use.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
-
-
-def usage_text(result) -> str:
-    parts = []
-    for st, kinds in strategy_usage(result):
-        n = sum(kinds.values())
-        detail = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
-        parts.append(f"{short_strategy(st)}: {n} layer{'s' if n != 1 else ''} ({detail})")
-    return "; ".join(parts)
-
-
-def mcmc_vs_dp(result) -> str:
-    """What MCMC found against the DP search's plan (the fastest of its sync weights)."""
-    run = result["mcmc"]
-    dp = [t for n, t in (result.get("candidates") or {}).items() if n.startswith("search")]
-    line = (f"MCMC {run['seconds']:.2f} s ({run['proposals']} proposals, {run['accepted']} "
-            f"accepted): {run['step_s'] * 1e3:.3f} ms")
-    if dp:
-        line += (f" vs DP search {min(dp) * 1e3:.3f} ms "
-                 f"({100 * (1 - run['step_s'] / min(dp)):+.2f}%)")
-    line += f"; started from {run['start']} ({run['start_step_s'] * 1e3:.3f} ms)"
-    return line + ("; MCMC plan returned" if run.get("returned") else "")
-
-
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "unlimited"
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 # ------------------------------------------------------------------ the work
-def run_plan(args, machine, source: str, ranks: int, say) -> dict:
-    """Build the model, plan it, print, write the plan file. Rank 0 only."""
-    from distconv.models import CNN_MODELS
-    from distconv.planner import auto
-    from distconv.planner.planfile import save_plan
-
+def _model(args):
+    """``(model, image shape, classes, global input shape)`` of the arguments."""
     shape = args.image_shape or default_shape(args.model)
     classes = args.num_classes or (10 if args.model == "small_resnet" else 1000)
     in_shape = (args.batch,) + tuple(shape)
@@ -386,51 +312,60 @@ def run_plan(args, machine, source: str, ranks: int, say) -> dict:
     except ValueError as e:
         raise PlanError(f"--model {args.model} with --image-shape {_join(shape)}: {e}") \
             from None
+    return model, shape, classes, in_shape
+
+
+def _compute(args, machine, ranks):
+    """``(mode, cache, threads, ComputeModel)`` of --compute, --compute-cache, --threads."""
+    from distconv.planner import auto
     mode = args.compute or ("measure" if args.machine == "calibrate" else "fitted")
     cache = args.compute_cache
     if mode == "measure" and cache is None:
         cache = auto.default_cache_path()
     threads = args.threads or (default_threads(ranks, machine) if mode == "measure" else None)
-    compute = make_compute(mode, machine, args.dtype, cache, threads)
-    # --memory-limit: bytes, None ('none': no limit) or MACHINE_LIMIT (not given)
-    limit = (machine.memory_per_rank if args.memory_limit is MACHINE_LIMIT
-             else args.memory_limit)
-    say(f"{PROG}: {args.model}, global input {_join(in_shape, 'x')}, {ranks} rank(s) on "
-        f"machine {machine.name!r} ({machine.ranks_per_node} per node), compute {mode}"
-        f"{f' ({threads} thread(s), cache {cache})' if mode == 'measure' else ''}, memory "
-        f"limit {_fmt_bytes(limit)} per rank, {args.optimizer}, {args.dtype}, allreduce "
-        f"{'blocking' if args.no_overlap else 'overlapped'}")
-    t0 = time.perf_counter()
+    return mode, cache, threads, make_compute(mode, machine, args.dtype, cache, threads)
+
+
+def _search(args, model, in_shape, ranks, machine, compute, limit) -> dict:
+    """:func:`plan_model` with the arguments' settings; its ValueErrors as PlanErrors that
+    say which limit or input to change."""
+    from distconv.planner import auto
     try:
-        res = auto.plan_model(model, in_shape, ranks, machine, compute=compute,
-                              # plan_model reads None as "the machine's limit"
-                              memory_limit=float("inf") if limit is None else limit,
-                              item=4 if args.dtype == "float32" else 8,
-                              optimizer=args.optimizer, overlap=not args.no_overlap,
-                              min_gain=(auto.MIN_GAIN if args.min_gain is None
-                                        else args.min_gain),
-                              mcmc_budget=args.mcmc_budget, mcmc_seed=args.mcmc_seed)
+        return auto.plan_model(model, in_shape, ranks, machine, compute=compute,
+                               # plan_model reads None as "the machine's limit"
+                               memory_limit=float("inf") if limit is None else limit,
+                               item=4 if args.dtype == "float32" else 8,
+                               optimizer=args.optimizer, overlap=not args.no_overlap,
+                               min_gain=(auto.MIN_GAIN if args.min_gain is None
+                                         else args.min_gain),
+                               mcmc_budget=args.mcmc_budget, mcmc_seed=args.mcmc_seed)
     except ValueError as e:
         msg = str(e)
         if msg.startswith("no plan fits") or "memory limit" in msg:
             src = ("--memory-limit" if args.memory_limit is not MACHINE_LIMIT
                    else f"machine {machine.name!r} memory_per_rank")
-            raise PlanError(f"{src} = {limit} bytes ({_fmt_bytes(limit)}) per rank is too "
+            raise PlanError(f"{src} = {limit} bytes ({fmt_bytes(limit)}) per rank is too "
                             f"small for {args.model} with global input "
                             f"{_join(in_shape, 'x')} on {ranks} rank(s): {msg}; give a "
                             f"larger --memory-limit or more --ranks") from None
         raise PlanError(f"cannot plan {args.model} with global input {_join(in_shape, 'x')}"
                         f" on {ranks} rank(s): {msg}") from None
-    total_s = time.perf_counter() - t0
-    res["memory_limit"] = limit
-    if mode == "measure":
-        try:
-            compute.save()
-        except OSError as e:
-            print(f"{PROG}: warning: cannot write the compute cache {cache!r}: {e}",
-                  file=sys.stderr)
-        say(f"compute: {compute.measured} kernel pass(es) measured, {compute.hits} looked up "
-            f"again (cache {cache})")
+
+
+def _save_compute(compute, cache, say):
+    """Write the measured kernel times to the cache (a warning if it cannot)."""
+    try:
+        compute.save()
+    except OSError as e:
+        print(f"{PROG}: warning: cannot write the compute cache {cache!r}: {e}",
+              file=sys.stderr)
+    say(f"compute: {compute.measured} kernel pass(es) measured, {compute.hits} looked up "
+        f"again (cache {cache})")
+
+
+def _print_result(res, say):
+    """The planner's table, the strategies used, the chosen candidate and MCMC's result."""
+    from distconv.planner import auto
     say("")
     say(auto.format_table(res))
     say(f"strategies used: {usage_text(res)}")
@@ -438,41 +373,43 @@ def run_plan(args, machine, source: str, ranks: int, say) -> dict:
         say(f"chosen candidate: {res['chosen']}")
     if res.get("mcmc") is not None:
         say(mcmc_vs_dp(res))
+
+
+def run_plan(args, machine, source: str, ranks: int, say) -> dict:
+    """Build the model, plan it, print, write the plan file. Rank 0 only."""
+    from distconv.planner import auto
+    from distconv.planner.planfile import save_plan
+
+    model, shape, classes, in_shape = _model(args)
+    mode, cache, threads, compute = _compute(args, machine, ranks)
+    # --memory-limit: bytes, None ('none': no limit) or MACHINE_LIMIT (not given)
+    limit = (machine.memory_per_rank if args.memory_limit is MACHINE_LIMIT
+             else args.memory_limit)
+    say(f"{PROG}: {args.model}, global input {_join(in_shape, 'x')}, {ranks} rank(s) on "
+        f"machine {machine.name!r} ({machine.ranks_per_node} per node), compute {mode}"
+        f"{f' ({threads} thread(s), cache {cache})' if mode == 'measure' else ''}, memory "
+        f"limit {fmt_bytes(limit)} per rank, {args.optimizer}, {args.dtype}, allreduce "
+        f"{'blocking' if args.no_overlap else 'overlapped'}")
+    t0 = time.perf_counter()
+    res = _search(args, model, in_shape, ranks, machine, compute, limit)
+    total_s = time.perf_counter() - t0
+    res["memory_limit"] = limit
+    if mode == "measure":
+        _save_compute(compute, cache, say)
+    _print_result(res, say)
     order = res["graph"].strategic_names()  # the plan file lists layers in model order
     res["plan"] = {n: res["plan"][n] for n in order}
-    pred = auto.predicted_summary(res)
-    meta = {
-        "model": args.model, "num_classes": classes,
-        "width": args.width if args.model == "small_resnet" else None,
-        "stem": (None if args.model == "small_resnet" or args.model in CNN_MODELS
-                 else ("cifar" if shape[2] <= 64 else "imagenet")),
-        **({"width_divisor": args.width_divisor} if args.model in CNN_MODELS else {}),
-        **({"hidden": args.hidden} if args.model in CNN_MODELS
-           and args.model != "inception_v3" else {}),
-        **({"aux_logits": not args.no_aux_logits} if args.model == "inception_v3" else {}),
-        "input_shape": list(in_shape), "ranks": ranks, "machine": machine.name,
-        "machine_source": source, "ranks_per_node": machine.ranks_per_node,
-        "compute": mode, "threads": threads, "memory_limit": res["memory_limit"],
-        "optimizer": args.optimizer, "dtype": args.dtype, "overlap": not args.no_overlap,
-        "plan_seconds": total_s, "chosen": res.get("chosen"),
-        "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    meta = plan_meta(args, res, classes=classes, shape=shape, in_shape=in_shape, ranks=ranks,
+                     machine=machine, source=source, mode=mode, threads=threads,
+                     seconds=total_s)
     try:
-        save_plan(args.out, res["plan"], predicted=pred, meta=meta)
+        save_plan(args.out, res["plan"], predicted=auto.predicted_summary(res), meta=meta)
     except OSError as e:
         raise PlanError(f"--out: cannot write the plan file {args.out!r}: "
                         f"{e.strerror or e}") from None
-    width = f" --width {args.width}" if args.model == "small_resnet" and args.width != 16 else ""
-    if args.model in CNN_MODELS:  # train.py must build the same model
-        width += f" --width-divisor {args.width_divisor}" if args.width_divisor != 1 else ""
-        if args.model != "inception_v3" and args.hidden != 4096:
-            width += f" --hidden {args.hidden}"
-        if args.model == "inception_v3" and args.no_aux_logits:
-            width += " --no-aux-logits"
     say(f"wrote {args.out} ({len(res['plan'])} layers); use it with: mpiexec -n {ranks} "
-        f"python scripts/train.py --model {args.model}{width} --batch-size {args.batch} "
-        f"--strategy {args.out}")
+        f"python scripts/train.py --model {args.model}{model_flags(args)} --batch-size "
+        f"{args.batch} --strategy {args.out}")
     return res
 
 

@@ -40,19 +40,23 @@ import shlex
 import sys
 import time
 
+from distconv.bench.models import default_shape, model_names
+from distconv.bench.study import run_case, source_info
+from distconv.bench.study_report import fmt_ratio, markdown
 
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
-# the stages of the other families (by the first part of torchvision's module names)
-FAMILY_STAGES = {
-    "resnet": STAGES,
-    "features": ("features", "classifier"),                      # AlexNet, VGG
-    "inception": ("stem", "Mixed_5", "Mixed_6", "Mixed_7", "AuxLogits", "fc"),
-}
-DEFAULT_SHAPE = (3, 224, 224)
-INCEPTION_SHAPE = (3, 299, 299)
-# plan_model's name for the search with the gradient allreduce counted in full (the
-# additive DP cost alone: what plan_model returned before commit 6bbccff)
-ADDITIVE = "search (allreduce weight 1)"
+PROG = "planner_study.py"
+#: the extra cases when --extra is not given (MODEL:P:N[:CxHxW])
+DEFAULT_EXTRA = ("wide_resnet50_2:16:1024", "wide_resnet50_2:64:16:3x3072x3072",
+                 "wide_resnet50_2:64:32:3x2048x2048")
+
+
+class UsageError(Exception):
+    """A bad argument: the message is printed as ``planner_study.py: error: ...`` and the
+    script exits with ``rc`` (2 for the command line, 1 for an unreadable machine file)."""
+
+    def __init__(self, msg, rc=2):
+        super().__init__(msg)
+        self.rc = rc
 
 
 def _ints(text):
@@ -68,30 +72,9 @@ def _ints(text):
     return vals
 
 
-def model_names() -> list:
-    from distconv.models import CNN_MODELS, MODELS
-    return sorted(MODELS) + sorted(CNN_MODELS)
-
-
-def build_model(name, shape, classes):
-    """The model of ``name`` for images of ``shape`` (C, H, W): a ResNet with train.py's
-    stem choice, or an OptCNN/FlexFlow network at torchvision's widths (weights left
-    uninitialised where the model allows it: the planner needs shapes only)."""
-    from distconv import models
-    if name in models.CNN_MODELS:
-        kw = {} if name == "alexnet" else {"init_weights": False}
-        return models.CNN_MODELS[name](classes, in_channels=shape[0], **kw)
-    return models.MODELS[name](classes, in_channels=shape[0],
-                               stem="cifar" if shape[2] <= 64 else "imagenet")
-
-
-def default_shape(name) -> tuple:
-    return INCEPTION_SHAPE if name == "inception_v3" else DEFAULT_SHAPE
-
-
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="planner_study.py",
+        prog=PROG,
         description="Simulated paper-scale comparison of planner plans with pure data "
                     "parallelism (ResNet-50 / Wide-ResNet-50-2 on a V100/InfiniBand-class "
                     "machine file by default).",
@@ -137,344 +120,85 @@ def build_parser():
     return p
 
 
-def family_of(model_name: str) -> str:
-    if model_name.startswith(("alexnet", "vgg")):
-        return "features"
-    return "inception" if model_name.startswith("inception") else "resnet"
+def _image_shape(args):
+    """--image-shape as ``(C, H, W)``, or None when not given."""
+    if args.image_shape is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in args.image_shape.split(","))
+        assert len(shape) == 3 and min(shape) >= 1
+    except (ValueError, AssertionError):
+        raise UsageError(f"--image-shape: expected C,H,W (three integers >= 1), got "
+                         f"{args.image_shape!r}") from None
+    return shape
 
 
-def stage_of(name: str, family: str = "resnet") -> str:
-    head = name.split(".", 1)[0]
-    if family == "inception":
-        if head.startswith("Conv2d_"):
-            return "stem"
-        if head.startswith("Mixed_"):
-            return head[:7]
-        return head if head in FAMILY_STAGES[family] else "other"
-    if family == "resnet" and head in ("conv1", "bn1"):
-        return "stem"
-    return head if head in FAMILY_STAGES[family] else "other"
+def _extra_case(text, known, shape):
+    """One --extra ``MODEL:P:N[:CxHxW]`` -> ``(model, N, P, shape)``."""
+    try:
+        parts = text.split(":")
+        assert len(parts) in (3, 4) and parts[0] in known
+        shp = (tuple(int(v) for v in parts[3].split("x")) if len(parts) == 4
+               else shape or default_shape(parts[0]))
+        assert len(shp) == 3 and min(shp) >= 1
+        return parts[0], int(parts[2]), int(parts[1]), shp
+    except (ValueError, AssertionError):
+        raise UsageError(f"--extra: expected MODEL:P:N[:CxHxW] with MODEL in {known}, got "
+                         f"{text!r}") from None
 
 
-def stage_usage(plan: dict, kinds: dict, family: str = "resnet") -> dict:
-    """``{stage: {"s1 c2 f2": {"conv": n, "bn": m}, ...}}``."""
-    out: dict = {}
-    for name, (s, c, f) in plan.items():
-        d = out.setdefault(stage_of(name, family), {}).setdefault(f"s{s} c{c} f{f}", {})
-        d[kinds[name]] = d.get(kinds[name], 0) + 1
-    return out
-
-
-def dominant(usage: dict, stage: str) -> str:
-    """The strategy most of a stage's conv layers use (``+k`` other strategies)."""
-    st = usage.get(stage, {})
-    if not st:
-        return ""
-    convs = {k: v.get("conv", 0) + v.get("linear", 0) for k, v in st.items()}
-    if not any(convs.values()):
-        convs = {k: sum(v.values()) for k, v in st.items()}
-    best = max(convs, key=lambda k: (convs[k], k))
-    others = sum(1 for k, v in convs.items() if v and k != best)
-    return best.replace(" ", "") + (f"+{others}" if others else "")
-
-
-def simulate_local_bn(cost, plan, overlap=True) -> float:
-    """Step seconds of ``plan`` as :func:`distconv.planner.simulate.simulate` replays it,
-    but with the batch-norm layers' own communication (the statistics allreduces over the
-    sample group) left out: data parallelism with per-rank batch statistics, as most
-    frameworks run it by default. distconv itself always reduces them (synchronised batch
-    norm), so this is a lower bound used only to judge the data-parallel baseline."""
-    from distconv.planner.simulate import walk
-    rows = [(k, c) for _, k, c, _ in walk(cost, plan)]
-
-    def comm(k, c, which):
-        return 0.0 if k == "bn" else getattr(c, which)
-    t = sum(c.compute_fwd + comm(k, c, "comm_fwd") for k, c in rows)
-    stream = 0.0
-    for k, c in reversed(rows):
-        t += c.compute_bwd + comm(k, c, "comm_bwd")
-        if c.sync > 0:
-            if overlap:
-                stream = max(stream, t) + c.sync
-            else:
-                t += c.sync
-    t = max(t, stream)
-    return t + sum(c.update for _, c in rows)
-
-
-def run_case(model_name, n, p, shape, classes, machine, optimizer, mcmc_budget=0.0,
-             mcmc_seed=0, overlap=True):
-    from distconv.planner import auto
-    from distconv.planner.costs import CostModel
-    from distconv.planner.simulate import simulate
-
-    model = build_model(model_name, shape, classes)
-    family = family_of(model_name)
-    t0 = time.perf_counter()
-    res = auto.plan_model(model, (n,) + tuple(shape), p, machine, optimizer=optimizer,
-                          overlap=overlap)
-    wall = time.perf_counter() - t0
-    pr, dp = res["predicted"], res["dp"]
-    kinds = {layer.name: layer.kind for layer in res["graph"].layers()}
-    usage = stage_usage(res["plan"], kinds, family)
-
-    def block(d):
-        return {"step_s": d["step_s"], "compute_s": d["compute_s"], "comm_s": d["comm_s"],
-                "sync_s": d["sync_s"], "exposed_sync_s": d["exposed_sync_s"],
-                "update_s": d["update_s"], "memory": d["memory"],
-                "sync_bytes": int(sum(x["sync_bytes"] for x in d["layers"])),
-                "comm_bytes": int(sum(x["bytes"] for x in d["layers"]))}
-
-    rec = {"model": model_name, "global_batch": n, "ranks": p, "per_gpu": n / p,
-           "input_shape": [n] + list(shape), "plan": block(pr), "dp": block(dp),
-           "speedup_vs_dp": res["speedup_vs_dp"],
-           "sync_time_ratio": dp["sync_s"] / pr["sync_s"] if pr["sync_s"] > 0 else None,
-           "search_s": res["search_s"], "plan_model_s": wall,
-           "memory_limit": res["memory_limit"],
-           "fits": {"plan": res["memory_limit"] is None or pr["memory"] <= res["memory_limit"],
-                    "dp": res["memory_limit"] is None or dp["memory"] <= res["memory_limit"]},
-           "family": family, "stages": list(FAMILY_STAGES[family]),
-           "stage_usage": usage,
-           "dominant": {s: dominant(usage, s) for s in FAMILY_STAGES[family]},
-           "plan_strategies": {k: list(v) for k, v in res["plan"].items()}}
-    rec["sync_bytes_ratio"] = (rec["dp"]["sync_bytes"] / rec["plan"]["sync_bytes"]
-                               if rec["plan"]["sync_bytes"] else None)
-    cost = res["cost"]
-    rec["dp_local_bn_step_s"] = simulate_local_bn(cost, auto.data_parallel(res["graph"], p),
-                                                  overlap)
-    rec["speedup_vs_dp_local_bn"] = rec["dp_local_bn_step_s"] / pr["step_s"]
-    rec["chosen"] = res["chosen"]
-    rec["fastest"] = res["fastest"]  # the fastest predicted candidate (min_gain 0)
-    rec["fastest_speedup_vs_dp"] = dp["step_s"] / res["candidates"][res["fastest"]]
-    rec["candidates_step_s"] = dict(res["candidates"])
-    add = res["candidates"].get(ADDITIVE)
-    rec["additive_only"] = None if add is None else {
-        "step_s": add, "speedup_vs_dp": dp["step_s"] / add,
-        "plan_speedup_over_it": add / pr["step_s"]}
-    if p > n:  # data parallelism on only N ranks (the others idle): the better DP baseline
-        cost_n = CostModel(res["graph"], n, machine, optimizer=optimizer)
-        dpn = simulate(cost_n, auto.data_parallel(res["graph"], n), overlap=overlap)
-        rec["dp_on_n_ranks"] = block(dpn)
-        rec["speedup_vs_dp_on_n_ranks"] = dpn["step_s"] / pr["step_s"]
-    if mcmc_budget and mcmc_budget > 0:
-        from distconv.planner.mcmc import mcmc
-        run = mcmc(cost, res["fastest_plan"], float(mcmc_budget), seed=mcmc_seed,
-                   memory_limit=res["memory_limit"], overlap=overlap)
-        rec["mcmc"] = {k: run[k] for k in ("start_step_s", "step_s", "gain", "proposals",
-                                           "accepted", "improved", "seconds", "seed")}
-        rec["mcmc"]["start"] = res["fastest"]
-        rec["mcmc"]["speedup_vs_dp"] = dp["step_s"] / run["step_s"]
-        rec["mcmc"]["search_plus_mcmc_s"] = res["search_s"] + run["seconds"]
-    return rec
-
-
-def source_info(commit=None) -> dict:
-    """Which distconv the numbers come from: its path, commit and dirty flag."""
-    import subprocess
-
-    import distconv
-    root = os.path.dirname(os.path.dirname(os.path.abspath(distconv.__file__)))
-    info = {"distconv_path": root, "commit": commit, "planner_dirty": None}
-    if commit is None:
-        def git(*a):
-            return subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,
-                                  timeout=30)
-        try:
-            r = git("rev-parse", "HEAD")
-            if r.returncode == 0:
-                info["commit"] = r.stdout.strip()
-                d = git("status", "--porcelain", "--", "distconv")
-                info["planner_dirty"] = bool(d.stdout.strip()) if d.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            pass
-        marker = os.path.join(root, "COMMIT")  # a `git archive` copy with the id beside it
-        if info["commit"] is None and os.path.exists(marker):
-            with open(marker) as fh:
-                info["commit"] = fh.read().strip()
-            info["planner_dirty"] = False
-    return info
-
-
-def _name(r) -> str:
-    shp = r["input_shape"][1:]
-    return r["model"] + ("" if tuple(shp) == default_shape(r["model"])
-                         else f" @{shp[1]}x{shp[2]}")
-
-
-def _table(head, rows) -> list:
-    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def markdown(records) -> str:
-    """Three Markdown tables: step times and speedups (with the candidate plan_model chose
-    and the weight-1 search alone), communication and memory, and the strategies per
-    stage."""
-    t1, t2, t3 = [], [], []
-    for r in records:
-        pl, dp = r["plan"], r["dp"]
-        base = [_name(r), str(r["ranks"]), str(r["global_batch"]), f"{r['per_gpu']:g}"]
-        dpn = r.get("speedup_vs_dp_on_n_ranks")
-        t1.append(base + [
-            f"{pl['step_s'] * 1e3:.2f}",
-            f"{dp['step_s'] * 1e3:.2f}" + ("" if r["fits"]["dp"] else " (does not fit)"),
-            f"**{r['speedup_vs_dp']:.2f}x**", "" if dpn is None else f"{dpn:.2f}x",
-            f"{r['speedup_vs_dp_local_bn']:.2f}x",
-            _chosen(r["chosen"]) + (" (= DP)" if r["chosen"] != "data parallel"
-                                    and _is_dp(r) else ""), _additive(r), _fastest(r),
-            f"{r['search_s']:.1f}", f"{r['plan_model_s']:.1f}"])
-        t2.append(base + [
-            f"{pl['compute_s'] * 1e3:.1f} / {dp['compute_s'] * 1e3:.1f}",
-            f"{pl['comm_s'] * 1e3:.1f} / {dp['comm_s'] * 1e3:.1f}",
-            f"{pl['sync_s'] * 1e3:.1f} / {dp['sync_s'] * 1e3:.1f}",
-            f"{_ratio(r['sync_time_ratio'])}", f"{_ratio(r['sync_bytes_ratio'])}",
-            f"{pl['exposed_sync_s'] * 1e3:.2f} / {dp['exposed_sync_s'] * 1e3:.2f}",
-            f"{pl['memory'] / 1e9:.2f} / {dp['memory'] / 1e9:.2f}"])
-        t3.append((tuple(r.get("stages", STAGES)),
-                   base + [r["dominant"].get(s, "") for s in r.get("stages", STAGES)]))
-    out = ["Step time (predicted, ms) and speedup of the plan over pure data parallelism "
-           "(DP, every layer (P,1,1), synchronised batch norm); DP-on-N: over DP on only N "
-           "of the ranks (P > N); local-BN: over DP without the batch-norm statistics "
-           "allreduces. chosen: the candidate plan_model returned (w1, w1/2, w0: its search with "
-           "the gradient allreduce counted at that weight; DP: pure data parallelism). "
-           "additive only: speedup over DP of the weight-1 search's plan alone (what "
-           "plan_model returned before commit 6bbccff; = when it is the chosen plan; (= DP): "
-           "the chosen search plan is pure data parallelism, which ties DP; U sXcYfZ: the "
-           "uniform plan (sample=X, channel=Y, filter=Z for every layer), returned because "
-           "no mixed plan was predicted more than min_gain = 5% faster). fastest: speedup "
-           "over DP of the fastest predicted candidate (plan_model with min_gain=0; = when "
-           "it is the chosen plan). "
-           "search s: the three searches; plan_model s: the whole call (trace, cost model, "
-           "searches, simulations).", ""]
-    out += _table(["model", "P", "N", "N/P", "plan ms", "DP ms", "speedup", "vs DP-on-N",
-                   "vs local-BN DP", "chosen", "additive only", "fastest", "search s",
-                   "plan_model s"], t1)
-    out += ["", "Where the time goes, plan / DP (ms per step; sync = gradient allreduce, "
-            "exposed = the part not hidden behind backward), allreduce time and bytes "
-            "ratios DP / plan, memory per rank (GB, limit 16 GB).", ""]
-    out += _table(["model", "P", "N", "N/P", "compute", "blocking comm", "allreduce",
-                   "allreduce time ratio", "allreduce bytes ratio", "exposed allreduce",
-                   "memory GB"], t2)
-    out += ["", "Strategy of most conv layers per stage (sSAMPLE cCHANNEL fFILTER; +k: k "
-            "other strategies in the stage, e.g. for a downsample conv or the bn layers).",
-            ""]
-    for stages in dict.fromkeys(st for st, _ in t3):  # one table per model family
-        out += _table(["model", "P", "N", "N/P"] + list(stages),
-                      [row for st, row in t3 if st == stages]) + [""]
-    mc = [r for r in records if r.get("mcmc")]
-    if mc:
-        out += ["Search seconds: the DP (plan_model's three searches, which also build the "
-                "cost tables) and MCMC from the fastest candidate for the given budget; "
-                "speedups over DP of the fastest DP candidate and of MCMC's best plan.", ""]
-        out += _table(["model", "P", "N", "DP search s", "MCMC s", "DP + MCMC s",
-                       "proposals", "fastest DP cand.", "MCMC", "MCMC gain"],
-                      [[_name(r), str(r["ranks"]), str(r["global_batch"]),
-                        f"{r['search_s']:.2f}", f"{r['mcmc']['seconds']:.2f}",
-                        f"{r['mcmc']['search_plus_mcmc_s']:.2f}", str(r["mcmc"]["proposals"]),
-                        f"{r['fastest_speedup_vs_dp']:.3f}x",
-                        f"{r['mcmc']['speedup_vs_dp']:.3f}x",
-                        f"{100 * (r['mcmc']['gain'] - 1):.2f}%"] for r in mc])
-    return "\n".join(out)
-
-
-def _chosen(name: str) -> str:
-    if name == "data parallel":
-        return "DP"
-    if name.startswith("uniform "):  # "uniform sample=s,channel=c,filter=f" -> "U s.c.f."
-        v = [kv.split("=")[1] for kv in name.split(" ", 1)[1].split(",")]
-        return f"U s{v[0]}c{v[1]}f{v[2]}"
-    w = name.rsplit(" ", 1)[-1].rstrip(")")
-    return {"1": "w1", "0.5": "w1/2", "0": "w0"}.get(w, name)
-
-
-def _is_dp(r) -> bool:
-    """Whether the recorded plan is pure data parallelism (every layer (P, 1, 1))."""
-    return all(tuple(v) == (r["ranks"], 1, 1) for v in r["plan_strategies"].values())
-
-
-def _additive(r) -> str:
-    a = r.get("additive_only")
-    if a is None:
-        return "n/a"
-    return "=" if r["chosen"] == ADDITIVE else f"{a['speedup_vs_dp']:.2f}x"
-
-
-def _fastest(r) -> str:
-    f = r.get("fastest")
-    if f is None:
-        return "n/a"
-    return "=" if f == r["chosen"] else f"{r['fastest_speedup_vs_dp']:.2f}x"
-
-
-def _ratio(x):
-    return "n/a" if x is None else f"{x:.1f}x"
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from distconv.planner.machine import Machine, available, builtin
-
+def _models(args) -> list:
+    """--models as a list of known names."""
     known = model_names()
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in names if m not in known]
     if bad:
-        print(f"planner_study.py: error: --models: unknown {bad}; expected names of "
-              f"{known}", file=sys.stderr)
-        return 2
-    shape = None
-    if args.image_shape is not None:
-        try:
-            shape = tuple(int(v) for v in args.image_shape.split(","))
-            assert len(shape) == 3 and min(shape) >= 1
-        except (ValueError, AssertionError):
-            print(f"planner_study.py: error: --image-shape: expected C,H,W (three integers "
-                  f">= 1), got {args.image_shape!r}", file=sys.stderr)
-            return 2
-    path = args.machine if os.path.exists(args.machine) or args.machine not in available() \
-        else builtin(args.machine)
-    try:
-        machine = Machine.load(path)
-    except (OSError, ValueError) as e:
-        print(f"planner_study.py: error: --machine: {e}", file=sys.stderr)
-        return 1
+        raise UsageError(f"--models: unknown {bad}; expected names of {known}")
+    return names
+
+
+def study_cases(args, names, shape) -> list:
+    """Every ``(model, N, P, shape)``: per model of ``names`` and P the batches b*P and
+    the fixed global batches (at ``shape``, or the model's default), then the extra
+    cases."""
+    known = model_names()
     cases = []
     for m in names:
         for p in args.ranks:
             batches = sorted({b * p for b in args.per_gpu} | set(args.global_batch))
-            cases += [(m, n, p) for n in batches]
-    cases = [(m, n, p, shape or default_shape(m)) for m, n, p in cases]
-    extra = args.extra if args.extra is not None else [
-        "wide_resnet50_2:16:1024", "wide_resnet50_2:64:16:3x3072x3072",
-        "wide_resnet50_2:64:32:3x2048x2048"]
+            cases += [(m, n, p, shape or default_shape(m)) for n in batches]
+    extra = args.extra if args.extra is not None else DEFAULT_EXTRA
     for e in extra:
-        if e.strip().lower() in ("", "none"):  # --extra none: no extra case
-            continue
-        try:
-            parts = e.split(":")
-            assert len(parts) in (3, 4) and parts[0] in known
-            shp = (tuple(int(v) for v in parts[3].split("x")) if len(parts) == 4
-                   else shape or default_shape(parts[0]))
-            assert len(shp) == 3 and min(shp) >= 1
-            cases.append((parts[0], int(parts[2]), int(parts[1]), shp))
-        except (ValueError, AssertionError):
-            print(f"planner_study.py: error: --extra: expected MODEL:P:N[:CxHxW] with MODEL "
-                  f"in {known}, got {e!r}", file=sys.stderr)
-            return 2
-    records = []
-    t_all = time.perf_counter()
-    for i, (m, n, p, shp) in enumerate(cases):
-        rec = run_case(m, n, p, shp, args.num_classes, machine, args.optimizer,
-                       args.mcmc_budget, args.mcmc_seed, not args.no_overlap)
-        records.append(rec)
-        print(f"[{i + 1}/{len(cases)}] {m} {'x'.join(map(str, shp))} P={p} N={n}: plan "
-              f"{rec['plan']['step_s'] * 1e3:.2f} ms, DP {rec['dp']['step_s'] * 1e3:.2f} ms, "
-              f"speedup {rec['speedup_vs_dp']:.2f}x, sync {_ratio(rec['sync_time_ratio'])} less, "
-              f"chosen {rec['chosen']}, search {rec['search_s']:.1f} s, plan_model "
-              f"{rec['plan_model_s']:.1f} s"
-              + (f", MCMC {rec['mcmc']['seconds']:.1f} s {rec['mcmc']['proposals']} "
-                 f"proposals gain {100 * (rec['mcmc']['gain'] - 1):.2f}%"
-                 if rec.get("mcmc") else ""), flush=True)
-    doc = {
+        if e.strip().lower() not in ("", "none"):  # --extra none: no extra case
+            cases.append(_extra_case(e, known, shape))
+    return cases
+
+
+def load_machine(spec):
+    """``(Machine, path)`` of --machine: a file, or the name of a shipped one."""
+    from distconv.planner.machine import Machine, available, builtin
+    path = spec if os.path.exists(spec) or spec not in available() else builtin(spec)
+    try:
+        return Machine.load(path), path
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--machine: {e}", rc=1) from None
+
+
+def _progress(i, total, case, rec) -> str:
+    m, n, p, shp = case
+    return (f"[{i + 1}/{total}] {m} {'x'.join(map(str, shp))} P={p} N={n}: plan "
+            f"{rec['plan']['step_s'] * 1e3:.2f} ms, DP {rec['dp']['step_s'] * 1e3:.2f} ms, "
+            f"speedup {rec['speedup_vs_dp']:.2f}x, sync {fmt_ratio(rec['sync_time_ratio'])} "
+            f"less, chosen {rec['chosen']}, search {rec['search_s']:.1f} s, plan_model "
+            f"{rec['plan_model_s']:.1f} s"
+            + (f", MCMC {rec['mcmc']['seconds']:.1f} s {rec['mcmc']['proposals']} "
+               f"proposals gain {100 * (rec['mcmc']['gain'] - 1):.2f}%"
+               if rec.get("mcmc") else ""))
+
+
+def document(args, machine, path, records, total_s) -> dict:
+    """The results file: the settings, where the numbers come from, and every record."""
+    return {
         "what": "simulated (cost model only, nothing run on GPUs): planner plan vs pure "
                 "data parallelism",
         "machine": machine.to_dict(), "machine_file": os.path.abspath(path),
@@ -485,15 +209,39 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {"platform": platform.platform(), "python": platform.python_version(),
                  "cpus": os.cpu_count()},
-        "total_s": time.perf_counter() - t_all,
+        "total_s": total_s,
         "records": records,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    tmp = args.json + ".tmp"
+
+
+def write_json(path, doc):
+    """Write ``doc`` to ``path`` atomically (a temporary file renamed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(doc, fh, indent=1)
         fh.write("\n")
-    os.replace(tmp, args.json)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        names, shape = _models(args), _image_shape(args)
+        machine, path = load_machine(args.machine)
+        cases = study_cases(args, names, shape)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.rc
+    records = []
+    t_all = time.perf_counter()
+    for i, (m, n, p, shp) in enumerate(cases):
+        rec = run_case(m, n, p, shp, args.num_classes, machine, args.optimizer,
+                       args.mcmc_budget, args.mcmc_seed, not args.no_overlap)
+        records.append(rec)
+        print(_progress(i, len(cases), (m, n, p, shp), rec), flush=True)
+    doc = document(args, machine, path, records, time.perf_counter() - t_all)
+    write_json(args.json, doc)
     table = markdown(records)
     print(table)
     if args.markdown:

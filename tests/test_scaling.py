@@ -122,11 +122,15 @@ def _script(*args, timeout=60, cache=None):
 
 
 def _module():
-    from importlib.util import module_from_spec, spec_from_file_location
-    spec = spec_from_file_location("scaling_script", SCRIPT)
-    mod = module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The helpers the script runs: the worker's byte model and the driver's columns and
+    warnings (distconv.bench.scaling and scaling_report)."""
+    from types import SimpleNamespace
+
+    from distconv.bench import scaling, scaling_report
+    return SimpleNamespace(COLUMNS=scaling_report.COLUMNS,
+                           SUMMARY_COLUMNS=scaling_report.SUMMARY_COLUMNS,
+                           bytes_warnings=scaling_report.bytes_warnings,
+                           model_bytes=scaling.model_bytes)
 
 
 def _rows(out):

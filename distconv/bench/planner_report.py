@@ -6,6 +6,8 @@
   the prediction, ranking agreement, and the auto plan against the best hand plan, both
   as a ratio of the two medians and *paired* (:func:`paired_ratio`: the median over
   repetitions of the auto plan's step over the hand plan's step in the same repetition).
+* :func:`plan_rows`, :func:`plan_summary`: the JSON's per-plan rows and its summary
+  (with the targets).
 * :func:`table_lines`, :func:`summary_lines`, :func:`print_table`, :func:`markdown`: the
   printed table and the Markdown report.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .planner_bench import plan_text
 from .stats import is_clean
 
 #: rows that are the planner's: "auto" (plan_model's result) and "auto-fastest" (its
@@ -140,6 +143,68 @@ def auto_vs_hands(rows, label="auto"):
                 per[r["label"]] = q
     worst = max(per, key=lambda k: per[k]["median"]) if per else None
     return per, worst
+
+
+def plan_rows(plans, preds, byte_rows, measured, same_as, preds1=None, preds2=None):
+    """One row per ``(label, plan)`` of ``plans``: the plan, its text, the prediction of
+    ``preds[label]``, the bytes check, the measured figures (when timed) and the
+    prediction of each kernel pass alone (when there were two)."""
+    rows = []
+    for lab, pl in plans:
+        pr = preds[lab]
+        row = {"label": lab, "plan": {k: list(v) for k, v in pl.items()},
+               "plan_text": plan_text(pl),
+               "predicted_s": pr["step_s"],
+               "predicted": {k: pr[k] for k in ("step_s", "compute_s", "comm_s", "sync_s",
+                                                "exposed_sync_s", "update_s", "memory",
+                                                "phases_s")},
+               "bytes": byte_rows[lab]}
+        if lab == "auto":
+            row["same_as"] = same_as
+        if measured:
+            row["measured_s"] = measured[lab]["step_s"]
+            row["measured"] = measured[lab]
+            row["error"] = (row["predicted_s"] - row["measured_s"]) / row["measured_s"]
+        if preds2 is not None:  # each kernel pass alone
+            row["predicted_pass1_s"] = preds1[lab]["step_s"]
+            row["predicted_pass2_s"] = preds2[lab]["step_s"]
+        rows.append(row)
+    return rows
+
+
+def plan_summary(rows, measured, same_as, preds2, margin):
+    """The summary of :func:`plan_rows`: bytes equal everywhere and, when timed, the
+    ranks (written into ``rows``), :func:`compare`, the same-plan control, each kernel
+    pass alone and the targets."""
+    summary = {"bytes_all_equal": all(r["bytes"]["equal"] for r in rows)}
+    if not measured:
+        return summary
+    for r, a, b in zip(rows, rank_order([r["predicted_s"] for r in rows]),
+                       rank_order([r["measured_s"] for r in rows])):
+        r["rank_predicted"], r["rank_measured"] = a, b
+    summary.update(compare(rows, margin))
+    if same_as:
+        a = next(r for r in rows if r["label"] == "auto")
+        h = next(r for r in rows if r["label"] == same_as)
+        summary["same_plan_control"] = {
+            "hand": same_as, "auto_s": a["measured_s"], "hand_s": h["measured_s"],
+            "diff": abs(a["measured_s"] - h["measured_s"])
+            / min(a["measured_s"], h["measured_s"]),
+            "paired": summary["auto_paired"].get(same_as)}
+    if preds2 is not None:
+        for k in ("pass1", "pass2"):
+            alt = [dict(r, predicted_s=r[f"predicted_{k}_s"]) for r in rows]
+            c = compare(alt, margin)
+            summary[f"{k}_only"] = {x: c[x] for x in (
+                "mae", "max_abs_err", "signed_mean_err", "rank_pairs", "rank_pairs_agree")}
+    summary["targets"] = {
+        "mae_le_20pct": summary["mae"] <= 0.20,
+        "ranking_agrees": summary["rank_pairs_agree"] == summary["rank_pairs"],
+        # paired: the medians flip with the VM's speed modes (see the module's docstring)
+        "auto_le_1.05x_best_hand": (summary["auto_over_best_hand_paired"] is not None
+                                    and summary["auto_over_best_hand_paired"] <= 1.05),
+        "bytes_equal": summary["bytes_all_equal"]}
+    return summary
 
 
 def _json_default(o):
