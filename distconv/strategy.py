@@ -126,11 +126,15 @@ class Strategy:
     def activation_distribution(self, ndim: int = 4, comm=None) -> Distribution:
         """Between-layer layout: dim 0 split over sample, dim 1 over (channel, filter);
         for a spatial strategy dim 2 over height and dim 3 over width (those above 1)."""
-        g = self.grid(comm)
+        return Distribution(self.grid(comm), self.activation_split(ndim))
+
+    def activation_split(self, ndim: int = 4) -> list:
+        """The split of :meth:`activation_distribution` (one entry per dimension), without
+        a grid: what the planner lays out on its grids without communicators."""
         split = [("sample",), ("channel", "filter")] + [None] * (ndim - 2)
         if ndim == 4:
             if self.height > 1:
                 split[2] = ("height",)
             if self.width > 1:
                 split[3] = ("width",)
-        return Distribution(g, split[:ndim] if ndim >= 2 else [("sample",)])
+        return split[:ndim] if ndim >= 2 else [("sample",)]

@@ -230,6 +230,10 @@ def _add_search_args(p):
                         "one slot; adam: two)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="element type of activations, weights and messages")
+    p.add_argument("--spatial", action="store_true",
+                   help="also search splits of height and width (Strategy(height=, "
+                        "width=): halo exchanges priced by running the layers shape-only); "
+                        "for large images at small batches, e.g. --model convstack2d")
     p.add_argument("--no-overlap", action="store_true",
                    help="predict with gradient allreduces blocking in opt.step() instead of "
                         "overlapped with backward (train.py --no-overlap)")
@@ -338,7 +342,8 @@ def _search(args, model, in_shape, ranks, machine, compute, limit) -> dict:
                                optimizer=args.optimizer, overlap=not args.no_overlap,
                                min_gain=(auto.MIN_GAIN if args.min_gain is None
                                          else args.min_gain),
-                               mcmc_budget=args.mcmc_budget, mcmc_seed=args.mcmc_seed)
+                               mcmc_budget=args.mcmc_budget, mcmc_seed=args.mcmc_seed,
+                               spatial=args.spatial)
     except ValueError as e:
         msg = str(e)
         if msg.startswith("no plan fits") or "memory limit" in msg:

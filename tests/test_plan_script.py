@@ -307,3 +307,43 @@ def test_plan_file_not_a_plan(tmp_path, text, needle):
     path.write_text(text)
     with pytest.raises(ValueError, match=needle):
         load_plan(path)
+
+
+def test_spatial_plan_of_a_large_image_model(tmp_path):
+    """--spatial on a CosmoFlow-like conv stack at batch 1 on 512x512 images: the planner
+    splits the early layers' height or width, the plan file says so, and its table too."""
+    plan = tmp_path / "plan.json"
+    r = plan_cmd("--model", "convstack2d", "--batch", 1, "--ranks", 4, "--machine", "v100_ib",
+                 "--spatial", "--out", plan)
+    assert r.returncode == 0, r.stderr
+    from distconv.planner.planfile import load_plan
+    got = load_plan(plan)
+    assert any(len(st) == 5 and st[3] * st[4] > 1 for st in got.values()), got
+    assert all(len(st) == 3 for n, st in got.items() if n.startswith("classifier"))
+    assert re.search(r"features\.0\s+conv .* s1 c1 f1 h\d w\d", r.stdout), r.stdout
+    r = plan_cmd("--model", "convstack2d", "--batch", 1, "--ranks", 4, "--machine", "v100_ib",
+                 "--out", tmp_path / "plain.json")
+    assert r.returncode == 0, r.stderr
+    assert all(len(st) == 3 for st in load_plan(tmp_path / "plain.json").values())
+
+
+@pytest.mark.timeout(90)
+def test_train_runs_a_spatial_plan(tmp_path):
+    """A plan file with height/width entries drives scripts/train.py on 2 ranks."""
+    from distconv.data import make_synthetic
+    data = tmp_path / "cs.h5"
+    make_synthetic(str(data), (4, 4, 32, 32), 4, seed=0)
+    plan = tmp_path / "plan.json"
+    entries = {f"features.{i}": "sample=1,channel=1,filter=1,height=2"
+               for i in (0, 1, 4, 5, 8, 9, 12, 13)}
+    entries.update({"classifier.0": "sample=1,channel=1,filter=2",
+                    "classifier.2": "sample=2,channel=1,filter=1"})
+    plan.write_text(json.dumps({"plan": entries}))
+    out = tmp_path / "run"
+    t = run_mpi_script(TRAIN, 2, 60, cwd=str(tmp_path), args=[
+        "--model", "convstack2d", "--strategy", str(plan), "--batch-size", "2",
+        "--epochs", "1", "--max-steps", "2", "--log-every", "1", "--hidden", "16",
+        "--data", str(data), "--out", str(out)])
+    assert t.returncode == 0, f"{t.stdout}\n{t.stderr}"
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    assert [x["step"] for x in recs if x["kind"] == "step"] == [1, 2]

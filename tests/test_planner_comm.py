@@ -35,6 +35,12 @@ def build(which, plan):
     elif which == "user":
         m = _UserNet()
         shape = (5, 3, 7, 5)
+    elif which == "spatial":  # odd H and W, a strided conv, pools on split H/W
+        m = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, bias=True), nn.BatchNorm2d(5),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(5, 6, 3, stride=2, padding=1),
+                          nn.BatchNorm2d(6), nn.ReLU(), nn.AvgPool2d(2, ceil_mode=True),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+        shape = (3, 3, 13, 11)
     else:
         m = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, bias=True), nn.BatchNorm2d(5),
                           nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5 * 3 * 3, 6))
@@ -94,9 +100,27 @@ def nonzero(d):
     return {k: v for k, v in d.items() if v[0] or v[1]}
 
 
-def plans_for(graph, p, nrandom=3):
+def spatial_factorizations(p):
+    return [(s, 1, 1, h, w) for s in range(1, p + 1) for h in range(1, p + 1)
+            for w in range(1, p + 1) if s * h * w == p and h * w > 1]
+
+
+def plans_for(graph, p, nrandom=3, spatial=False):
+    """Every uniform plan and ``nrandom`` random mixes; ``spatial``: the uniform plans
+    split H and W (the linear layers, which cannot, take sample=p), and the mixes draw
+    from both kinds of strategies."""
     names = graph.strategic_names()
     fs = factorizations(p)
+    if spatial:
+        kinds = {lay.name: lay.kind for lay in graph.layers()}
+        sp = spatial_factorizations(p)
+        plans = [{n: (f if kinds[n] != "linear" else (p, 1, 1)) for n in names} for f in sp]
+        rng = np.random.default_rng(p)
+        for _ in range(nrandom if sp else 0):
+            plans.append({n: (fs + sp)[rng.integers(len(fs) + len(sp))]
+                          if kinds[n] != "linear" else fs[rng.integers(len(fs))]
+                          for n in names})
+        return plans
     plans = [{n: f for n in names} for f in fs]
     rng = np.random.default_rng(p)
     for _ in range(nrandom if len(fs) > 1 else 0):
@@ -113,7 +137,7 @@ def run_and_compare(comm, which, plan_index, perturb=None):
     p = comm.size
     m0, shape = build(which, {})
     graph = trace(m0, shape)
-    plans = plans_for(graph, p)
+    plans = plans_for(graph, p, spatial=which == "spatial")
     if plan_index >= len(plans):
         return  # fewer plans at this rank count
     plan = plans[plan_index]
@@ -162,6 +186,30 @@ def test_model_bytes_equal_measured(comm, which, plan_index):
     import distconv as dc
     dc.set_default_dtype(np.float64)
     run_and_compare(comm, which, plan_index)
+
+
+@pytest.mark.parametrize("plan_index", range(7))
+@mpi(ranks=(2, 3, 4), timeout=180)
+def test_spatial_plan_bytes_equal_measured(comm, plan_index):
+    """Splits of H and W (halo exchanges and their adjoints, statistics over
+    sample x height x width, the moves into and out of them): priced by running the layers
+    shape-only, equal to what the real step sends."""
+    import distconv as dc
+    dc.set_default_dtype(np.float64)
+    run_and_compare(comm, "spatial", plan_index)
+
+
+@mpi(ranks=(2,), timeout=60)
+def test_negative_control_a_missing_halo_is_caught(comm):
+    import distconv as dc
+    dc.set_default_dtype(np.float64)
+
+    def perturb(model):  # drop the first conv's halo exchange from the model
+        ev = model["0"]["forward"]
+        ev[:] = [e for e in ev if e.kind != "halo"]
+
+    with pytest.raises(AssertionError, match="0: measured"):
+        run_and_compare(comm, "spatial", 0, perturb)  # plan 0: height=2 (or width=2)
 
 
 @mpi(ranks=(2,), timeout=60)

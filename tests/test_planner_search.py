@@ -583,3 +583,37 @@ def test_join_cost_shared_by_layout_equals_a_fresh_computation(p, C):
             assert got.out_dist == b
             assert (got.time, got.bytes, got.comm_fwd, got.comm_bwd, got.compute_fwd) == (
                 want.time, want.bytes, want.comm_fwd, want.comm_bwd, want.compute_fwd), (b, d)
+
+
+# ------------------------------------------------ spatial strategies (height, width)
+
+def spatial_stack(hw=(24, 20)):
+    """conv-bn-relu-pool-conv on one image of 6 channels, then a linear layer (which
+    cannot split H and W: infinite cost under a spatial strategy)."""
+    return nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)), (1, 6) + hw
+
+
+@pytest.mark.parametrize("p,hw", [(2, (96, 80)), (4, (192, 160))])
+def test_dp_with_spatial_strategies_equals_brute_force(p, hw):
+    from distconv.planner.costs import is_spatial
+    graph = trace(*spatial_stack(hw))
+    cost = CostModel(graph, p, MID, compute(), spatial=True)
+    assert any(is_spatial(st) for st in cost.strategies)
+    plan, value = Planner(cost).run()
+    assert_optimal(cost, plan, value)
+    assert not is_spatial(plan["7"])  # the linear layer
+    # with batch 1 and these images, the conv layers split H/W: sample cannot split, and
+    # channel/filter would move whole activations (at 24x20 filter=2 wins instead)
+    assert is_spatial(plan["0"]) and is_spatial(plan["4"]), plan
+
+
+def test_spatial_off_by_default_and_linear_refuses_it():
+    from distconv.planner.costs import is_spatial
+    graph = trace(*spatial_stack())
+    assert not any(is_spatial(st) for st in cost_of(graph, 4).strategies)
+    cost = CostModel(graph, 4, MID, compute(), spatial=True)
+    lin = [lay for lay in graph.layers() if lay.kind == "linear"][0]
+    st = (1, 1, 1, 2, 2)
+    assert cost.layer(lin, st, act_dist((4, 1, 1), 2)).time == float("inf")

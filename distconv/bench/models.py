@@ -12,6 +12,8 @@ from __future__ import annotations
 DIGITS_SHAPE = (1, 8, 8)
 IMAGENET_SHAPE = (3, 224, 224)
 INCEPTION_SHAPE = (3, 299, 299)
+#: the large-image case of spatial parallelism: CosmoFlow's 4 channels, 512x512
+CONVSTACK_SHAPE = (4, 512, 512)
 
 
 def model_names() -> list:
@@ -25,6 +27,8 @@ def default_shape(model: str) -> tuple:
     """The image shape (C, H, W) a model is planned for when none is given."""
     if model == "small_resnet":
         return DIGITS_SHAPE
+    if model == "convstack2d":
+        return CONVSTACK_SHAPE
     return INCEPTION_SHAPE if model == "inception_v3" else IMAGENET_SHAPE
 
 
@@ -41,7 +45,7 @@ def build_model(name: str, image_shape, num_classes: int, width: int = 16,
         return models.small_resnet(num_classes, in_channels=c, width=width)
     if name in models.CNN_MODELS:
         kw = {"width_divisor": width_divisor}
-        if name != "alexnet":
+        if name not in ("alexnet", "convstack2d"):
             kw["init_weights"] = False
         if name == "inception_v3":
             kw["aux_logits"] = aux_logits

@@ -11,10 +11,7 @@ import os
 import shlex
 import sys
 
-
-def short_strategy(st) -> str:
-    s, c, f = st
-    return f"s{s} c{c} f{f}"
+from distconv.planner.costs import strategy_short as short_strategy
 
 
 def strategy_usage(result) -> list:

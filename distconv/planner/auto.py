@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .costs import CostModel, strategy_text
+from .costs import CostModel, strategy_short, strategy_text
 from .graph import trace
 from .search import search
 from .simulate import simulate
@@ -51,13 +51,15 @@ MEASURE_ROUNDS = 3
 
 def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit=None,
                item=4, optimizer="sgd", overlap=True, min_gain=MIN_GAIN, mcmc_budget=0.0,
-               mcmc_seed=0) -> dict:
+               mcmc_seed=0, spatial=False) -> dict:
     """Search the best per-layer plan of ``model`` for a global input ``in_shape``
     ``(N, C, H, W)`` on ``nranks`` ranks.
 
     ``machine``: :class:`.machine.Machine` (default: free communication);
     ``compute``: :class:`.compute.ComputeModel` (default: fitted, nothing measured);
-    ``memory_limit``: bytes per rank (default: the machine's ``memory_per_rank``).
+    ``memory_limit``: bytes per rank (default: the machine's ``memory_per_rank``);
+    ``spatial``: also consider splits of H and W (``(s, 1, 1, h, w)``, see
+    :func:`.costs.factorizations`).
     A measuring ``compute`` with ``rounds > 1`` is refined (:meth:`.compute.ComputeModel.
     refine`) after a first search has measured every kernel shape.
 
@@ -90,7 +92,8 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     run or None}``.
     """
     graph = trace(model, tuple(int(s) for s in in_shape))
-    cost = CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer)
+    cost = CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer,
+                     spatial=spatial)
     if memory_limit is None:
         memory_limit = getattr(cost.machine, "memory_per_rank", None)
     elif memory_limit == float("inf"):
@@ -102,7 +105,8 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
         search(cost, memory_limit)
         simulate(cost, dp_plan, overlap=overlap)
         if compute.refine():
-            cost = CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer)
+            cost = CostModel(graph, nranks, machine, compute, item=item,
+                             optimizer=optimizer, spatial=spatial)
     dp = simulate(cost, dp_plan, overlap=overlap)
     sims, uniform, seconds = _candidates(cost, graph, dp, dp_plan, memory_limit, overlap)
     best = min(sims + uniform, key=_step)
@@ -219,8 +223,7 @@ def format_table(result: dict) -> str:
     rows = []
     for r in pr["layers"]:
         ins, outs = shapes.get(r["name"], ((), ()))
-        st = "" if r["strategy"] is None else strategy_text(r["strategy"]).replace(
-            "sample=", "s").replace(",channel=", " c").replace(",filter=", " f")
+        st = "" if r["strategy"] is None else strategy_short(r["strategy"])
         rows.append((r["name"] or "(model)", r["kind"],
                      f"{_shape(ins)} -> {_shape(outs)}" if ins else "", st,
                      f"{r['compute_s'] * 1e3:.3f}", f"{r['comm_s'] * 1e3:.3f}",
@@ -242,9 +245,10 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append(tot(pr, "plan         "))
     lines.append(tot(dp, "data parallel"))
+    sync = (f"allreduce time {dp['sync_s'] / pr['sync_s']:.2f}x less" if pr["sync_s"] > 0
+            else "no gradient allreduce" if dp["sync_s"] > 0 else "no gradient allreduce in either")
     lines.append(f"predicted speedup over pure data parallelism: {result['speedup_vs_dp']:.2f}x"
-                 f"; allreduce time {dp['sync_s'] / max(pr['sync_s'], 1e-30):.2f}x less"
-                 f"; search {result['search_s']:.2f} s")
+                 f"; {sync}; search {result['search_s']:.2f} s")
     ch, fa, cands = result.get("chosen"), result.get("fastest"), result.get("candidates") or {}
     if ch and fa and ch != fa and ch in cands and fa in cands:
         lines.append(f"chosen: {ch}; the fastest predicted ({fa}) is only "

@@ -33,27 +33,53 @@ from dataclasses import dataclass
 from ..distribution import block_sizes
 from .commmodel import EXACT_RANKS, cat_events
 from .overhead import OVERHEAD_KINDS
-from .events import act_dist, entry_events, inner_events, join_events, out_dist_of
+from .events import (act_dist, entry_events, inner_events, is_spatial, join_events,
+                     out_dist_of, spatial_dist)
 
 _OPT_SLOTS = {"sgd": 1, "adam": 2}
 
 
-def factorizations(p: int) -> list:
-    """Every ``(s, c, f)`` with ``s*c*f == p``, sample-major order."""
-    return [(s, c, p // (s * c)) for s in range(p, 0, -1) for c in range(1, p // s + 1)
-            if p % s == 0 and (p // s) % c == 0]
+def factorizations(p: int, spatial: bool = False) -> list:
+    """Every ``(s, c, f)`` with ``s*c*f == p``, sample-major order; with ``spatial`` also
+    every ``(s, 1, 1, h, w)`` with ``s*h*w == p`` and ``h*w > 1`` (a split of H and W,
+    :class:`distconv.Strategy`'s ``height`` and ``width``)."""
+    out = [(s, c, p // (s * c)) for s in range(p, 0, -1) for c in range(1, p // s + 1)
+           if p % s == 0 and (p // s) % c == 0]
+    if spatial:
+        out += [(s, 1, 1, h, p // (s * h)) for s in range(p, 0, -1) for h in range(1, p // s + 1)
+                if p % s == 0 and (p // s) % h == 0 and p // s > 1]
+    return out
+
+
+def to_strategy(st):
+    """The :class:`distconv.Strategy` of a strategy tuple ``(s, c, f)`` or
+    ``(s, c, f, h, w)``."""
+    from ..strategy import Strategy
+    return Strategy(*(int(v) for v in st))
 
 
 def strategy_text(st) -> str:
-    return f"sample={st[0]},channel={st[1]},filter={st[2]}"
+    """``"sample=s,channel=c,filter=f"`` (plus ``height``/``width`` when above 1)."""
+    return str(to_strategy(st))
+
+
+def strategy_short(st) -> str:
+    """``"s2 c1 f2"`` (plus ``" h2 w2"`` for a split of H or W) for tables."""
+    out = f"s{st[0]} c{st[1]} f{st[2]}"
+    if len(st) == 5 and st[3] * st[4] > 1:
+        out += f" h{st[3]} w{st[4]}"
+    return out
 
 
 def parse_strategy(text) -> tuple:
-    """``"sample=2,channel=1,filter=1"`` (all three given) -> ``(2, 1, 1)``."""
+    """``"sample=2,channel=1,filter=1"`` (all three given) -> ``(2, 1, 1)``; a spatial
+    strategy (``height``/``width`` above 1) -> ``(s, c, f, h, w)``."""
     from ..strategy import Strategy
     s = Strategy.parse(text) if isinstance(text, str) else Strategy(**text)
     if s.sample is None:
         raise ValueError(f"a plan entry must name sample, channel and filter, got {text!r}")
+    if s.spatial:
+        return (s.sample, s.channel, s.filter, s.height, s.width)
     return (s.sample, s.channel, s.filter)
 
 
@@ -91,10 +117,13 @@ class CostModel:
 
     ``compute``: a :class:`.compute.ComputeModel` (default: fitted defaults, no
     measuring); ``item``: bytes per element (4: float32); ``optimizer``: ``sgd``
-    (one momentum slot) or ``adam`` (two).
+    (one momentum slot) or ``adam`` (two); ``spatial``: the strategies include splits of
+    H and W (:func:`factorizations`), which a layer without them (a Linear) cannot take:
+    its cost under one is infinite.
     """
 
-    def __init__(self, graph, nranks, machine=None, compute=None, item=4, optimizer="sgd"):
+    def __init__(self, graph, nranks, machine=None, compute=None, item=4, optimizer="sgd",
+                 spatial=False):
         from .compute import ComputeModel
         from .machine import Machine
         self.graph = graph
@@ -106,7 +135,7 @@ class CostModel:
         self.optimizer = optimizer
         if optimizer not in _OPT_SLOTS:
             raise ValueError(f"optimizer must be one of {sorted(_OPT_SLOTS)}, got {optimizer!r}")
-        self.strategies = factorizations(self.p)
+        self.strategies = factorizations(self.p, spatial)
         self.ranks = list(range(self.p)) if self.p <= EXACT_RANKS else [0]
         self._cache: dict = {}
         self._ab: dict = {}
@@ -166,14 +195,21 @@ class CostModel:
         if got is not None:
             return got
         sig = key[:4]
+        if is_spatial(st) and (layer.kind == "linear" or len(layer.in_shape) != 4):
+            c = self._cache[key] = LayerCost(compute_fwd=float("inf"),
+                                             out_dist=act_dist(st, len(layer.out_shape)))
+            return c
         inner = None
         if st is not None:
             inner = self._inner.get((sig, st))
             if inner is None:
                 per = self._events(lambda r: inner_events(layer, st, r, self.item))
                 # batch norm reduces its statistics with bare allreduces
+                # batch norm's statistics and a spatial layer's halos are not issued by
+                # DistTensor.redistribute
+                plain = layer.kind != "bn" and not is_spatial(st)
                 inner = self._inner[(sig, st)] = tuple(
-                    self.events_time([x[i] for x in per], redistribute=layer.kind != "bn")
+                    self.events_time([x[i] for x in per], redistribute=plain)
                     for i in range(3))
         entry = self._entry_cost(layer, st, in_dist, key)
         c = LayerCost(out_dist=out_dist_of(layer, st, in_dist))
@@ -319,11 +355,13 @@ class CostModel:
 
     def _compute(self, layer, st, in_dist, c: LayerCost) -> None:
         cm, it = self.compute, self.item
-        zero = [0, 0, 0]
+        zero = [0] * (3 if st is None else len(st))
         xs, ys = layer.in_shape, layer.out_shape
         k, a = layer.kind, layer.attrs
         slots = 2 + _OPT_SLOTS[self.optimizer]
-        if k in ("conv", "linear"):
+        if k == "conv" and is_spatial(st):
+            self._spatial_conv(layer, st, c, slots)
+        elif k in ("conv", "linear"):
             s, ch, f = st
             n = block_sizes(xs[0], s)[0]
             cl = block_sizes(xs[1], ch)[0]
@@ -360,7 +398,10 @@ class CostModel:
                 fw, bw = cm.adaptive_avgpool(*loc, *a["output_size"])
             elif k in ("maxpool", "avgpool"):
                 fn = cm.maxpool if k == "maxpool" else cm.avgpool
-                fw, bw = fn(*loc, a["kernel_size"], a["stride"], a["padding"])
+                pad = a["padding"]
+                if spatial_dist(in_dist):  # rank 0's window, halos included, padding 0
+                    loc, pad = _window(in_dist, layer, (1, 1))[:4], 0
+                fw, bw = fn(*loc, a["kernel_size"], a["stride"], pad)
                 if k == "maxpool":
                     oloc = c.out_dist.local_shape(ys, [0] * len(in_dist.grid.names))
                     c.mem = _prod(oloc) * 8
@@ -375,6 +416,20 @@ class CostModel:
         c.compute_fwd += of
         c.compute_bwd += ob
 
+    def _spatial_conv(self, layer, st, c: LayerCost, slots) -> None:
+        """Compute and memory of a conv under spatial strategy ``st = (s, 1, 1, h, w)``:
+        rank 0's kernels on its input window (its rows and columns plus the halos,
+        :func:`distconv.halo.windows`, padding 0), the weight replicated."""
+        xs, ys, a, it = layer.in_shape, layer.out_shape, layer.attrs, self.item
+        (kh, kw), d = a["kernel_size"], a["dilation"]
+        n, _, hw, ww, ho, wo = _window(act_dist(st, 4), layer, d)
+        fw, bd, bf = self.compute.conv(n, xs[1], hw, ww, ys[1], (kh, kw), a["stride"], 0, d)
+        c.compute_fwd, c.compute_bwd = fw, bd + bf
+        nparam = ys[1] * xs[1] * kh * kw + (ys[1] if a.get("bias") else 0)
+        c.mem = n * xs[1] * hw * ww * it + nparam * slots * it
+        c.work = xs[1] * kh * kw * n * ho * wo * it if (kh, kw) != (1, 1) else 0
+        c.update = self.compute.update(nparam, self.optimizer)
+
     # ----------------------------------------------------------- helpers
     def _overhead(self, kind, bias=False):
         """:func:`_overhead` of this model's compute model, memoised per (kind, bias):
@@ -388,6 +443,26 @@ class CostModel:
 
     def input_dist(self, st):
         return act_dist(tuple(st), len(self.graph.in_shape))
+
+
+def _window(d, layer, dilation) -> tuple:
+    """``(n, c, window h, window w, out h, out w)`` of rank 0's block of a conv or pooling
+    ``layer`` on an input in ``d``: its rows and columns and the halos it reads, padding
+    included (:func:`distconv.halo.windows`), as the spatial code computes on them."""
+    from ..halo import windows
+    xs, ys, a = layer.in_shape, layer.out_shape, layer.attrs
+    z = [0] * len(d.grid.names)
+    n, c = d.local_shape(xs, z)[:2]
+    out = []
+    for i in (2, 3):
+        axes = d.split[i]
+        parts = 1
+        for ax in axes:
+            parts *= d.grid.axis_size(ax)
+        out.append(windows(xs[i], parts, a["kernel_size"][i - 2], a["stride"][i - 2],
+                           a["padding"][i - 2], dilation[i - 2], n_out=ys[i])[0])
+    return (n, c, out[0].size, out[1].size, out[0].out[1] - out[0].out[0],
+            out[1].out[1] - out[1].out[0])
 
 
 def _overhead(cm, kind, bias=False):

@@ -13,14 +13,28 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ..distribution import Distribution
-from .commmodel import allreduce_event, redistribute_events, vgrid
+from .commmodel import VGrid, allreduce_event, redistribute_events, vgrid
+from .realrun import run_layer
 
 
 @lru_cache(maxsize=None)
 def act_dist(st, ndim=4) -> Distribution:
-    """Between-layer layout of strategy ``st = (s, c, f)``: N over sample, C over (c, f)."""
-    g = vgrid(*st)
-    return Distribution(g, [("sample",), ("channel", "filter")] + [None] * (ndim - 2))
+    """Between-layer layout of strategy ``st``: :meth:`distconv.Strategy.
+    activation_split` on the planner's grid (``(s, c, f)``: N over sample, C over
+    (channel, filter); ``(s, c, f, h, w)`` also H over height and W over width)."""
+    from .costs import to_strategy
+    strategy = to_strategy(st)
+    return Distribution(VGrid(st, strategy.axes()), strategy.activation_split(ndim))
+
+
+def is_spatial(st) -> bool:
+    """True for a strategy tuple that splits H or W (``(s, c, f, h, w)``, ``h*w > 1``)."""
+    return st is not None and len(st) == 5 and st[3] * st[4] > 1
+
+
+def spatial_dist(d) -> bool:
+    """True when ``d`` splits H or W (dims 2 and 3 of a 4-D activation)."""
+    return len(d.split) == 4 and bool(d.split[2] or d.split[3])
 
 
 @lru_cache(maxsize=None)
@@ -54,7 +68,10 @@ def _cdist(st):
 
 
 def free_out_dist(layer, in_dist: Distribution) -> Distribution:
-    """Output distribution of a non-strategic layer for input ``in_dist``."""
+    """Output distribution of a non-strategic layer for input ``in_dist`` (on a split of H
+    or W: where the layer's real code puts it, :func:`.realrun.run_layer`)."""
+    if spatial_dist(in_dist) and layer.kind != "relu":
+        return run_layer(layer, None, in_dist, in_dist.grid.size, 0)[3]
     if layer.kind == "flatten":
         rest = 1
         for s in layer.in_shape[2:]:
@@ -71,6 +88,14 @@ def entry_events(layer, st, in_dist: Distribution, rank: int, item: int = 4):
     the layer computes on it, and its input gradient back."""
     xs = layer.in_shape
     k = layer.kind
+    if is_spatial(st):  # a spatial layer computes on the activation layout itself
+        act = act_dist(st, len(xs))
+        return (redistribute_events(xs, in_dist, act, rank, item),
+                redistribute_events(xs, act, in_dist, rank, item))
+    if st is None and k != "relu" and spatial_dist(in_dist):
+        # pooling, flattening on a split of H or W: halo exchanges, gathers of H and W
+        f, b, _, _ = run_layer(layer, None, in_dist, in_dist.grid.size, rank, item)
+        return f, b
     if k in ("conv", "linear"):
         xc = _xc(st, len(xs))
         return (redistribute_events(xs, in_dist, xc, rank, item),
@@ -96,6 +121,9 @@ def inner_events(layer, st, rank: int, item: int = 4):
     fwd, bwd, sync = [], [], []
     xs, ys = layer.in_shape, layer.out_shape
     k = layer.kind
+    if is_spatial(st):  # halo exchanges, statistics and gradients: the layer's own run
+        act = act_dist(st, len(xs))
+        return run_layer(layer, st, act, act.grid.size, rank, item)[:3]
     if k in ("conv", "linear"):
         nd = len(xs)
         act, yf = act_dist(st, nd), _yf(st, nd)

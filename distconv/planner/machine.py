@@ -12,7 +12,8 @@ of constants per collective kind and per link class:
   ``beta`` is therefore seconds per *counted* byte.
 * ``steps`` is the number of message rounds a latency-bound run takes, so ``alpha`` is
   seconds per message step: ``ceil(log2 g)`` for allreduce, allgather and reduce_scatter
-  (recursive doubling/halving), ``g - 1`` for alltoall (pairwise exchange; alltoallv too).
+  (recursive doubling/halving), ``g - 1`` for alltoall (pairwise exchange; alltoallv too, and
+  a halo exchange or its adjoint: one message per neighbour, alltoall's constants).
 * ``link`` is ``"intra"`` when every member sits on one node (``rank // ranks_per_node``
   equal for all), otherwise ``"inter"``: a collective that crosses nodes is paced by its
   slowest link.
@@ -36,7 +37,9 @@ from pathlib import Path
 
 KINDS = ("allreduce", "allgather", "reduce_scatter", "alltoall")
 LINKS = ("intra", "inter")
-_ALIASES = {"alltoallv": "alltoall"}
+# a halo exchange (and its adjoint) is point-to-point with each neighbour: priced with the
+# alltoall constants, one alpha per neighbour (``steps`` of a group of me + neighbours)
+_ALIASES = {"alltoallv": "alltoall", "halo": "alltoall", "halo_adjoint": "alltoall"}
 _MACHINES_DIR = Path(__file__).resolve().parent / "machines"
 
 
@@ -64,7 +67,7 @@ def _kind(kind) -> str:
     k = _ALIASES.get(kind, kind)
     if k not in KINDS:
         raise ValueError(f"unknown collective kind {kind!r}; expected one of {KINDS} "
-                         "(or 'alltoallv')")
+                         f"(or {sorted(_ALIASES)})")
     return k
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 
-from .costs import parse_strategy, strategy_text
+from .costs import parse_strategy, strategy_text, to_strategy
 
 
 def plan_to_json(plan: dict) -> dict:
@@ -76,5 +76,4 @@ def load_plan(path) -> dict:
 
 def to_strategies(plan: dict) -> dict:
     """``{name: (s, c, f)}`` -> ``{name: distconv.Strategy}`` for ``model.set_strategy``."""
-    from ..strategy import Strategy
-    return {k: Strategy(sample=s, channel=c, filter=f) for k, (s, c, f) in plan.items()}
+    return {k: to_strategy(st) for k, st in plan.items()}

@@ -1,0 +1,88 @@
+"""Events of one layer learnt by running the layer itself, shape-only.
+
+:func:`run_layer` builds the real :mod:`distconv.nn` module of a
+:class:`~distconv.planner.graph.LayerSpec`, runs its forward, its backward and the
+gradient sync (:func:`distconv.nn.sync_gradients`) on MetaArray blocks over a
+:class:`~distconv.shapecomm.ShapeComm` world of ``nranks`` ranks seen from ``rank``
+(:func:`distconv.trace.shape_only`), with its input in a given distribution, and returns
+the collectives that rank issued in each phase and where the output lies. No MPI, no
+data, no copy of the layer's algorithm: the spatial layers (halo exchanges, statistics
+over sample×height×width) are priced this way.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from ..distribution import Distribution
+from ..shapecomm import Event
+from .commmodel import VGrid, _dtype
+
+
+@lru_cache(maxsize=None)
+def _module(kind, in_shape, attrs):
+    """The module of a LayerSpec's kind and attributes, built once on a 1-rank shape-only
+    world (its parameters are rebound to each run's world by ``shape_only``)."""
+    from .. import nn
+    from ..comm import use_world
+    from ..shapecomm import ShapeComm
+    a = dict(attrs)
+    with use_world(ShapeComm(1, 0)):
+        if kind == "conv":
+            return nn.Conv2d(a["in_channels"], a["out_channels"], a["kernel_size"],
+                             a["stride"], a["padding"], a["dilation"], bias=a["bias"])
+        if kind == "linear":
+            return nn.Linear(a["in_features"], a["out_features"], bias=a["bias"])
+        if kind == "bn":
+            return nn.BatchNorm2d(in_shape[1], affine=a.get("affine", True))
+        if kind == "relu":
+            return nn.Dropout() if a.get("layer") == "Dropout" else nn.ReLU()
+        if kind in ("maxpool", "avgpool") and "output_size" not in a:
+            cls = nn.MaxPool2d if kind == "maxpool" else nn.AvgPool2d
+            return cls(a["kernel_size"], a["stride"], a["padding"],
+                       ceil_mode=a.get("ceil_mode", False))
+        if kind == "avgpool":
+            return nn.AdaptiveAvgPool2d(a["output_size"])
+        if kind == "gap":
+            return nn.AdaptiveAvgPool2d(1)
+        if kind == "flatten":
+            return nn.Flatten()
+    raise ValueError(f"run_layer: unknown layer kind {kind!r}")
+
+
+def run_layer(layer, st, in_dist: Distribution, nranks: int, rank: int, item: int = 4):
+    """``(forward, backward, sync, out_dist)`` of ``layer`` under strategy tuple ``st``
+    (None for a layer without one) with its input (global ``layer.in_shape``) in
+    ``in_dist`` (on any grid-like object with ``names`` and ``shape``), on ``rank`` of
+    ``nranks``: :class:`~distconv.shapecomm.Event` lists of each phase (the input's
+    gradient flows back into ``in_dist``) and the output's distribution on a
+    :class:`.commmodel.VGrid` of the same shape. Cached per arguments."""
+    return _run(layer.kind, tuple(layer.in_shape), tuple(sorted(layer.attrs.items())),
+                None if st is None else tuple(st), in_dist, int(nranks), int(rank), int(item))
+
+
+@lru_cache(maxsize=100000)
+def _run(kind, in_shape, attrs, st, in_dist, nranks, rank, item):
+    import numpy as np
+
+    from ..grid import ProcessGrid
+    from ..meta import MetaArray
+    from ..nn import sync_gradients
+    from ..tensor import DistTensor
+    from ..trace import shape_only
+    from .costs import to_strategy
+    mod = _module(kind, in_shape, attrs)
+    dtype = np.dtype(_dtype(item))
+    with shape_only(mod, nranks, rank, plan=None if st is None else to_strategy(st)) as world:
+        g = ProcessGrid(world, in_dist.grid.shape, in_dist.grid.names)
+        d = Distribution(g, in_dist.split, in_dist.pending)
+        x = DistTensor(MetaArray(d.local_shape(in_shape), dtype), d, in_shape)
+        x.requires_grad = True
+        y = mod(x)
+        n_fwd = len(world.events)
+        yd = y.distribution
+        y.backward(DistTensor(MetaArray(yd.local_shape(y.shape), dtype), yd, y.shape))
+        n_bwd = len(world.events)
+        sync_gradients(list(mod.parameters()))
+        ev = [Event(e.kind, e.group, e.sent, e.recv) for e in world.events]
+        out = Distribution(VGrid(yd.grid.shape, yd.grid.names), yd.split, yd.pending)
+    return ev[:n_fwd], ev[n_fwd:n_bwd], ev[n_bwd:], out
