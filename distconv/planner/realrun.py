@@ -19,13 +19,23 @@ from .commmodel import VGrid, _dtype
 
 
 @lru_cache(maxsize=None)
-def _module(kind, in_shape, attrs):
-    """The module of a LayerSpec's kind and attributes, built once on a 1-rank shape-only
-    world (its parameters are rebound to each run's world by ``shape_only``)."""
+def _module(kind, in_shape, attrs, dtype):
+    """The module of a LayerSpec's kind and attributes with parameters of ``dtype``, built
+    once on a 1-rank shape-only world (its parameters are rebound to each run's world by
+    ``shape_only``)."""
+    from ..backend import get_default_dtype, set_default_dtype
+    old = get_default_dtype()
+    set_default_dtype(dtype)
+    try:
+        return _build(kind, in_shape, dict(attrs))
+    finally:
+        set_default_dtype(old)
+
+
+def _build(kind, in_shape, a):
     from .. import nn
     from ..comm import use_world
     from ..shapecomm import ShapeComm
-    a = dict(attrs)
     with use_world(ShapeComm(1, 0)):
         if kind == "conv":
             return nn.Conv2d(a["in_channels"], a["out_channels"], a["kernel_size"],
@@ -70,8 +80,8 @@ def _run(kind, in_shape, attrs, st, in_dist, nranks, rank, item):
     from ..tensor import DistTensor
     from ..trace import shape_only
     from .costs import to_strategy
-    mod = _module(kind, in_shape, attrs)
     dtype = np.dtype(_dtype(item))
+    mod = _module(kind, in_shape, attrs, dtype.name)
     with shape_only(mod, nranks, rank, plan=None if st is None else to_strategy(st)) as world:
         g = ProcessGrid(world, in_dist.grid.shape, in_dist.grid.names)
         d = Distribution(g, in_dist.split, in_dist.pending)
