@@ -39,3 +39,22 @@ def test_row_factor_matches_tile():
         r = B._row_factor(np, v, np.float32, n)
         assert r.shape == (5 * n, 1) and r.dtype == np.float32
         np.testing.assert_array_equal(r.ravel(), np.tile(v.astype(np.float32), n))
+
+
+def test_with_pending_equals_replace_and_is_memoised():
+    from types import SimpleNamespace
+
+    from distconv.distribution import Distribution
+    from distconv.pending import with_pending
+    g = SimpleNamespace(names=("sample", "channel", "filter"), shape=(2, 2, 2), comm=None)
+    d = Distribution(g, [("sample",), ("channel",), None, None])
+    assert with_pending(d) is d  # nothing pending already
+    p = Distribution(g, [("sample",), ("channel",)], pending=("filter",))
+    out = with_pending(p)
+    assert out == p.replace(pending=()) and out.pending == ()
+    assert with_pending(p) is out  # memoised
+    q = Distribution(g, [("sample",), ("channel",)], pending=("filter",))  # equal, not p
+    assert with_pending(q) == out and with_pending(q) is not out
+    f = with_pending(d, ("filter",))
+    assert f == d.replace(pending=("filter",)) and f.pending == ("filter",)
+    assert with_pending(d, ["filter"]) is f
