@@ -30,6 +30,8 @@ import contextlib
 import heapq
 import itertools
 
+from .pending import with_pending
+
 _ENABLED = [True]
 _SEQ = itertools.count()
 _RECORDERS: list = []  # lists that collect every node recorded (distconv.trace)
@@ -241,7 +243,7 @@ def _finish_leaves(leaf_grads, leaf_targets, results, accumulate) -> None:
 
 
 def _plain(dist):
-    return dist.replace(pending=()) if dist.pending else dist
+    return with_pending(dist)
 
 
 def _grad_dist(node):

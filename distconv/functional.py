@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import autograd
 from .distribution import Distribution
+from .pending import with_pending
 from .tensor import DistTensor, exchange
 
 
@@ -26,7 +27,7 @@ def add(a: DistTensor, b: DistTensor) -> DistTensor:
         raise TypeError(f"add: dtypes {a.dtype} and {b.dtype} differ")
     dist = a.distribution
     out = DistTensor(a.local + b._move(dist).local, dist, a.shape)
-    da_dist, db_dist = dist.replace(pending=()), b.distribution.replace(pending=())
+    da_dist, db_dist = with_pending(dist), with_pending(b.distribution)
 
     def backward(dy, needs):
         return (dy._move(da_dist) if needs[0] else None,

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
+
 _CACHE: "OrderedDict[tuple, object]" = OrderedDict()
 _BYTES = 0
 _LIMIT = 512 * 2 ** 20  # bytes kept alive at most
@@ -39,13 +41,20 @@ def _trim() -> None:
 
 def get(xp, tag: str, shape, dtype, zero: bool = False):
     """A scratch array of ``shape``/``dtype`` for ``tag``; zero-filled when made if ``zero``."""
+    # the dtype object is hashed as given (far cheaper than str(dtype)); a miss retries
+    # with the normalised key, so every spelling of a shape or dtype finds the same buffer
+    key = (xp.__name__, tag, tuple(shape), dtype)
+    if key not in _CACHE:
+        shape = tuple(int(s) for s in shape)
+        key = (xp.__name__, tag, shape, np.dtype(dtype))
+        if key not in _CACHE:
+            return _make(xp, key, shape, dtype, zero)
+    _CACHE.move_to_end(key)
+    return _CACHE[key]
+
+
+def _make(xp, key, shape, dtype, zero):
     global _BYTES
-    shape = tuple(int(s) for s in shape)
-    key = (xp.__name__, tag, shape, str(dtype))
-    buf = _CACHE.get(key)
-    if buf is not None:
-        _CACHE.move_to_end(key)
-        return buf
     buf = xp.zeros(shape, dtype) if zero else xp.empty(shape, dtype)
     if buf.nbytes <= _LIMIT:
         _CACHE[key] = buf

@@ -52,8 +52,10 @@ def _check4(x, name="x"):
 def _row_factor(xp, v, dtype, n):
     """A per-channel vector (C,) repeated for n samples: (n*C, 1) of ``dtype``, so that row r
     of the (N*C, H*W) view of an NCHW array gets channel r % C's factor."""
-    v = xp.asarray(v).astype(dtype, copy=False).reshape(-1)
-    return xp.tile(v, n).reshape(-1, 1)
+    v = xp.asarray(v).reshape(-1)
+    out = xp.empty((n, v.shape[0]), dtype)
+    out[...] = v  # broadcast over the samples (cheaper than xp.tile for these sizes)
+    return out.reshape(-1, 1)
 
 
 def bn_local_stats(x):

@@ -114,6 +114,27 @@ class _Geom(ConvGeometry):
         self.B = _block_size(self.N, self.Lc)
 
 
+_GEOMS: dict = {}  # (shapes, arguments, layout constants) -> _Geom
+
+
+def _geom(x_shape, w_shape, stride, padding, dilation):
+    """``_Geom.of_weight`` of these arguments, cached: a training step asks for the same few
+    geometries three times each, and building one costs more than a small layer's
+    im2col. The layout constants are part of the key (tests change them)."""
+    try:
+        key = (tuple(x_shape), tuple(w_shape), stride, padding, dilation,
+               _TARGET_COLS, _EXT_MAX_WASTE)
+        g = _GEOMS.get(key)
+    except TypeError:  # an unhashable argument (a list): no caching
+        return _Geom.of_weight(x_shape, w_shape, stride, padding, dilation)
+    if g is None:
+        g = _Geom.of_weight(x_shape, w_shape, stride, padding, dilation)
+        if len(_GEOMS) >= 1024:
+            _GEOMS.clear()
+        _GEOMS[key] = g
+    return g
+
+
 def _phase_images(xp, g, x, n0, n1, tag):
     """x[n0:n1] split into zero-bordered phase images: a cached (b, nph, C, Hq, Wq) buffer."""
     b = n1 - n0
@@ -206,7 +227,7 @@ def conv2d_forward(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
     if _g is not None:
         return _g(x, w, stride, padding, dilation)
     xp = array_module(x)
-    g = _Geom.of_weight(x.shape, w.shape, stride, padding, dilation)
+    g = _geom(x.shape, w.shape, stride, padding, dilation)
     dt = x.dtype
     y = xp.empty((g.N, g.F, g.Ho, g.Wo), dt)
     if y.size == 0:
@@ -247,7 +268,7 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
     H, W = (int(v) for v in x_hw)
     N, F = int(dy.shape[0]), int(dy.shape[1])
     C = int(w.shape[1])
-    g = _Geom.of_weight((N, C, H, W), w.shape, stride, padding, dilation)
+    g = _geom((N, C, H, W), w.shape, stride, padding, dilation)
     if tuple(dy.shape) != (N, g.F, g.Ho, g.Wo):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(N, g.F, g.Ho, g.Wo)} "
                          f"for input {H}x{W} and weight {tuple(w.shape)}")
@@ -363,7 +384,7 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
     xp = array_module(x)
     kh, kw = pair(kernel_hw, "kernel_hw")
     F = int(dy.shape[1])
-    g = _Geom.of_weight(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
+    g = _geom(x.shape, (F, x.shape[1], kh, kw), stride, padding, dilation)
     if tuple(dy.shape) != (g.N, F, g.Ho, g.Wo):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(g.N, F, g.Ho, g.Wo)} "
                          f"for x {tuple(x.shape)} and kernel {(kh, kw)}")

@@ -1,0 +1,60 @@
+"""The fast paths of the local kernels: caches and bookkeeping shortcuts behave like the
+code they replace (each test fails if its shortcut returns stale or shared state)."""
+import numpy as np
+
+from distconv.ops import _workspace
+from distconv.ops import batchnorm as B
+from distconv.ops import conv as C
+
+
+def test_workspace_key_spellings_share_one_buffer():
+    _workspace.clear()
+    a = _workspace.get(np, "t", (3, 4), np.dtype(np.float32))
+    assert _workspace.get(np, "t", [3, np.int64(4)], np.float32) is a
+    assert _workspace.get(np, "t", (3, 4), "float32") is a
+    assert _workspace.get(np, "t", (3, 4), np.float64) is not a
+    assert _workspace.get(np, "t", (4, 3), np.float32) is not a
+    assert _workspace.get(np, "u", (3, 4), np.float32) is not a
+    z = _workspace.get(np, "z", (5,), np.float64, zero=True)
+    assert z.dtype == np.float64 and not z.any()
+    _workspace.clear()
+
+
+def test_geometry_cache_follows_layout_constants(monkeypatch):
+    args = ((2, 3, 30, 30), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1))
+    monkeypatch.setattr(C, "_EXT_MAX_WASTE", 1e9)
+    assert C._geom(*args).ext
+    monkeypatch.setattr(C, "_EXT_MAX_WASTE", -1.0)
+    assert not C._geom(*args).ext
+    monkeypatch.setattr(C, "_TARGET_COLS", 1)
+    assert C._geom(*args).B == 1
+    g = C._geom(*args)
+    assert C._geom(*args) is g  # cached
+    assert C._geom([2, 3, 30, 30], [4, 3, 3, 3], [1, 1], [1, 1], [1, 1]).B == 1  # lists
+
+
+def test_row_factor_matches_tile():
+    v = np.random.default_rng(0).standard_normal(5)
+    for n in (1, 3):
+        r = B._row_factor(np, v, np.float32, n)
+        assert r.shape == (5 * n, 1) and r.dtype == np.float32
+        np.testing.assert_array_equal(r.ravel(), np.tile(v.astype(np.float32), n))
+
+
+def test_with_pending_equals_replace_and_is_memoised():
+    from types import SimpleNamespace
+
+    from distconv.distribution import Distribution
+    from distconv.pending import with_pending
+    g = SimpleNamespace(names=("sample", "channel", "filter"), shape=(2, 2, 2), comm=None)
+    d = Distribution(g, [("sample",), ("channel",), None, None])
+    assert with_pending(d) is d  # nothing pending already
+    p = Distribution(g, [("sample",), ("channel",)], pending=("filter",))
+    out = with_pending(p)
+    assert out == p.replace(pending=()) and out.pending == ()
+    assert with_pending(p) is out  # memoised
+    q = Distribution(g, [("sample",), ("channel",)], pending=("filter",))  # equal, not p
+    assert with_pending(q) == out and with_pending(q) is not out
+    f = with_pending(d, ("filter",))
+    assert f == d.replace(pending=("filter",)) and f.pending == ("filter",)
+    assert with_pending(d, ["filter"]) is f
