@@ -18,7 +18,7 @@ rank and traceback and aborts the whole job, so no rank is left hanging.
 SIGTERM or SIGUSR1 (e.g. ``sbatch --signal=USR1@120``) makes every rank write a
 checkpoint at the next step boundary and exit 0; ``--resume`` continues from it.
 A non-finite loss or gradient stops the run (``--skip-nonfinite`` skips the step).
-``DISTCONV_FAULT`` injects faults for tests (see :func:`parse_fault`).
+``DISTCONV_FAULT`` injects faults for tests (see :func:`distconv.trainer.parse_fault`).
 
 ``--profile`` times every training step (forward, loss, backward and ``opt.step()``,
 not the test-accuracy evaluation) per layer with :class:`distconv.profile.Profiler`:
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 
@@ -64,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="small_resnet",
                    help="small_resnet, resnet18, resnet34, resnet50, wide_resnet50_2, "
-                        "alexnet, vgg11, vgg11_bn, vgg16, vgg16_bn or inception_v3 (the last "
-                        "six with torchvision's definitions; image sizes: AlexNet >= 63, "
-                        "VGG >= 32, Inception-v3 >= 75, >= 299 with its auxiliary classifier)")
+                        "alexnet, vgg11, vgg11_bn, vgg16, vgg16_bn, inception_v3 (these six with "
+                        "torchvision's definitions) or convstack2d (a CosmoFlow-like conv "
+                        "stack for large images); image sizes: AlexNet >= 63, VGG >= 32, "
+                        "Inception-v3 >= 75, >= 299 with its auxiliary classifier, "
+                        "convstack2d >= 16")
     p.add_argument("--strategy", default="mixed",
                    help="'sample=2,channel=2' for every layer, a per-layer plan file (JSON: "
                         "layer name -> strategy text, as scripts/plan.py writes), 'mixed' "
@@ -96,13 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of classes (default: max label + 1 of the training data)")
     p.add_argument("--width", type=int, default=16, help="base width of small_resnet")
     p.add_argument("--width-divisor", type=int, default=1,
-                   help="alexnet, vgg*, inception_v3: divide every conv channel count by this "
+                   help="alexnet, vgg*, inception_v3, convstack2d: divide every conv channel "
+                        "count by this "
                         "(1: torchvision's widths; 16 gives tiny networks for tests)")
     p.add_argument("--hidden", type=int, default=4096,
-                   help="alexnet, vgg*: width of the two hidden classifier layers")
+                   help="alexnet, vgg*: width of the two hidden classifier layers; "
+                        "convstack2d: of its one hidden layer")
     p.add_argument("--no-aux-logits", action="store_true",
                    help="inception_v3 without the auxiliary classifier (needed below "
                         "299x299 images; with it the loss is CE + 0.4 * CE_aux)")
+    _run_args(p)
+    return p
+
+
+def _run_args(p) -> None:
+    """The flags of the run itself: output, resume, numerics, logging, checks, profile."""
     p.add_argument("--out", default="runs/train", metavar="DIR",
                    help="output folder for metrics.jsonl and checkpoint.h5")
     p.add_argument("--resume", action="store_true",
@@ -135,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "is not profiled); at the end rank 0 prints its per-layer table and "
                         "writes OUT/profile.json with every rank's summary. The first "
                         "(warm-up) step is left out unless it is the only one")
-    return p
 
 
 def mixed_plan(nranks: int, model: str = "small_resnet") -> dict:
@@ -247,54 +255,10 @@ def _plan_ranks(path):
         return None
 
 
-_STOP = {"signal": None}  # set by SIGTERM/SIGUSR1; acted on at the next step boundary
-
-
-def _on_signal(signum, frame):
-    _STOP["signal"] = signum
-
-
-def parse_fault(text: str | None) -> dict:
-    """``DISTCONV_FAULT`` (testing only): ``raise@rank=1,step=3`` (that rank raises at the
-    start of that step), ``kill@rank=1,step=3`` (it dies with SIGKILL), or
-    ``checkpoint@epoch=2`` (rank 0 fails between writing and renaming that epoch's
-    checkpoint), or ``diverge@rank=1,step=3`` (after that step's update, that rank adds
-    1e-6 to its copy of the first parameter: replicas that differ)."""
-    if not text:
-        return {}
-    kind, _, rest = text.partition("@")
-    out = {"kind": kind}
-    for part in filter(None, rest.split(",")):
-        k, _, v = part.partition("=")
-        out[k] = int(v)
-    if kind not in ("raise", "kill", "checkpoint", "diverge"):
-        raise ValueError(f"DISTCONV_FAULT: unknown fault {kind!r} in {text!r}")
-    return out
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    import distconv as dc
-    from distconv import backend, checkpoint, data, models, optim
-    from distconv.comm import world
-    from distconv.replicas import ReplicaMismatchError, check_replicas
-
-    comm = world()
-    rank, size = comm.rank, comm.size
-    fault = parse_fault(os.environ.get("DISTCONV_FAULT"))
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _on_signal)
-    if args.backend != "auto":
-        backend.set_backend(args.backend)
-    backend.configure_threads()
-    dc.set_default_dtype(np.float32 if args.dtype == "float32" else np.float64)
-    dc.manual_seed(args.seed)
-
-    def say(msg):
-        if rank == 0:
-            print(msg, flush=True)
-
-    # ---------------------------------------------------------------- data
+def load_data(args):
+    """``(train set, test set or None, train file)``: ``--data``/``--test-data``, or the
+    digits files written to data/ on first use; a clear error for an empty file."""
+    from distconv import data
     train_path, test_path = args.data, args.test_data
     if train_path is None:
         train_path = os.path.join("data", "digits_train.h5")
@@ -307,33 +271,23 @@ def main(argv=None) -> int:
     if min(train_set.image_shape) < 1:
         raise ValueError(f"HDF5 dataset file {train_path!r}: images of shape (C, H, W) = "
                          f"{train_set.image_shape} are empty; the model needs C, H, W >= 1")
-    num_classes = args.num_classes or train_set.num_classes
-    in_ch = train_set.image_shape[0]
+    return train_set, test_set, train_path
 
-    # ---------------------------------------------------------------- model
+
+def make_model(args, size, train_set, num_classes, train_path):
+    """``--model`` under ``--strategy`` (none yet for ``auto``) for the data's images; the
+    same error on every rank, before any step, for an unknown model or too small images."""
+    from distconv import models
+    from distconv.bench.models import build_model
     known = sorted(models.MODELS) + sorted(models.CNN_MODELS)
     if args.model not in known:
         raise ValueError(f"unknown --model {args.model!r}; choose from {known}")
     strategy = load_strategy(args.strategy, size, args.model)
-    planned = strategy == "auto"
-    if planned:
-        strategy = None
-    if args.model == "small_resnet":
-        model = models.small_resnet(num_classes, in_channels=in_ch, width=args.width,
-                                    strategy=strategy)
-    elif args.model in models.MODELS:
-        stem = "cifar" if train_set.image_shape[-1] <= 64 else "imagenet"
-        model = models.MODELS[args.model](num_classes, in_channels=in_ch, stem=stem,
-                                          strategy=strategy)
-    else:
-        kw = {"width_divisor": args.width_divisor}
-        if args.model == "inception_v3":
-            kw["aux_logits"] = not args.no_aux_logits
-        else:
-            kw["hidden"] = args.hidden
-        model = models.CNN_MODELS[args.model](num_classes, in_channels=in_ch, strategy=strategy,
-                                              **kw)
-    if args.model in models.CNN_MODELS:  # the same error on every rank, before any step
+    model = build_model(args.model, train_set.image_shape, num_classes, width=args.width,
+                        width_divisor=args.width_divisor, hidden=args.hidden,
+                        aux_logits=not args.no_aux_logits,
+                        strategy=None if strategy == "auto" else strategy, init_weights=True)
+    if args.model in models.CNN_MODELS:
         aux = getattr(model, "aux_logits", False)
         need = model.min_size_aux if aux else model.min_size
         h, w = train_set.image_shape[1:]
@@ -344,225 +298,46 @@ def main(argv=None) -> int:
                              + ("; without the auxiliary classifier (--no-aux-logits) "
                                 f"{model.min_size[0]}x{model.min_size[1]} is enough"
                                 if aux else ""))
-    if planned:
+    return model
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import distconv as dc
+    from distconv import backend
+    from distconv.comm import world
+    from distconv.trainer import Trainer, install_stop_signals, parse_fault
+
+    comm = world()
+    rank, size = comm.rank, comm.size
+    fault = parse_fault(os.environ.get("DISTCONV_FAULT"))
+    install_stop_signals()
+    if args.backend != "auto":
+        backend.set_backend(args.backend)
+    backend.configure_threads()
+    dc.set_default_dtype(np.float32 if args.dtype == "float32" else np.float64)
+    dc.manual_seed(args.seed)
+
+    def say(msg):
+        if rank == 0:
+            print(msg, flush=True)
+
+    train_set, test_set, train_path = load_data(args)
+    num_classes = args.num_classes or train_set.num_classes
+    model = make_model(args, size, train_set, num_classes, train_path)
+    if args.strategy == "auto":
         from distconv.planner.planfile import to_strategies
         in_shape = (args.batch_size,) + tuple(train_set.image_shape)
         model.set_strategy(to_strategies(auto_plan(args, model, comm, in_shape, say)))
     first = next(m for _, m in model.named_modules() if isinstance(m, dc.nn.Conv2d))
-    in_dist = first.input_distribution  # the loader cuts each batch as the first conv reads it
-    dropouts = [(n, m) for n, m in model.named_modules() if isinstance(m, dc.nn.Dropout)]
-    loader = data.DistLoader(train_set, args.batch_size, in_dist, shuffle=True, seed=args.seed)
-    steps_per_epoch = len(loader)
-    if args.optimizer == "sgd":
-        opt = optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
-                        weight_decay=args.weight_decay)
-    else:
-        opt = optim.Adam(model.parameters(), args.lr, weight_decay=args.weight_decay)
-    total = args.epochs * steps_per_epoch
-    warm = int(args.warmup_epochs * steps_per_epoch)
-    sched = optim.LinearWarmup(opt, warm, after=optim.CosineAnnealingLR(opt, max(1, total - warm)))
-    sync = optim.GradientSync(model, opt, bucket_bytes=args.bucket_kb << 10,
-                              overlap=not args.no_overlap)
-    crit = dc.nn.CrossEntropyLoss()
-    prof = None
-    if args.profile:
-        from distconv.profile import Profiler
-        prof = Profiler(model, sync=sync)  # after GradientSync: its backward hooks are timed
-
-    os.makedirs(args.out, exist_ok=True) if rank == 0 else None
-    comm.barrier()
-    ckpt_path = os.path.join(args.out, "checkpoint.h5")
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    start_epoch, step = 0, 0
-    if args.resume:
-        meta = checkpoint.load_checkpoint(ckpt_path, model, opt, sched)
-        if meta.get("model") != args.model:
-            raise ValueError(f"{ckpt_path} holds a {meta.get('model')!r} model, not "
-                             f"{args.model!r}")
-        step = int(meta["step"])
-        for n, m in dropouts:  # the dropout masks continue where they were
-            m.step = int(meta.get("dropout_steps", {}).get(n, 0))
-        loader.load_state_dict(meta["loader"])
-        start_epoch = loader.position()[0]
-        say(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
-    elif rank == 0:
-        open(metrics_path, "w").close()
-
-    def log(rec):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
+    # the loader cuts each batch as the first conv reads it
+    run = Trainer(args, comm, model, train_set, test_set, first.input_distribution, say,
+                  fault=fault)
+    run.open_run()
     say(f"distconv: {args.model} on {size} rank(s), strategy {args.strategy}, "
         f"{len(train_set)} training images {train_set.image_shape}, {num_classes} classes, "
-        f"batch {args.batch_size}, {steps_per_epoch} steps/epoch, dtype {args.dtype}")
-
-    def evaluate():
-        if test_set is None:
-            return None
-        model.eval()
-        tl = data.DistLoader(test_set, args.batch_size, in_dist, shuffle=False)
-        correct = n = 0
-        for x, y in tl:
-            with dc.no_grad():
-                logits = backend.to_numpy(model(x).to_global())
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-        model.train()
-        return correct / max(n, 1)
-
-    def save(epoch):
-        if fault.get("kind") == "checkpoint" and fault.get("epoch") == epoch:
-            def fail(tmp):
-                raise OSError(f"injected fault (DISTCONV_FAULT) before renaming {tmp}")
-            checkpoint._before_rename = fail
-        checkpoint.save_checkpoint(ckpt_path, model, opt, sched, meta={
-            "epoch": epoch, "step": step, "model": args.model, "strategy": args.strategy,
-            "loader": loader.state_dict(), "seed": args.seed, "args": vars(args),
-            "dropout_steps": {n: m.step for n, m in dropouts}})
-
-    named = [(n, p) for n, p in model.named_parameters()]
-
-    def report_profile():
-        """Collective (every rank calls it): rank 0 prints its per-layer table and writes
-        OUT/profile.json with the summaries of all ranks."""
-        if prof is None:
-            return
-        skip = 1 if len(prof.steps) > 1 else 0
-        per_rank = comm.allgather_obj(prof.summary(skip))
-        if rank != 0:
-            return
-        keys = ("wall_s", "comm_s", "exposed_comm_s", "bytes_sent")
-        worst = {k: max(s["per_step"][k] for s in per_rank) for k in keys}
-        path = os.path.join(args.out, "profile.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({"ranks": size, "skip": skip, "per_rank": per_rank,
-                       "max_over_ranks": worst}, f, indent=1)
-        os.replace(path + ".tmp", path)
-        print(f"profile of rank 0, per-step means over {per_rank[0]['nsteps']} step(s)"
-              f"{' (first step skipped)' if skip else ''}:", flush=True)
-        print(prof.table(skip), flush=True)
-        print(f"max over {size} rank(s), per step: wall {1e3 * worst['wall_s']:.3f} ms, "
-              f"comm {1e3 * worst['comm_s']:.3f} ms, exposed comm "
-              f"{1e3 * worst['exposed_comm_s']:.3f} ms, sent {worst['bytes_sent'] / 1e3:.1f} kB;"
-              f" all ranks in {path}", flush=True)
-
-    def step_checks(loss):
-        """``(names of what is not finite this step, stop requested)``, agreed on all ranks
-        with one tiny allreduce: a non-finite gradient on any rank, or a SIGTERM/SIGUSR1
-        that reached any rank."""
-        xp = backend.get_xp()
-        mine = [n for n, p in named
-                if p.grad is not None and not bool(xp.isfinite(p.grad.local).all())]
-        flag = comm.allreduce(np.asarray([1.0 if mine else 0.0,
-                                          1.0 if _STOP["signal"] else 0.0]), op="max")
-        out = [] if np.isfinite(loss) else ["loss"]  # the loss is the same on every rank
-        if flag[0]:
-            out += sorted({n.rpartition(".")[0] or n
-                           for r in comm.allgather_obj(mine) for n in r})
-        return out, bool(flag[1])
-
-    t_run = time.perf_counter()
-    done = False
-    for epoch in range(start_epoch, args.epochs):
-        loader.set_epoch(epoch)
-        t_ep = time.perf_counter()
-        win_t, win_n, win_loss, win_acc, win_steps = time.perf_counter(), 0, 0.0, 0, 0
-        comm.reset_stats()
-        for x, y in loader:
-            if fault.get("kind") in ("raise", "kill") and fault.get("rank") == rank \
-                    and fault.get("step") == step + 1:
-                if fault["kind"] == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise RuntimeError(f"injected fault (DISTCONV_FAULT) at step {step + 1}")
-            opt.zero_grad()
-            running = ([(b, b.local.copy()) for _, b in model.named_buffers()]
-                       if args.skip_nonfinite else [])
-            if prof is not None:
-                prof.step_begin()
-            logits = model(x)
-            if isinstance(logits, tuple):  # Inception-v3's (logits, aux_logits) in training
-                loss = crit(logits[0], y) + 0.4 * crit(logits[1], y)
-                logits = logits[0]
-            else:
-                loss = crit(logits, y)
-            loss.backward()
-            bad, stop = step_checks(loss)
-            if bad:
-                sync.wait()  # finish the allreduces in flight before leaving the step
-                where = (f"step {step + 1} (epoch {epoch + 1}): non-finite values in "
-                         f"{', '.join(bad)}")
-                if not args.skip_nonfinite:
-                    kept = (f"the last good checkpoint {ckpt_path} is kept"
-                            if os.path.exists(ckpt_path) else "no checkpoint was written yet")
-                    raise FloatingPointError(f"{where}; training stopped, {kept}")
-                say(f"skipping {where} (--skip-nonfinite)")
-                log({"kind": "skipped", "epoch": epoch + 1, "step": step + 1, "reason": where})
-                opt.zero_grad()
-                for b, saved in running:  # this step's batch statistics are not kept either
-                    b.local[...] = saved
-            else:
-                opt.step()
-                sched.step()
-            if prof is not None:
-                prof.step_end()
-            step += 1
-            if fault.get("kind") == "diverge" and fault.get("rank") == rank \
-                    and fault.get("step") == step:
-                named[0][1].data.local.reshape(-1)[:1] += 1e-6  # a view (NumPy or CuPy)
-            if args.check_replicas_every and step % args.check_replicas_every == 0:
-                try:
-                    check_replicas(model, opt)
-                except ReplicaMismatchError as e:  # raised on every rank alike
-                    raise ReplicaMismatchError(f"step {step} (epoch {epoch + 1}): {e}; "
-                                               f"training stopped") from None
-            pred = backend.to_numpy(logits.to_global()).argmax(1)
-            win_loss += loss
-            win_acc += int((pred == y).sum())
-            win_n += len(y)
-            win_steps += 1
-            if step % args.log_every == 0 or loader.position()[1] == steps_per_epoch:
-                dt = time.perf_counter() - win_t
-                st = comm.stats()
-                comm_t = st["total"]["time"]
-                rec = {"kind": "step", "epoch": epoch + 1, "step": step,
-                       "loss": win_loss / win_steps, "accuracy": win_acc / max(win_n, 1),
-                       "images_per_s": win_n / dt, "comm_share": comm_t / dt,
-                       "lr": opt.lr, "bytes_sent": st["total"]["bytes_sent"]}
-                say(f"epoch {epoch + 1} step {step} loss {rec['loss']:.4f} "
-                    f"acc {rec['accuracy']:.3f} {rec['images_per_s']:.0f} img/s "
-                    f"comm {100 * rec['comm_share']:.0f}% lr {opt.lr:.4f}")
-                log(rec)
-                comm.reset_stats()
-                win_t, win_n, win_loss, win_acc, win_steps = time.perf_counter(), 0, 0.0, 0, 0
-            if args.checkpoint_every and step % args.checkpoint_every == 0 and not stop:
-                save(epoch + 1)
-            if stop:
-                save(epoch + 1)  # the loader's position says where to continue
-                name = signal.Signals(_STOP["signal"]).name if _STOP["signal"] else "a signal"
-                say(f"{name} received (on some rank): checkpoint written at step {step} to "
-                    f"{ckpt_path}; exiting 0, continue with --resume")
-                report_profile()
-                return 0
-            if args.max_steps is not None and step >= args.max_steps:
-                done = True
-                break
-        acc = evaluate()
-        ep_t = time.perf_counter() - t_ep
-        rec = {"kind": "epoch", "epoch": epoch + 1, "step": step, "test_accuracy": acc,
-               "epoch_time": ep_t, "elapsed": time.perf_counter() - t_run,
-               "exposed_allreduce_time": sync.exposed_time}
-        say(f"epoch {epoch + 1} done in {ep_t:.1f} s: test accuracy "
-            f"{'n/a' if acc is None else f'{100 * acc:.2f}%'}")
-        log(rec)
-        save(epoch + 1)
-        if done:
-            break
-    say(f"finished in {time.perf_counter() - t_run:.1f} s; gradient allreduce: "
-        f"{sync.bytes / 2**20:.1f} MiB in buckets, {sync.exposed_time:.2f} s exposed "
-        f"(blocked in opt.step); checkpoint {ckpt_path}, metrics {metrics_path}")
-    report_profile()
-    return 0
+        f"batch {args.batch_size}, {run.steps_per_epoch} steps/epoch, dtype {args.dtype}")
+    return run.fit()
 
 
 if __name__ == "__main__":

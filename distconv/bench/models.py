@@ -33,24 +33,26 @@ def default_shape(model: str) -> tuple:
 
 
 def build_model(name: str, image_shape, num_classes: int, width: int = 16,
-                width_divisor: int = 1, hidden: int = 4096, aux_logits: bool = True):
+                width_divisor: int = 1, hidden: int = 4096, aux_logits: bool = True,
+                strategy=None, init_weights: bool = False):
     """The model train.py builds for ``--model name`` on images of ``image_shape``
     (C, H, W). ``width``: small_resnet's base width; ``width_divisor``, ``hidden``,
-    ``aux_logits``: the AlexNet/VGG/Inception knobs of train.py. The ResNets get the 3x3
-    'cifar' stem when W <= 64; weights are left uninitialised where the model allows it
-    (the planner needs shapes only)."""
+    ``aux_logits``: the AlexNet/VGG/Inception knobs of train.py; ``strategy``: one
+    Strategy or a per-layer plan. The ResNets get the 3x3 'cifar' stem when W <= 64.
+    ``init_weights=False`` leaves VGG's and Inception-v3's torchvision initialisation out
+    (the planner needs shapes only; training passes True)."""
     from distconv import models
     c, _, w = image_shape
     if name == "small_resnet":
-        return models.small_resnet(num_classes, in_channels=c, width=width)
+        return models.small_resnet(num_classes, in_channels=c, width=width, strategy=strategy)
     if name in models.CNN_MODELS:
-        kw = {"width_divisor": width_divisor}
+        kw = {"width_divisor": width_divisor, "strategy": strategy}
         if name not in ("alexnet", "convstack2d"):
-            kw["init_weights"] = False
+            kw["init_weights"] = init_weights
         if name == "inception_v3":
             kw["aux_logits"] = aux_logits
         else:
             kw["hidden"] = hidden
         return models.CNN_MODELS[name](num_classes, in_channels=c, **kw)
     stem = "cifar" if w <= 64 else "imagenet"  # as scripts/train.py chooses it
-    return models.MODELS[name](num_classes, in_channels=c, stem=stem)
+    return models.MODELS[name](num_classes, in_channels=c, stem=stem, strategy=strategy)
