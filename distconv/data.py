@@ -50,13 +50,13 @@ shape, written block by block), both written atomically (temp file + ``os.replac
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from . import comm as _comm
+from .atomic import atomic_path
 from .backend import get_default_dtype, get_xp
 from .distribution import Distribution
 from .strategy import Strategy
@@ -550,20 +550,9 @@ def _atomic_h5(path, fill: Callable) -> str:
     """Write an HDF5 file through a temp file in the same folder, then ``os.replace``."""
     import h5py
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             fill(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return path
 
 

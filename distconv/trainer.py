@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from .atomic import write_text
+
 STOP = {"signal": None}  # set by SIGTERM/SIGUSR1; acted on at the next step boundary
 
 
@@ -166,10 +168,8 @@ class Trainer:
         keys = ("wall_s", "comm_s", "exposed_comm_s", "bytes_sent")
         worst = {k: max(s["per_step"][k] for s in per_rank) for k in keys}
         path = os.path.join(self.args.out, "profile.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({"ranks": comm.size, "skip": skip, "per_rank": per_rank,
-                       "max_over_ranks": worst}, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_text(path, json.dumps({"ranks": comm.size, "skip": skip, "per_rank": per_rank,
+                                     "max_over_ranks": worst}, indent=1))
         print(f"profile of rank 0, per-step means over {per_rank[0]['nsteps']} step(s)"
               f"{' (first step skipped)' if skip else ''}:", flush=True)
         print(prof.table(skip), flush=True)

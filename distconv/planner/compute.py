@@ -56,11 +56,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import warnings
 
 import numpy as np
 
+from ..atomic import write_text
 from ..backend import backend_name
 from .timing import _blas_threads, _median_time  # noqa: F401
 from .optimes import ADAM_SETTINGS, SGD_SETTINGS, OpTimes  # noqa: F401  (re-exported)
@@ -205,17 +205,7 @@ class ComputeModel(OpTimes, OverheadTimes):
                     d["timing"] = {**old_timing, **d["timing"]}
             except (OSError, ValueError, AttributeError, TypeError):
                 pass
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".compute-", suffix=".json", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(d, fh, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_text(path, json.dumps(d, indent=1))
 
     # ------------------------------------------------------------------ model
     def _apply_rates(self, rates):

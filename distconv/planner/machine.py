@@ -30,10 +30,10 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..atomic import write_text
 
 KINDS = ("allreduce", "allgather", "reduce_scatter", "alltoall")
 LINKS = ("intra", "inter")
@@ -183,22 +183,7 @@ class Machine:
 
     def save(self, path) -> None:
         """Write :meth:`to_dict` as JSON (indent 1) to ``path`` atomically."""
-        path = Path(path)
-        text = json.dumps(self.to_dict(), indent=1) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                   dir=str(path.parent) if str(path.parent) else ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_text(path, json.dumps(self.to_dict(), indent=1) + "\n", fsync=True)
 
     @classmethod
     def load(cls, path) -> "Machine":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..atomic import write_text
 from .costs import parse_strategy, strategy_text, to_strategy
 
 
@@ -53,14 +54,7 @@ def save_plan(path, plan: dict, predicted: dict | None = None, meta: dict | None
         doc["predicted"] = predicted
     if meta is not None:
         doc["meta"] = meta
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=1, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(doc, indent=1, sort_keys=False) + "\n")
 
 
 def load_plan(path) -> dict:
