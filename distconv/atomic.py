@@ -11,17 +11,19 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def atomic_path(path, prefix=None, suffix=".tmp"):
+def atomic_path(path, tmp=None, make_folder=True):
     """``with atomic_path(path) as tmp:`` write ``tmp``; on a clean exit it replaces
-    ``path`` (its folder is created if missing), on an exception it is removed and the
-    exception goes on. ``prefix``: of the temporary file's name (default
-    ``<name>.``)."""
+    ``path``, on an exception it is removed and the exception goes on. ``tmp``: the
+    temporary file's name (default: a new unique file ``<name>.XXXX.tmp`` in the same
+    folder); ``make_folder``: create the folder if missing."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=prefix or os.path.basename(path) + ".", suffix=suffix,
-                               dir=folder)
-    os.close(fd)
+    if make_folder:
+        os.makedirs(folder, exist_ok=True)
+    if tmp is None:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=folder)
+        os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -49,6 +49,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .atomic import atomic_path
 from .backend import get_xp, to_numpy
 
 FORMAT_VERSION = 1
@@ -209,12 +210,20 @@ def _scheduler_record(scheduler):
             "state": json.dumps(scheduler.state_dict(), sort_keys=True)}
 
 
+def _put(f, tmp, datasets, name, a) -> None:
+    """Dataset ``name`` of array ``a`` in HDF5 file ``f``, recorded for the checksum."""
+    datasets[name] = a
+    f.create_dataset(name, data=a)
+    if _after_dataset is not None:
+        _after_dataset(tmp, name)
+
+
 def _write(path, tmp, model_sd, opt_tensors, opt_info, sched_info, meta_json, nranks):
     """Rank 0: write everything to ``tmp``, fsync, rename over ``path``, fsync the dir."""
     h5py = _h5()
     from . import __version__
     datasets = {}
-    try:
+    with atomic_path(path, tmp, make_folder=False):
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["meta"] = meta_json
@@ -223,21 +232,13 @@ def _write(path, tmp, model_sd, opt_tensors, opt_info, sched_info, meta_json, nr
             g = f.create_group("model")
             g.attrs["keys"] = json.dumps(list(model_sd))
             for k, a in model_sd.items():
-                name = "model/" + _escape(k)
-                datasets[name] = a
-                g.create_dataset(_escape(k), data=a)
-                if _after_dataset is not None:
-                    _after_dataset(tmp, name)
+                _put(f, tmp, datasets, "model/" + _escape(k), a)
             if opt_info is not None:
                 g = f.create_group("optimizer")
                 for k, v in opt_info.items():
                     g.attrs[k] = v
                 for (i, k), a in opt_tensors.items():
-                    name = f"optimizer/{i}/{_escape(k)}"
-                    datasets[name] = a
-                    f.create_dataset(name, data=a)
-                    if _after_dataset is not None:
-                        _after_dataset(tmp, name)
+                    _put(f, tmp, datasets, f"optimizer/{i}/{_escape(k)}", a)
             if sched_info is not None:
                 g = f.create_group("scheduler")
                 for k, v in sched_info.items():
@@ -248,13 +249,6 @@ def _write(path, tmp, model_sd, opt_tensors, opt_info, sched_info, meta_json, nr
         _fsync_path(tmp)
         if _before_rename is not None:
             _before_rename(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     _fsync_path(os.path.dirname(path) or ".", directory=True)
 
 
