@@ -26,6 +26,14 @@ def _conv1x1(cin, cout, stride=1, strategy=None):
 class _Block(nn.Module):
     """Shared residual join of the blocks: ``relu(body + shortcut(x))``."""
 
+    def _set_downsample(self, downsample) -> None:
+        """The shortcut module, registered last (torchvision's state-dict order); None is
+        kept as a plain attribute (no module: the identity)."""
+        if downsample is not None:
+            self.downsample = downsample
+        else:
+            object.__setattr__(self, "downsample", None)
+
     def _join(self, x, out, relu):
         x = call_input(x)  # a global input: the tensor conv1 cut
         idn = self.downsample(x) if self.downsample is not None else x
@@ -49,10 +57,7 @@ class BasicBlock(_Block):
         self.conv2 = _conv3x3(planes, planes, 1, strategy)
         self.bn2 = nn.BatchNorm2d(planes, strategy=strategy)
         self.relu2 = nn.ReLU()
-        if downsample is not None:
-            self.downsample = downsample
-        else:
-            object.__setattr__(self, "downsample", None)
+        self._set_downsample(downsample)
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -79,10 +84,7 @@ class Bottleneck(_Block):
         self.conv3 = _conv1x1(width, planes * 4, 1, strategy)
         self.bn3 = nn.BatchNorm2d(planes * 4, strategy=strategy)
         self.relu3 = nn.ReLU()
-        if downsample is not None:
-            self.downsample = downsample
-        else:
-            object.__setattr__(self, "downsample", None)
+        self._set_downsample(downsample)
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
