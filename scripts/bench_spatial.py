@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Spatial parallelism at batch 1: a 3x3 conv stack, 1 rank vs P ranks paired in ONE job.
+
+    mpiexec -n 2 python -m mpi4py scripts/bench_spatial.py --json spatial.json
+    mpiexec -n 2 python -m mpi4py scripts/bench_spatial.py --quick --json /tmp/s.json
+
+The model is ``--layers`` x (Conv2d(C, C, 3, padding=1) + ReLU) on a (1, C, S, S) input
+(defaults: 4 layers, C = 64, S = 256). A step is forward, backward and the gradient sync
+(``GradientSync``, overlapped). Round after round the job runs one 1-rank step (rank 0
+alone on a grid of itself, the other ranks sleeping in a nonblocking barrier) and one step
+of each P-rank case (``distconv.bench.paired``): every ``--strategies`` entry, and for the
+spatial ones (height/width) once with the halo exchange overlapped with the interior of
+each conv and once without (``--overlap``). The speedup of a case is the median over
+rounds of the same round's ``1-rank / P-rank`` ratio, with its quartiles.
+
+Memory, after the timed rounds, one untimed step per case with ``tracemalloc`` (NumPy
+reports its buffers to it) and the kernels' scratch cache emptied first:
+``held_after_forward`` (the bytes alive after forward: the activations kept for backward
+and the output) and ``peak`` (the step's high-water mark, scratch buffers included), per
+rank (the maximum over ranks), and their ratios to 1 rank's. The halo bytes a rank sends
+per step are taken from ``comm.stats()``.
+
+One BLAS thread per rank (``distconv.envinfo.pin_threads``). Rank 0 prints a table and
+writes ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+from distconv.bench.paired import paired_row, paired_rounds, strategy_fits
+from distconv.bench.runs import input_distribution, self_strategy
+from distconv.envinfo import pin_threads
+
+DEFAULTS = dict(channels=64, size=256, layers=4, rounds=15, warmup=2)
+QUICK = dict(channels=4, size=12, layers=2, rounds=3, warmup=1)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="bench_spatial.py", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategies", default="height=2;channel=2;filter=2",
+                    help="';'-separated Strategy texts of the P-rank cases (default "
+                         "'height=2;channel=2;filter=2', for 2 ranks)")
+    ap.add_argument("--channels", type=int, default=None, help="C (64)")
+    ap.add_argument("--size", type=int, default=None, help="H = W (256)")
+    ap.add_argument("--layers", type=int, default=None, help="conv+ReLU layers (4)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (15)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (2)")
+    ap.add_argument("--overlap", choices=("both", "on", "off"), default="both",
+                    help="spatial cases with the halo exchange overlapped with the interior "
+                         "of each conv, without, or both (default)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (tests)")
+    ap.add_argument("--json", default=None, help="rank 0 writes every step time here")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    for k, v in DEFAULTS.items():
+        if getattr(a, k) is None:
+            setattr(a, k, QUICK[k] if a.quick else v)
+    for k in ("channels", "size", "layers", "rounds"):
+        if getattr(a, k) < 1:
+            ap.error(f"--{k} must be >= 1, got {getattr(a, k)}")
+    if a.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {a.warmup}")
+    a.strategy_list = [s.strip() for s in a.strategies.split(";") if s.strip()]
+    if not a.strategy_list:
+        ap.error("--strategies names no strategy")
+    return a
+
+
+def conv_stack(channels, layers, strategy):
+    """``layers`` x (Conv2d(C, C, 3, padding=1) + ReLU), every layer on ``strategy``."""
+    from distconv import nn
+    mods = []
+    for _ in range(layers):
+        mods += [nn.Conv2d(channels, channels, 3, padding=1, strategy=strategy), nn.ReLU()]
+    return nn.Sequential(*mods)
+
+
+class _Case:
+    """One conv stack with its input, output gradient, gradient sync and overlap setting
+    (None: not a spatial case)."""
+
+    def __init__(self, args, strategy, x_glob, dy_glob, overlap=None):
+        from distconv import DistTensor, manual_seed
+        from distconv.optim import GradientSync
+        manual_seed(args.seed)
+        self.overlap = overlap
+        self.model = conv_stack(args.channels, args.layers, strategy)
+        self.x = DistTensor.from_global(x_glob, input_distribution(self.model))
+        with self._overlap():
+            y = self.model(self.x)
+        self.dy = DistTensor.from_global(dy_glob, y.distribution)
+        self.params = self.model.parameters()
+        self.sync = GradientSync(self.model, overlap=True)
+
+    def _overlap(self):
+        from distconv import spatial
+        return spatial.halo_overlap(bool(self.overlap))
+
+    def step(self):
+        for q in self.params:
+            q.grad = None
+        with self._overlap():
+            t0 = time.perf_counter()
+            self.model(self.x)
+            self.model.backward(self.dy)
+            self.sync.wait()
+            return time.perf_counter() - t0
+
+    def memory(self):
+        """``(held_after_forward, peak)`` bytes of one step traced from an empty scratch
+        cache; the bytes this rank sent per kind of message in that step."""
+        from distconv.bench.stats import stats_delta
+        from distconv.comm import world
+        from distconv.ops import _workspace
+        for q in self.params:
+            q.grad = None
+        _workspace.clear()
+        gc.collect()
+        before = world().stats()
+        with self._overlap():
+            tracemalloc.start()
+            self.model(self.x)
+            held = tracemalloc.get_traced_memory()[0]
+            self.model.backward(self.dy)
+            self.sync.wait()
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        sent = {k: v["bytes_sent"] for k, v in stats_delta(world().stats(), before).items()}
+        return held, peak, sent
+
+
+def _cases(args, dc, x_glob, dy_glob):
+    """``{label: _Case}`` in the order of ``--strategies``; a spatial strategy gives an
+    ``" overlap"`` and a ``" no overlap"`` case as ``--overlap`` asks."""
+    flags = {"both": (True, False), "on": (True,), "off": (False,)}[args.overlap]
+    out = {}
+    for s in args.strategy_list:
+        st = dc.Strategy.parse(s)
+        if not st.spatial:
+            out[s] = _Case(args, st, x_glob, dy_glob)
+            continue
+        for f in flags:
+            out[f"{s} {'overlap' if f else 'no overlap'}"] = _Case(args, st, x_glob, dy_glob, f)
+    return out
+
+
+def _memory_rows(comm, single, cases):
+    """Per case: the maximum over ranks of :meth:`_Case.memory` and its ratios to 1 rank's
+    (measured on rank 0 alone while the others wait)."""
+    one = single.memory() if comm.rank == 0 else None
+    comm.idle_barrier()
+    one = comm.allgather_obj(one)[0]
+    rows = {"1 rank": {"held_after_forward": one[0], "peak": one[1], "sent": one[2]}}
+    for name, case in cases.items():
+        comm.barrier()
+        got = comm.allgather_obj(case.memory())
+        held, peak = max(g[0] for g in got), max(g[1] for g in got)
+        rows[name] = {"held_after_forward": held, "peak": peak,
+                      "held_ratio": held / one[0], "peak_ratio": peak / one[1],
+                      "sent_per_rank": [g[2] for g in got]}
+    return rows
+
+
+def _report(args, shape, p, t_a, rows, mem):
+    print(f"{args.layers} x (Conv2d({args.channels}, {args.channels}, 3, padding=1) + ReLU) "
+          f"on {shape}, {p} ranks x 1 thread, {args.rounds} paired rounds; 1 rank (rank 0 "
+          f"alone, same job): {np.median(t_a) * 1e3:.1f} ms median")
+    print(f"{'case':<22} {'P-rank ms':>10} {'paired speedup (q1-q3)':>24} {'ratio of med':>13} "
+          f"{'held mem':>9} {'peak mem':>9}")
+    for r in rows:
+        m = mem[r["case"]]
+        print(f"{r['case']:<22} {r['p_ranks_ms']:>10.1f} {r['speedup_paired_median']:>9.2f} "
+              f"({r['speedup_paired_q1']:.2f}-{r['speedup_paired_q3']:.2f}) "
+              f"{r['speedup_ratio_of_medians']:>13.2f} {m['held_ratio']:>8.2f}x "
+              f"{m['peak_ratio']:>8.2f}x")
+    one = mem["1 rank"]
+    print(f"1 rank: held after forward {one['held_after_forward'] / 2**20:.1f} MiB, peak "
+          f"{one['peak'] / 2**20:.1f} MiB (memory columns: max over ranks / 1 rank)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    pin_threads(1)  # one BLAS/OpenMP thread per rank
+    import distconv as dc
+    from distconv.comm import world
+    from distconv.envinfo import blas_info, cpu_model, git_state
+    comm = world()
+    p, me = comm.size, comm.rank
+    dc.set_default_dtype(np.float32)
+    for s in args.strategy_list:
+        comm.agree(strategy_fits(s, p), f"strategy {s!r} does not fit {p} ranks")
+    rng = np.random.default_rng(args.seed)
+    shape = (1, args.channels, args.size, args.size)
+    x_glob = rng.standard_normal(shape).astype(np.float32)
+    dy_glob = rng.standard_normal(shape).astype(np.float32)
+    single = _Case(args, self_strategy(), x_glob, dy_glob) if me == 0 else None
+    cases = _cases(args, dc, x_glob, dy_glob)
+    t_a, t_b = paired_rounds(comm, single.step if single else None,
+                             {k: c.step for k, c in cases.items()}, args.rounds, args.warmup)
+    mem = _memory_rows(comm, single, cases)
+    if me != 0:
+        return 0
+    rows = [dict(case=k, **paired_row(t_a, t_b[k], threshold=1.8)) for k in cases]
+    _report(args, shape, p, t_a, rows, mem)
+    if args.json:
+        doc = {"benchmark": "bench_spatial", "ranks": p, "shape": list(shape),
+               "layers": args.layers, "rounds": args.rounds, "warmup": args.warmup,
+               "one_rank_step_s": list(t_a), "results": rows, "memory": mem,
+               "cpu": cpu_model(), "blas": blas_info(), "git": git_state(),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               "command": " ".join(sys.argv)}
+        with open(args.json, "w") as fh:
+            json.dump(doc, fh, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    from distconv.comm import run_guarded
+    sys.exit(run_guarded(main))
