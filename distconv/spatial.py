@@ -27,6 +27,7 @@ redistributed.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -101,7 +102,8 @@ class Plan:
     """One rank's halo exchange: ``sends``/``recvs`` as :meth:`Communicator.halo_exchange`
     takes them, over ``comm`` (the sub-communicator of the spatial ``axes``);
     ``blocks[peer]``: the peer's block index on each windowed dim (in ``dims`` order);
-    ``out_shape``: the local window's shape."""
+    ``out_shape``: the local window's shape; ``mine``: this rank's block index on each
+    windowed dim."""
 
     comm: object
     axes: tuple
@@ -110,6 +112,7 @@ class Plan:
     recvs: list
     blocks: dict
     out_shape: tuple
+    mine: tuple = ()
 
 
 def _check_windows(t: DistTensor, windows) -> dict:
@@ -179,7 +182,8 @@ def exchange_plan(dist: Distribution, shape, windows: dict) -> Plan:
         dests = tuple(j for j, _, _ in combo)
         sends.append((peer(dests), tuple(region)))
         blocks[peer(dests)] = dests
-    return Plan(comm, axes, dims, sends, recvs, blocks, out_shape)
+    return Plan(comm, axes, dims, sends, recvs, blocks, out_shape,
+                tuple(mine[d] for d in dims))
 
 
 def halo_gather(t: DistTensor, windows, fill=0.0) -> WindowTensor:
@@ -216,23 +220,74 @@ def halo_gather(t: DistTensor, windows, fill=0.0) -> WindowTensor:
 def _gather(t: DistTensor, windows: dict, fill):
     """Unrecorded halo gather of ``t`` (no pending sums; checked ``windows``): the window
     tensor and ``adjoint(dwin_local) -> dx`` (a DistTensor in ``t``'s layout)."""
-    dist = t.distribution
-    plan = exchange_plan(dist, t.shape, windows)
-    offsets, gshape = {}, list(t.shape)
-    for d, wins in windows.items():
-        live = [w for w in wins if w.size]
-        offsets[d] = max([0] + [-w.start for w in live])
-        gshape[d] = offsets[d] + max([t.shape[d]] + [w.start + w.size for w in live])
-    wdist = WindowDistribution(dist, windows, offsets)
-    local = plan.comm.halo_exchange(t.local, plan.sends, plan.recvs, plan.out_shape, fill=fill)
-    out = WindowTensor(local, wdist, gshape)
-    x_shape, x_local_shape = t.shape, tuple(t.local.shape)
+    h = Halo(t, windows, fill)
+    return WindowTensor(h.start(t.local).wait(), h.wdist, h.gshape), h.adjoint
 
-    def adjoint(dwin):
-        dx = plan.comm.halo_exchange_adjoint(dwin, plan.sends, plan.recvs, x_local_shape)
-        return DistTensor(dx, dist, x_shape)
 
-    return out, adjoint
+class Halo:
+    """One rank's halo exchange of ``t`` (no pending sums) for checked ``windows``.
+
+    ``start(x_local)``: the nonblocking exchange (its ``out`` holds the padding and the own
+    box at once); ``adjoint(dwin)``: the window gradient's halo parts added into their
+    owners' blocks (a DistTensor in ``t``'s layout); ``keep(win)``/``rebuild(x_local,
+    kept)``: the received boxes alone, and the window made again from them and ``x_local``
+    (so a saved window costs its halo, not a copy of the block); ``ready()``: the window
+    rows and columns that hold padding or own data (usable before the exchange ends).
+    """
+
+    def __init__(self, t: DistTensor, windows: dict, fill):
+        dist = t.distribution
+        self.plan = plan = exchange_plan(dist, t.shape, windows)
+        self.fill, self.dist, self.shape = fill, dist, t.shape
+        self.x_local_shape = tuple(t.local.shape)
+        offsets, gshape = {}, list(t.shape)
+        for d, wins in windows.items():
+            live = [w for w in wins if w.size]
+            offsets[d] = max([0] + [-w.start for w in live])
+            gshape[d] = offsets[d] + max([t.shape[d]] + [w.start + w.size for w in live])
+        self.wdist, self.gshape = WindowDistribution(dist, windows, offsets), gshape
+        me = plan.comm.rank
+        self.foreign = [reg for peer, reg in plan.recvs if peer != me]
+        self.own = ([reg for peer, reg in plan.recvs if peer == me],
+                    [reg for peer, reg in plan.sends if peer == me])
+
+    def start(self, x_local):
+        p = self.plan
+        return p.comm.ihalo_exchange(x_local, p.sends, p.recvs, p.out_shape, fill=self.fill)
+
+    def adjoint(self, dwin) -> DistTensor:
+        p = self.plan
+        dx = p.comm.halo_exchange_adjoint(dwin, p.sends, p.recvs, self.x_local_shape)
+        return DistTensor(dx, self.dist, self.shape)
+
+    def keep(self, win) -> list:
+        return [win[reg].copy() for reg in self.foreign]
+
+    def rebuild(self, x_local, kept):
+        xp = array_module(x_local)
+        out = xp.full(self.plan.out_shape, self.fill, x_local.dtype)
+        for dst, src in zip(*self.own):
+            out[dst] = x_local[src]
+        for reg, box in zip(self.foreign, kept):
+            out[reg] = box
+        return out
+
+    def ready(self) -> dict:
+        """``{dim: (lo, hi)}``: window positions ``[lo, hi)`` on each windowed dim that no
+        other rank's box reaches (padding and the own rows), beyond the last box from a
+        lower block and before the first box from a higher one."""
+        p = self.plan
+        out = {}
+        for k, d in enumerate(p.dims):
+            lo, hi = 0, p.out_shape[d]
+            for peer, reg in p.recvs:
+                q = p.blocks[peer][k]
+                if q < p.mine[k]:
+                    lo = max(lo, reg[d].stop)
+                elif q > p.mine[k]:
+                    hi = min(hi, reg[d].start)
+            out[d] = (lo, max(lo, hi))
+        return out
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -327,42 +382,106 @@ def conv2d_core(x: DistTensor, w, b, stride, pads, dilation):
     ``backward(dy, need_dx, need_dw, need_db) -> (dx, dw, db)``: ``dx`` a DistTensor in
     ``x``'s layout (halo parts added back into their owners), ``dw``/``db`` this rank's
     local partial sums (pending over the axes that split ``y``), ``None`` where not needed.
+
+    With :func:`halo_overlap` on (the default), the output rows and columns that read no
+    other rank's data (the interior) are computed while the halo messages are in flight,
+    then the border strips. Only the received halo boxes are kept for backward, next to
+    ``x``'s own block (the window is made again there).
     """
     dist = x.distribution
     F, _, kh, kw = (int(v) for v in w.shape)
+    geo = list(zip((kh, kw), stride, pads, dilation))
     wins = {2 + i: halo.windows(x.shape[2 + i], dist.parts(2 + i), k, s, p, d)
-            for i, (k, s, p, d) in enumerate(zip((kh, kw), stride, pads, dilation))}
-    ho, wo = (halo.out_size(x.shape[2 + i], k, s, p, d)
-              for i, (k, s, p, d) in enumerate(zip((kh, kw), stride, pads, dilation)))
-    grid = dist.grid
-    xw, adjoint = _gather(x, _check_windows(x, wins), 0.0)
-    y_dist = Distribution(grid, [dist.split[0], None, dist.split[2], dist.split[3]])
-    y_shape = (x.shape[0], F, ho, wo)
+            for i, (k, s, p, d) in enumerate(geo)}
+    y_dist = Distribution(dist.grid, [dist.split[0], None, dist.split[2], dist.split[3]])
+    y_shape = (x.shape[0], F, *(halo.out_size(x.shape[2 + i], k, s, p, d)
+                                for i, (k, s, p, d) in enumerate(geo)))
     want = y_dist.local_shape(y_shape)
-    xp = array_module(xw.local)
-    win_hw = tuple(xw.local.shape[2:])
+    h = Halo(x, _check_windows(x, wins), 0.0)
+    xp, x_local = array_module(x.local), x.local
+    req = h.start(x_local)
+    win_hw = tuple(req.out.shape[2:])
     live = all(want) and all(win_hw)
-    if live:
-        y_local = ops.conv2d_forward(xw.local, w, stride, (0, 0), dilation)
-    else:
-        y_local = xp.zeros(want, x.dtype)
+    reach = tuple(d * (k - 1) + 1 for k, d in zip((kh, kw), dilation))
+    y_local = xp.zeros(want, x.dtype) if not live or _OVERLAP[0] else None
+    inner = _interior(h.ready(), want[2:], reach, stride) if live and _OVERLAP[0] else None
+    if inner is not None:
+        _conv_boxes(req.out, w, y_local, [inner], stride, dilation, reach)
+    win = req.wait()
+    if live and y_local is None:
+        y_local = ops.conv2d_forward(win, w, stride, (0, 0), dilation)
+    elif live:
+        _conv_boxes(win, w, y_local, _border(want[2:], inner), stride, dilation, reach)
     if b is not None:
         y_local = y_local + b.reshape(1, F, 1, 1)
-    y = DistTensor(y_local, y_dist, y_shape)
+    kept = h.keep(win)
+    del win, req
 
     def backward(dy, need_dx, need_dw, need_db):
         dy = dy._move(y_dist)
         dx = dw = db = None
+        win = h.rebuild(x_local, kept) if live and need_dw else None
         if need_dx:
             dxw = (ops.conv2d_backward_data(dy.local, w, win_hw, stride, (0, 0), dilation)
-                   if live else xp.zeros(xw.local.shape, x.dtype))
-            dx = adjoint(dxw)
+                   if live else xp.zeros(h.plan.out_shape, x.dtype))
+            dx = h.adjoint(dxw)
         if need_dw:
-            dw = (ops.conv2d_backward_filter(xw.local, dy.local, (kh, kw), stride, (0, 0),
+            dw = (ops.conv2d_backward_filter(win, dy.local, (kh, kw), stride, (0, 0),
                                              dilation)
                   if live else xp.zeros(w.shape, x.dtype))
         if need_db:
             db = dy.local.sum(axis=(0, 2, 3))
         return dx, dw, db
 
-    return y, backward
+    return DistTensor(y_local, y_dist, y_shape), backward
+
+
+#: whether :func:`conv2d_core` computes its interior while the halos are in flight
+_OVERLAP = [True]
+
+
+@contextlib.contextmanager
+def halo_overlap(enabled: bool = True):
+    """Within the block, spatial convolutions overlap (``True``) or do not overlap
+    (``False``) their halo exchange with the interior; the setting before is restored
+    after. Both give the same values up to the order of the sums (tested to 1e-10)."""
+    before = _OVERLAP[0]
+    _OVERLAP[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _OVERLAP[0] = before
+
+
+def _interior(ready: dict, out_hw, reach, stride):
+    """``((i0, i1), (j0, j1))``: the local output rows and columns whose windows lie in the
+    ``ready`` window positions (``{2: (lo, hi), 3: (lo, hi)}``), or None when empty."""
+    box = []
+    for d, n, r, s in zip((2, 3), out_hw, reach, stride):
+        lo, hi = ready[d]
+        a, z = -(-lo // s), min(n, (hi - r) // s + 1) if hi >= r else 0
+        if a >= z:
+            return None
+        box.append((a, z))
+    return tuple(box)
+
+
+def _border(out_hw, inner):
+    """The output boxes outside ``inner`` (all of ``(Ho, Wo)`` when ``inner`` is None): the
+    rows above and below it, then its rows left and right of it; empty boxes left out."""
+    (ho, wo) = out_hw
+    if inner is None:
+        return [((0, ho), (0, wo))]
+    (i0, i1), (j0, j1) = inner
+    boxes = [((0, i0), (0, wo)), ((i1, ho), (0, wo)), ((i0, i1), (0, j0)),
+             ((i0, i1), (j1, wo))]
+    return [bx for bx in boxes if bx[0][0] < bx[0][1] and bx[1][0] < bx[1][1]]
+
+
+def _conv_boxes(win, w, y, boxes, stride, dilation, reach):
+    """``y[:, :, i0:i1, j0:j1]`` = the convolution (padding 0) of the part of the window
+    ``win`` (N, C, Hw, Ww) those outputs read, for each box ``((i0, i1), (j0, j1))``."""
+    (sh, sw), (rh, rw) = stride, reach
+    for (i0, i1), (j0, j1) in boxes:
+        part = win[:, :, i0 * sh:(i1 - 1) * sh + rh, j0 * sw:(j1 - 1) * sw + rw]
+        y[:, :, i0:i1, j0:j1] = ops.conv2d_forward(part, w, stride, (0, 0), dilation)

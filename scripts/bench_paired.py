@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     single = _Case(args, self_strategy(), x_glob, dy_glob) if me == 0 else None
     cases = {s: _Case(args, dc.Strategy.parse(s), x_glob, dy_glob) for s in args.strategy_list}
     t_a, t_b = paired_rounds(comm, single.step if single else None,
-                             {s: c.step for s, c in cases.items()}, args.rounds, args.warmup)
+                             {s: c.step for s, c in cases.items()}, args.rounds, args.warmup)[:2]
     if me != 0:
         return 0
     a = np.array(t_a)

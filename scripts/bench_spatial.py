@@ -11,7 +11,10 @@ alone on a grid of itself, the other ranks sleeping in a nonblocking barrier) an
 of each P-rank case (``distconv.bench.paired``): every ``--strategies`` entry, and for the
 spatial ones (height/width) once with the halo exchange overlapped with the interior of
 each conv and once without (``--overlap``). The speedup of a case is the median over
-rounds of the same round's ``1-rank / P-rank`` ratio, with its quartiles.
+rounds of the same round's ``1-rank / P-rank`` ratio, with its quartiles; the same over
+the *clean* rounds only (both steps lost at most ``--clean-frac`` of their time, on every
+rank, to other processes: wall minus process CPU time, as ``bench_layers.py`` counts it),
+since on a shared machine another job's process takes cores from the P-rank steps.
 
 Memory, after the timed rounds, one untimed step per case with ``tracemalloc`` (NumPy
 reports its buffers to it) and the kernels' scratch cache emptied first:
@@ -29,6 +32,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import sys
 import time
 import tracemalloc
@@ -58,6 +62,9 @@ def parse_args(argv=None):
     ap.add_argument("--overlap", choices=("both", "on", "off"), default="both",
                     help="spatial cases with the halo exchange overlapped with the interior "
                          "of each conv, without, or both (default)")
+    ap.add_argument("--clean-frac", type=float, default=0.03,
+                    help="a step is clean when no rank lost more than this fraction of it "
+                         "to other processes (wall minus CPU time; default 0.03)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (tests)")
     ap.add_argument("--json", default=None, help="rank 0 writes every step time here")
     ap.add_argument("--seed", type=int, default=0)
@@ -107,14 +114,16 @@ class _Case:
         return spatial.halo_overlap(bool(self.overlap))
 
     def step(self):
+        """``(seconds, seconds lost)`` of one step (lost: wall minus process CPU time)."""
         for q in self.params:
             q.grad = None
         with self._overlap():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             self.model(self.x)
             self.model.backward(self.dy)
             self.sync.wait()
-            return time.perf_counter() - t0
+            wall = time.perf_counter() - t0
+            return wall, max(0.0, wall - (time.process_time() - c0))
 
     def memory(self):
         """``(held_after_forward, peak)`` bytes of one step traced from an empty scratch
@@ -176,12 +185,14 @@ def _report(args, shape, p, t_a, rows, mem):
           f"on {shape}, {p} ranks x 1 thread, {args.rounds} paired rounds; 1 rank (rank 0 "
           f"alone, same job): {np.median(t_a) * 1e3:.1f} ms median")
     print(f"{'case':<22} {'P-rank ms':>10} {'paired speedup (q1-q3)':>24} {'ratio of med':>13} "
-          f"{'held mem':>9} {'peak mem':>9}")
+          f"{'clean rounds: speedup':>22} {'held mem':>9} {'peak mem':>9}")
     for r in rows:
         m = mem[r["case"]]
+        clean = (f"{r['clean_rounds']:>3}: {r['speedup_clean_median']:.2f}"
+                 if r["clean_rounds"] else "  0: -")
         print(f"{r['case']:<22} {r['p_ranks_ms']:>10.1f} {r['speedup_paired_median']:>9.2f} "
               f"({r['speedup_paired_q1']:.2f}-{r['speedup_paired_q3']:.2f}) "
-              f"{r['speedup_ratio_of_medians']:>13.2f} {m['held_ratio']:>8.2f}x "
+              f"{r['speedup_ratio_of_medians']:>13.2f} {clean:>22} {m['held_ratio']:>8.2f}x "
               f"{m['peak_ratio']:>8.2f}x")
     one = mem["1 rank"]
     print(f"1 rank: held after forward {one['held_after_forward'] / 2**20:.1f} MiB, peak "
@@ -205,17 +216,25 @@ def main(argv=None) -> int:
     dy_glob = rng.standard_normal(shape).astype(np.float32)
     single = _Case(args, self_strategy(), x_glob, dy_glob) if me == 0 else None
     cases = _cases(args, dc, x_glob, dy_glob)
-    t_a, t_b = paired_rounds(comm, single.step if single else None,
-                             {k: c.step for k, c in cases.items()}, args.rounds, args.warmup)
+    load0 = os.getloadavg()
+    res = paired_rounds(comm, single.step if single else None,
+                        {k: c.step for k, c in cases.items()}, args.rounds, args.warmup,
+                        clean_frac=args.clean_frac)
+    load1 = os.getloadavg()
     mem = _memory_rows(comm, single, cases)
     if me != 0:
         return 0
-    rows = [dict(case=k, **paired_row(t_a, t_b[k], threshold=1.8)) for k in cases]
+    t_a = res.a
+    rows = [dict(case=k, **paired_row(t_a, res.b[k], threshold=1.8,
+                                      clean=[x and y for x, y in zip(res.clean_a, res.clean_b[k])]))
+            for k in cases]
     _report(args, shape, p, t_a, rows, mem)
     if args.json:
         doc = {"benchmark": "bench_spatial", "ranks": p, "shape": list(shape),
                "layers": args.layers, "rounds": args.rounds, "warmup": args.warmup,
-               "one_rank_step_s": list(t_a), "results": rows, "memory": mem,
+               "one_rank_step_s": list(t_a), "one_rank_clean": res.clean_a,
+               "clean_frac": args.clean_frac, "results": rows, "memory": mem,
+               "loadavg_before": load0, "loadavg_after": load1,
                "cpu": cpu_model(), "blas": blas_info(), "git": git_state(),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "command": " ".join(sys.argv)}
