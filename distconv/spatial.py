@@ -373,15 +373,20 @@ def conv2d(x: DistTensor, weight, bias=None, stride=1, padding=0, dilation=1) ->
     return y
 
 
-def conv2d_core(x: DistTensor, w, b, stride, pads, dilation):
+def conv2d_core(x: DistTensor, w, b, stride, pads, dilation, filters=None, pending=()):
     """The unrecorded spatial convolution under :func:`conv2d` (and ``nn.Conv2d``).
 
-    ``x``: checked as :func:`conv2d` does, no pending sums; ``w``/``b``: this rank's full
-    (replicated) weight and bias arrays (``b`` may be None); ``pads``: ``((lo, hi), (lo,
-    hi))``. Returns ``y`` (N split like ``x``, C whole, Ho/Wo over ``x``'s H/W axes) and
-    ``backward(dy, need_dx, need_dw, need_db) -> (dx, dw, db)``: ``dx`` a DistTensor in
-    ``x``'s layout (halo parts added back into their owners), ``dw``/``db`` this rank's
-    local partial sums (pending over the axes that split ``y``), ``None`` where not needed.
+    ``x``: (N, C, H, W), no pending sums, H and W split over at most one grid axis each;
+    ``w``/``b``: this rank's weight (Fb, Cb, kh, kw) and bias (Fb,) arrays (``b`` may be
+    None), where Cb is ``x``'s local block of channels; ``pads``: ``((lo, hi), (lo, hi))``.
+    ``filters``: None when ``w`` holds every filter, else ``(F, axes)``: the global filter
+    count, of which ``w`` holds this rank's floor+1 block over grid ``axes``; ``pending``:
+    the axes ``y`` is a partial sum over (``x``'s channels split over them). Returns ``y``
+    (N split like ``x``, F over ``axes``, Ho/Wo over ``x``'s H/W axes; pending over
+    ``pending``) and ``backward(dy, need_dx, need_dw, need_db) -> (dx, dw, db)``: ``dx`` a
+    DistTensor in ``x``'s layout (halo parts added back into their owners; pending over
+    ``axes`` when the filters are split), ``dw``/``db`` this rank's local partial sums
+    (pending over the axes that split ``y``), ``None`` where not needed.
 
     With :func:`halo_overlap` on (the default), the output rows and columns that read no
     other rank's data (the interior) are computed while the halo messages are in flight,
@@ -393,7 +398,8 @@ def conv2d_core(x: DistTensor, w, b, stride, pads, dilation):
     geo = list(zip((kh, kw), stride, pads, dilation))
     wins = {2 + i: halo.windows(x.shape[2 + i], dist.parts(2 + i), k, s, p, d)
             for i, (k, s, p, d) in enumerate(geo)}
-    y_dist = Distribution(dist.grid, [dist.split[0], None, dist.split[2], dist.split[3]])
+    F, f_axes = (F, None) if filters is None else filters
+    y_dist = Distribution(dist.grid, [dist.split[0], f_axes, dist.split[2], dist.split[3]])
     y_shape = (x.shape[0], F, *(halo.out_size(x.shape[2 + i], k, s, p, d)
                                 for i, (k, s, p, d) in enumerate(geo)))
     want = y_dist.local_shape(y_shape)
@@ -413,7 +419,7 @@ def conv2d_core(x: DistTensor, w, b, stride, pads, dilation):
     elif live:
         _conv_boxes(win, w, y_local, _border(want[2:], inner), stride, dilation, reach)
     if b is not None:
-        y_local = y_local + b.reshape(1, F, 1, 1)
+        y_local = y_local + b.reshape(1, -1, 1, 1)
     kept = h.keep(win)
     del win, req
 
@@ -425,6 +431,8 @@ def conv2d_core(x: DistTensor, w, b, stride, pads, dilation):
             dxw = (ops.conv2d_backward_data(dy.local, w, win_hw, stride, (0, 0), dilation)
                    if live else xp.zeros(h.plan.out_shape, x.dtype))
             dx = h.adjoint(dxw)
+            if f_axes:
+                dx = DistTensor(dx.local, dist.replace(pending=f_axes), x.shape)
         if need_dw:
             dw = (ops.conv2d_backward_filter(win, dy.local, (kh, kw), stride, (0, 0),
                                              dilation)
@@ -433,7 +441,7 @@ def conv2d_core(x: DistTensor, w, b, stride, pads, dilation):
             db = dy.local.sum(axis=(0, 2, 3))
         return dx, dw, db
 
-    return DistTensor(y_local, y_dist, y_shape), backward
+    return DistTensor(y_local, y_dist.replace(pending=pending), y_shape), backward
 
 
 #: whether :func:`conv2d_core` computes its interior while the halos are in flight

@@ -1,0 +1,121 @@
+"""Conv2d with a spatial split combined with channel, filter or sample, against PyTorch float64.
+
+At 4 ranks every strategy with one of channel/filter/sample at 2 and one of height/width
+at 2 (channel=2 x height=2, filter=2 x width=2, sample=2 x height=2, ...), and at 2 ranks
+the spatial ones, on a conv stack (7x7 stride 2 padding 3 with no bias, 3x3 dilation 2
+with bias, 3x3 stride 2) whose layers take different strategies, odd H and W, and H or W
+smaller than the blocks after the strided convs: y, dx and every weight and bias
+gradient (after sync_gradients) match torch to 1e-10 (normwise relative). The weight of a
+channel x height layer is stored split on C and replicated over height, its gradient
+pending over sample x height x width before the sync. The halo exchange runs among the
+ranks that hold the same samples and channels. Negative control: gradients not summed over
+height and width must be reported.
+"""
+import numpy as np
+import pytest
+
+from distconv import nn
+from distconv.backend import set_default_dtype
+from distconv.strategy import Strategy
+from tests.mpi_harness import mpi
+from tests.torch_ref import Report, compare_model, draw, randomize, to_torch
+
+MIXED = [dict(channel=2, height=2), dict(filter=2, height=2), dict(channel=2, width=2),
+         dict(filter=2, width=2), dict(sample=2, height=2), dict(sample=2, width=2),
+         dict(sample=1, height=2, width=2), dict(sample=1, height=2), dict(sample=1, width=2)]
+SHAPES = [(2, 4, 13, 11), (3, 4, 7, 9)]
+
+
+def fitting(p):
+    out = []
+    for kw in MIXED:
+        st = Strategy(**kw)
+        try:
+            st.resolve(p)
+        except ValueError:
+            continue
+        out.append(st)
+    return out
+
+
+def stack():
+    return nn.Sequential(
+        nn.Conv2d(4, 6, 7, stride=2, padding=3, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=2, dilation=2),
+        nn.Conv2d(6, 5, 3, stride=2, padding=1),
+    )
+
+
+def plans(p):
+    """Each mixed strategy on every conv, and rotated so neighbours differ."""
+    sts = fitting(p)
+    out = [(str(st), {"": st}) for st in sts]
+    for i in range(len(sts)):
+        a, b, c = sts[i], sts[(i + 1) % len(sts)], sts[(i + 2) % len(sts)]
+        out.append((f"{a} | {b} | {c}", {"0": a, "2": b, "3": c}))
+    return out
+
+
+@mpi(ranks=(2, 4), timeout=240)
+def test_mixed_spatial_conv_stack_vs_torch(comm):
+    set_default_dtype(np.float64)
+    rep = Report()
+    nn.manual_seed(0)
+    m = stack()
+    sd0 = randomize(m, 4)
+    cases = plans(comm.size)
+    assert cases
+    for what, plan in cases:
+        m.load_state_dict(sd0)
+        m.set_strategy(plan)
+        for shape in SHAPES:
+            compare_model(m, draw(shape, shape[2]), rep, f"{what} {shape}", tmodel=to_torch(m))
+    rep.assert_ok(comm)
+    assert rep.checked > 0
+
+
+@mpi(ranks=(4,), timeout=120)
+def test_channel_height_layouts_and_pending_gradients(comm):
+    """channel=2 x height=2: weight split on C over channel, replicated over height; before
+    the sync its gradient is pending over height (and width/sample of size 1 are absent);
+    the output is in the activation layout (C over channel x filter, H over height)."""
+    set_default_dtype(np.float64)
+    nn.manual_seed(0)
+    st = Strategy(channel=2, height=2)
+    conv = nn.Conv2d(4, 6, 3, padding=1, strategy=st)
+    g = st.grid()
+    assert conv.weight.data.distribution.split[1] == ("channel",)  # filter=1: F whole
+    assert conv.weight.data.local.shape == (6, 2, 3, 3)
+    comm_ = g.comm
+    comm_.reset_stats()
+    y = conv(draw((2, 4, 9, 7), 1))
+    assert y.distribution == st.activation_distribution(4)
+    kinds = set(comm_.stats())
+    assert {"halo", "reduce_scatter"} <= kinds, kinds  # halo over height, sum over channel
+    y.backward(draw(tuple(y.shape), 2))
+    want = {a for a in ("sample", "height", "width") if g.axis_size(a) > 1}
+    for prm in (conv.weight, conv.bias):
+        assert set(prm.grad.distribution.pending) == want, prm.grad.distribution
+
+
+@mpi(ranks=(4,), timeout=120)
+def test_negative_control_unsummed_spatial_gradients(comm):
+    set_default_dtype(np.float64)
+    nn.manual_seed(0)
+    m = stack()
+    randomize(m, 5)
+    m.set_strategy({"": Strategy(channel=2, height=2)})
+    x = draw((2, 4, 13, 11), 3)
+    good = Report()
+    compare_model(m, x, good, "good", tmodel=to_torch(m))
+    good.assert_ok(comm)
+    orig = nn.Parameter.accumulate
+    bad = Report()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nn.Parameter, "accumulate",
+                   lambda self, g, pending: orig(self, g, tuple(
+                       a for a in pending if a not in ("height", "width"))))
+        compare_model(m, x, bad, "unsummed", tmodel=to_torch(m))
+    errs = bad.merged(comm)
+    assert any("0.weight" in e for e in errs) and any("2.bias" in e for e in errs), errs
