@@ -513,6 +513,11 @@ class Communicator:
         where ``x`` was sent nowhere), so ``<halo_exchange(x), y> == <x, adjoint(y)>``
         summed over ranks.
         """
+        return self.ihalo_exchange_adjoint(y, sends, recvs, x_shape, kind).wait()
+
+    def ihalo_exchange_adjoint(self, y, sends, recvs, x_shape, kind: str = "halo_adjoint"):
+        """Nonblocking :meth:`halo_exchange_adjoint`: a :class:`HaloRequest` whose ``wait()``
+        returns ``dx`` (recorded once, when it completes)."""
         xp = array_module(y)
         sends, recvs = halo_args(x_shape, y.shape, sends, recvs, self.size, self.rank)
         t0 = time.perf_counter()
@@ -530,9 +535,9 @@ class Communicator:
         def add(reg, a):
             dx[reg] += a
 
-        self._p2p(xp, y, recvs, sends, _HALO_ADJ_TAG, add).finish()
-        self._record(kind, *halo_bytes(recvs, sends, self.rank, y.dtype.itemsize), t0)
-        return dx
+        post = self._p2p(xp, y, recvs, sends, _HALO_ADJ_TAG, add)
+        return HaloRequest(self, post, dx, kind,
+                           halo_bytes(recvs, sends, self.rank, y.dtype.itemsize), t0)
 
     def _p2p(self, xp, src, sends, recvs, tag, put) -> "_P2P":
         """Post every receive, then every send, ``put`` the own box; the returned
@@ -606,8 +611,9 @@ class _P2P:
 
 
 class HaloRequest:
-    """A halo exchange in flight (:meth:`Communicator.ihalo_exchange`): ``out`` is the
-    result array (``fill`` and the own box until ``wait()`` lands the rest)."""
+    """A halo exchange or its adjoint in flight (:meth:`Communicator.ihalo_exchange`,
+    :meth:`Communicator.ihalo_exchange_adjoint`): ``out`` is the result array (only the own
+    box is in place until ``wait()`` lands the rest)."""
 
     def __init__(self, comm, post, out, kind, nbytes, t0):
         self._comm, self._post, self.out, self._kind = comm, post, out, kind

@@ -241,6 +241,10 @@ class ShapeComm(Communicator):
         """The nonblocking exchange: recorded as one ``kind`` call, as the real one."""
         return _Done(self.halo_exchange(x, sends, recvs, out_shape, fill, kind))
 
+    def ihalo_exchange_adjoint(self, y, sends, recvs, x_shape, kind: str = "halo_adjoint"):
+        """The nonblocking adjoint: recorded as one ``kind`` call, as the real one."""
+        return _Done(self.halo_exchange_adjoint(y, sends, recvs, x_shape, kind))
+
     def halo_exchange_adjoint(self, y, sends, recvs, x_shape, kind: str = "halo_adjoint"):
         sends, recvs = halo_args(x_shape, y.shape, sends, recvs, self.size, self.rank)
         self._record(kind, *halo_bytes(recvs, sends, self.rank, y.dtype.itemsize),

@@ -27,13 +27,13 @@ redistributed.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 from dataclasses import dataclass
 
-from . import autograd, halo, ops
+from . import autograd, halo, ops, spatial_overlap
 from .backend import array_module
 from .distribution import Distribution, block_range
+from .spatial_overlap import halo_overlap  # noqa: F401  (re-exported)
 from .tensor import DistTensor
 
 
@@ -256,9 +256,13 @@ class Halo:
         return p.comm.ihalo_exchange(x_local, p.sends, p.recvs, p.out_shape, fill=self.fill)
 
     def adjoint(self, dwin) -> DistTensor:
+        return self.start_adjoint(dwin)()
+
+    def start_adjoint(self, dwin):
+        """The adjoint exchange, started: a function that waits for it and returns dx."""
         p = self.plan
-        dx = p.comm.halo_exchange_adjoint(dwin, p.sends, p.recvs, self.x_local_shape)
-        return DistTensor(dx, self.dist, self.shape)
+        req = p.comm.ihalo_exchange_adjoint(dwin, p.sends, p.recvs, self.x_local_shape)
+        return lambda: DistTensor(req.wait(), self.dist, self.shape)
 
     def keep(self, win) -> list:
         return [win[reg].copy() for reg in self.foreign]
@@ -388,10 +392,11 @@ def conv2d_core(x: DistTensor, w, b, stride, pads, dilation, filters=None, pendi
     ``axes`` when the filters are split), ``dw``/``db`` this rank's local partial sums
     (pending over the axes that split ``y``), ``None`` where not needed.
 
-    With :func:`halo_overlap` on (the default), the output rows and columns that read no
-    other rank's data (the interior) are computed while the halo messages are in flight,
-    then the border strips. Only the received halo boxes are kept for backward, next to
-    ``x``'s own block (the window is made again there).
+    With :func:`halo_overlap` on (the default) at the forward call, the output rows and
+    columns that read no other rank's data (the interior) are computed while the halo
+    messages are in flight, then the border strips; in backward, ``dw`` is computed while
+    the halo parts of ``dx`` travel back. Only the received halo boxes are kept for
+    backward, next to ``x``'s own block (the window is made again there).
     """
     dist = x.distribution
     F, _, kh, kw = (int(v) for v in w.shape)
@@ -409,17 +414,19 @@ def conv2d_core(x: DistTensor, w, b, stride, pads, dilation, filters=None, pendi
     win_hw = tuple(req.out.shape[2:])
     live = all(want) and all(win_hw)
     reach = tuple(d * (k - 1) + 1 for k, d in zip((kh, kw), dilation))
+    ov = spatial_overlap
+    overlap = ov.enabled()
     # with overlap the interior and border boxes fill every output (no zeros needed)
-    y_local = (None if live and not _OVERLAP[0] else
+    y_local = (None if live and not overlap else
                xp.empty(want, x.dtype) if live else xp.zeros(want, x.dtype))
-    inner = _interior(h.ready(), want[2:], reach, stride) if live and _OVERLAP[0] else None
+    inner = ov.interior(h.ready(), want[2:], reach, stride) if live and overlap else None
     if inner is not None:
-        _conv_boxes(req.out, w, y_local, [inner], stride, dilation, reach)
+        ov.conv_boxes(req.out, w, y_local, [inner], stride, dilation, reach)
     win = req.wait()
     if live and y_local is None:
         y_local = ops.conv2d_forward(win, w, stride, (0, 0), dilation)
     elif live:
-        _conv_boxes(win, w, y_local, _border(want[2:], inner), stride, dilation, reach)
+        ov.conv_boxes(win, w, y_local, ov.border(want[2:], inner), stride, dilation, reach)
     if b is not None:
         y_local = y_local + b.reshape(1, -1, 1, 1)
     kept = h.keep(win)
@@ -429,69 +436,22 @@ def conv2d_core(x: DistTensor, w, b, stride, pads, dilation, filters=None, pendi
         dy = dy._move(y_dist)
         dx = dw = db = None
         win = h.rebuild(x_local, kept) if live and need_dw else None
-        if need_dx:
+        if need_dx:  # with overlap, dw is computed while dx's halo parts travel
             dxw = (ops.conv2d_backward_data(dy.local, w, win_hw, stride, (0, 0), dilation)
                    if live else xp.zeros(h.plan.out_shape, x.dtype))
-            dx = h.adjoint(dxw)
-            if f_axes:
-                dx = DistTensor(dx.local, dist.replace(pending=f_axes), x.shape)
+            dx = h.start_adjoint(dxw)
+            if not overlap:
+                dx = dx()
         if need_dw:
             dw = (ops.conv2d_backward_filter(win, dy.local, (kh, kw), stride, (0, 0),
                                              dilation)
                   if live else xp.zeros(w.shape, x.dtype))
+        if need_dx:
+            dx = dx() if overlap else dx
+            if f_axes:
+                dx = DistTensor(dx.local, dist.replace(pending=f_axes), x.shape)
         if need_db:
             db = dy.local.sum(axis=(0, 2, 3))
         return dx, dw, db
 
     return DistTensor(y_local, y_dist.replace(pending=pending), y_shape), backward
-
-
-#: whether :func:`conv2d_core` computes its interior while the halos are in flight
-_OVERLAP = [True]
-
-
-@contextlib.contextmanager
-def halo_overlap(enabled: bool = True):
-    """Within the block, spatial convolutions overlap (``True``) or do not overlap
-    (``False``) their halo exchange with the interior; the setting before is restored
-    after. Both give the same values up to the order of the sums (tested to 1e-10)."""
-    before = _OVERLAP[0]
-    _OVERLAP[0] = bool(enabled)
-    try:
-        yield
-    finally:
-        _OVERLAP[0] = before
-
-
-def _interior(ready: dict, out_hw, reach, stride):
-    """``((i0, i1), (j0, j1))``: the local output rows and columns whose windows lie in the
-    ``ready`` window positions (``{2: (lo, hi), 3: (lo, hi)}``), or None when empty."""
-    box = []
-    for d, n, r, s in zip((2, 3), out_hw, reach, stride):
-        lo, hi = ready[d]
-        a, z = -(-lo // s), min(n, (hi - r) // s + 1) if hi >= r else 0
-        if a >= z:
-            return None
-        box.append((a, z))
-    return tuple(box)
-
-
-def _border(out_hw, inner):
-    """The output boxes outside ``inner`` (all of ``(Ho, Wo)`` when ``inner`` is None): the
-    rows above and below it, then its rows left and right of it; empty boxes left out."""
-    (ho, wo) = out_hw
-    if inner is None:
-        return [((0, ho), (0, wo))]
-    (i0, i1), (j0, j1) = inner
-    boxes = [((0, i0), (0, wo)), ((i1, ho), (0, wo)), ((i0, i1), (0, j0)),
-             ((i0, i1), (j1, wo))]
-    return [bx for bx in boxes if bx[0][0] < bx[0][1] and bx[1][0] < bx[1][1]]
-
-
-def _conv_boxes(win, w, y, boxes, stride, dilation, reach):
-    """``y[:, :, i0:i1, j0:j1]`` = the convolution (padding 0) of the part of the window
-    ``win`` (N, C, Hw, Ww) those outputs read, for each box ``((i0, i1), (j0, j1))``."""
-    (sh, sw), (rh, rw) = stride, reach
-    for (i0, i1), (j0, j1) in boxes:
-        part = win[:, :, i0 * sh:(i1 - 1) * sh + rh, j0 * sw:(j1 - 1) * sw + rw]
-        y[:, :, i0:i1, j0:j1] = ops.conv2d_forward(part, w, stride, (0, 0), dilation)

@@ -1,6 +1,7 @@
 """The overlapped spatial convolution: interior while the halos are in flight, then border.
 
-``distconv.spatial.halo_overlap(True/False)`` must give the same y, dx, dw and db (normwise
+``distconv.spatial.halo_overlap(True/False)`` (forward: interior first; backward: dw while
+dx's halo parts travel back) must give the same y, dx, dw and db (normwise
 relative error below 1e-10), both matching torch float64, with the same halo calls and
 bytes, on every (sample, height, width) grid of 1-4 ranks; the interior really is computed
 before the exchange completes on split grids. Negative control: skipping the border strips
@@ -16,12 +17,12 @@ from tests.torch_ref import Report
 
 
 def test_interior_and_border_tile_the_output():
-    from distconv.spatial import _border, _interior
+    from distconv.spatial_overlap import border, interior
 
     for ho, wo in [(5, 4), (1, 1), (7, 3)]:
         for ready in [{2: (0, 9), 3: (0, 9)}, {2: (1, 8), 3: (0, 6)}, {2: (3, 3), 3: (0, 9)}]:
-            inner = _interior(ready, (ho, wo), (3, 3), (1, 1))
-            boxes = ([inner] if inner else []) + _border((ho, wo), inner)
+            inner = interior(ready, (ho, wo), (3, 3), (1, 1))
+            boxes = ([inner] if inner else []) + border((ho, wo), inner)
             cover = np.zeros((ho, wo), int)
             for (i0, i1), (j0, j1) in boxes:
                 cover[i0:i1, j0:j1] += 1
@@ -29,7 +30,7 @@ def test_interior_and_border_tile_the_output():
             if inner:   # every interior output reads ready positions only
                 for d, (a, z) in zip((2, 3), inner):
                     assert ready[d][0] <= a and (z - 1) + 3 <= ready[d][1]
-    assert _interior({2: (1, 3), 3: (0, 9)}, (5, 5), (3, 3), (1, 1)) is None
+    assert interior({2: (1, 3), 3: (0, 9)}, (5, 5), (3, 3), (1, 1)) is None
 
 
 def _grads(comm, name, gshape, overlap):
@@ -52,15 +53,15 @@ def _grads(comm, name, gshape, overlap):
 @pytest.mark.parametrize("name", list(CASES))
 @mpi(ranks=(1, 2, 3, 4), timeout=90)
 def test_overlap_on_and_off_agree_and_match_torch(comm, name):
-    from distconv import spatial
+    from distconv import spatial, spatial_overlap
     from distconv.backend import set_default_dtype
 
     set_default_dtype(np.float64)
     rep = Report()
     calls = []
-    real = spatial._interior
+    real = spatial_overlap.interior
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(spatial, "_interior", lambda *a: calls.append(real(*a)) or calls[-1])
+        mp.setattr(spatial_overlap, "interior", lambda *a: calls.append(real(*a)) or calls[-1])
         for gshape in grids(comm.size):
             for flag in (True, False):
                 with spatial.halo_overlap(flag):
@@ -81,14 +82,14 @@ def test_overlap_on_and_off_agree_and_match_torch(comm, name):
 def test_negative_control_border_skipped(comm):
     """Leaving out the border strips (computing the interior only) must fail against torch
     on a split grid; the real code passes."""
-    from distconv import spatial
+    from distconv import spatial, spatial_overlap
     from distconv.backend import set_default_dtype
 
     set_default_dtype(np.float64)
     gshape = (1, 2, comm.size // 2)
     bad = Report()
     with pytest.MonkeyPatch.context() as mp, spatial.halo_overlap(True):
-        mp.setattr(spatial, "_border", lambda out_hw, inner: [] if inner else
+        mp.setattr(spatial_overlap, "border", lambda out_hw, inner: [] if inner else
                    [((0, out_hw[0]), (0, out_hw[1]))])
         run_case(comm, "same-3x3", gshape, bad, check_bytes=False)
     errs = bad.merged(comm)
@@ -101,15 +102,16 @@ def test_negative_control_border_skipped(comm):
 
 def test_halo_overlap_restores_the_setting():
     from distconv import spatial
+    from distconv.spatial_overlap import enabled
 
-    before = spatial._OVERLAP[0]
+    before = enabled()
     with spatial.halo_overlap(not before):
-        assert spatial._OVERLAP[0] is (not before)
+        assert enabled() is (not before)
         with pytest.raises(KeyError):
             with spatial.halo_overlap(before):
                 raise KeyError
-        assert spatial._OVERLAP[0] is (not before)
-    assert spatial._OVERLAP[0] is before
+        assert enabled() is (not before)
+    assert enabled() is before
 
 
 @mpi(ranks=(2, 3), timeout=60)
