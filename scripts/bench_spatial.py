@@ -17,11 +17,13 @@ rank, to other processes: wall minus process CPU time, as ``bench_layers.py`` co
 since on a shared machine another job's process takes cores from the P-rank steps.
 
 Memory, after the timed rounds, one untimed step per case with ``tracemalloc`` (NumPy
-reports its buffers to it) and the kernels' scratch cache emptied first:
-``held_after_forward`` (the bytes alive after forward: the activations kept for backward
-and the output) and ``peak`` (the step's high-water mark, scratch buffers included), per
-rank (the maximum over ranks), and their ratios to 1 rank's. The halo bytes a rank sends
-per step are taken from ``comm.stats()``.
+reports its buffers to it) and the kernels' scratch cache (``distconv.ops._workspace``)
+emptied first, per rank (the maximum over ranks) and as ratios to 1 rank's:
+``activations`` (the bytes alive after forward that are not scratch: what the layers keep
+for backward, and the output), ``scratch`` (the cache after the step: im2col columns and
+the like, kept between steps, one buffer per shape) and ``peak`` (the step's high-water
+mark, scratch included). The halo bytes a rank sends per step are taken from
+``comm.stats()``.
 
 One BLAS thread per rank (``distconv.envinfo.pin_threads``). Rank 0 prints a table and
 writes ``--json``.
@@ -126,8 +128,8 @@ class _Case:
             return wall, max(0.0, wall - (time.process_time() - c0))
 
     def memory(self):
-        """``(held_after_forward, peak)`` bytes of one step traced from an empty scratch
-        cache; the bytes this rank sent per kind of message in that step."""
+        """``(activations, scratch, peak)`` bytes of one step traced from an empty scratch
+        cache (see the module docstring); the bytes this rank sent per kind of message."""
         from distconv.bench.stats import stats_delta
         from distconv.comm import world
         from distconv.ops import _workspace
@@ -139,13 +141,13 @@ class _Case:
         with self._overlap():
             tracemalloc.start()
             self.model(self.x)
-            held = tracemalloc.get_traced_memory()[0]
+            act = tracemalloc.get_traced_memory()[0] - _workspace._BYTES
             self.model.backward(self.dy)
             self.sync.wait()
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
         sent = {k: v["bytes_sent"] for k, v in stats_delta(world().stats(), before).items()}
-        return held, peak, sent
+        return {"activations": act, "scratch": _workspace._BYTES, "peak": peak, "sent": sent}
 
 
 def _cases(args, dc, x_glob, dy_glob):
@@ -169,14 +171,15 @@ def _memory_rows(comm, single, cases):
     one = single.memory() if comm.rank == 0 else None
     comm.idle_barrier()
     one = comm.allgather_obj(one)[0]
-    rows = {"1 rank": {"held_after_forward": one[0], "peak": one[1], "sent": one[2]}}
+    rows = {"1 rank": one}
+    keys = ("activations", "scratch", "peak")
     for name, case in cases.items():
         comm.barrier()
         got = comm.allgather_obj(case.memory())
-        held, peak = max(g[0] for g in got), max(g[1] for g in got)
-        rows[name] = {"held_after_forward": held, "peak": peak,
-                      "held_ratio": held / one[0], "peak_ratio": peak / one[1],
-                      "sent_per_rank": [g[2] for g in got]}
+        row = {k: max(g[k] for g in got) for k in keys}
+        row.update({f"{k}_ratio": row[k] / one[k] for k in keys})
+        row["sent_per_rank"] = [g["sent"] for g in got]
+        rows[name] = row
     return rows
 
 
@@ -185,18 +188,20 @@ def _report(args, shape, p, t_a, rows, mem):
           f"on {shape}, {p} ranks x 1 thread, {args.rounds} paired rounds; 1 rank (rank 0 "
           f"alone, same job): {np.median(t_a) * 1e3:.1f} ms median")
     print(f"{'case':<22} {'P-rank ms':>10} {'paired speedup (q1-q3)':>24} {'ratio of med':>13} "
-          f"{'clean rounds: speedup':>22} {'held mem':>9} {'peak mem':>9}")
+          f"{'clean rounds: speedup':>22} {'activ.':>7} {'scratch':>8} {'peak':>6}")
     for r in rows:
         m = mem[r["case"]]
         clean = (f"{r['clean_rounds']:>3}: {r['speedup_clean_median']:.2f}"
                  if r["clean_rounds"] else "  0: -")
         print(f"{r['case']:<22} {r['p_ranks_ms']:>10.1f} {r['speedup_paired_median']:>9.2f} "
               f"({r['speedup_paired_q1']:.2f}-{r['speedup_paired_q3']:.2f}) "
-              f"{r['speedup_ratio_of_medians']:>13.2f} {clean:>22} {m['held_ratio']:>8.2f}x "
-              f"{m['peak_ratio']:>8.2f}x")
+              f"{r['speedup_ratio_of_medians']:>13.2f} {clean:>22} "
+              f"{m['activations_ratio']:>6.2f}x {m['scratch_ratio']:>7.2f}x "
+              f"{m['peak_ratio']:>5.2f}x")
     one = mem["1 rank"]
-    print(f"1 rank: held after forward {one['held_after_forward'] / 2**20:.1f} MiB, peak "
-          f"{one['peak'] / 2**20:.1f} MiB (memory columns: max over ranks / 1 rank)")
+    print(f"1 rank: activations {one['activations'] / 2**20:.1f} MiB, scratch "
+          f"{one['scratch'] / 2**20:.1f} MiB, peak {one['peak'] / 2**20:.1f} MiB (memory "
+          f"columns: max over ranks / 1 rank)")
 
 
 def main(argv=None) -> int:
