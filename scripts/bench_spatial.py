@@ -14,7 +14,9 @@ each conv and once without (``--overlap``). The speedup of a case is the median 
 rounds of the same round's ``1-rank / P-rank`` ratio, with its quartiles; the same over
 the *clean* rounds only (both steps lost at most ``--clean-frac`` of their time, on every
 rank, to other processes: wall minus process CPU time, as ``bench_layers.py`` counts it),
-since on a shared machine another job's process takes cores from the P-rank steps.
+since on a shared machine another job's process takes cores from the P-rank steps; and
+the same ratio of process CPU times (the max over ranks), which leaves out the time other
+processes held the cores but counts MPI's busy-waiting for a slower rank.
 
 Memory, after the timed rounds, one untimed step per case with ``tracemalloc`` (NumPy
 reports its buffers to it) and the kernels' scratch cache (``distconv.ops._workspace``)
@@ -188,7 +190,8 @@ def _report(args, shape, p, t_a, rows, mem):
           f"on {shape}, {p} ranks x 1 thread, {args.rounds} paired rounds; 1 rank (rank 0 "
           f"alone, same job): {np.median(t_a) * 1e3:.1f} ms median")
     print(f"{'case':<22} {'P-rank ms':>10} {'paired speedup (q1-q3)':>24} {'ratio of med':>13} "
-          f"{'clean rounds: speedup':>22} {'activ.':>7} {'scratch':>8} {'peak':>6}")
+          f"{'clean rounds: speedup':>22} {'CPU-time speedup':>17} {'activ.':>7} {'scratch':>8} "
+          f"{'peak':>6}")
     for r in rows:
         m = mem[r["case"]]
         clean = (f"{r['clean_rounds']:>3}: {r['speedup_clean_median']:.2f}"
@@ -196,6 +199,7 @@ def _report(args, shape, p, t_a, rows, mem):
         print(f"{r['case']:<22} {r['p_ranks_ms']:>10.1f} {r['speedup_paired_median']:>9.2f} "
               f"({r['speedup_paired_q1']:.2f}-{r['speedup_paired_q3']:.2f}) "
               f"{r['speedup_ratio_of_medians']:>13.2f} {clean:>22} "
+              f"{r['speedup_cpu_median']:>17.2f} "
               f"{m['activations_ratio']:>6.2f}x {m['scratch_ratio']:>7.2f}x "
               f"{m['peak_ratio']:>5.2f}x")
     one = mem["1 rank"]
@@ -231,7 +235,8 @@ def main(argv=None) -> int:
         return 0
     t_a = res.a
     rows = [dict(case=k, **paired_row(t_a, res.b[k], threshold=1.8,
-                                      clean=[x and y for x, y in zip(res.clean_a, res.clean_b[k])]))
+                                      clean=[x and y for x, y in zip(res.clean_a, res.clean_b[k])],
+                                      cpu=(res.cpu_a, res.cpu_b[k])))
             for k in cases]
     _report(args, shape, p, t_a, rows, mem)
     if args.json:
