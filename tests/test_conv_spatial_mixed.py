@@ -119,3 +119,29 @@ def test_negative_control_unsummed_spatial_gradients(comm):
         compare_model(m, x, bad, "unsummed", tmodel=to_torch(m))
     errs = bad.merged(comm)
     assert any("0.weight" in e for e in errs) and any("2.bias" in e for e in errs), errs
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@mpi(ranks=(4,), timeout=120)
+def test_shape_only_step_records_the_real_bytes(comm, overlap):
+    """One source of truth: a shape-only training step (distconv.trace, ShapeComm) of a net
+    with channel x height and filter x width convs records, per kind, the calls and bytes
+    of the real step on this rank (halo and its adjoint included), overlap on or off."""
+    from distconv import spatial
+    from distconv.trace import shape_only_step
+    from tests.test_trace import _counts, _real_step
+
+    set_default_dtype(np.float64)
+    nn.manual_seed(3)
+    m = nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1, strategy="channel=2,height=2"),
+        nn.BatchNorm2d(6, strategy="channel=2,height=2"), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 5, 3, stride=2, padding=1, strategy="filter=2,width=2"),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    sd = m.state_dict()
+    with spatial.halo_overlap(overlap):
+        real, labels = _real_step(comm, m, (2, 4, 11, 9), 0)
+        m.load_state_dict(sd)
+        tr = shape_only_step(m, (2, 4, 11, 9), comm.size, comm.rank, labels=labels)
+    assert {"halo", "halo_adjoint"} <= set(real), set(real)
+    assert _counts(tr.stats) == _counts(real), (_counts(tr.stats), _counts(real))
