@@ -145,3 +145,43 @@ def test_shape_only_step_records_the_real_bytes(comm, overlap):
         tr = shape_only_step(m, (2, 4, 11, 9), comm.size, comm.rank, labels=labels)
     assert {"halo", "halo_adjoint"} <= set(real), set(real)
     assert _counts(tr.stats) == _counts(real), (_counts(tr.stats), _counts(real))
+
+
+@mpi(ranks=(4,), timeout=120)
+def test_halo_bytes_equal_the_analytic_count(comm):
+    """channel=2 x height=2 and filter=2 x width=2: the forward halo bytes of each rank are
+    the count of tests/test_spatial.py for its block of channels (C/2 under channel, all C
+    under filter, whose input is gathered over the filter group first), the adjoint's the
+    reverse."""
+    from tests.test_spatial import expected_halo_bytes
+    from tests.test_data import my_block
+
+    set_default_dtype(np.float64)
+    N, C, H, W = 2, 5, 9, 7
+    for text, cdiv in (("channel=2,height=2", 2), ("filter=2,width=2", 1)):
+        st = Strategy.parse(text)
+        nn.manual_seed(0)
+        conv = nn.Conv2d(C, 3, 3, padding=1, strategy=st)
+        g = st.grid()
+        c0, c1 = my_block(C, cdiv, g.coord("channel")) if cdiv > 1 else (0, C)
+        x = draw((N, C, H, W), 1)
+        g.comm.reset_stats()
+        y = conv(x)
+        fwd = g.comm.stats()["halo"]
+        x_dt = dc_tensor(x, conv.input_distribution)
+        y = conv(x_dt)
+        g.comm.reset_stats()
+        y.backward(draw(tuple(y.shape), 2))
+        back = g.comm.stats()["halo_adjoint"]
+        case = (N, c1 - c0, 3, H, W, 3, 1, 1, 1, True)
+        gshape = (1, st.height, st.width)
+        want = expected_halo_bytes(case, gshape, (0, g.coord("height"), g.coord("width")))
+        assert (fwd["bytes_sent"], fwd["bytes_recv"]) == want, (text, fwd, want)
+        assert (back["bytes_sent"], back["bytes_recv"]) == want[::-1], (text, back, want)
+
+
+def dc_tensor(x, dist):
+    from distconv import DistTensor
+    t = DistTensor.from_global(x, dist)
+    t.requires_grad = True
+    return t
