@@ -12,6 +12,13 @@ caller must put everything that decides *which* region it writes (image
 size, padding, stride) into ``tag``: two layouts that share a buffer shape
 would otherwise leave data in each other's borders.
 
+Buffers asked for without ``zero`` are shared by tag: one flat buffer per (array module,
+tag, dtype), grown to the largest size asked for, handed out as a view of its first
+elements in the shape asked for. So the im2col columns of a layer's interior, of its
+border strips and of its backward pass occupy one buffer, not one per shape. A caller
+must therefore be done with a tag's buffer before it asks for the same tag again, in
+any shape (every caller in :mod:`distconv.ops` uses each tag once per step of its loop).
+
 Not thread-safe: one rank computes with one thread of Python.
 """
 from __future__ import annotations
@@ -38,17 +45,25 @@ def _trim() -> None:
 
 
 def get(xp, tag: str, shape, dtype, zero: bool = False):
-    """A scratch array of ``shape``/``dtype`` for ``tag``; zero-filled when made if ``zero``."""
+    """A scratch array of ``shape``/``dtype`` for ``tag``: with ``zero``, one buffer per
+    exact shape, zero-filled when made; without, a view of the tag's shared flat buffer
+    (grown when too small)."""
     global _BYTES
     shape = tuple(int(s) for s in shape)
-    key = (xp.__name__, tag, shape, str(dtype))
+    key = (xp.__name__, tag, shape if zero else None, str(dtype))
+    n = 1
+    for s in shape:
+        n *= s
     buf = _CACHE.get(key)
-    if buf is not None:
+    if buf is not None and (zero or buf.size >= n):
         _CACHE.move_to_end(key)
-        return buf
-    buf = xp.zeros(shape, dtype) if zero else xp.empty(shape, dtype)
+        return buf if zero else buf[:n].reshape(shape)
+    if buf is not None:  # too small: replaced by a larger one
+        del _CACHE[key]
+        _BYTES -= buf.nbytes
+    buf = xp.zeros(shape, dtype) if zero else xp.empty(n, dtype)
     if buf.nbytes <= _LIMIT:
         _CACHE[key] = buf
         _BYTES += buf.nbytes
         _trim()
-    return buf
+    return buf if zero else buf.reshape(shape)
