@@ -16,7 +16,9 @@ the *clean* rounds only (both steps lost at most ``--clean-frac`` of their time,
 rank, to other processes: wall minus process CPU time, as ``bench_layers.py`` counts it),
 since on a shared machine another job's process takes cores from the P-rank steps; and
 the same ratio of process CPU times (the max over ranks), which leaves out the time other
-processes held the cores but counts MPI's busy-waiting for a slower rank.
+processes held the cores but counts MPI's busy-waiting for a slower rank. Each rank also
+records the time per step of every kind of message (``comm.stats()``): for the overlapped
+halo exchange that is the posting plus the wait, the part the interior did not hide.
 
 Memory, after the timed rounds, one untimed step per case with ``tracemalloc`` (NumPy
 reports its buffers to it) and the kernels' scratch cache (``distconv.ops._workspace``)
@@ -112,22 +114,31 @@ class _Case:
         self.dy = DistTensor.from_global(dy_glob, y.distribution)
         self.params = self.model.parameters()
         self.sync = GradientSync(self.model, overlap=True)
+        self.comm_s = {}  # kind -> seconds of each timed step spent in it (this rank)
 
     def _overlap(self):
         from distconv import spatial
         return spatial.halo_overlap(bool(self.overlap))
 
     def step(self):
-        """``(seconds, seconds lost)`` of one step (lost: wall minus process CPU time)."""
+        """``(seconds, seconds lost)`` of one step (lost: wall minus process CPU time); the
+        time of each kind of message (for an overlapped halo exchange: posting + waiting,
+        the part not hidden) is added to ``comm_s``."""
+        from distconv.bench.stats import stats_delta
+        from distconv.comm import world
         for q in self.params:
             q.grad = None
+        before = world().stats()
         with self._overlap():
             c0, t0 = time.process_time(), time.perf_counter()
             self.model(self.x)
             self.model.backward(self.dy)
             self.sync.wait()
             wall = time.perf_counter() - t0
-            return wall, max(0.0, wall - (time.process_time() - c0))
+            lost = max(0.0, wall - (time.process_time() - c0))
+        for k, v in stats_delta(world().stats(), before).items():
+            self.comm_s.setdefault(k, []).append(v["time"])
+        return wall, lost
 
     def memory(self):
         """``(activations, scratch, peak)`` bytes of one step traced from an empty scratch
@@ -185,7 +196,7 @@ def _memory_rows(comm, single, cases):
     return rows
 
 
-def _report(args, shape, p, t_a, rows, mem):
+def _report(args, shape, p, t_a, rows, mem, comm_s):
     print(f"{args.layers} x (Conv2d({args.channels}, {args.channels}, 3, padding=1) + ReLU) "
           f"on {shape}, {p} ranks x 1 thread, {args.rounds} paired rounds; 1 rank (rank 0 "
           f"alone, same job): {np.median(t_a) * 1e3:.1f} ms median")
@@ -206,6 +217,11 @@ def _report(args, shape, p, t_a, rows, mem):
     print(f"1 rank: activations {one['activations'] / 2**20:.1f} MiB, scratch "
           f"{one['scratch'] / 2**20:.1f} MiB, peak {one['peak'] / 2**20:.1f} MiB (memory "
           f"columns: max over ranks / 1 rank)")
+    for k, per_rank in comm_s.items():
+        kinds = sorted({kind for r in per_rank for kind in r})
+        print(f"{k}: median ms per step in " + ", ".join(
+            f"{kind} {'/'.join(f'{r.get(kind, 0) * 1e3:.1f}' for r in per_rank)}"
+            for kind in kinds) + " (per rank)")
 
 
 def main(argv=None) -> int:
@@ -230,6 +246,10 @@ def main(argv=None) -> int:
                         {k: c.step for k, c in cases.items()}, args.rounds, args.warmup,
                         clean_frac=args.clean_frac)
     load1 = os.getloadavg()
+    # per case and kind: each rank's median seconds per timed step (warm-up left out)
+    comm_s = {k: comm.allgather_obj({kind: float(np.median(v[args.warmup:] or v))
+                                     for kind, v in c.comm_s.items()})
+              for k, c in cases.items()}
     mem = _memory_rows(comm, single, cases)
     if me != 0:
         return 0
@@ -238,12 +258,13 @@ def main(argv=None) -> int:
                                       clean=[x and y for x, y in zip(res.clean_a, res.clean_b[k])],
                                       cpu=(res.cpu_a, res.cpu_b[k])))
             for k in cases]
-    _report(args, shape, p, t_a, rows, mem)
+    _report(args, shape, p, t_a, rows, mem, comm_s)
     if args.json:
         doc = {"benchmark": "bench_spatial", "ranks": p, "shape": list(shape),
                "layers": args.layers, "rounds": args.rounds, "warmup": args.warmup,
                "one_rank_step_s": list(t_a), "one_rank_clean": res.clean_a,
                "clean_frac": args.clean_frac, "results": rows, "memory": mem,
+               "comm_time_s_per_rank": comm_s,
                "loadavg_before": load0, "loadavg_after": load1,
                "cpu": cpu_model(), "blas": blas_info(), "git": git_state(),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
