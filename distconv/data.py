@@ -1,4 +1,5 @@
-"""HDF5 datasets read in blocks: each rank reads only the samples and channels it holds.
+"""HDF5 datasets read in blocks: each rank reads only the samples, channels, rows and
+columns it holds.
 
 File layout: a dataset ``images`` (N×C×H×W, float16/32/64 or uint8) and a dataset
 ``labels`` (N, integers in ``[0, num_classes)``). ``num_classes`` is taken from the
@@ -13,11 +14,12 @@ the file and the problem) on every rank instead of hanging the others.
 
 :class:`DistLoader` yields global mini-batches ``(x, labels)``: ``x`` a
 :class:`~distconv.tensor.DistTensor` in the input distribution of the first layer
-(N split over ``sample``, C over ``(channel, filter)``), ``labels`` the int64 labels of
-the whole global batch on every rank (CrossEntropyLoss wants global labels; they are
-tiny and read once, when the dataset opens). For each batch a rank reads exactly
-``distribution.box(batch_shape)``: its floor+1 block of the batch's samples and, when C
-is split, only its channels.
+(N split over ``sample``, C over ``(channel, filter)``, and for a spatial strategy H over
+``height`` and W over ``width``), ``labels`` the int64 labels of the whole global batch on
+every rank (CrossEntropyLoss wants global labels; they are tiny and read once, when the
+dataset opens). For each batch a rank reads exactly ``distribution.box(batch_shape)``: its
+floor+1 block of the batch's samples and, when C, H or W is split, only its channels, rows
+and columns (one hyperslab; a rank of a ``height=2`` layout reads half of each image).
 
 Reading shuffled samples: the global order is ``np.random.default_rng(seed + epoch)
 .permutation(N)`` (``arange(N)`` without shuffle), the same on every rank without any

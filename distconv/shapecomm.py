@@ -237,6 +237,14 @@ class ShapeComm(Communicator):
                      group=self._p2p_group(sends, recvs))
         return MetaArray(out_shape, x.dtype)
 
+    def ihalo_exchange(self, x, sends, recvs, out_shape, fill=0, kind: str = "halo"):
+        """The nonblocking exchange: recorded as one ``kind`` call, as the real one."""
+        return _Done(self.halo_exchange(x, sends, recvs, out_shape, fill, kind))
+
+    def ihalo_exchange_adjoint(self, y, sends, recvs, x_shape, kind: str = "halo_adjoint"):
+        """The nonblocking adjoint: recorded as one ``kind`` call, as the real one."""
+        return _Done(self.halo_exchange_adjoint(y, sends, recvs, x_shape, kind))
+
     def halo_exchange_adjoint(self, y, sends, recvs, x_shape, kind: str = "halo_adjoint"):
         sends, recvs = halo_args(x_shape, y.shape, sends, recvs, self.size, self.rank)
         self._record(kind, *halo_bytes(recvs, sends, self.rank, y.dtype.itemsize),
@@ -255,10 +263,12 @@ class ShapeComm(Communicator):
 
 class _Done:
     """A nonblocking collective; ``wait()`` counts a ``<kind>_wait`` call as the real
-    request does (none for a one-rank group)."""
+    request does (none for a one-rank group, none for a halo exchange); ``out`` is the
+    result, as a halo request's."""
 
     def __init__(self, result, comm=None, kind=None):
         self._result, self._comm, self._kind = result, comm, kind
+        self.out = result
 
     def test(self) -> bool:
         return True

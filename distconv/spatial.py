@@ -19,8 +19,7 @@ exactly the input rows and columns that block reads (:mod:`distconv.halo`).
   resolved by the usual reduction (``DistTensor.redistribute``, a leaf's accumulation, or
   the optimizer's segmented allreduce).
 
-* :func:`max_pool2d` and :func:`avg_pool2d` likewise (``-inf`` and zero padding; the
-  average divides by the rank's block of the global divisor, so every PyTorch mode holds).
+* Pooling on such tensors is in :mod:`distconv.spatial_pool` (the same window gather).
 
 The window tensor of :func:`halo_gather` is a :class:`WindowTensor`: its blocks overlap, so
 it lives in a :class:`WindowDistribution` and is only computed on locally, never
@@ -31,9 +30,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from . import autograd, halo, ops
+from . import autograd, halo, ops, spatial_overlap
 from .backend import array_module
 from .distribution import Distribution, block_range
+from .spatial_overlap import halo_overlap  # noqa: F401  (re-exported)
 from .tensor import DistTensor
 
 
@@ -102,7 +102,8 @@ class Plan:
     """One rank's halo exchange: ``sends``/``recvs`` as :meth:`Communicator.halo_exchange`
     takes them, over ``comm`` (the sub-communicator of the spatial ``axes``);
     ``blocks[peer]``: the peer's block index on each windowed dim (in ``dims`` order);
-    ``out_shape``: the local window's shape."""
+    ``out_shape``: the local window's shape; ``mine``: this rank's block index on each
+    windowed dim."""
 
     comm: object
     axes: tuple
@@ -111,6 +112,7 @@ class Plan:
     recvs: list
     blocks: dict
     out_shape: tuple
+    mine: tuple = ()
 
 
 def _check_windows(t: DistTensor, windows) -> dict:
@@ -180,7 +182,8 @@ def exchange_plan(dist: Distribution, shape, windows: dict) -> Plan:
         dests = tuple(j for j, _, _ in combo)
         sends.append((peer(dests), tuple(region)))
         blocks[peer(dests)] = dests
-    return Plan(comm, axes, dims, sends, recvs, blocks, out_shape)
+    return Plan(comm, axes, dims, sends, recvs, blocks, out_shape,
+                tuple(mine[d] for d in dims))
 
 
 def halo_gather(t: DistTensor, windows, fill=0.0) -> WindowTensor:
@@ -217,23 +220,78 @@ def halo_gather(t: DistTensor, windows, fill=0.0) -> WindowTensor:
 def _gather(t: DistTensor, windows: dict, fill):
     """Unrecorded halo gather of ``t`` (no pending sums; checked ``windows``): the window
     tensor and ``adjoint(dwin_local) -> dx`` (a DistTensor in ``t``'s layout)."""
-    dist = t.distribution
-    plan = exchange_plan(dist, t.shape, windows)
-    offsets, gshape = {}, list(t.shape)
-    for d, wins in windows.items():
-        live = [w for w in wins if w.size]
-        offsets[d] = max([0] + [-w.start for w in live])
-        gshape[d] = offsets[d] + max([t.shape[d]] + [w.start + w.size for w in live])
-    wdist = WindowDistribution(dist, windows, offsets)
-    local = plan.comm.halo_exchange(t.local, plan.sends, plan.recvs, plan.out_shape, fill=fill)
-    out = WindowTensor(local, wdist, gshape)
-    x_shape, x_local_shape = t.shape, tuple(t.local.shape)
+    h = Halo(t, windows, fill)
+    return WindowTensor(h.start(t.local).wait(), h.wdist, h.gshape), h.adjoint
 
-    def adjoint(dwin):
-        dx = plan.comm.halo_exchange_adjoint(dwin, plan.sends, plan.recvs, x_local_shape)
-        return DistTensor(dx, dist, x_shape)
 
-    return out, adjoint
+class Halo:
+    """One rank's halo exchange of ``t`` (no pending sums) for checked ``windows``.
+
+    ``start(x_local)``: the nonblocking exchange (its ``out`` holds the padding and the own
+    box at once); ``adjoint(dwin)``: the window gradient's halo parts added into their
+    owners' blocks (a DistTensor in ``t``'s layout); ``keep(win)``/``rebuild(x_local,
+    kept)``: the received boxes alone, and the window made again from them and ``x_local``
+    (so a saved window costs its halo, not a copy of the block); ``ready()``: the window
+    rows and columns that hold padding or own data (usable before the exchange ends).
+    """
+
+    def __init__(self, t: DistTensor, windows: dict, fill):
+        dist = t.distribution
+        self.plan = plan = exchange_plan(dist, t.shape, windows)
+        self.fill, self.dist, self.shape = fill, dist, t.shape
+        self.x_local_shape = tuple(t.local.shape)
+        offsets, gshape = {}, list(t.shape)
+        for d, wins in windows.items():
+            live = [w for w in wins if w.size]
+            offsets[d] = max([0] + [-w.start for w in live])
+            gshape[d] = offsets[d] + max([t.shape[d]] + [w.start + w.size for w in live])
+        self.wdist, self.gshape = WindowDistribution(dist, windows, offsets), gshape
+        me = plan.comm.rank
+        self.foreign = [reg for peer, reg in plan.recvs if peer != me]
+        self.own = ([reg for peer, reg in plan.recvs if peer == me],
+                    [reg for peer, reg in plan.sends if peer == me])
+
+    def start(self, x_local):
+        p = self.plan
+        return p.comm.ihalo_exchange(x_local, p.sends, p.recvs, p.out_shape, fill=self.fill)
+
+    def adjoint(self, dwin) -> DistTensor:
+        return self.start_adjoint(dwin)()
+
+    def start_adjoint(self, dwin):
+        """The adjoint exchange, started: a function that waits for it and returns dx."""
+        p = self.plan
+        req = p.comm.ihalo_exchange_adjoint(dwin, p.sends, p.recvs, self.x_local_shape)
+        return lambda: DistTensor(req.wait(), self.dist, self.shape)
+
+    def keep(self, win) -> list:
+        return [win[reg].copy() for reg in self.foreign]
+
+    def rebuild(self, x_local, kept):
+        xp = array_module(x_local)
+        out = xp.full(self.plan.out_shape, self.fill, x_local.dtype)
+        for dst, src in zip(*self.own):
+            out[dst] = x_local[src]
+        for reg, box in zip(self.foreign, kept):
+            out[reg] = box
+        return out
+
+    def ready(self) -> dict:
+        """``{dim: (lo, hi)}``: window positions ``[lo, hi)`` on each windowed dim that no
+        other rank's box reaches (padding and the own rows), beyond the last box from a
+        lower block and before the first box from a higher one."""
+        p = self.plan
+        out = {}
+        for k, d in enumerate(p.dims):
+            lo, hi = 0, p.out_shape[d]
+            for peer, reg in p.recvs:
+                q = p.blocks[peer][k]
+                if q < p.mine[k]:
+                    lo = max(lo, reg[d].stop)
+                elif q > p.mine[k]:
+                    hi = min(hi, reg[d].start)
+            out[d] = (lo, max(lo, hi))
+        return out
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -319,163 +377,81 @@ def conv2d(x: DistTensor, weight, bias=None, stride=1, padding=0, dilation=1) ->
     return y
 
 
-def conv2d_core(x: DistTensor, w, b, stride, pads, dilation):
+def conv2d_core(x: DistTensor, w, b, stride, pads, dilation, filters=None, pending=()):
     """The unrecorded spatial convolution under :func:`conv2d` (and ``nn.Conv2d``).
 
-    ``x``: checked as :func:`conv2d` does, no pending sums; ``w``/``b``: this rank's full
-    (replicated) weight and bias arrays (``b`` may be None); ``pads``: ``((lo, hi), (lo,
-    hi))``. Returns ``y`` (N split like ``x``, C whole, Ho/Wo over ``x``'s H/W axes) and
-    ``backward(dy, need_dx, need_dw, need_db) -> (dx, dw, db)``: ``dx`` a DistTensor in
-    ``x``'s layout (halo parts added back into their owners), ``dw``/``db`` this rank's
-    local partial sums (pending over the axes that split ``y``), ``None`` where not needed.
+    ``x``: (N, C, H, W), no pending sums, H and W split over at most one grid axis each;
+    ``w``/``b``: this rank's weight (Fb, Cb, kh, kw) and bias (Fb,) arrays (``b`` may be
+    None), where Cb is ``x``'s local block of channels; ``pads``: ``((lo, hi), (lo, hi))``.
+    ``filters``: None when ``w`` holds every filter, else ``(F, axes)``: the global filter
+    count, of which ``w`` holds this rank's floor+1 block over grid ``axes``; ``pending``:
+    the axes ``y`` is a partial sum over (``x``'s channels split over them). Returns ``y``
+    (N split like ``x``, F over ``axes``, Ho/Wo over ``x``'s H/W axes; pending over
+    ``pending``) and ``backward(dy, need_dx, need_dw, need_db) -> (dx, dw, db)``: ``dx`` a
+    DistTensor in ``x``'s layout (halo parts added back into their owners; pending over
+    ``axes`` when the filters are split), ``dw``/``db`` this rank's local partial sums
+    (pending over the axes that split ``y``), ``None`` where not needed.
+
+    With :func:`halo_overlap` on (the default) at the forward call, the output rows and
+    columns that read no other rank's data (the interior) are computed while the halo
+    messages are in flight, then the border strips; in backward, ``dw`` is computed while
+    the halo parts of ``dx`` travel back. Only the received halo boxes are kept for
+    backward, next to ``x``'s own block (the window is made again there).
     """
     dist = x.distribution
     F, _, kh, kw = (int(v) for v in w.shape)
+    geo = list(zip((kh, kw), stride, pads, dilation))
     wins = {2 + i: halo.windows(x.shape[2 + i], dist.parts(2 + i), k, s, p, d)
-            for i, (k, s, p, d) in enumerate(zip((kh, kw), stride, pads, dilation))}
-    ho, wo = (halo.out_size(x.shape[2 + i], k, s, p, d)
-              for i, (k, s, p, d) in enumerate(zip((kh, kw), stride, pads, dilation)))
-    grid = dist.grid
-    xw, adjoint = _gather(x, _check_windows(x, wins), 0.0)
-    y_dist = Distribution(grid, [dist.split[0], None, dist.split[2], dist.split[3]])
-    y_shape = (x.shape[0], F, ho, wo)
+            for i, (k, s, p, d) in enumerate(geo)}
+    F, f_axes = (F, None) if filters is None else filters
+    y_dist = Distribution(dist.grid, [dist.split[0], f_axes, dist.split[2], dist.split[3]])
+    y_shape = (x.shape[0], F, *(halo.out_size(x.shape[2 + i], k, s, p, d)
+                                for i, (k, s, p, d) in enumerate(geo)))
     want = y_dist.local_shape(y_shape)
-    xp = array_module(xw.local)
-    win_hw = tuple(xw.local.shape[2:])
+    h = Halo(x, _check_windows(x, wins), 0.0)
+    xp, x_local = array_module(x.local), x.local
+    req = h.start(x_local)
+    win_hw = tuple(req.out.shape[2:])
     live = all(want) and all(win_hw)
-    if live:
-        y_local = ops.conv2d_forward(xw.local, w, stride, (0, 0), dilation)
-    else:
-        y_local = xp.zeros(want, x.dtype)
+    reach = tuple(d * (k - 1) + 1 for k, d in zip((kh, kw), dilation))
+    ov = spatial_overlap
+    overlap = ov.enabled()
+    # with overlap the interior and border boxes fill every output (no zeros needed)
+    y_local = (None if live and not overlap else
+               xp.empty(want, x.dtype) if live else xp.zeros(want, x.dtype))
+    inner = ov.interior(h.ready(), want[2:], reach, stride) if live and overlap else None
+    if inner is not None:
+        ov.conv_boxes(req.out, w, y_local, [inner], stride, dilation, reach)
+    win = req.wait()
+    if live and y_local is None:
+        y_local = ops.conv2d_forward(win, w, stride, (0, 0), dilation)
+    elif live:
+        ov.conv_boxes(win, w, y_local, ov.border(want[2:], inner), stride, dilation, reach)
     if b is not None:
-        y_local = y_local + b.reshape(1, F, 1, 1)
-    y = DistTensor(y_local, y_dist, y_shape)
+        y_local = y_local + b.reshape(1, -1, 1, 1)
+    kept = h.keep(win)
+    del win, req
 
     def backward(dy, need_dx, need_dw, need_db):
         dy = dy._move(y_dist)
         dx = dw = db = None
-        if need_dx:
+        win = h.rebuild(x_local, kept) if live and need_dw else None
+        if need_dx:  # with overlap, dw is computed while dx's halo parts travel
             dxw = (ops.conv2d_backward_data(dy.local, w, win_hw, stride, (0, 0), dilation)
-                   if live else xp.zeros(xw.local.shape, x.dtype))
-            dx = adjoint(dxw)
+                   if live else xp.zeros(h.plan.out_shape, x.dtype))
+            dx = h.start_adjoint(dxw)
+            if not overlap:
+                dx = dx()
         if need_dw:
-            dw = (ops.conv2d_backward_filter(xw.local, dy.local, (kh, kw), stride, (0, 0),
+            dw = (ops.conv2d_backward_filter(win, dy.local, (kh, kw), stride, (0, 0),
                                              dilation)
                   if live else xp.zeros(w.shape, x.dtype))
+        if need_dx:
+            dx = dx() if overlap else dx
+            if f_axes:
+                dx = DistTensor(dx.local, dist.replace(pending=f_axes), x.shape)
         if need_db:
             db = dy.local.sum(axis=(0, 2, 3))
         return dx, dw, db
 
-    return y, backward
-
-
-# ---------------------------------------------------------------------------- pooling
-def _pool_setup(x, kernel, stride, padding, ceil_mode, what):
-    """Checked geometry, windows and output layout of a pooling of ``x``."""
-    if not isinstance(x, DistTensor) or x.ndim != 4:
-        raise ValueError(f"{what}: x must be a 4-D (N, C, H, W) DistTensor, got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
-    k = halo.pair(kernel, "kernel_size")
-    s = k if stride is None else halo.pair(stride, "stride")
-    p = halo.pair(padding, "padding")
-    ho, wo = ops.pool2d_output_hw(x.shape[2], x.shape[3], k, s, p, ceil_mode)
-    dist = x.distribution
-    wins = {2 + i: halo.windows(x.shape[2 + i], dist.parts(2 + i), k[i], s[i], p[i], 1,
-                                n_out=n_out)
-            for i, n_out in enumerate((ho, wo))}
-    y_dist = Distribution(dist.grid, dist.split)
-    y_shape = (x.shape[0], x.shape[1], ho, wo)
-    return k, s, p, wins, y_dist, y_shape
-
-
-def max_pool2d(x: DistTensor, kernel_size, stride=None, padding=0,
-               ceil_mode: bool = False) -> DistTensor:
-    """Max pooling (PyTorch's ``F.max_pool2d``) of a spatially split ``x``.
-
-    x: DistTensor (N, C, H, W), N and C split any way, H and W over at most one grid axis
-    each. Returns (N, C, Ho, Wo) split like ``x``, Ho/Wo in floor+1 blocks. The window is
-    gathered with ``-inf`` padding (ceil-mode windows that pass the right padding read
-    ``-inf`` there, as PyTorch ignores them). One difference from PyTorch, for inputs
-    holding ``-inf`` only: a window whose values are all ``-inf`` may send its (zero
-    contribution) gradient to a padding position instead of its first in-bounds element.
-    """
-    x = _no_pending(x, "max_pool2d")
-    y, core = max_pool2d_core(x, kernel_size, stride, padding, ceil_mode)
-    autograd.record("max_pool2d_spatial", lambda dy, needs: (core(dy),), [x], y)
-    return y
-
-
-def avg_pool2d(x: DistTensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
-               count_include_pad: bool = True) -> DistTensor:
-    """Average pooling (PyTorch's ``F.avg_pool2d``, its divisor rules) of a spatially split
-    ``x``; layouts as :func:`max_pool2d`. Each rank sums its zero-padded window and divides
-    by its block of the global divisor (:func:`distconv.ops.avg_pool2d_divisor`), so
-    ``count_include_pad=False`` and ceil mode divide exactly as on one rank."""
-    x = _no_pending(x, "avg_pool2d")
-    y, core = avg_pool2d_core(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
-    autograd.record("avg_pool2d_spatial", lambda dy, needs: (core(dy),), [x], y)
-    return y
-
-
-def _no_pending(x, what):
-    if not isinstance(x, DistTensor) or x.ndim != 4:
-        raise ValueError(f"{what}: x must be a 4-D (N, C, H, W) DistTensor, got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
-    if x.distribution.pending:
-        x = x.redistribute(x.distribution.replace(pending=()))
-    return x
-
-
-def max_pool2d_core(x: DistTensor, kernel_size, stride=None, padding=0, ceil_mode=False):
-    """The unrecorded :func:`max_pool2d` (``x`` without pending sums): ``y`` and
-    ``backward(dy) -> dx`` (in ``x``'s layout, halo parts added back into their owners)."""
-    k, s, _, wins, y_dist, y_shape = _pool_setup(x, kernel_size, stride, padding, ceil_mode,
-                                                 "max_pool2d")
-    xw, adjoint = _gather(x, _check_windows(x, wins), -float("inf"))
-    want = y_dist.local_shape(y_shape)
-    xp = array_module(xw.local)
-    live = all(want) and all(xw.local.shape)
-    if live:
-        y_local, arg = ops.max_pool2d_forward(xw.local, k, s, (0, 0))
-    else:
-        y_local, arg = xp.zeros(want, x.dtype), None
-    y = DistTensor(y_local, y_dist, y_shape)
-    win_shape = tuple(xw.local.shape)
-
-    def backward(dy):
-        dy = dy._move(y_dist)
-        dxw = (ops.max_pool2d_backward(dy.local, arg, win_shape, k, s, (0, 0)) if live
-               else xp.zeros(win_shape, x.dtype))
-        return adjoint(dxw)
-
-    return y, backward
-
-
-def avg_pool2d_core(x: DistTensor, kernel_size, stride=None, padding=0, ceil_mode=False,
-                    count_include_pad=True):
-    """The unrecorded :func:`avg_pool2d` (``x`` without pending sums): ``y`` and
-    ``backward(dy) -> dx`` (in ``x``'s layout)."""
-    k, s, p, wins, y_dist, y_shape = _pool_setup(x, kernel_size, stride, padding, ceil_mode,
-                                                 "avg_pool2d")
-    div = ops.avg_pool2d_divisor(tuple(x.shape), k, s, p, ceil_mode, count_include_pad)
-    (h0, h1), (w0, w1) = y_dist.dim_range(2, y_shape[2]), y_dist.dim_range(3, y_shape[3])
-    xw, adjoint = _gather(x, _check_windows(x, wins), 0.0)
-    want = y_dist.local_shape(y_shape)
-    xp = array_module(xw.local)
-    # the local op divides by kh*kw (no padding, no ceil mode): rescale to the true divisor
-    scale = xp.asarray((k[0] * k[1] / div[h0:h1, w0:w1]).astype(x.dtype))
-    live = all(want) and all(xw.local.shape)
-    if live:
-        y_local = ops.avg_pool2d_forward(xw.local, k, s, (0, 0)) * scale
-    else:
-        y_local = xp.zeros(want, x.dtype)
-    y = DistTensor(y_local, y_dist, y_shape)
-    win_shape = tuple(xw.local.shape)
-
-    def backward(dy):
-        dy = dy._move(y_dist)
-        dxw = (ops.avg_pool2d_backward(dy.local * scale, win_shape, k, s, (0, 0)) if live
-               else xp.zeros(win_shape, x.dtype))
-        return adjoint(dxw)
-
-    return y, backward
+    return DistTensor(y_local, y_dist.replace(pending=pending), y_shape), backward

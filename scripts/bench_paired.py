@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from distconv.bench.paired import paired_row, paired_rounds, strategy_fits
 from distconv.bench.runs import self_strategy
 from distconv.envinfo import pin_threads
 
@@ -105,46 +106,19 @@ def main(argv=None) -> int:
     p, me = comm.size, comm.rank
     dc.set_default_dtype(np.float32)
     for s in args.strategy_list:
-        comm.agree(_fits(s, p), f"strategy {s!r} does not fit {p} ranks")
+        comm.agree(strategy_fits(s, p), f"strategy {s!r} does not fit {p} ranks")
     rng = np.random.default_rng(args.seed)
     shape = (args.batch, args.channels, args.size, args.size)
     x_glob = rng.standard_normal(shape).astype(np.float32)
     dy_glob = rng.standard_normal(shape).astype(np.float32)
     single = _Case(args, self_strategy(), x_glob, dy_glob) if me == 0 else None
     cases = {s: _Case(args, dc.Strategy.parse(s), x_glob, dy_glob) for s in args.strategy_list}
-    t_a, t_b = [], {s: [] for s in args.strategy_list}
-    t_start = time.perf_counter()
-    for r in range(args.warmup + args.rounds):
-        comm.idle_barrier(0.002)
-        ta = single.step() if me == 0 else 0.0
-        comm.idle_barrier(0.002)
-        tb = {}
-        for s, case in cases.items():
-            comm.barrier()
-            tb[s] = case.step()
-        tb = {s: max(comm.allgather_obj(v)) for s, v in tb.items()}
-        if r >= args.warmup:
-            t_a.append(ta)
-            for s in args.strategy_list:
-                t_b[s].append(tb[s])
-        if me == 0 and (r + 1) % 10 == 0:
-            print(f"[{time.perf_counter() - t_start:7.1f} s] round {r + 1}/"
-                  f"{args.warmup + args.rounds}", flush=True)
+    t_a, t_b = paired_rounds(comm, single.step if single else None,
+                             {s: c.step for s, c in cases.items()}, args.rounds, args.warmup)[:2]
     if me != 0:
         return 0
     a = np.array(t_a)
-    rows = []
-    for s in args.strategy_list:
-        b = np.array(t_b[s])
-        ratio = a / b
-        q1, med, q3 = (float(v) for v in np.percentile(ratio, [25, 50, 75]))
-        rows.append({"strategy": s, "one_rank_ms": float(np.median(a)) * 1e3,
-                     "p_ranks_ms": float(np.median(b)) * 1e3,
-                     "speedup_paired_median": med, "speedup_paired_q1": q1,
-                     "speedup_paired_q3": q3,
-                     "speedup_ratio_of_medians": float(np.median(a) / np.median(b)),
-                     "rounds_above_1_6": int((ratio >= 1.6).sum()),
-                     "step_s": b.tolist()})
+    rows = [dict(strategy=s, **paired_row(t_a, t_b[s])) for s in args.strategy_list]
     print(f"BasicBlock({args.channels}, {args.channels}) on {shape}, {p} ranks x 1 thread, "
           f"{args.rounds} paired rounds; 1 rank (rank 0 alone, same job): "
           f"{np.median(a) * 1e3:.1f} ms median")
@@ -166,15 +140,6 @@ def main(argv=None) -> int:
             json.dump(doc, fh, indent=1)
         print(f"wrote {args.json}")
     return 0
-
-
-def _fits(text, p):
-    from distconv.strategy import Strategy
-    try:
-        Strategy.parse(text).resolve(p)
-        return True
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ the rank count) on some layers mixed with sample/channel/filter strategies on th
 odd H and W, checked for y, dx, every parameter gradient (after sync_gradients) and the
 running statistics (normwise relative error below 1e-10). Negative controls: weight
 gradients not summed over the spatial groups, and batch-norm statistics reduced over the
-sample group only, must both be reported. A strategy combining height/width with
-channel/filter on a Conv2d (or height on a Linear) raises the same ValueError everywhere.
+sample group only, must both be reported. height/width on a Linear, or a strategy that
+does not fit the ranks, raises the same ValueError everywhere.
 """
 import numpy as np
 import pytest
@@ -231,25 +231,26 @@ def test_negative_controls(comm):
 
 @mpi(ranks=(1, 2, 4), timeout=60)
 def test_bad_spatial_strategy_raises_everywhere(comm):
-    """height/width with channel or filter > 1 on a Conv2d, or height on a Linear: the same
+    """height/width on a Linear, or a spatial strategy that does not fit the ranks: the same
     clear ValueError on every rank, at construction and in set_strategy (which leaves the
-    layer as it was)."""
+    layer as it was). height/width with channel/filter on a Conv2d is accepted
+    (tests/test_conv_spatial_mixed.py checks its values)."""
     set_default_dtype(np.float64)
-    cases = [Strategy(width=2, channel=2), Strategy(height=2, filter=2),
-             Strategy(sample=1, height=2, width=2, channel=2, filter=3)]
-    for st in cases:
-        with pytest.raises(ValueError, match=r"Conv2d: strategy .* combines a spatial split "
-                                             r".*not supported yet"):
-            nn.Conv2d(3, 4, 3, strategy=st)
-        conv = nn.Conv2d(3, 4, 3)
-        before = conv.strategy
-        with pytest.raises(ValueError, match=r"not supported yet: a spatially split Conv2d "
-                                             r"needs channel=1 and filter=1"):
-            conv.set_strategy(st)
-        assert conv.strategy == before
-        with pytest.raises(ValueError, match="not supported yet"):
-            nn.Conv2d(3, 4, 3, strategy=str(st))
     with pytest.raises(ValueError, match=r"Linear: strategy .* splits height/width, but "
                                          r"Linear has no spatial dims"):
         nn.Linear(3, 4, strategy=Strategy(height=2))
+    lin = nn.Linear(3, 4)
+    with pytest.raises(ValueError, match="no spatial dims"):
+        lin.set_strategy(Strategy(width=2))
+    assert lin.strategy == Strategy()
+    st = Strategy(sample=1, height=2, width=2, channel=2, filter=3)  # 24 ranks
+    with pytest.raises(ValueError, match=r"needs sample\*channel\*filter\*height\*width"):
+        nn.Conv2d(3, 4, 3, strategy=st)
+    conv = nn.Conv2d(3, 4, 3)
+    with pytest.raises(ValueError, match="ranks, but there are"):
+        conv.set_strategy(st)
+    assert conv.strategy == Strategy()
+    if comm.size == 4:
+        for text in ("channel=2,height=2", "filter=2,width=2"):
+            assert nn.Conv2d(3, 4, 3, strategy=text).strategy == Strategy.parse(text)
     comm.Barrier()

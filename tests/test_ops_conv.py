@@ -151,6 +151,37 @@ def test_workspace_reuse_across_layouts(layout_, monkeypatch):
                          np.float64, "dw")
 
 
+def test_workspace_shares_unzeroed_buffers_by_tag():
+    """Without ``zero`` one flat buffer per tag serves every shape (grown when too small);
+    zero-filled buffers stay one per exact shape. Convs of different image sizes back to
+    back (sharing the column buffers) still match torch."""
+    from distconv.ops import _workspace as ws
+
+    ws.clear()
+    a = ws.get(np, "t", (4, 5), np.float32)
+    b = ws.get(np, "t", (3, 2), np.float32)
+    assert b.shape == (3, 2) and np.shares_memory(a, b)
+    c = ws.get(np, "t", (6, 5), np.float32)  # larger: a new buffer replaces the old one
+    assert c.shape == (6, 5) and not np.shares_memory(a, c)
+    assert np.shares_memory(c, ws.get(np, "t", (2, 2), np.float32))
+    assert ws._BYTES == 30 * 4
+    z1, z2 = ws.get(np, "z", (2, 3), np.float32, zero=True), ws.get(np, "z", (3, 2), np.float32,
+                                                                      zero=True)
+    assert not np.shares_memory(z1, z2) and not z1.any() and not z2.any()
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 3, 3, 3))
+    for H in (9, 5, 12, 5):
+        x = rng.standard_normal((1, 3, H, H + 1))
+        dy = rng.standard_normal((1, 4, H, H + 1))
+        y_ref, dx_ref, dw_ref = torch_conv(x, w, dy, (1, 1), (1, 1), (1, 1))
+        assert_close(C.conv2d_forward(x, w, (1, 1), (1, 1)), y_ref, np.float64, "y")
+        assert_close(C.conv2d_backward_data(dy, w, (H, H + 1), (1, 1), (1, 1)), dx_ref,
+                     np.float64, "dx")
+        assert_close(C.conv2d_backward_filter(x, dy, (3, 3), (1, 1), (1, 1)), dw_ref,
+                     np.float64, "dw")
+    ws.clear()
+
+
 def test_output_hw_formula_and_error():
     assert C.conv2d_output_hw(224, 224, (7, 7), (2, 2), (3, 3), (1, 1)) == (112, 112)
     assert C.conv2d_output_hw(56, 56, (3, 3), (2, 2), (1, 1), (1, 1)) == (28, 28)

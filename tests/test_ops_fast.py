@@ -9,14 +9,20 @@ from distconv.ops import conv as C
 
 def test_workspace_key_spellings_share_one_buffer():
     _workspace.clear()
+    # a tag's scratch buffer (not zeroed) is one flat buffer, handed out as views
     a = _workspace.get(np, "t", (3, 4), np.dtype(np.float32))
-    assert _workspace.get(np, "t", [3, np.int64(4)], np.float32) is a
-    assert _workspace.get(np, "t", (3, 4), "float32") is a
-    assert _workspace.get(np, "t", (3, 4), np.float64) is not a
-    assert _workspace.get(np, "t", (4, 3), np.float32) is not a
-    assert _workspace.get(np, "u", (3, 4), np.float32) is not a
+    for b in (_workspace.get(np, "t", [3, np.int64(4)], np.float32),
+              _workspace.get(np, "t", (3, 4), "float32"),
+              _workspace.get(np, "t", (4, 3), np.float32)):
+        assert np.shares_memory(a, b) and b.dtype == np.float32
+    assert _workspace.get(np, "t", [3, np.int64(4)], np.float32).shape == (3, 4)
+    assert not np.shares_memory(a, _workspace.get(np, "t", (3, 4), np.float64))
+    assert not np.shares_memory(a, _workspace.get(np, "u", (3, 4), np.float32))
+    # zeroed buffers: one per exact shape, found under every spelling of it
     z = _workspace.get(np, "z", (5,), np.float64, zero=True)
     assert z.dtype == np.float64 and not z.any()
+    assert _workspace.get(np, "z", [np.int64(5)], "float64", zero=True) is z
+    assert _workspace.get(np, "z", (6,), np.float64, zero=True) is not z
     _workspace.clear()
 
 

@@ -1,4 +1,5 @@
-"""distconv.spatial on (sample, height, width) grids of 1-4 ranks, against PyTorch float64.
+"""distconv.spatial and distconv.spatial_pool on (sample, height, width) grids of 1-4 ranks,
+against PyTorch float64.
 
 Every case runs over every grid with sample <= 2 that fits the rank count (height=2,
 width=2, height=2 x width=2, height=4, width=4, sample=2 x height=2, ...) and checks y,
@@ -329,7 +330,7 @@ def test_pool2d_vs_torch(comm, name):
     sample (odd ones: pooling keeps any channel split), against torch float64."""
     import torch
 
-    from distconv import spatial
+    from distconv import spatial_pool
     from distconv.backend import set_default_dtype
     from distconv.comm import Communicator
     from distconv.distribution import Distribution
@@ -355,9 +356,9 @@ def test_pool2d_vs_torch(comm, name):
         x = DistTensor.from_global(xg, Distribution(g, split + [("height",), ("width",)]))
         x.requires_grad = True
         if kind == "max":
-            y = spatial.max_pool2d(x, k, s, p, ceil_mode=ceil)
+            y = spatial_pool.max_pool2d(x, k, s, p, ceil_mode=ceil)
         else:
-            y = spatial.avg_pool2d(x, k, s, p, ceil_mode=ceil, count_include_pad=cip)
+            y = spatial_pool.avg_pool2d(x, k, s, p, ceil_mode=ceil, count_include_pad=cip)
         y.backward(dyg)
         what = f"{name} grid={dict(zip(NAMES, gshape))} split={split}"
         rep.check(f"{what} y", y.to_global(), yt)
@@ -369,18 +370,18 @@ def test_pool2d_vs_torch(comm, name):
 def test_pool_negative_control_global_divisor(comm):
     """Dividing by kh*kw instead of the global divisor (what a purely local average would do)
     must fail the ceil-mode, count_include_pad=False comparison."""
-    from distconv import ops, spatial
+    from distconv import halo, ops, spatial_pool
 
     real = ops.avg_pool2d_divisor
 
     def uniform(x_shape, kernel, stride=None, padding=0, ceil_mode=False,
                 count_include_pad=True):
         d = real(x_shape, kernel, stride, padding, ceil_mode, count_include_pad)
-        return np.full_like(d, float(np.prod(spatial.halo.pair(kernel, "k"))))
+        return np.full_like(d, float(np.prod(halo.pair(kernel, "k"))))
 
-    spatial.ops.avg_pool2d_divisor = uniform
+    spatial_pool.ops.avg_pool2d_divisor = uniform
     try:
         with pytest.raises(AssertionError, match="relative error"):
             test_pool2d_vs_torch(comm, "avg-ceil-exclude-pad")
     finally:
-        spatial.ops.avg_pool2d_divisor = real
+        spatial_pool.ops.avg_pool2d_divisor = real

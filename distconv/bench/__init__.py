@@ -4,6 +4,8 @@ The scripts are argparse front ends; what more than one of them needs lives here
 
 * :mod:`distconv.bench.stats`: communication-counter deltas and the "clean repetition"
   rule of the timing scripts;
+* :mod:`distconv.bench.paired`: 1 rank vs P ranks paired round by round in one job
+  (``bench_paired.py``, ``bench_spatial.py``);
 * :mod:`distconv.bench.runs`: the input layout of a model, a 1-rank strategy inside a
   P-rank job, and the planner's plan and predicted step for a model (calibrated here).
 * :mod:`distconv.bench.quiet`: waiting until the machine is quiet before timing;

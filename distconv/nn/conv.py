@@ -15,11 +15,12 @@ Both are the same algorithm on different local math. For a layer on an
   ``dw`` from the kept ``x`` and the gathered ``dy``, pending over ``sample``
   until :func:`distconv.nn.sync_gradients`.
 
-Conv2d under a spatial strategy (``height``/``width`` above 1, with ``channel`` and
-``filter`` 1) runs :func:`distconv.spatial.conv2d_core` on the input in the spatial
-activation layout (N over sample, H over height, W over width): a halo exchange, then the
-local kernels; the weight is replicated, so ``dw``/``db`` are pending over
-sample×height×width and join the same segmented allreduce.
+Conv2d under a spatial strategy (``height``/``width`` above 1, with any ``sample``,
+``channel`` and ``filter``) runs the same algorithm with H split over ``height`` and W over
+``width`` in every layout; its local convolution is :func:`distconv.spatial.conv2d_core`
+(a halo exchange among the ranks that hold the same samples and channels, then the local
+kernels on the window). The weight is replicated over sample×height×width, so ``dw`` and
+``db`` are pending over those axes and join the same segmented allreduce.
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class _SplitOp(Layer):
 
     def _dists(self):
         g = self.strategy.grid()
-        rest = [None] * (self.ndim - 2)
+        # H and W of x and y split as the activations are (a spatial strategy), else whole
+        rest = list(self.strategy.activation_distribution(self.ndim).split[2:])
         self._grid = g
         self._wdist = Distribution(g, [("filter",), ("channel",)] + [None] * (len(self.wshape) - 2))
         self._bdist = Distribution(g, [("channel", "filter")])
@@ -79,17 +81,15 @@ class _SplitOp(Layer):
                 raise ValueError(f"{name}: strategy {strategy} splits height/width, but "
                                  f"{name} has no spatial dims; give it a strategy without "
                                  f"height/width")
-            if strategy.channel > 1 or strategy.filter > 1:
-                raise ValueError(f"{name}: strategy {strategy} combines a spatial split "
-                                 f"(height/width) with channel={strategy.channel}, filter="
-                                 f"{strategy.filter}; not supported yet: a spatially split "
-                                 f"{name} needs channel=1 and filter=1 (sample x height x "
-                                 f"width only)")
         return strategy
 
     def _apply_strategy(self, strategy: Strategy) -> None:
-        self.strategy = self._checked(strategy)
-        self._dists()
+        before, self.strategy = self.strategy, self._checked(strategy)
+        try:
+            self._dists()
+        except ValueError:  # does not fit the ranks: the layer stays as it was
+            self.strategy = before
+            raise
         self.weight.data = self.weight.data.redistribute(self._wdist)
         self.weight.grad = None
         if self.bias is not None:
@@ -165,22 +165,30 @@ class Conv2d(_SplitOp):
         self._out_shape(x.shape)
 
     def _spatial_forward(self, x, save):
+        """The channel/filter algorithm of ``_forward`` with H and W split too: the local
+        convolution is :func:`distconv.spatial.conv2d_core` (a halo exchange over the
+        height/width axes, among the ranks that hold the same samples and channels)."""
         self._check_input(x)
         check_dtype(x, self.weight.data.dtype, "Conv2d")
-        xs = x.redistribute(self._act)
+        xc = x.redistribute(self._xc)
         pads = tuple((p, p) for p in self.padding)
-        b = None if self.bias is None else self.bias.data.local
-        y, bwd = spatial.conv2d_core(xs, self.weight.data.local, b, self.stride, pads,
-                                     self.dilation)
-        return y.redistribute(self._act), ((x.distribution, bwd) if save else None)
+        yp, bwd = spatial.conv2d_core(xc, self.weight.data.local, None, self.stride, pads,
+                                      self.dilation, filters=(self.out_channels, ("filter",)),
+                                      pending=("channel",))
+        y = yp.redistribute(self._act)
+        if self.bias is not None:
+            y = DistTensor(y.local + self.bias.data.local.reshape(1, -1, 1, 1),
+                           y.distribution, y.shape)
+        return y, ((x.distribution, bwd) if save else None)
 
     def _spatial_backward(self, ctx, dy, need_dx):
         x_dist, bwd = ctx
-        dx, dw, db = bwd(dy, need_dx, True, self.bias is not None)
-        rep = self._wdist.replica_axes  # sample, height, width: the weight is replicated
-        self.weight.accumulate(dw, rep)
         if self.bias is not None:
-            self.bias.accumulate(db, self._bdist.replica_axes)
+            dy = dy.redistribute(self._act)
+            self.bias.accumulate(dy.local.sum(axis=(0, 2, 3)), self._bdist.replica_axes)
+        dx, dw, _ = bwd(dy, need_dx, True, False)
+        # the weight is replicated over sample, height and width: dw is pending over them
+        self.weight.accumulate(dw, self._wdist.replica_axes)
         return dx.redistribute(with_pending(x_dist)) if need_dx else None
 
     def _out_shape(self, s):

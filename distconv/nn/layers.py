@@ -5,7 +5,7 @@ They need no pending sums; any N and C split passes through unchanged, so they
 cost no communication after a Conv2d or BatchNorm2d. ReLU and Dropout keep any
 H/W split too; MaxPool2d and AvgPool2d keep an H/W split over one grid axis each
 (a spatially split input, e.g. after a Conv2d with ``height``/``width``) and pool
-it with a halo exchange (:mod:`distconv.spatial`); AdaptiveAvgPool2d and Flatten
+it with a halo exchange (:mod:`distconv.spatial_pool`); AdaptiveAvgPool2d and Flatten
 gather H and W first (the exact-volume redistribution). A global array input is
 cut with the data-parallel activation layout.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import ops, spatial
+from .. import ops, spatial_pool
 from ..ops.geometry import pair, pool_output_size
 from ..backend import get_xp
 from ..distribution import Distribution
@@ -150,7 +150,7 @@ class MaxPool2d(_Pool):
     def _forward(self, x, save):
         shape = self._check(x)
         if self._is_spatial(x):
-            y, bwd = spatial.max_pool2d_core(x, self.kernel_size, self.stride, self.padding,
+            y, bwd = spatial_pool.max_pool2d_core(x, self.kernel_size, self.stride, self.padding,
                                              self.ceil_mode)
             return y, (("spatial", bwd) if save else None)
         y, arg = ops.max_pool2d_forward(x.local, self.kernel_size, self.stride, self.padding,
@@ -186,7 +186,7 @@ class AvgPool2d(_Pool):
     def _forward(self, x, save):
         shape = self._check(x)
         if self._is_spatial(x):
-            y, bwd = spatial.avg_pool2d_core(x, self.kernel_size, self.stride, self.padding,
+            y, bwd = spatial_pool.avg_pool2d_core(x, self.kernel_size, self.stride, self.padding,
                                              self.ceil_mode, self.count_include_pad)
             return y, ("spatial", bwd)
         y = ops.avg_pool2d_forward(x.local, self.kernel_size, self.stride, self.padding,

@@ -12,6 +12,13 @@ caller must put everything that decides *which* region it writes (image
 size, padding, stride) into ``tag``: two layouts that share a buffer shape
 would otherwise leave data in each other's borders.
 
+Buffers asked for without ``zero`` are shared by tag: one flat buffer per (array module,
+tag, dtype), grown to the largest size asked for, handed out as a view of its first
+elements in the shape asked for. So the im2col columns of a layer's interior, of its
+border strips and of its backward pass occupy one buffer, not one per shape. A caller
+must therefore be done with a tag's buffer before it asks for the same tag again, in
+any shape (every caller in :mod:`distconv.ops` uses each tag once per step of its loop).
+
 Not thread-safe: one rank computes with one thread of Python.
 """
 from __future__ import annotations
@@ -40,24 +47,31 @@ def _trim() -> None:
 
 
 def get(xp, tag: str, shape, dtype, zero: bool = False):
-    """A scratch array of ``shape``/``dtype`` for ``tag``; zero-filled when made if ``zero``."""
+    """A scratch array of ``shape``/``dtype`` for ``tag``: with ``zero``, one buffer per
+    exact shape, zero-filled when made; without, a view of the tag's shared flat buffer
+    (grown when too small)."""
+    global _BYTES
     # the dtype object is hashed as given (far cheaper than str(dtype)); a miss retries
     # with the normalised key, so every spelling of a shape or dtype finds the same buffer
-    key = (xp.__name__, tag, tuple(shape), dtype)
-    if key not in _CACHE:
+    key = (xp.__name__, tag, tuple(shape) if zero else None, dtype)
+    buf = _CACHE.get(key)
+    if buf is None:
         shape = tuple(int(s) for s in shape)
-        key = (xp.__name__, tag, shape, np.dtype(dtype))
-        if key not in _CACHE:
-            return _make(xp, key, shape, dtype, zero)
-    _CACHE.move_to_end(key)
-    return _CACHE[key]
-
-
-def _make(xp, key, shape, dtype, zero):
-    global _BYTES
-    buf = xp.zeros(shape, dtype) if zero else xp.empty(shape, dtype)
+        key = (xp.__name__, tag, shape if zero else None, np.dtype(dtype))
+        buf = _CACHE.get(key)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if buf is not None and (zero or buf.size >= n):
+        _CACHE.move_to_end(key)
+        return buf if zero else buf[:n].reshape(shape)
+    if buf is not None:  # too small: replaced by a larger one
+        del _CACHE[key]
+        _BYTES -= buf.nbytes
+    key = (xp.__name__, tag, tuple(int(s) for s in shape) if zero else None, np.dtype(dtype))
+    buf = xp.zeros(shape, dtype) if zero else xp.empty(n, dtype)
     if buf.nbytes <= _LIMIT:
         _CACHE[key] = buf
         _BYTES += buf.nbytes
         _trim()
-    return buf
+    return buf if zero else buf.reshape(shape)
