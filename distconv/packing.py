@@ -1,7 +1,7 @@
 """Channel blocks of an (N, C, ...) array laid one after another in a flat buffer, and back.
 
 :mod:`distconv.comm` packs the blocks of a ``v``-collective this way when they are
-not contiguous slices (``comm._pack`` / ``comm._assemble``); on the GPU it hands
+not contiguous slices (``commargs._pack`` / ``commargs._assemble``); on the GPU it hands
 the reordering to the CUDA kernels of ``kernels/pack.cu`` launched here. Each
 GPU function has a NumPy twin ``<name>_numpy`` that transliterates the kernel's
 index math with vectorised NumPy (the reference of the GPU tests); the GPU
@@ -93,12 +93,12 @@ def _as_units(itemsize, P):
 
 
 def pack_channel_blocks(x, counts):
-    """Channel blocks of ``x`` one after another in a flat buffer (GPU twin of ``comm._pack``).
+    """Channel blocks of ``x`` one after another in a flat buffer (GPU twin of ``commargs._pack``).
 
     x: (N, C, ...) with channels on axis 1; counts: channels per block (>= 0,
     summing to C) -> flat (x.size,): block r, a contiguous (N, counts[r], ...)
     array, starts at N * (counts[0] + ... + counts[r-1]) * prod(x.shape[2:]).
-    As ``comm._pack``, N == 1 or a single block needs no reordering and gives
+    As ``commargs._pack``, N == 1 or a single block needs no reordering and gives
     ``ascontiguousarray(x).reshape(-1)`` (a view when x is contiguous). Any dtype.
     """
     if not _ck.is_gpu_array(x):
@@ -120,7 +120,7 @@ def pack_channel_blocks(x, counts):
 
 
 def unpack_channel_blocks(flat, shape, counts):
-    """Inverse of :func:`pack_channel_blocks` (GPU twin of ``comm._assemble`` for axis 1).
+    """Inverse of :func:`pack_channel_blocks` (GPU twin of ``commargs._assemble`` for axis 1).
 
     flat: (prod(shape),) blocks one after another -> array of ``shape`` with
     the blocks concatenated on axis 1. N == 1 or a single block: ``flat.reshape(shape)``.

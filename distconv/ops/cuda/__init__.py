@@ -11,7 +11,7 @@ here); the channel-block packing used by :mod:`distconv.comm` lives in
 * ``_common.py``: geometry, shape checks and helpers the launchers and twins share.
 
 Every GPU function here has the signature and semantics of the CPU op of the
-same name in :mod:`distconv.ops` (or of ``comm._pack``/``comm._assemble`` for
+same name in :mod:`distconv.ops` (or of ``commargs._pack``/``commargs._assemble`` for
 the channel-block packing), and a NumPy twin ``<name>_numpy`` that transliterates
 the CUDA kernel's index math with vectorised NumPy: it is the reference the GPU
 tests compare against and works on any machine. The GPU functions accept NumPy
