@@ -165,6 +165,24 @@ class Communicator:
         """``MPI_Comm_split``; the result shares this communicator's statistics."""
         return Communicator(self.mpi.Split(color, key), self._stats)
 
+    def subset(self, ranks) -> "Communicator":
+        """The communicator of ``ranks`` (ranks of this communicator, in that order), made by
+        those ranks alone (``MPI_Comm_create_group``: no other rank takes part, so a placed
+        layer's grid never waits for a rank outside it); cached, shares the statistics.
+        Only the members call it."""
+        ranks = tuple(int(r) for r in ranks)
+        cache = self.__dict__.setdefault("_subsets", {})
+        got = cache.get(ranks)
+        if got is None:
+            if ranks == tuple(range(self.size)):
+                got = self
+            else:
+                grp = self.mpi.Get_group().Incl(list(ranks))
+                got = Communicator(self.mpi.Create_group(grp, _SUBSET_TAG), self._stats)
+                grp.Free()
+            cache[ranks] = got
+        return got
+
     def barrier(self) -> None:
         self.mpi.Barrier()
 
@@ -542,6 +560,31 @@ class Communicator:
             put(reg, get())
         del keep
 
+    def exchange_p2p(self, sends: dict, recv_counts: dict, xp, dtype,
+                     kind: str = "alltoall") -> dict:
+        """Flat buffers to and from the peers that meet here only (Isend/Irecv, Waitall):
+        ``sends`` ``{peer: flat array}``, ``recv_counts`` ``{peer: elements}``; returns
+        ``{peer: flat array}``. A rank with no peers returns at once: it waits for nobody.
+        Bytes are counted like an alltoallv (``kind``)."""
+        t0 = time.perf_counter()
+        reqs, got, keep = [], {}, []
+        t = _mpi_type(np.dtype(dtype))
+        for q in sorted(recv_counts):
+            rb, get = self._recv_buf(xp, (int(recv_counts[q]),), dtype)
+            reqs.append(self.mpi.Irecv([rb, t], source=q, tag=_EXCHANGE_TAG))
+            got[q] = get
+        for q in sorted(sends):
+            sb = self._send_buf(xp.ascontiguousarray(sends[q]))
+            keep.append(sb)
+            reqs.append(self.mpi.Isend([sb, t], dest=q, tag=_EXCHANGE_TAG))
+        if reqs:
+            MPI.Request.Waitall(reqs)
+        del keep
+        item = np.dtype(dtype).itemsize
+        self._record(kind, sum(int(a.size) for a in sends.values()) * item,
+                     sum(int(n) for n in recv_counts.values()) * item, t0)
+        return {q: get() for q, get in got.items()}
+
     def bcast(self, x, root: int = 0):
         """Broadcast ``x`` from ``root``; every rank passes an array of the same shape/dtype."""
         xp = array_module(x)
@@ -733,6 +776,9 @@ def _pinned_copy(a):
     a.get(out=h)
     return h
 
+
+_SUBSET_TAG = 7301    # MPI_Comm_create_group of a placed grid's ranks
+_EXCHANGE_TAG = 7302  # point-to-point moves between grids of different rank sets
 
 _WORLD = None
 _WORLD_OVERRIDE: list = []

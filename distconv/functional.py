@@ -1,7 +1,7 @@
-"""Differentiable functions on DistTensors: ``add`` (``a + b``) and ``cat``.
+"""Differentiable functions on DistTensors: ``add`` (``a + b``), ``cat`` and ``fork``.
 
-Both accept inputs in any distributions (on any grids over the same ranks), record
-one autograd node when gradients are enabled, and move data only through
+They accept inputs in any distributions (on any grids of the same world, placed or not),
+record autograd nodes when gradients are enabled, and move data only through
 ``DistTensor.redistribute`` / :func:`distconv.tensor.exchange`.
 """
 from __future__ import annotations
@@ -99,3 +99,63 @@ def cat(tensors, dim: int = 1) -> DistTensor:
 
     autograd.record("cat", backward, tensors, out)
     return out
+
+
+def branch_input(target) -> Distribution | None:
+    """The layout a branch reads its input in: ``target`` itself if a Distribution, else
+    the ``input_distribution`` of the module's first layer that has one (a Conv2d, Linear
+    or BatchNorm2d, in ``named_modules`` order); ``None`` if it has none (elementwise
+    layers only: they run where their input is)."""
+    if isinstance(target, Distribution):
+        return target
+    for _, m in target.named_modules():
+        d = getattr(m, "input_distribution", None)
+        if d is not None:
+            return d
+    return None
+
+
+def fork(x: DistTensor, branches) -> list:
+    """``x`` moved into the input layout of every branch with ONE exchange, before any
+    branch runs (``torch`` has no counterpart: it is the identity per branch).
+
+    x: a DistTensor; branches: Modules or Distributions (:func:`branch_input`). Returns one
+    tensor per branch, each of ``x``'s shape, to be passed to that branch::
+
+        xa, xb = dc.fork(x, [branch_a, branch_b])
+        y = dc.cat([branch_a(xa), branch_b(xb)])
+
+    Why: a branch placed on some ranks (``Strategy(ranks=...)``) reads its input from the
+    ranks that hold ``x``. If each branch moved its own input when it starts, a rank of
+    branch B would wait in B's move for the ranks of branch A to finish A first (they run
+    A before they reach B's move), and the branches would run one after the other. After
+    a fork every branch holds its input, so branches on disjoint rank sets run at the same
+    time; the join (``cat``) waits for the slowest. Backward: each branch's input gradient
+    is moved back to ``x``'s layout; those moves run after every branch's backward (the
+    fork's nodes are older than all of the branches' nodes, and the engine runs the newest
+    ready node first), so the branches' backward passes overlap too.
+    """
+    if not isinstance(x, DistTensor):
+        raise TypeError(f"fork: expected a DistTensor, got {type(x).__name__}")
+    src = x.distribution.replace(pending=())
+    plain = x._move(src) if x.distribution.pending else x
+    wants = [branch_input(b) for b in branches]
+    if not wants:
+        raise ValueError("fork: expected a non-empty sequence of branches")
+    wants = [src if d is None else d for d in wants]
+    for d in wants:
+        if d.ndim != x.ndim:
+            raise ValueError(f"fork: a branch reads a {d.ndim}-d input, x is {x.ndim}-d "
+                             f"(shape {tuple(x.shape)})")
+    zero = (0,) * x.ndim
+    moves = [i for i, d in enumerate(wants) if d != src]
+    got = iter(exchange([(plain, zero)], [(wants[i], x.shape, zero) for i in moves])
+               if moves else ())
+    outs = [next(got) if i in moves else plain for i in range(len(wants))]
+
+    def backward(dy, needs):
+        return (dy._move(src) if needs[0] else None,)
+
+    for i in moves:
+        autograd.record("fork", backward, [x], outs[i])
+    return outs

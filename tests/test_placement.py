@@ -1,0 +1,346 @@
+"""Operator placement (``Strategy(ranks=...)``) against PyTorch float64.
+
+* an Inception-style block whose branches run on disjoint rank pairs (4 ranks: ranks 0-1
+  and 2-3, branches of different lengths), forked with ``dc.fork`` and joined by
+  ``dc.cat``; also without the fork (same numbers);
+* a classifier on one rank behind a stem on all ranks, trained one step with
+  ``GradientSync`` and SGD;
+* a checkpoint saved under one placement and loaded under another;
+* negative controls: a perturbed shard on one placed rank is caught; without the fork
+  a short branch waits for the long one (with it, it does not);
+* bad input raises the same error on every rank, never a hang.
+
+Inputs: N=3 (uneven sample blocks) images 3x8x8, float64; tolerance 1e-10 (normwise).
+"""
+import time
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distconv as dc
+from distconv import nn
+from distconv.backend import set_default_dtype, to_numpy
+from distconv.strategy import Strategy
+from distconv.tensor import DistTensor
+from tests.mpi_harness import mpi, mpi_tmp_path
+from tests.torch_ref import Report, draw, labels_for, randomize, to_torch_state, torch_module
+
+PAIRS = {"stem": "sample=2,channel=2", "a1": "sample=2,ranks=0-1",
+         "a2": "sample=1,channel=2,ranks=0-1", "a3": "sample=1,filter=2,ranks=0-1",
+         "b": "sample=1,filter=2,ranks=2-3", "p": "sample=2,ranks=2+3",
+         "head": "sample=4", "fc": "sample=1,ranks=3"}
+WORLD = {k: "sample=*" for k in PAIRS}
+
+
+class Block(nn.Module):
+    """stem conv -> fork -> a: 1x1-BN-ReLU-3x3-3x3 | b: 3x3 | p: avgpool-1x1 -> cat ->
+    3x3 conv -> gap -> flatten -> linear. (N, 3, H, W) -> (N, 3) logits."""
+
+    def __init__(self, st, fork=True):
+        super().__init__()
+        self.fork = fork
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, strategy=st["stem"])
+        self.a = nn.Sequential(nn.Conv2d(6, 4, 1, bias=False, strategy=st["a1"]),
+                               nn.BatchNorm2d(4, strategy=st["a1"]), nn.ReLU(),
+                               nn.Conv2d(4, 5, 3, padding=1, strategy=st["a2"]),
+                               nn.Conv2d(5, 5, 3, padding=1, strategy=st["a3"]))
+        self.b = nn.Sequential(nn.Conv2d(6, 3, 3, padding=1, strategy=st["b"]))
+        self.p = nn.Sequential(nn.AvgPool2d(3, stride=1, padding=1),
+                               nn.Conv2d(6, 2, 1, strategy=st["p"]))
+        self.head = nn.Sequential(nn.Conv2d(10, 4, 3, padding=1, strategy=st["head"]),
+                                  nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(4, 3, strategy=st["fc"]))
+
+    def forward(self, x):
+        h = self.stem(x)
+        branches = [self.a, self.b, self.p]
+        hs = dc.fork(h, branches) if self.fork else [h] * 3
+        return self.head(dc.cat([m(t) for m, t in zip(branches, hs)], dim=1))
+
+
+class TorchBlock(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        for name, child in m._modules.items():
+            self.add_module(name, torch_module(child, 4))
+        self.double()
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.cat([self.a(h), self.b(h), self.p(h)], dim=1))
+
+
+def twin(model):
+    t = TorchBlock(model)
+    t.load_state_dict(to_torch_state(model.state_dict()), strict=True)
+    return t
+
+
+def check_step(model, tmodel, x, labels, rep, tag, x_dist):
+    """Forward, loss, backward, gradient sync; y, loss, dx, every grad and buffer vs torch."""
+    model.zero_grad()
+    xin = DistTensor.from_global(x, x_dist)
+    xin.requires_grad = True
+    y = model(xin)
+    loss = nn.CrossEntropyLoss()(y, labels)
+    loss.backward()
+    nn.sync_gradients(model.parameters())
+    xt = torch.tensor(x, requires_grad=True)
+    yt = tmodel(xt)
+    lt = F.cross_entropy(yt, torch.tensor(labels))
+    lt.backward()
+    rep.check(f"{tag} y", to_numpy(y.to_global()), yt)
+    rep.check(f"{tag} loss", np.float64(loss), lt, dtype=False)
+    rep.check(f"{tag} dx", to_numpy(xin.grad.to_global()), xt.grad)
+    tparams = dict(tmodel.named_parameters())
+    for name, p in model.named_parameters():
+        rep.check(f"{tag} grad {name}", to_numpy(p.grad.to_global()), tparams[name].grad)
+    tbufs = dict(tmodel.named_buffers())
+    for name, b in model.named_buffers():
+        rep.check(f"{tag} buffer {name}", to_numpy(b.to_global()), tbufs[name], dtype=False)
+    return float(loss)
+
+
+# ------------------------------------------------------------------ the block
+@pytest.mark.parametrize("fork", [True, False])
+@mpi(ranks=(4,), timeout=180)
+def test_inception_block_on_two_pairs(comm, fork):
+    """Branches on ranks 0-1 and 2-3 (and a third on 2-3) match torch float64: logits,
+    loss (the same on every rank), dx and every gradient, running statistics."""
+    set_default_dtype(np.float64)
+    rep = Report()
+    nn.manual_seed(0)
+    m = Block(PAIRS, fork)
+    randomize(m, 1)
+    x_dist = Strategy(sample=4).activation_distribution(4)
+    for step, N in enumerate((3, 4)):
+        x, labels = draw((N, 3, 8, 8), 10 + N), labels_for(N, 3, N)
+        tm = twin(m)
+        loss = check_step(m, tm, x, labels, rep, f"N={N}", x_dist)
+        rep.expect("loss equal on every rank", len(set(comm.allgather(loss))) == 1)
+    # weights live on their layer's ranks only: a rank off a grid holds a MetaArray
+    for name, p in m.named_parameters():
+        g = p.data.grid
+        rep.expect(f"{name} held only on its ranks",
+                   (comm.rank in g.ranks) == (not dc.meta.is_meta(p.data.local)))
+    rep.assert_ok(comm, "placed Inception-style block vs torch")
+
+
+@mpi(ranks=(4,), timeout=120)
+def test_placement_check_catches_a_bad_shard(comm):
+    """Negative control: the same comparison fails when one placed rank's weight shard is
+    off by 1e-6 (rank 3 holds branch b's filters)."""
+    set_default_dtype(np.float64)
+    nn.manual_seed(0)
+    m = Block(PAIRS)
+    randomize(m, 1)
+    tm = twin(m)
+    if comm.rank == 3:
+        m.b[0].weight.data.local[...] += 1e-6
+    rep = Report()
+    x = draw((3, 3, 8, 8), 13)
+    check_step(m, tm, x, labels_for(3, 3, 3), rep, "perturbed",
+               Strategy(sample=4).activation_distribution(4))
+    errs = rep.merged(comm)
+    assert any(" y:" in e for e in errs), errs
+
+
+# ------------------------------------------------------------------ overlap
+def _timed_branches(comm, fork, delay, phase):
+    """Ranks 0-1 run a long branch (three convs; in ``phase`` "forward" or "backward" its
+    layers sleep ``delay`` s there), ranks 2-3 a short one (one conv). Returns the seconds
+    from the start of that phase (all ranks leave a barrier) until the short branch's
+    output exists (forward) or its backward is done, on this rank."""
+    set_default_dtype(np.float64)
+    nn.manual_seed(0)
+    long_ = nn.Sequential(*[nn.Conv2d(4, 4, 3, padding=1, strategy="sample=2,ranks=0-1")
+                            for _ in range(3)])
+    short = nn.Sequential(nn.Conv2d(4, 4, 1, strategy="sample=2,ranks=2-3"))
+
+    def sleep(*_):
+        if comm.rank in (0, 1):
+            time.sleep(delay)
+
+    if phase == "forward":
+        long_[2].register_forward_hook(sleep)
+    else:
+        long_[0].register_full_backward_hook(sleep)
+    stamps = {}
+
+    def stamp(*_):
+        stamps.setdefault("short", time.perf_counter())
+
+    (short[0].register_forward_hook if phase == "forward"
+     else short[0].register_full_backward_hook)(stamp)
+    x = DistTensor.from_global(draw((4, 4, 6, 6), 3),
+                               Strategy(sample=4).activation_distribution(4))
+    x.requires_grad = True
+    comm.Barrier()
+    t0 = time.perf_counter()
+    xs = dc.fork(x, [long_, short]) if fork else [x, x]
+    y = dc.cat([long_(xs[0]), short(xs[1])], dim=1)
+    comm.Barrier()
+    t1 = time.perf_counter()
+    y.backward(draw(y.shape, 4))
+    assert x.grad is not None
+    return stamps["short"] - (t0 if phase == "forward" else t1)
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+@mpi(ranks=(4,), timeout=120)
+def test_branches_on_disjoint_ranks_overlap(comm, phase):
+    """Branches of different lengths do not deadlock, and with ``dc.fork`` the short branch
+    (ranks 2-3) is done long before the long one (ranks 0-1, 2 s of sleep), forward and
+    backward. Negative control: without the fork the short branch's input move waits for
+    the long branch, so in forward it finishes only after the sleep."""
+    delay = 2.0
+    took = _timed_branches(comm, True, delay, phase)
+    if comm.rank in (2, 3):
+        assert took < delay / 2, took
+    took = comm.allgather(_timed_branches(comm, False, delay, phase))
+    if phase == "forward":  # rank 2's input block comes from ranks 0-1 (rank 3's does not)
+        assert max(took[2:]) >= delay * 0.9, took
+
+
+# ------------------------------------------------------------------ classifier, training
+def stem_and_classifier(fc):
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, bias=False, strategy="sample=*"),
+                         nn.BatchNorm2d(5, strategy="sample=*"), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(5, 4, strategy=fc))
+
+
+@pytest.mark.parametrize("fc_rank", ["first", "last"])
+@mpi(ranks=(2, 3, 4), timeout=180)
+def test_classifier_on_one_rank(comm, fc_rank):
+    """A classifier on one rank behind a data-parallel stem: loss, dx, grads vs torch, then
+    one SGD step with GradientSync (the stem's gradients reduced over all ranks, the
+    classifier's over its one rank) equals torch's SGD step."""
+    set_default_dtype(np.float64)
+    r = 0 if fc_rank == "first" else comm.size - 1
+    nn.manual_seed(0)
+    m = stem_and_classifier(f"sample=1,ranks={r}")
+    randomize(m, 2)
+    tm = torch_module(m, comm.size)
+    tm.load_state_dict(to_torch_state(m.state_dict()))
+    opt = dc.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    topt = torch.optim.SGD(tm.parameters(), lr=0.1, momentum=0.9)
+    dc.optim.GradientSync(m, opt, bucket_bytes=64)
+    rep = Report()
+    for N in (5, 2):
+        x, labels = draw((N, 3, 6, 6), N), labels_for(N, 4, N)
+        opt.zero_grad()
+        topt.zero_grad()
+        loss = nn.CrossEntropyLoss()(m(x), labels)
+        loss.backward()
+        lt = F.cross_entropy(tm(torch.tensor(x)), torch.tensor(labels))
+        lt.backward()
+        rep.check(f"N={N} loss", np.float64(loss), lt, dtype=False)
+        opt.step()
+        topt.step()
+        tsd = tm.state_dict()
+        for k, v in m.state_dict().items():
+            rep.check(f"N={N} after step {k}", v, tsd[k], dtype=False)
+    fc = m[6].weight
+    rep.expect("classifier weight held by its rank only",
+               dc.meta.is_meta(fc.data.local) == (comm.rank != r))
+    rep.assert_ok(comm, "classifier on one rank vs torch")
+
+
+@mpi(ranks=(4,), timeout=180)
+def test_checkpoint_across_placements(comm):
+    """Saved under the pairs placement (with SGD momentum state), loaded into the block
+    under a world placement and under a swapped one: same state dict, same optimizer
+    state, same logits."""
+    from distconv import checkpoint
+    set_default_dtype(np.float64)
+    nn.manual_seed(0)
+    a = Block(PAIRS)
+    randomize(a, 3)
+    opt = dc.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    x, labels = draw((3, 3, 8, 8), 5), labels_for(3, 3, 3)
+    nn.CrossEntropyLoss()(a(x), labels).backward()
+    opt.step()
+    swapped = dict(PAIRS, a1="sample=2,ranks=2-3", a2="sample=1,channel=2,ranks=3+2",
+                   a3="sample=1,filter=2,ranks=2-3", b="sample=2,ranks=0-1", p="ranks=1",
+                   fc="sample=1,ranks=0")
+    rep = Report()
+    with mpi_tmp_path(comm) as d:
+        path = str(d / "ck.h5")
+        checkpoint.save_checkpoint(path, a, opt)
+        sd, osd = a.state_dict(), {(i, k): to_numpy(t.to_global())
+                                   for i, k, t in opt.state_tensors()}
+        with dc.no_grad():
+            ya = to_numpy(a.eval()(x).to_global())
+        for plan in (WORLD, swapped):
+            nn.manual_seed(9)
+            b = Block(plan)
+            bopt = dc.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+            checkpoint.load_checkpoint(path, b, bopt)
+            for k, v in b.state_dict().items():
+                rep.expect(f"{plan['fc']} {k}", np.array_equal(v, sd[k]))
+            for i, k, t in bopt.state_tensors():
+                rep.expect(f"{plan['fc']} opt {i} {k}",
+                           np.array_equal(to_numpy(t.to_global()), osd[(i, k)]))
+            with dc.no_grad():
+                rep.check(f"{plan['fc']} y", to_numpy(b.eval()(x).to_global()), ya)
+    rep.assert_ok(comm, "checkpoint across placements")
+
+
+# ------------------------------------------------------------------ text and bad input
+def test_strategy_ranks_text_and_plan_files():
+    """``ranks=`` parses, prints and round-trips through to_dict (plan files)."""
+    s = Strategy.parse("sample=2,ranks=0-1")
+    assert s == Strategy(sample=2, ranks=(0, 1)) and str(s).endswith("ranks=0-1")
+    assert Strategy(**s.to_dict()) == s and s.to_dict()["ranks"] == [0, 1]
+    t = Strategy.parse("channel=2,ranks=4+0+6-7")
+    assert t.ranks == (4, 0, 6, 7) and Strategy.parse(str(t)) == t
+    assert "ranks" not in Strategy(sample=2).to_dict()
+    assert Strategy(ranks=[3]).ranks == (3,)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("sample=1,ranks=", "not a rank set"), ("ranks=3-1", "is empty"),
+    ("ranks=0+0", "twice"), ("ranks=a", "not a rank set")])
+def test_bad_rank_text(text, match):
+    with pytest.raises(ValueError, match=match):
+        Strategy.parse(text)
+
+
+def test_empty_rank_set():
+    with pytest.raises(ValueError, match="empty rank set"):
+        Strategy(ranks=())
+
+
+BAD = {"outside": ("sample=2,ranks=1-2", "outside the job"),
+       "product": ("sample=2,channel=2,ranks=0-1", "its rank set 0-1 has 2"),
+       "one rank's plan": (None, "ranks disagree on the plan")}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+@mpi(ranks=(2, 3), timeout=60)
+def test_bad_placement_raises_on_every_rank(comm, case):
+    """Every rank raises the same ValueError (a hang would time out): a rank outside the
+    job, a strategy whose product is not the rank set's size, and a plan that differs
+    between ranks (its placements would leave a rank waiting), both at construction and
+    in set_strategy."""
+    text, match = BAD[case]
+    size = comm.size
+    if case == "outside":
+        text = f"sample=2,ranks={size - 1}-{size}"
+    if text is not None:
+        with pytest.raises(ValueError, match=match):
+            nn.Conv2d(3, 4, 3, strategy=text)
+        with pytest.raises(ValueError, match=match):
+            nn.Sequential(nn.Conv2d(3, 4, 3)).set_strategy({"0": text})
+        return
+    mine = f"sample=1,ranks={comm.rank}"
+    with pytest.raises(ValueError, match="ranks disagree on a placed grid"):
+        nn.Conv2d(3, 4, 3, strategy=mine)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=match):
+        m.set_strategy({"0": mine})
+    assert OrderedDict(m.state_dict())  # nothing moved: the model still works
