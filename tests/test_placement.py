@@ -290,6 +290,36 @@ def test_checkpoint_across_placements(comm):
     rep.assert_ok(comm, "checkpoint across placements")
 
 
+@pytest.mark.parametrize("bucket", [0, 64])
+@mpi(ranks=(2, 3, 4), timeout=180)
+def test_placed_bytes_equal_shape_only_model(comm, bucket):
+    """The bytes and calls per collective kind of a real training step with placements
+    (moves onto and off subsets, the loss broadcast, GradientSync buckets of placed
+    gradients) equal what the planner's shape-only run of this rank predicts
+    (:func:`distconv.trace.shape_only_step`)."""
+    from distconv import optim
+    from distconv.trace import shape_only_step
+    from tests.test_trace import _counts, _real_step
+    set_default_dtype(np.float64)
+    p = comm.size
+    nn.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, strategy="sample=*"),
+                          nn.Conv2d(5, 6, 3, padding=1, strategy="sample=1,channel=2,ranks=0-1"),
+                          nn.BatchNorm2d(6, strategy=f"sample=1,ranks={p - 1}"), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 3, strategy=f"sample=1,ranks={p // 2}"))
+    sd = model.state_dict()
+    real, labels = _real_step(comm, model, (5, 3, 6, 6), bucket)
+    model.load_state_dict(sd)
+    sync = (lambda m, o: optim.GradientSync(m, o, bucket_bytes=bucket)) if bucket else None
+    tr = shape_only_step(model, (5, 3, 6, 6), p, comm.rank, labels=labels, sync=sync)
+    assert _counts(tr.stats) == _counts(real), (_counts(tr.stats), _counts(real))
+    # negative control: the classifier on another rank is predicted differently somewhere
+    other = shape_only_step(model, (5, 3, 6, 6), p, comm.rank, labels=labels, sync=sync,
+                            plan={"6": "sample=1,ranks=0"})
+    assert any(comm.allgather(_counts(other.stats) != _counts(real)))
+
+
 # ------------------------------------------------------------------ text and bad input
 def test_strategy_ranks_text_and_plan_files():
     """``ranks=`` parses, prints and round-trips through to_dict (plan files)."""
