@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from distconv.bench.runs import self_strategy
+from distconv.bench.stats import paired_ratio
 from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(channels=256, size=28, batch=1, rounds=40, warmup=3)
@@ -136,14 +137,9 @@ def main(argv=None) -> int:
     rows = []
     for s in args.strategy_list:
         b = np.array(t_b[s])
-        ratio = a / b
-        q1, med, q3 = (float(v) for v in np.percentile(ratio, [25, 50, 75]))
         rows.append({"strategy": s, "one_rank_ms": float(np.median(a)) * 1e3,
-                     "p_ranks_ms": float(np.median(b)) * 1e3,
-                     "speedup_paired_median": med, "speedup_paired_q1": q1,
-                     "speedup_paired_q3": q3,
-                     "speedup_ratio_of_medians": float(np.median(a) / np.median(b)),
-                     "rounds_above_1_6": int((ratio >= 1.6).sum()),
+                     "p_ranks_ms": float(np.median(b)) * 1e3, **paired_ratio(a, b),
+                     "rounds_above_1_6": int((a / b >= 1.6).sum()),
                      "step_s": b.tolist()})
     print(f"BasicBlock({args.channels}, {args.channels}) on {shape}, {p} ranks x 1 thread, "
           f"{args.rounds} paired rounds; 1 rank (rank 0 alone, same job): "
