@@ -36,11 +36,22 @@ def add(a: DistTensor, b: DistTensor) -> DistTensor:
     return out
 
 
-def _cat_layout(t: DistTensor, dim: int, shape) -> Distribution:
+def _cat_layout(tensors, dim: int) -> Distribution:
     """The output distribution of ``cat``: the first input's splits (no pending) on the
-    concatenated shape."""
-    d = t.distribution
-    return Distribution(d.grid, d.split)
+    concatenated shape; for inputs on different rank sets (branches placed on their own
+    ranks), the channel layout of ``Strategy(sample=1, filter=k, ranks=union)`` over the
+    union of their ranks (in order of appearance) when ``dim`` is 1, so that each rank
+    keeps the channels its branch made as far as floor+1 blocks allow, instead of one
+    branch's ranks gathering everything."""
+    d = tensors[0].distribution
+    sets = [t.grid.ranks for t in tensors]
+    if dim != 1 or all(r == sets[0] for r in sets):
+        return Distribution(d.grid, d.split)
+    from .grid import get_grid
+    from .strategy import AXES
+    union = tuple(dict.fromkeys(r for rs in sets for r in rs))
+    g = get_grid((1, 1, len(union)), AXES, d.grid.world, ranks=union)
+    return Distribution(g, [None, ("channel", "filter")] + [None] * (d.ndim - 2))
 
 
 def cat(tensors, dim: int = 1) -> DistTensor:
@@ -49,7 +60,8 @@ def cat(tensors, dim: int = 1) -> DistTensor:
     tensors: a sequence of DistTensors, all of shape ``(..., C_i, ...)`` equal except on
     ``dim``, in any distributions over the same ranks. The result has shape
     ``(..., sum C_i, ...)`` and the first input's splits (floor+1 blocks of the new size,
-    which differ from the inputs' blocks); its blocks are filled by ONE alltoallv of exactly
+    which differ from the inputs' blocks; inputs on different rank sets: see
+    :func:`_cat_layout`); its blocks are filled by ONE alltoallv of exactly
     the elements each rank lacks, never a gather. Backward cuts ``dy`` back into each input's
     own distribution, again with one alltoallv.
     """
@@ -85,7 +97,7 @@ def cat(tensors, dim: int = 1) -> DistTensor:
         off[dim] = acc
         offsets.append(tuple(off))
         acc += t.shape[dim]
-    out_dist = _cat_layout(t0, dim, shape)
+    out_dist = _cat_layout(tensors, dim)
     zero = (0,) * nd
     out = exchange(list(zip(plain, offsets)), [(out_dist, shape, zero)])[0]
     in_layouts = [(t.distribution.replace(pending=()), tuple(t.shape), off)

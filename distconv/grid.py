@@ -166,13 +166,6 @@ def get_grid(shape: Sequence[int], names: Sequence[str], comm=None,
     ``ranks``: the world ranks of a placed grid (see the module doc)."""
     c = _comm.wrap(comm)
     key = (id(c), tuple(shape), tuple(names), None if ranks is None else tuple(ranks))
-    if ranks is not None:
-        # its members make a communicator together and the others stand in for them: a
-        # rank-dependent placement would leave ranks waiting, so the world agrees on it
-        # first, on every call (an error on every rank, not a hang)
-        c.check_same((tuple(shape), tuple(names), tuple(ranks)),
-                     "a placed grid (shape, axes, ranks): every rank must build the same "
-                     "layers with the same strategies")
     g = _GRIDS.get(key)
     if g is None:
         g = ProcessGrid(c, shape, names, ranks)

@@ -140,7 +140,14 @@ class Strategy:
         with ``ranks``, a grid of those ranks of ``comm`` (``ValueError`` on every rank if
         one is outside the job or the strategy does not fit ``len(ranks)`` ranks)."""
         c = _comm.wrap(comm)
-        return get_grid(self.check(c.size), self.axes(), c, ranks=self.ranks)
+        shape = self.check(c.size)
+        if self.ranks is not None:
+            # its members make a communicator together and the others stand in for them: a
+            # rank-dependent placement would leave ranks waiting, so the world agrees on it
+            # first, on every call (an error on every rank, not a hang)
+            c.check_same((shape, self.ranks), "a placed grid (shape, ranks): every rank must "
+                         "build the same layers with the same strategies")
+        return get_grid(shape, self.axes(), c, ranks=self.ranks)
 
     def check(self, world_size: int) -> tuple:
         """The grid shape in a job of ``world_size`` ranks (:meth:`resolve` over the rank set);
