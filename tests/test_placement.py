@@ -320,6 +320,24 @@ def test_placed_bytes_equal_shape_only_model(comm, bucket):
     assert any(comm.allgather(_counts(other.stats) != _counts(real)))
 
 
+@mpi(ranks=(3, 4), timeout=180)
+def test_spatial_pool_dropout_on_a_subset(comm):
+    """A height-split conv on ranks 1-2 (halo exchange among them), pooling and dropout
+    behind it, and a Linear on rank 0, vs torch float64 (compare_model: y, dx and every
+    gradient for a random dy, two steps)."""
+    from tests.torch_ref import compare_model
+    set_default_dtype(np.float64)
+    nn.manual_seed(4)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, strategy="sample=*"),
+                      nn.Conv2d(4, 5, 3, padding=1, strategy="sample=1,height=2,ranks=1-2"),
+                      nn.MaxPool2d(2), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(),
+                      nn.Linear(5 * 16, 3, strategy="sample=1,ranks=0"))
+    randomize(m, 5)
+    rep = Report()
+    compare_model(m, [draw((3, 3, 8, 8), 6), draw((2, 3, 8, 8), 7)], rep, "spatial subset")
+    rep.assert_ok(comm, "spatial conv, pooling, dropout on a subset vs torch")
+
+
 # ------------------------------------------------------------------ text and bad input
 def test_strategy_ranks_text_and_plan_files():
     """``ranks=`` parses, prints and round-trips through to_dict (plan files)."""
