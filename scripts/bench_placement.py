@@ -19,7 +19,10 @@ maximum over ranks), so the shared machine's drift cancels in the per-round rati
   ranks (sample=2 needs N >= 2).
 
 Every rank uses ONE BLAS thread (one rank stands for one device). Rank 0 prints a table
-(median step, paired speedup over ``one_rank`` with its quartiles) and writes ``--json``.
+(median step, paired speedup over ``one_rank`` with its quartiles, and the same ratio of
+CPU time -- the maximum over ranks of each process's CPU seconds, which leaves out the
+time other processes of a loaded machine held the core but counts MPI's busy-waiting)
+and writes ``--json``.
 """
 from __future__ import annotations
 
@@ -104,16 +107,18 @@ class _Case:
         self.sync = GradientSync(self.model)
 
     def step(self):
+        """(wall seconds, CPU seconds of this process) of one step."""
         self.model.zero_grad()
         self.x.grad = None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.model(self.x).backward(self.dy)
         self.sync.wait()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 def run_rounds(comm, cases, args):
-    """Step times ``{plan: [max over ranks per round]}``, plans interleaved per round."""
+    """``{plan: [(wall, CPU) per round]}``, each the maximum over ranks, plans interleaved
+    per round."""
     times = {name: [] for name in cases}
     for r in range(args.warmup + args.rounds):
         got = {}
@@ -122,7 +127,8 @@ def run_rounds(comm, cases, args):
             got[name] = case.step()
         if r >= args.warmup:
             for name, t in got.items():
-                times[name].append(max(comm.allgather_obj(t)))
+                both = comm.allgather_obj(t)
+                times[name].append((max(w for w, _ in both), max(c for _, c in both)))
     return times
 
 
@@ -131,18 +137,22 @@ def report(args, times, shape, p) -> dict:
     rows = []
     for name, t in times.items():
         t = np.array(t)
+        cpu = {k.replace("speedup", "cpu_speedup"): v
+               for k, v in paired_ratio(base[:, 1], t[:, 1]).items()}
+        t = t[:, 0]
         rows.append({"plan": name, "median_ms": float(np.median(t)) * 1e3,
                      "q1_ms": float(np.percentile(t, 25)) * 1e3,
-                     "q3_ms": float(np.percentile(t, 75)) * 1e3, **paired_ratio(base, t),
-                     "step_s": t.tolist()})
+                     "q3_ms": float(np.percentile(t, 75)) * 1e3,
+                     **paired_ratio(base[:, 0], t), **cpu, "step_s": t.tolist()})
     print(f"two {args.kernel}x{args.kernel} convs {args.channels}->{args.filters} on {shape}, "
           f"joined by cat; {p} ranks x 1 thread, {args.rounds} interleaved rounds")
     print(f"{'plan':<10} {'median ms':>10} {'(q1-q3)':>17} {'vs one_rank (q1-q3)':>22} "
-          f"{'ratio of medians':>17}")
+          f"{'ratio of medians':>17} {'CPU-time ratio':>15}")
     for r in rows:
         print(f"{r['plan']:<10} {r['median_ms']:>10.1f} ({r['q1_ms']:7.1f}-{r['q3_ms']:7.1f}) "
               f"{r['speedup_paired_median']:>9.2f} ({r['speedup_paired_q1']:.2f}-"
-              f"{r['speedup_paired_q3']:.2f}) {r['speedup_ratio_of_medians']:>17.2f}")
+              f"{r['speedup_paired_q3']:.2f}) {r['speedup_ratio_of_medians']:>17.2f} "
+              f"{r['cpu_speedup_paired_median']:>15.2f}")
     return {"benchmark": "bench_placement", "ranks": p, "shape": list(shape),
             "filters": args.filters, "kernel": args.kernel, "rounds": args.rounds,
             "warmup": args.warmup, "results": rows}
