@@ -453,8 +453,9 @@ def main(argv=None) -> int:
         with one tiny allreduce: a non-finite gradient on any rank, or a SIGTERM/SIGUSR1
         that reached any rank."""
         xp = backend.get_xp()
-        mine = [n for n, p in named
-                if p.grad is not None and not bool(xp.isfinite(p.grad.local).all())]
+        mine = [n for n, p in named  # a rank off a placed layer holds no gradient values
+                if p.grad is not None and p.grad.grid.member
+                and not bool(xp.isfinite(p.grad.local).all())]
         flag = comm.allreduce(np.asarray([1.0 if mine else 0.0,
                                           1.0 if _STOP["signal"] else 0.0]), op="max")
         out = [] if np.isfinite(loss) else ["loss"]  # the loss is the same on every rank
