@@ -79,15 +79,18 @@ def twin(model):
     return t
 
 
-def check_step(model, tmodel, x, labels, rep, tag, x_dist):
-    """Forward, loss, backward, gradient sync; y, loss, dx, every grad and buffer vs torch."""
+def check_step(model, tmodel, x, labels, rep, tag, x_dist, gsync=None):
+    """Forward, loss, backward, gradient sync (``sync_gradients``, or ``gsync.wait()`` of a
+    GradientSync); y, loss, dx, every grad and buffer vs torch."""
     model.zero_grad()
     xin = DistTensor.from_global(x, x_dist)
     xin.requires_grad = True
     y = model(xin)
     loss = nn.CrossEntropyLoss()(y, labels)
     loss.backward()
-    nn.sync_gradients(model.parameters())
+    if gsync is not None:
+        gsync.wait()
+    nn.sync_gradients(model.parameters())  # a no-op after gsync.wait()
     xt = torch.tensor(x, requires_grad=True)
     yt = tmodel(xt)
     lt = F.cross_entropy(yt, torch.tensor(labels))
@@ -109,7 +112,9 @@ def check_step(model, tmodel, x, labels, rep, tag, x_dist):
 @mpi(ranks=(4,), timeout=180)
 def test_inception_block_on_two_pairs(comm, fork):
     """Branches on ranks 0-1 and 2-3 (and a third on 2-3) match torch float64: logits,
-    loss (the same on every rank), dx and every gradient, running statistics."""
+    loss (the same on every rank), dx and every gradient, running statistics; then again
+    after set_strategy moved the branches to other ranks (weights and running statistics
+    move between rank sets), with GradientSync buckets reducing the gradients."""
     set_default_dtype(np.float64)
     rep = Report()
     nn.manual_seed(0)
@@ -121,6 +126,11 @@ def test_inception_block_on_two_pairs(comm, fork):
         tm = twin(m)
         loss = check_step(m, tm, x, labels, rep, f"N={N}", x_dist)
         rep.expect("loss equal on every rank", len(set(comm.allgather(loss))) == 1)
+    m.set_strategy({"a": "sample=2,ranks=2-3", "b": "sample=1,channel=2,ranks=0-1",
+                    "p": "ranks=1", "head.4": "sample=1,ranks=0"})
+    x, labels = draw((5, 3, 8, 8), 15), labels_for(5, 3, 5)
+    check_step(m, twin(m), x, labels, rep, "moved", x_dist,
+               dc.optim.GradientSync(m, bucket_bytes=256))
     # weights live on their layer's ranks only: a rank off a grid holds a MetaArray
     for name, p in m.named_parameters():
         g = p.data.grid
