@@ -175,5 +175,6 @@ def fork(x: DistTensor, branches) -> list:
         return (dy._move(src) if needs[0] else None,)
 
     for i in moves:
-        autograd.record("fork", backward, [x], outs[i])
+        # a recorded move like t.redistribute (the planner skips those: it picks layouts)
+        autograd.record("redistribute", backward, [x], outs[i])
     return outs

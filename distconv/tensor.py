@@ -122,8 +122,8 @@ class DistTensor:
             raise ValueError(f"array of shape {shape} has {len(shape)} dims but {distribution} "
                              f"has {distribution.ndim}")
         local = local_block(array, distribution)
-        if distribution.pending and any(distribution.grid.coord(a) != 0
-                                        for a in distribution.pending):
+        if distribution.pending and distribution.grid.member and any(
+                distribution.grid.coord(a) != 0 for a in distribution.pending):
             local = xp.zeros_like(local)
         return cls(local, distribution, shape)
 
