@@ -16,7 +16,7 @@ stands in for position 0 on a shape-only communicator
 (:class:`distconv.shapecomm.ShapeComm`), so it runs the same layer code on
 :class:`~distconv.meta.MetaArray` blocks -- no data, no communication -- and every rank
 still walks the same program. Moves between grids of different rank sets go through the
-world (:func:`distconv.tensor.exchange`).
+world (:func:`distconv.exchange.exchange`).
 """
 from __future__ import annotations
 
@@ -35,14 +35,19 @@ def _prod(xs):
 class ProcessGrid:
     """``ProcessGrid(comm, shape, names)``: ``comm`` an mpi4py communicator or a
     :class:`distconv.comm.Communicator` (``None``: COMM_WORLD); ``shape`` the size of each
-    axis; ``names`` one unique name per axis. ``ValueError`` if ``prod(shape)`` is not the
-    number of ranks."""
+    axis; ``names`` one unique name per axis; ``ranks`` (optional) the ranks of ``comm`` on
+    the grid, distinct, in grid order (operator placement; default all). ``ValueError`` if
+    ``prod(shape)`` is not the number of ranks or a rank is not one of ``comm``."""
 
     def __init__(self, comm, shape: Sequence[int], names: Sequence[str],
                  ranks: Sequence[int] | None = None):
         self.world = _comm.wrap(comm)
         self.ranks = tuple(range(self.world.size)) if ranks is None else tuple(ranks)
         self._pos = {r: q for q, r in enumerate(self.ranks)}
+        if len(self._pos) != len(self.ranks) or any(
+                not 0 <= r < self.world.size for r in self.ranks):
+            raise ValueError(f"grid ranks {list(self.ranks)} must be distinct ranks of a "
+                             f"communicator of {self.world.size}")
         self.member = self.world.rank in self._pos
         if ranks is None or self.ranks == tuple(range(self.world.size)):
             self.comm = self.world
