@@ -446,3 +446,13 @@ def test_bad_placement_raises_on_every_rank(comm, case):
     with pytest.raises(ValueError, match=match):
         m.set_strategy({"0": mine})
     assert OrderedDict(m.state_dict())  # nothing moved: the model still works
+
+
+def test_grid_ranks_must_be_distinct_ranks_of_the_communicator():
+    from distconv.grid import ProcessGrid
+    with pytest.raises(ValueError, match="must be distinct ranks"):
+        ProcessGrid(None, (2,), ("sample",), ranks=(0, 0))
+    with pytest.raises(ValueError, match="must be distinct ranks"):
+        ProcessGrid(None, (1,), ("sample",), ranks=(3,))
+    g = ProcessGrid(None, (1,), ("sample",), ranks=(0,))
+    assert g.member and g.spans_world and g.position(0) == 0
