@@ -328,12 +328,12 @@ class Module:
         unknown = [k for k in plan if k not in known]
         if unknown:
             raise ValueError(f"plan names layers that do not exist: {unknown}")
-        # up front, before any layer moves its weights: every strategy fits the job and
+        # up front, before any layer moves its weights: every placement fits the job and
         # every rank was given the same plan (a placement seen differently by two ranks
         # would leave one waiting in a collective the other never joins)
         world = _comm.world()
         for s in plan.values():
-            if s is not None:
+            if s is not None and s.ranks is not None:
                 s.check(world.size)
         world.check_same(sorted((k, str(v)) for k, v in plan.items()),
                          "the plan given to set_strategy (name, strategy)")
