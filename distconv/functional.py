@@ -134,8 +134,10 @@ def branch_input(target) -> Distribution | None:
 
 
 def fork(x: DistTensor, branches) -> list:
-    """``x`` moved into the input layout of every branch with ONE exchange, before any
-    branch runs (``torch`` has no counterpart: it is the identity per branch).
+    """``x`` moved into the input layout of every branch placed on other ranks than ``x``,
+    with ONE exchange, before any branch runs (``torch`` has no counterpart: it is the
+    identity per branch). A branch on ``x``'s own ranks gets ``x`` itself: its layers move
+    it as they would without the fork (same bytes, same plan).
 
     x: a DistTensor; branches: Modules or Distributions (:func:`branch_input`). Returns one
     tensor per branch, each of ``x``'s shape, to be passed to that branch::
@@ -156,7 +158,7 @@ def fork(x: DistTensor, branches) -> list:
     if not isinstance(x, DistTensor):
         raise TypeError(f"fork: expected a DistTensor, got {type(x).__name__}")
     src = x.distribution.replace(pending=())
-    plain = x._move(src) if x.distribution.pending else x
+    plain = x.redistribute(src) if x.distribution.pending else x
     wants = [branch_input(b) for b in branches]
     if not wants:
         raise ValueError("fork: expected a non-empty sequence of branches")
@@ -166,7 +168,7 @@ def fork(x: DistTensor, branches) -> list:
             raise ValueError(f"fork: a branch reads a {d.ndim}-d input, x is {x.ndim}-d "
                              f"(shape {tuple(x.shape)})")
     zero = (0,) * x.ndim
-    moves = [i for i, d in enumerate(wants) if d != src]
+    moves = [i for i, d in enumerate(wants) if d.grid.ranks != x.grid.ranks]
     got = iter(exchange([(plain, zero)], [(wants[i], x.shape, zero) for i in moves])
                if moves else ())
     outs = [next(got) if i in moves else plain for i in range(len(wants))]
@@ -176,5 +178,5 @@ def fork(x: DistTensor, branches) -> list:
 
     for i in moves:
         # a recorded move like t.redistribute (the planner skips those: it picks layouts)
-        autograd.record("redistribute", backward, [x], outs[i])
+        autograd.record("redistribute", backward, [plain], outs[i])
     return outs

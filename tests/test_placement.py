@@ -392,6 +392,41 @@ def test_checkpoint_saved_at_4_ranks_loads_at_2(tmp_path):
     assert np.abs(a - np.load(path + ".fresh.npy")).max() > 1e-3 * np.abs(a).max()
 
 
+@mpi(ranks=(4,), timeout=300)
+def test_inception_v3_towers_on_disjoint_ranks(comm):
+    """Inception-v3 (small variant, 75x75, no aux logits; sample=2,filter=2 elsewhere) with
+    the towers of three blocks on disjoint ranks (each block forks its input) and the
+    classifier on one rank matches torchvision float64 (logits, loss, dx, every gradient,
+    running statistics). The model seed is fixed (it draws the dropout mask): with other
+    masks a few batch-norm weight gradients land at 1.1-2e-10, with or without the
+    placements (the same net under sample=2,filter=2 alone, measured), i.e. roundoff
+    of those small sums, at the edge of the 1e-10 tolerance."""
+    from tests.model_ref import compare_step
+    from tests.test_models_inception import K, _pair
+    set_default_dtype(np.float64)
+    nn.manual_seed(0)
+    plan = {"": "sample=2,filter=2", "Mixed_5b.branch1x1": "sample=1,ranks=0",
+            "Mixed_5b.branch5x5_1": "sample=1,ranks=1",
+            "Mixed_5b.branch5x5_2": "sample=1,ranks=1",
+            "Mixed_5b.branch3x3dbl_1": "sample=2,ranks=2-3",
+            "Mixed_5b.branch3x3dbl_2": "sample=1,filter=2,ranks=2-3",
+            "Mixed_5b.branch3x3dbl_3": "sample=2,ranks=2-3",
+            "Mixed_5b.branch_pool": "sample=1,ranks=0",
+            "Mixed_6a.branch3x3": "sample=2,ranks=0-1",
+            "Mixed_6a.branch3x3dbl_1": "sample=1,ranks=3",
+            "Mixed_6a.branch3x3dbl_2": "sample=1,ranks=3",
+            "Mixed_6a.branch3x3dbl_3": "sample=1,ranks=2",
+            "Mixed_7c.branch3x3_2a": "sample=1,channel=2,ranks=0-1",
+            "Mixed_7c.branch3x3_2b": "sample=1,filter=2,ranks=2-3",
+            "fc": "sample=1,ranks=3"}
+    m, tm = _pair(False, 75, seed=6, strategy=plan)
+    rng = np.random.default_rng(6)
+    rep = Report()
+    compare_step(m, tm, rng.standard_normal((2, 3, 75, 75)), rng.integers(0, K, 2), rep,
+                 "placed towers", Strategy().activation_distribution(4))
+    rep.assert_ok(comm, "Inception-v3 with placed towers vs torchvision")
+
+
 # ------------------------------------------------------------------ text and bad input
 def test_strategy_ranks_text_and_plan_files():
     """``ranks=`` parses, prints and round-trips through to_dict (plan files)."""
