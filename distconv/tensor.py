@@ -25,7 +25,7 @@ from __future__ import annotations
 from .backend import array_module
 from .distribution import Distribution, block_sizes
 from .exchange import _same_world, exchange
-from .meta import MetaArray
+from .meta import MetaArray, is_meta
 
 
 def _check_same_global(comm, array, shape) -> None:
@@ -60,7 +60,9 @@ class DistTensor:
     """``DistTensor(local, distribution, global_shape)``.
 
     ``local``: this rank's block (numpy/cupy array) of shape
-    ``distribution.local_shape(global_shape)``.
+    ``distribution.local_shape(global_shape)``; on a rank off a placed grid a
+    :class:`~distconv.meta.MetaArray` of its stand-in block (an array given there is
+    replaced by one: such a rank never holds data of that grid).
     """
 
     __slots__ = ("local", "distribution", "shape", "grad_fn", "requires_grad", "grad")
@@ -72,6 +74,8 @@ class DistTensor:
             raise ValueError(f"local block has shape {tuple(local.shape)} but {distribution} "
                              f"of global shape {global_shape} needs {want} on rank "
                              f"{distribution.grid.rank}")
+        if not getattr(distribution.grid, "member", True) and not is_meta(local):
+            local = MetaArray(tuple(local.shape), local.dtype)  # off a placed grid: no data
         self.local = local
         self.distribution = distribution
         self.shape = global_shape

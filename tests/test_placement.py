@@ -427,6 +427,29 @@ def test_inception_v3_towers_on_disjoint_ranks(comm):
     rep.assert_ok(comm, "Inception-v3 with placed towers vs torchvision")
 
 
+@mpi(ranks=(3,), timeout=60)
+def test_loader_into_a_placed_layout(comm):
+    """DistLoader into ``sample=2,ranks=1-2``: the members read their blocks of the file,
+    rank 0 (off the grid) reads nothing and holds a shape-only block."""
+    from distconv.data import DistLoader, H5Dataset, write_h5_dataset
+    set_default_dtype(np.float32)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((6, 3, 4, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, 6)
+    with mpi_tmp_path(comm) as d:
+        path = str(d / "d.h5")
+        if comm.rank == 0:
+            write_h5_dataset(path, images, labels)
+        comm.Barrier()
+        with H5Dataset(path, comm=comm) as ds:
+            loader = DistLoader(ds, 4, "sample=2,ranks=1-2", shuffle=False)
+            x, lab = next(iter(loader))
+            assert np.array_equal(lab, labels[:4])
+            np.testing.assert_array_equal(to_numpy(x.to_global()), images[:4])
+            assert dc.meta.is_meta(x.local) == (comm.rank == 0)
+            assert (loader.bytes_read == 0) == (comm.rank == 0)
+
+
 # ------------------------------------------------------------------ text and bad input
 def test_strategy_ranks_text_and_plan_files():
     """``ranks=`` parses, prints and round-trips through to_dict (plan files)."""
