@@ -8,12 +8,11 @@
 * a checkpoint saved under one placement and loaded under another;
 * negative controls: a perturbed shard on one placed rank is caught; without the fork
   a short branch waits for the long one (with it, it does not);
-* bad input raises the same error on every rank, never a hang.
+* bad input: tests/test_placement_errors.py.
 
 Inputs: N=3 (uneven sample blocks) images 3x8x8, float64; tolerance 1e-10 (normwise).
 """
 import time
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -448,69 +447,3 @@ def test_loader_into_a_placed_layout(comm):
             np.testing.assert_array_equal(to_numpy(x.to_global()), images[:4])
             assert dc.meta.is_meta(x.local) == (comm.rank == 0)
             assert (loader.bytes_read == 0) == (comm.rank == 0)
-
-
-# ------------------------------------------------------------------ text and bad input
-def test_strategy_ranks_text_and_plan_files():
-    """``ranks=`` parses, prints and round-trips through to_dict (plan files)."""
-    s = Strategy.parse("sample=2,ranks=0-1")
-    assert s == Strategy(sample=2, ranks=(0, 1)) and str(s).endswith("ranks=0-1")
-    assert Strategy(**s.to_dict()) == s and s.to_dict()["ranks"] == [0, 1]
-    t = Strategy.parse("channel=2,ranks=4+0+6-7")
-    assert t.ranks == (4, 0, 6, 7) and Strategy.parse(str(t)) == t
-    assert "ranks" not in Strategy(sample=2).to_dict()
-    assert Strategy(ranks=[3]).ranks == (3,)
-
-
-@pytest.mark.parametrize("text,match", [
-    ("sample=1,ranks=", "not a rank set"), ("ranks=3-1", "is empty"),
-    ("ranks=0+0", "twice"), ("ranks=a", "not a rank set")])
-def test_bad_rank_text(text, match):
-    with pytest.raises(ValueError, match=match):
-        Strategy.parse(text)
-
-
-def test_empty_rank_set():
-    with pytest.raises(ValueError, match="empty rank set"):
-        Strategy(ranks=())
-
-
-BAD = {"outside": ("sample=2,ranks=1-2", "outside the job"),
-       "product": ("sample=2,channel=2,ranks=0-1", "its rank set 0-1 has 2"),
-       "one rank's plan": (None, "ranks disagree on the plan")}
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-@mpi(ranks=(2, 3), timeout=60)
-def test_bad_placement_raises_on_every_rank(comm, case):
-    """Every rank raises the same ValueError (a hang would time out): a rank outside the
-    job, a strategy whose product is not the rank set's size, and a plan that differs
-    between ranks (its placements would leave a rank waiting), both at construction and
-    in set_strategy."""
-    text, match = BAD[case]
-    size = comm.size
-    if case == "outside":
-        text = f"sample=2,ranks={size - 1}-{size}"
-    if text is not None:
-        with pytest.raises(ValueError, match=match):
-            nn.Conv2d(3, 4, 3, strategy=text)
-        with pytest.raises(ValueError, match=match):
-            nn.Sequential(nn.Conv2d(3, 4, 3)).set_strategy({"0": text})
-        return
-    mine = f"sample=1,ranks={comm.rank}"
-    with pytest.raises(ValueError, match="ranks disagree on a placed grid"):
-        nn.Conv2d(3, 4, 3, strategy=mine)
-    m = nn.Sequential(nn.Conv2d(3, 4, 3))
-    with pytest.raises(ValueError, match=match):
-        m.set_strategy({"0": mine})
-    assert OrderedDict(m.state_dict())  # nothing moved: the model still works
-
-
-def test_grid_ranks_must_be_distinct_ranks_of_the_communicator():
-    from distconv.grid import ProcessGrid
-    with pytest.raises(ValueError, match="must be distinct ranks"):
-        ProcessGrid(None, (2,), ("sample",), ranks=(0, 0))
-    with pytest.raises(ValueError, match="must be distinct ranks"):
-        ProcessGrid(None, (1,), ("sample",), ranks=(3,))
-    g = ProcessGrid(None, (1,), ("sample",), ranks=(0,))
-    assert g.member and g.spans_world and g.position(0) == 0
