@@ -8,7 +8,8 @@ Public names (see ../shared/DESIGN.md)::
     dc.DistTensor.from_global(array, distribution); t.to_global(); t.redistribute(dist)
     dc.nn.Conv2d(...), dc.nn.BatchNorm2d(...), dc.nn.Linear(...), dc.nn.Sequential(...)
     loss = criterion(model(x), labels); loss.backward()    # define-by-run autograd
-    dc.cat([a, b], dim=1); a + b; with dc.no_grad(): ...
+    dc.cat([a, b], dim=1); a + b; xa, xb = dc.fork(x, [branch_a, branch_b])
+    with dc.no_grad(): ...
 """
 from .backend import set_default_dtype, get_default_dtype, set_backend, backend_name  # noqa: F401
 from .distribution import Distribution, block_sizes, block_range  # noqa: F401
@@ -16,7 +17,7 @@ from .grid import ProcessGrid  # noqa: F401
 from .strategy import Strategy  # noqa: F401
 from .tensor import DistTensor  # noqa: F401
 from .autograd import no_grad, set_grad_enabled, is_grad_enabled  # noqa: F401
-from .functional import add, cat  # noqa: F401
+from .functional import add, cat, fork  # noqa: F401
 from . import nn  # noqa: F401
 from .nn import manual_seed, sync_gradients  # noqa: F401
 

@@ -201,3 +201,20 @@ def tune_malloc() -> bool:
 
 
 _MALLOC_TUNED = tune_malloc()
+
+
+def pinned_empty(shape, dtype):
+    """A host array in pinned (page-locked) memory for staging GPU transfers; plain NumPy
+    when none is available."""
+    try:
+        import cupyx
+        return cupyx.empty_pinned(shape, dtype)
+    except Exception:  # pragma: no cover - no pinned memory available
+        return np.empty(shape, dtype)
+
+
+def pinned_copy(a):
+    """A pinned host copy of GPU array ``a``."""
+    h = pinned_empty(a.shape, a.dtype)
+    a.get(out=h)
+    return h

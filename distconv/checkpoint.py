@@ -110,9 +110,9 @@ def _header(meta_json, model_keys, opt, sched) -> dict:
 def _comm_of(model):
     """The communicator of the model's tensors (the world communicator if it has none)."""
     for _, p in getattr(model, "named_parameters", lambda: ())():
-        return p.data.grid.comm
+        return p.data.grid.world
     for _, b in getattr(model, "named_buffers", lambda: ())():
-        return b.grid.comm
+        return b.grid.world
     from . import comm as _comm
     return _comm.world()
 

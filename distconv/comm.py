@@ -5,18 +5,8 @@ whole arrays along a given axis, take per-rank ``counts`` for uneven (and
 empty) blocks, and record, per collective kind, the number of calls, the bytes
 this rank sends and receives and the wall time spent (``stats()``).
 
-Byte accounting counts what this rank's data must leave it and what must reach
-it under a bandwidth-optimal algorithm, for ``p`` ranks and per-rank block
-sizes ``b_j`` (bytes):
-
-* allgather:       sent = b_me * (p-1),           recv = sum_{j!=me} b_j
-* reduce_scatter:  sent = sum_{j!=me} b_j,        recv = b_me * (p-1)
-* allreduce:       reduce_scatter + allgather of the buffer cut in p floor+1 blocks
-* alltoall:        sent = bytes to other ranks,   recv = bytes from other ranks
-* bcast:           root sends n*(p-1), the others receive n
-* halo (point-to-point, :meth:`Communicator.halo_exchange`): sent = the boxes this rank
-  sends to other ranks, recv = the boxes it receives from them (its own box is a local
-  copy and counts nothing); the adjoint (``halo_adjoint``) the other way round
+Byte accounting (what each kind counts): :mod:`distconv.commargs`. Point-to-point
+messages (halo exchanges, moves between rank sets): :mod:`distconv.commp2p`.
 
 GPU arrays: the current stream is synchronised before any MPI call; device
 pointers go straight to MPI when ``DISTCONV_CUDA_AWARE=1`` (a CUDA-aware MPI),
@@ -30,9 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .backend import array_module, is_gpu_array
+from .backend import array_module, is_gpu_array, pinned_copy, pinned_empty
 from .commargs import CommStats  # noqa: F401  (re-exported)
-from .commhalo import HaloExchange
+from .commp2p import PointToPoint
 from .distribution import block_sizes
 
 
@@ -96,7 +86,7 @@ class Request:
         return self._result
 
 
-class Communicator(HaloExchange):
+class Communicator(PointToPoint):
     """Collectives on xp arrays over an MPI communicator, with byte and time accounting.
 
     ``Communicator(mpi_comm)``; sub-communicators made by :meth:`split` share
@@ -122,6 +112,24 @@ class Communicator(HaloExchange):
         """``MPI_Comm_split``; the result shares this communicator's statistics."""
         return Communicator(self.mpi.Split(color, key), self._stats)
 
+    def subset(self, ranks) -> "Communicator":
+        """The communicator of ``ranks`` (ranks of this communicator, in that order), made by
+        those ranks alone (``MPI_Comm_create_group``: no other rank takes part, so a placed
+        layer's grid never waits for a rank outside it); cached, shares the statistics.
+        Only the members call it."""
+        ranks = tuple(int(r) for r in ranks)
+        cache = self.__dict__.setdefault("_subsets", {})
+        got = cache.get(ranks)
+        if got is None:
+            if ranks == tuple(range(self.size)):
+                got = self
+            else:
+                grp = self.mpi.Get_group().Incl(list(ranks))
+                got = Communicator(self.mpi.Create_group(grp, _SUBSET_TAG), self._stats)
+                grp.Free()
+            cache[ranks] = got
+        return got
+
     def barrier(self) -> None:
         self.mpi.Barrier()
 
@@ -145,7 +153,7 @@ class Communicator(HaloExchange):
             cupy.cuda.get_current_stream().synchronize()
             if self.cuda_aware:
                 return a
-            return _pinned_copy(a)
+            return pinned_copy(a)
         return a
 
     def _recv_buf(self, xp, shape, dtype):
@@ -158,7 +166,7 @@ class Communicator(HaloExchange):
             b = cupy.empty(shape, dtype)
             cupy.cuda.get_current_stream().synchronize()
             return b, (lambda: b)
-        h = _pinned_empty(shape, dtype)
+        h = pinned_empty(shape, dtype)
         return h, (lambda: cupy.asarray(h))
 
     # ------------------------------------------------------------ agreement
@@ -475,18 +483,7 @@ def _block_type(dtype, count, blocklen, stride):
     return t
 
 
-def _pinned_empty(shape, dtype):
-    try:
-        import cupyx
-        return cupyx.empty_pinned(shape, dtype)
-    except Exception:  # pragma: no cover - no pinned memory available
-        return np.empty(shape, dtype)
-
-
-def _pinned_copy(a):
-    h = _pinned_empty(a.shape, a.dtype)
-    a.get(out=h)
-    return h
+_SUBSET_TAG = 7301    # MPI_Comm_create_group of a placed grid's ranks
 
 
 # the world and the launch helpers live in .launch, the argument checks and byte counts in

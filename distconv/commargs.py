@@ -2,9 +2,21 @@
 
 :class:`CommStats`: the per-kind counters of a communicator and its sub-communicators.
 
-The bytes a rank sends and receives under a bandwidth-optimal algorithm for per-rank block
-sizes (the shape-only communicator, :mod:`distconv.shapecomm`, records the same numbers),
-the checks of an alltoall's and a halo exchange's arguments, and the packing of
+Byte accounting counts what this rank's data must leave it and what must reach
+it under a bandwidth-optimal algorithm, for ``p`` ranks and per-rank block
+sizes ``b_j`` (bytes):
+
+* allgather:       sent = b_me * (p-1),           recv = sum_{j!=me} b_j
+* reduce_scatter:  sent = sum_{j!=me} b_j,        recv = b_me * (p-1)
+* allreduce:       reduce_scatter + allgather of the buffer cut in p floor+1 blocks
+* alltoall:        sent = bytes to other ranks,   recv = bytes from other ranks
+* bcast:           root sends n*(p-1), the others receive n
+* halo (point-to-point, :meth:`Communicator.halo_exchange`): sent = the boxes this rank
+  sends to other ranks, recv = the boxes it receives from them (its own box is a local
+  copy and counts nothing); the adjoint (``halo_adjoint``) the other way round
+
+The shape-only communicator (:mod:`distconv.shapecomm`) records the same numbers. Also
+here: the checks of an alltoall's and a halo exchange's arguments, and the packing of
 uneven blocks along an axis into one flat buffer and back.
 """
 from __future__ import annotations

@@ -502,7 +502,8 @@ class DistLoader:
         shape = self.batch_shape(batch)
         box = self.distribution.box(shape)
         (s0, s1), ch, hh, ww = box
-        mine = idx[s0:s1]
+        # a rank off a placed grid reads nothing (its block is shape-only)
+        mine = idx[s0:s1] if self.distribution.grid.member else idx[:0]
         perm = np.argsort(mine, kind="stable")
         rows = mine[perm]
         local_shape = tuple(e - s for s, e in box)

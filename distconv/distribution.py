@@ -299,7 +299,8 @@ class Distribution:
     def same_grid(self, other: "Distribution") -> bool:
         g, h = self.grid, other.grid
         return g is h or (tuple(g.names) == tuple(h.names) and tuple(g.shape) == tuple(h.shape)
-                          and getattr(g, "comm", None) is getattr(h, "comm", None))
+                          and getattr(g, "comm", None) is getattr(h, "comm", None)
+                          and getattr(g, "ranks", None) == getattr(h, "ranks", None))
 
     def __eq__(self, other):
         return (isinstance(other, Distribution) and self.split == other.split

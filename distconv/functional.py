@@ -1,7 +1,7 @@
-"""Differentiable functions on DistTensors: ``add`` (``a + b``) and ``cat``.
+"""Differentiable functions on DistTensors: ``add`` (``a + b``), ``cat`` and ``fork``.
 
-Both accept inputs in any distributions (on any grids over the same ranks), record
-one autograd node when gradients are enabled, and move data only through
+They accept inputs in any distributions (on any grids of the same world, placed or not),
+record autograd nodes when gradients are enabled, and move data only through
 ``DistTensor.redistribute`` / :func:`distconv.tensor.exchange`.
 """
 from __future__ import annotations
@@ -38,10 +38,27 @@ def add(a: DistTensor, b: DistTensor) -> DistTensor:
 
 
 def _cat_layout(t: DistTensor, dim: int, shape) -> Distribution:
-    """The output distribution of ``cat``: the first input's splits (no pending) on the
-    concatenated shape."""
+    """The output distribution of ``cat`` of inputs on one rank set: the first input's
+    splits (no pending) on the concatenated shape."""
     d = t.distribution
     return Distribution(d.grid, d.split)
+
+
+def _cat_output(tensors, dim: int, shape) -> Distribution:
+    """The output distribution of ``cat``: :func:`_cat_layout`, but for inputs on
+    different rank sets (branches placed on their own ranks) and ``dim`` 1 the channel
+    layout of ``Strategy(sample=1, filter=k, ranks=union)`` over the union of their ranks
+    (in order of appearance), so that each rank keeps the channels its branch made as far
+    as floor+1 blocks allow, instead of one branch's ranks gathering everything."""
+    d = tensors[0].distribution
+    sets = [t.grid.ranks for t in tensors]
+    if dim != 1 or all(r == sets[0] for r in sets):
+        return _cat_layout(tensors[0], dim, shape)
+    from .grid import get_grid
+    from .strategy import AXES
+    union = tuple(dict.fromkeys(r for rs in sets for r in rs))
+    g = get_grid((1, 1, len(union)), AXES, d.grid.world, ranks=union)
+    return Distribution(g, [None, ("channel", "filter")] + [None] * (d.ndim - 2))
 
 
 def cat(tensors, dim: int = 1) -> DistTensor:
@@ -50,7 +67,8 @@ def cat(tensors, dim: int = 1) -> DistTensor:
     tensors: a sequence of DistTensors, all of shape ``(..., C_i, ...)`` equal except on
     ``dim``, in any distributions over the same ranks. The result has shape
     ``(..., sum C_i, ...)`` and the first input's splits (floor+1 blocks of the new size,
-    which differ from the inputs' blocks); its blocks are filled by ONE alltoallv of exactly
+    which differ from the inputs' blocks; inputs on different rank sets: see
+    :func:`_cat_output`); its blocks are filled by ONE alltoallv of exactly
     the elements each rank lacks, never a gather. Backward cuts ``dy`` back into each input's
     own distribution, again with one alltoallv.
     """
@@ -86,7 +104,7 @@ def cat(tensors, dim: int = 1) -> DistTensor:
         off[dim] = acc
         offsets.append(tuple(off))
         acc += t.shape[dim]
-    out_dist = _cat_layout(t0, dim, shape)
+    out_dist = _cat_output(tensors, dim, shape)
     zero = (0,) * nd
     out = exchange(list(zip(plain, offsets)), [(out_dist, shape, zero)])[0]
     in_layouts = [(t.distribution.replace(pending=()), tuple(t.shape), off)
@@ -100,3 +118,66 @@ def cat(tensors, dim: int = 1) -> DistTensor:
 
     autograd.record("cat", backward, tensors, out)
     return out
+
+
+def branch_input(target) -> Distribution | None:
+    """The layout a branch reads its input in: ``target`` itself if a Distribution, else
+    the ``input_distribution`` of the module's first layer that has one (a Conv2d, Linear
+    or BatchNorm2d, in ``named_modules`` order); ``None`` if it has none (elementwise
+    layers only: they run where their input is)."""
+    if isinstance(target, Distribution):
+        return target
+    for _, m in target.named_modules():
+        d = getattr(m, "input_distribution", None)
+        if d is not None:
+            return d
+    return None
+
+
+def fork(x: DistTensor, branches) -> list:
+    """``x`` moved into the input layout of every branch placed on other ranks than ``x``,
+    with ONE exchange, before any branch runs (``torch`` has no counterpart: it is the
+    identity per branch). A branch on ``x``'s own ranks gets ``x`` itself: its layers move
+    it as they would without the fork (same bytes, same plan).
+
+    x: a DistTensor; branches: Modules or Distributions (:func:`branch_input`). Returns one
+    tensor per branch, each of ``x``'s shape, to be passed to that branch::
+
+        xa, xb = dc.fork(x, [branch_a, branch_b])
+        y = dc.cat([branch_a(xa), branch_b(xb)])
+
+    Why: a branch placed on some ranks (``Strategy(ranks=...)``) reads its input from the
+    ranks that hold ``x``. If each branch moved its own input when it starts, a rank of
+    branch B would wait in B's move for the ranks of branch A to finish A first (they run
+    A before they reach B's move), and the branches would run one after the other. After
+    a fork every branch holds its input, so branches on disjoint rank sets run at the same
+    time; the join (``cat``) waits for the slowest. Backward: each branch's input gradient
+    is moved back to ``x``'s layout; those moves run after every branch's backward (the
+    fork's nodes are older than all of the branches' nodes, and the engine runs the newest
+    ready node first), so the branches' backward passes overlap too.
+    """
+    if not isinstance(x, DistTensor):
+        raise TypeError(f"fork: expected a DistTensor, got {type(x).__name__}")
+    src = x.distribution.replace(pending=())
+    plain = x.redistribute(src) if x.distribution.pending else x
+    wants = [branch_input(b) for b in branches]
+    if not wants:
+        raise ValueError("fork: expected a non-empty sequence of branches")
+    wants = [src if d is None else d for d in wants]
+    for d in wants:
+        if d.ndim != x.ndim:
+            raise ValueError(f"fork: a branch reads a {d.ndim}-d input, x is {x.ndim}-d "
+                             f"(shape {tuple(x.shape)})")
+    zero = (0,) * x.ndim
+    moves = [i for i, d in enumerate(wants) if d.grid.ranks != x.grid.ranks]
+    got = iter(exchange([(plain, zero)], [(wants[i], x.shape, zero) for i in moves])
+               if moves else ())
+    outs = [next(got) if i in moves else plain for i in range(len(wants))]
+
+    def backward(dy, needs):
+        return (dy._move(src) if needs[0] else None,)
+
+    for i in moves:
+        # a recorded move like t.redistribute (the planner skips those: it picks layouts)
+        autograd.record("redistribute", backward, [plain], outs[i])
+    return outs

@@ -6,6 +6,17 @@ coordinates ``(r // (c*f), (r // f) % c, r % f)``. ``sub(axes)`` gives the
 communicator of the ranks that share all coordinates *outside* ``axes``,
 ranked row-major over ``axes`` in the order given; these are created on first
 use (a collective call on the whole grid) and cached.
+
+Operator placement: ``ProcessGrid(comm, shape, names, ranks=(...))`` puts only those
+ranks of ``comm`` (the *world* of the grid) on the grid, position ``q`` being world rank
+``ranks[q]``. Its members talk over a communicator of their own
+(:meth:`distconv.comm.Communicator.subset`, created by the members alone), so nothing the
+layer does ever waits for another rank. A rank outside the set is not ``member``: it
+stands in for position 0 on a shape-only communicator
+(:class:`distconv.shapecomm.ShapeComm`), so it runs the same layer code on
+:class:`~distconv.meta.MetaArray` blocks -- no data, no communication -- and every rank
+still walks the same program. Moves between grids of different rank sets go through the
+world (:func:`distconv.exchange.exchange`).
 """
 from __future__ import annotations
 
@@ -24,11 +35,27 @@ def _prod(xs):
 class ProcessGrid:
     """``ProcessGrid(comm, shape, names)``: ``comm`` an mpi4py communicator or a
     :class:`distconv.comm.Communicator` (``None``: COMM_WORLD); ``shape`` the size of each
-    axis; ``names`` one unique name per axis. ``ValueError`` if ``prod(shape)`` is not the
-    number of ranks."""
+    axis; ``names`` one unique name per axis; ``ranks`` (optional) the ranks of ``comm`` on
+    the grid, distinct, in grid order (operator placement; default all). ``ValueError`` if
+    ``prod(shape)`` is not the number of ranks or a rank is not one of ``comm``."""
 
-    def __init__(self, comm, shape: Sequence[int], names: Sequence[str]):
-        self.comm = _comm.wrap(comm)
+    def __init__(self, comm, shape: Sequence[int], names: Sequence[str],
+                 ranks: Sequence[int] | None = None):
+        self.world = _comm.wrap(comm)
+        self.ranks = tuple(range(self.world.size)) if ranks is None else tuple(ranks)
+        self._pos = {r: q for q, r in enumerate(self.ranks)}
+        if len(self._pos) != len(self.ranks) or any(
+                not 0 <= r < self.world.size for r in self.ranks):
+            raise ValueError(f"grid ranks {list(self.ranks)} must be distinct ranks of a "
+                             f"communicator of {self.world.size}")
+        self.member = self.world.rank in self._pos
+        if ranks is None or self.ranks == tuple(range(self.world.size)):
+            self.comm = self.world
+        elif self.member:
+            self.comm = self.world.subset(self.ranks)
+        else:  # a stand-in for position 0 that moves nothing and counts nothing
+            from .shapecomm import ShapeComm
+            self.comm = ShapeComm(len(self.ranks), 0, self.ranks, _comm.CommStats())
         self.shape = tuple(int(s) for s in shape)
         self.names = tuple(names)
         if len(self.shape) != len(self.names):
@@ -47,6 +74,21 @@ class ProcessGrid:
     @property
     def size(self) -> int:
         return self.comm.size
+
+    @property
+    def spans_world(self) -> bool:
+        """True when every rank of the world is on this grid (no placement)."""
+        return len(self.ranks) == self.world.size
+
+    def position(self, world_rank: int):
+        """The grid position (rank on the grid) of ``world_rank``, ``None`` if not on it."""
+        return self._pos.get(world_rank)
+
+    def full_grid(self) -> "ProcessGrid":
+        """A one-axis grid of every rank of this grid's world (``to_global`` lands there)."""
+        if self.spans_world:
+            return self
+        return get_grid((self.world.size,), ("rank",), self.world)
 
     def axis_size(self, name: str) -> int:
         return self.shape[self.index(name)]
@@ -108,22 +150,29 @@ class ProcessGrid:
 
     def same_as(self, other: "ProcessGrid") -> bool:
         return self is other or (self.names == other.names and self.shape == other.shape
-                                 and self.comm is other.comm)
+                                 and self.comm is other.comm and self.ranks == other.ranks)
 
     def __repr__(self):
         ax = ", ".join(f"{n}={s}" for n, s in zip(self.names, self.shape))
-        return f"ProcessGrid({ax}; rank {self.rank} at {self.coords})"
+        if self.spans_world:
+            return f"ProcessGrid({ax}; rank {self.rank} at {self.coords})"
+        from .strategy import format_ranks
+        who = (f"rank {self.rank} at {self.coords}" if self.member
+               else f"world rank {self.world.rank} not on it")
+        return f"ProcessGrid({ax}; ranks {format_ranks(self.ranks)}; {who})"
 
 
 _GRIDS: dict = {}
 
 
-def get_grid(shape: Sequence[int], names: Sequence[str], comm=None) -> ProcessGrid:
-    """A cached grid, so layers with the same strategy share sub-communicators."""
+def get_grid(shape: Sequence[int], names: Sequence[str], comm=None,
+             ranks: Sequence[int] | None = None) -> ProcessGrid:
+    """A cached grid, so layers with the same strategy share sub-communicators;
+    ``ranks``: the world ranks of a placed grid (see the module doc)."""
     c = _comm.wrap(comm)
-    key = (id(c), tuple(shape), tuple(names))
+    key = (id(c), tuple(shape), tuple(names), None if ranks is None else tuple(ranks))
     g = _GRIDS.get(key)
     if g is None:
-        g = ProcessGrid(c, shape, names)
+        g = ProcessGrid(c, shape, names, ranks)
         _GRIDS[key] = g
     return g

@@ -90,7 +90,7 @@ class Optimizer:
         """
         from .replicas import replica_mismatches
         items = list(items)
-        comm = self.params[0].data.grid.comm
+        comm = self.params[0].data.grid.world
         # agreed before the redistributions below (collectives): a list that differs on
         # one rank raises the same ValueError everywhere instead of a hang
         comm.check_same([(int(i), str(k), tuple(t.shape)) for i, k, t in items],
@@ -241,7 +241,7 @@ class LRScheduler:
         """Restore ``{"last_step"}``; ``ValueError`` on every rank if the ranks pass
         different steps (their learning rates, hence their replicas, would differ)."""
         step = int(d["last_step"])
-        self.optimizer.params[0].data.grid.comm.check_same(step, "LR scheduler last_step")
+        self.optimizer.params[0].data.grid.world.check_same(step, "LR scheduler last_step")
         self.last_step = step
         self.optimizer.lr = self.lr_at(self.last_step)
 

@@ -107,7 +107,7 @@ def replica_mismatches(comm, named_tensors) -> list[str]:
         return []
     buf = np.zeros(2 * total, np.uint64)
     for slot, (_, t) in zip(starts, named_tensors):
-        if slot is None:
+        if slot is None or not t.grid.member:  # off a placed grid: holds nothing
             continue
         start, i, _ = slot
         d = np.uint64(digest(t.local))
@@ -132,7 +132,7 @@ def check_replicas(model, optimizer=None, what: str = "model") -> None:
                           t))
     if not items:
         return
-    comm = items[0][1].grid.comm
+    comm = items[0][1].grid.world
     bad = replica_mismatches(comm, items)
     if bad:
         more = f" (and {len(bad) - 1} more: {bad[1:6]}{' ...' if len(bad) > 6 else ''})" \

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from .comm import (CommStats, Communicator, allreduce_bytes, alltoall_args, exchange_bytes,
                    gather_bytes, halo_args, halo_bytes, scatter_bytes)
 from .distribution import block_sizes
@@ -113,6 +115,12 @@ class ShapeComm(Communicator):
         ranks = [q for _, q in group]
         return ShapeComm(len(ranks), ranks.index(grid.rank),
                          [self.members[q] for q in ranks], self._stats, self._log)
+
+    def subset(self, ranks) -> "ShapeComm":
+        """The communicator of ``ranks`` (ranks of this one) through this rank, a member."""
+        ranks = [int(r) for r in ranks]
+        return ShapeComm(len(ranks), ranks.index(self.rank), [self.members[r] for r in ranks],
+                         self._stats, self._log, self.recv_only)
 
     # ------------------------------------------------------------ agreement
     def barrier(self) -> None:
@@ -230,6 +238,15 @@ class ShapeComm(Communicator):
         """Record an alltoallv of ``sent``/``recv`` bytes counted by the caller
         (``recv_only`` mode)."""
         self._record(kind, sent if self.size > 1 else 0, recv if self.size > 1 else 0)
+
+    def exchange_p2p(self, sends: dict, recv_counts: dict, xp, dtype,
+                     kind: str = "alltoall") -> dict:
+        item = np.dtype(dtype).itemsize
+        group = tuple(sorted(self.members[q] for q in set(sends) | set(recv_counts)
+                             | {self.rank}))
+        self._record(kind, sum(_size(a) for a in sends.values()) * item,
+                     sum(int(n) for n in recv_counts.values()) * item, group=group)
+        return {q: MetaArray((int(n),), dtype) for q, n in recv_counts.items()}
 
     def halo_exchange(self, x, sends, recvs, out_shape, fill=0, kind: str = "halo"):
         sends, recvs = halo_args(x.shape, out_shape, sends, recvs, self.size, self.rank)

@@ -10,17 +10,22 @@ global shape with the cheapest collectives, one grid axis at a time:
 3. split axes the target adds: a local slice (no communication);
 4. pending axes the target adds: the value stays on coordinate 0, zeros elsewhere.
 
-Between distributions on different grids over the same ranks (consecutive
-layers with different strategies), pending sums are first reduced on the
-source grid, then one alltoallv over all ranks moves each element from one
-holder straight to the ranks that need it. No step ever gathers the whole
-tensor on one rank to re-split it.
+Between distributions on different grids (consecutive layers with different
+strategies, or placed on different ranks), pending sums are first reduced on the
+source grid, then one exchange (:func:`distconv.exchange.exchange`) moves each
+element from one holder straight to the ranks that need it: one alltoallv when both
+grids have the same ranks, point-to-point between the ranks that meet otherwise. No
+step ever gathers the whole tensor on one rank to re-split it. A rank off a placed grid
+holds a shape-only block there (:mod:`distconv.grid`); its moves on that grid cost
+nothing.
 """
 from __future__ import annotations
 
 
 from .backend import array_module
 from .distribution import Distribution, block_sizes
+from .exchange import _same_world, exchange
+from .meta import MetaArray, is_meta
 
 
 def _check_same_global(comm, array, shape) -> None:
@@ -55,7 +60,9 @@ class DistTensor:
     """``DistTensor(local, distribution, global_shape)``.
 
     ``local``: this rank's block (numpy/cupy array) of shape
-    ``distribution.local_shape(global_shape)``.
+    ``distribution.local_shape(global_shape)``; on a rank off a placed grid a
+    :class:`~distconv.meta.MetaArray` of its stand-in block (an array given there is
+    replaced by one: such a rank never holds data of that grid).
     """
 
     __slots__ = ("local", "distribution", "shape", "grad_fn", "requires_grad", "grad")
@@ -67,6 +74,8 @@ class DistTensor:
             raise ValueError(f"local block has shape {tuple(local.shape)} but {distribution} "
                              f"of global shape {global_shape} needs {want} on rank "
                              f"{distribution.grid.rank}")
+        if not getattr(distribution.grid, "member", True) and not is_meta(local):
+            local = MetaArray(tuple(local.shape), local.dtype)  # off a placed grid: no data
         self.local = local
         self.distribution = distribution
         self.shape = global_shape
@@ -110,24 +119,21 @@ class DistTensor:
         """
         xp = array_module(array)
         shape = tuple(int(s) for s in array.shape)
-        if check:
+        if check and distribution.grid.member:  # a placed grid: its members compare
             _check_same_global(distribution.grid.comm, array, shape)
         comm_ok = len(shape) == distribution.ndim
         if not comm_ok:
             raise ValueError(f"array of shape {shape} has {len(shape)} dims but {distribution} "
                              f"has {distribution.ndim}")
-        part = array[distribution.slices(shape)]
-        # always a copy: the block must not share memory with the caller's array (in-place
-        # updates of t.local, e.g. by an optimizer, would otherwise write into it)
-        local = xp.array(part, copy=True, order="C")
-        if distribution.pending and any(distribution.grid.coord(a) != 0
-                                        for a in distribution.pending):
+        local = local_block(array, distribution)
+        if distribution.pending and distribution.grid.member and any(
+                distribution.grid.coord(a) != 0 for a in distribution.pending):
             local = xp.zeros_like(local)
         return cls(local, distribution, shape)
 
     def to_global(self):
         """The whole tensor on every rank (allgather / allreduce as needed); an xp array."""
-        full = Distribution.replicated(self.grid, self.ndim)
+        full = Distribution.replicated(self.grid.full_grid(), self.ndim)
         return self._move(full).local
 
     def copy(self) -> "DistTensor":
@@ -218,6 +224,17 @@ class DistTensor:
             t = DistTensor(local, t.distribution.replace(pending=target.pending), t.shape)
         assert t.distribution == target, (t.distribution, target)
         return t
+
+
+def local_block(array, dist: Distribution):
+    """This rank's block of the global ``array`` under ``dist``: always a new C-contiguous
+    copy (in-place updates of ``t.local``, e.g. by an optimizer, must not write into the
+    caller's array); a rank off a placed grid gets a MetaArray of its stand-in block (no
+    data, see :mod:`distconv.grid`)."""
+    shape = tuple(int(s) for s in array.shape)
+    if not dist.grid.member:
+        return MetaArray(dist.local_shape(shape), array.dtype)
+    return array_module(array).array(array[dist.slices(shape)], copy=True, order="C")
 
 
 def recorded_move(t: DistTensor, target: Distribution) -> DistTensor:
@@ -321,8 +338,7 @@ def _slice_more(t: DistTensor, d: int, want) -> DistTensor:
 def _cross_grid(t: DistTensor, target: Distribution) -> DistTensor:
     """Redistribute between two grids over the same ranks with one alltoallv."""
     src_grid, dst_grid = t.grid, target.grid
-    comm = src_grid.comm
-    if dst_grid.comm is not comm and dst_grid.comm.mpi != comm.mpi:
+    if not _same_world(src_grid, dst_grid):
         raise ValueError(f"cannot redistribute between grids on different communicators: "
                          f"{src_grid} and {dst_grid}")
     if target.pending:
@@ -351,122 +367,3 @@ def _general(t: DistTensor, target: Distribution) -> DistTensor:
     target's too: addends move only between ranks with the same pending coordinates."""
     zero = (0,) * t.ndim
     return exchange([(t, zero)], [(target, t.shape, zero)])[0]
-
-
-def _inter(b1, b2):
-    out = tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(b1, b2))
-    return out if all(e > s for s, e in out) else None
-
-
-def _rel(box, base):
-    return tuple(slice(s - b[0], e - b[0]) for (s, e), b in zip(box, base))
-
-
-def _shift(box, off, sign=1):
-    return tuple((s + sign * o, e + sign * o) for (s, e), o in zip(box, off))
-
-
-def _box_size(box) -> int:
-    n = 1
-    for s, e in box:
-        n *= e - s
-    return n
-
-
-def exchange(sources, targets) -> list:
-    """Move the blocks of several tensors into several layouts with ONE alltoallv.
-
-    sources: ``[(DistTensor, offset)]``; targets: ``[(Distribution, global shape, offset)]``.
-    Every tensor occupies the box ``[offset, offset + shape)`` of one common index space (a
-    concatenation puts its inputs side by side on one dimension). Each rank receives exactly
-    the elements of its target blocks that it does not hold itself, each from one holder per
-    source (the one with the same coordinates on that source's replica axes), so the volume
-    sent is the minimum. All grids must be over the same communicator; sources with pending
-    axes must have them in every target (same grid). Returns one DistTensor per target.
-    """
-    comm = sources[0][0].grid.comm
-    for t, _ in sources:
-        if t.grid.comm is not comm and t.grid.comm.mpi != comm.mpi:
-            raise ValueError(f"exchange: grids on different communicators: {t.grid}, "
-                             f"{sources[0][0].grid}")
-    p, me = comm.size, comm.rank
-    xp = array_module(sources[0][0].local)
-    dst = []  # per target: (distribution, shape, offset, my box, out array)
-    for dist, shape, off in targets:
-        box = _shift(dist.box(shape, dist.grid.coords_of(me)), off)
-        dst.append((dist, shape, off, box,
-                    xp.empty(tuple(e - s for s, e in box), sources[0][0].local.dtype)))
-    if getattr(comm, "recv_only", False):
-        return _exchange_counted(comm, sources, dst)
-    # peers are found from the block structure (only the ranks whose blocks meet mine),
-    # so the cost grows with the number of partners, not with the job size
-    sends: dict = {}  # q -> [box of my block q needs], in (source, target) order
-    recvs: dict = {}  # q -> [(target index, box q sends me)], same order
-    for t, off in sources:
-        d, g = t.distribution, t.grid
-        mine = g.coords
-        rep = {a: mine[g.index(a)] for a in d.replica_axes + d.pending}
-        my_box = _shift(d.box(t.shape, mine), off)
-        for j, (dist, shape, doff, dbox, out) in enumerate(dst):
-            # what I send: my block ∩ the target box of each q of my replica class
-            for qc, qbox in dist.blocks_meeting(shape, _shift(my_box, doff, -1)):
-                q = dist.grid.rank_of(qc)
-                sc = g.coords_of(q)
-                if any(sc[g.index(a)] != c for a, c in rep.items()):
-                    continue
-                box = _inter(my_box, _shift(qbox, doff))
-                if q == me:
-                    out[_rel(box, dbox)] = t.local[_rel(box, my_box)]
-                else:
-                    sends.setdefault(q, []).append(t.local[_rel(box, my_box)].reshape(-1))
-            # what I receive: from the one holder of each element in my replica class
-            for qc, qbox in d.blocks_meeting(t.shape, _shift(dbox, off, -1), rep):
-                q = g.rank_of(qc)
-                if q != me:
-                    recvs.setdefault(q, []).append((j, _inter(_shift(qbox, off), dbox)))
-    send_counts, recv_counts = [0] * p, [0] * p
-    send_parts = []
-    for q in sorted(sends):
-        send_parts += sends[q]
-        send_counts[q] = sum(part.size for part in sends[q])
-    for q, boxes in recvs.items():
-        recv_counts[q] = sum(_box_size(b) for _, b in boxes)
-    send = xp.concatenate(send_parts) if send_parts else xp.empty(0, sources[0][0].local.dtype)
-    flat = comm.alltoallv_flat(send, send_counts, recv_counts)
-    off = 0
-    for q in sorted(recvs):
-        for j, rbox in recvs[q]:
-            n = _box_size(rbox)
-            out, dbox = dst[j][4], dst[j][3]
-            out[_rel(rbox, dbox)] = flat[off:off + n].reshape([e - s for s, e in rbox])
-            off += n
-    return [DistTensor(out, dist, shape) for dist, shape, _, _, out in dst]
-
-
-def _meet(b1, b2) -> int:
-    """Number of elements in the intersection of two boxes."""
-    n = 1
-    for (s1, e1), (s2, e2) in zip(b1, b2):
-        k = min(e1, e2) - max(s1, s2)
-        if k <= 0:
-            return 0
-        n *= k
-    return n
-
-
-def _exchange_counted(comm, sources, dst) -> list:
-    """``exchange`` on a shape-only world in ``recv_only`` mode: the holders of a source in
-    one replica class partition it, so this rank receives, per source and target, its
-    target box within the source's extent less what it holds itself -- counted without
-    enumerating partners. It is taken to send as many bytes."""
-    n = 0
-    for t, off in sources:
-        d = t.distribution
-        my_box = _shift(d.box(t.shape, t.grid.coords), off)
-        extent = _shift(tuple((0, s) for s in t.shape), off)
-        for _, _, _, dbox, _ in dst:
-            n += _meet(dbox, extent) - _meet(dbox, my_box)
-    b = n * sources[0][0].local.dtype.itemsize
-    comm.count_alltoallv(b, b)
-    return [DistTensor(out, dist, shape) for dist, shape, _, _, out in dst]
-

@@ -184,8 +184,9 @@ class Trainer:
         that reached any rank."""
         from .backend import get_xp
         xp = get_xp()
-        mine = [n for n, p in self.named
-                if p.grad is not None and not bool(xp.isfinite(p.grad.local).all())]
+        mine = [n for n, p in self.named  # a rank off a placed layer holds no gradient values
+                if p.grad is not None and p.grad.grid.member
+                and not bool(xp.isfinite(p.grad.local).all())]
         flag = self.comm.allreduce(np.asarray([1.0 if mine else 0.0,
                                                1.0 if STOP["signal"] else 0.0]), op="max")
         out = [] if np.isfinite(loss) else ["loss"]  # the loss is the same on every rank

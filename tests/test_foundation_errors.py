@@ -136,7 +136,8 @@ def test_redistribute_bad_targets(comm):
 @pytest.mark.parametrize("text, match", [
     ("sample=two", r"sample='two' is not an integer"),
     ("filter=1.5", r"filter='1.5' is not an integer"),
-    ("foo=2", r"unknown key 'foo' \(expected sample, channel, filter, height or width\)"),
+    ("foo=2", r"unknown key 'foo' \(expected sample, channel, filter, height, width or "
+              r"ranks\)"),
     ("height=0", r"Strategy height must be a positive integer, got 0"),
     ("h=2,height=2", r"'height' given twice"),
     ("sample=2,s=2", r"'sample' given twice"),

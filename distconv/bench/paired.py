@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .stats import is_clean
+from .stats import is_clean, paired_ratio
 
 
 def strategy_fits(text: str, p: int) -> bool:
@@ -95,12 +95,9 @@ def paired_row(a, b, threshold: float = 1.6, clean=None, cpu=None) -> dict:
     busy-waiting)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     ratio = a / b
-    q1, med, q3 = (float(v) for v in np.percentile(ratio, [25, 50, 75]))
     key = f"rounds_above_{threshold:g}".replace(".", "_")
     out = {"one_rank_ms": float(np.median(a)) * 1e3, "p_ranks_ms": float(np.median(b)) * 1e3,
-           "speedup_paired_median": med, "speedup_paired_q1": q1, "speedup_paired_q3": q3,
-           "speedup_ratio_of_medians": float(np.median(a) / np.median(b)),
-           key: int((ratio >= threshold).sum()), "step_s": b.tolist()}
+           **paired_ratio(a, b), key: int((ratio >= threshold).sum()), "step_s": b.tolist()}
     if clean is not None:
         keep = ratio[np.asarray(clean, bool)]
         qs = [float(v) for v in np.percentile(keep, [25, 50, 75])] if keep.size else [None] * 3

@@ -3,7 +3,10 @@ defaults, initialisation and module names, so ``state_dict`` keys and shapes mat
 weights move both ways.
 
 Branches are joined with :func:`distconv.cat` on the channel dimension (differentiable
-across distributions: each branch may run under its own strategy). The pooling that
+across distributions: each branch may run under its own strategy). Each block first
+forks its input to its towers (:func:`distconv.fork`), so towers placed on disjoint ranks
+(``Strategy(ranks=...)``) run at the same time; towers on the input's own ranks get the
+input as it is (the same moves and plan as without the fork). The pooling that
 torchvision calls functionally (``F.avg_pool2d``/``F.max_pool2d`` in the blocks, the ReLU
 of ``BasicConv2d``) is a parameterless sub-module here (``pool``, ``relu``), so it has a
 name in ``named_modules()`` but adds no state-dict key. Forward only: backward comes from
@@ -21,7 +24,7 @@ import numpy as np
 
 from .. import nn
 from ..backend import get_xp
-from ..functional import cat
+from ..functional import cat, fork
 from ..nn.module import Layer, _init_rng
 from ..tensor import DistTensor
 from ._common import _set_global, check_image_size, min_image_size, split_strategy
@@ -79,10 +82,12 @@ class InceptionA(nn.Module):
         self.out_channels = w(64) + w(64) + w(96) + w(pool_features)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(self.pool(x))
+        x1, x5, x3, xp = fork(x, [self.branch1x1, self.branch5x5_1, self.branch3x3dbl_1,
+                                  self.branch_pool])
+        b1 = self.branch1x1(x1)
+        b5 = self.branch5x5_2(self.branch5x5_1(x5))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x3)))
+        bp = self.branch_pool(self.pool(xp))
         return cat([b1, b5, b3, bp], dim=1)
 
 
@@ -99,8 +104,9 @@ class InceptionB(nn.Module):
         self.out_channels = w(384) + w(96) + in_channels
 
     def forward(self, x):
-        b3 = self.branch3x3(x)
-        bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        x3, xd = fork(x, [self.branch3x3, self.branch3x3dbl_1])
+        b3 = self.branch3x3(x3)
+        bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(xd)))
         return cat([b3, bd, self.pool(x)], dim=1)
 
 
@@ -124,13 +130,15 @@ class InceptionC(nn.Module):
         self.out_channels = 4 * w(192)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = self.branch7x7dbl_1(x)
+        x1, x7, xd, xp = fork(x, [self.branch1x1, self.branch7x7_1, self.branch7x7dbl_1,
+                                  self.branch_pool])
+        b1 = self.branch1x1(x1)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x7)))
+        bd = self.branch7x7dbl_1(xd)
         for m in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
                   self.branch7x7dbl_5):
             bd = m(bd)
-        bp = self.branch_pool(self.pool(x))
+        bp = self.branch_pool(self.pool(xp))
         return cat([b1, b7, bd, bp], dim=1)
 
 
@@ -149,8 +157,9 @@ class InceptionD(nn.Module):
         self.out_channels = w(320) + w(192) + in_channels
 
     def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_1(x)
+        x3, x7 = fork(x, [self.branch3x3_1, self.branch7x7x3_1])
+        b3 = self.branch3x3_2(self.branch3x3_1(x3))
+        b7 = self.branch7x7x3_1(x7)
         for m in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
             b7 = m(b7)
         return cat([b3, b7, self.pool(x)], dim=1)
@@ -174,13 +183,21 @@ class InceptionE(nn.Module):
         self.out_channels = w(320) + 4 * w(384) + w(192)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
-        b3 = self.branch3x3_1(x)
-        b3 = cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], dim=1)
-        bp = self.branch_pool(self.pool(x))
+        x1, x3, xd, xp = fork(x, [self.branch1x1, self.branch3x3_1, self.branch3x3dbl_1,
+                                  self.branch_pool])
+        b1 = self.branch1x1(x1)
+        b3 = self.branch3x3_1(x3)
+        b3 = cat(_pair(self.branch3x3_2a, self.branch3x3_2b, b3), dim=1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(xd))
+        bd = cat(_pair(self.branch3x3dbl_3a, self.branch3x3dbl_3b, bd), dim=1)
+        bp = self.branch_pool(self.pool(xp))
         return cat([b1, b3, bd, bp], dim=1)
+
+
+def _pair(a, b, x) -> list:
+    """``[a(xa), b(xb)]`` with ``x`` forked to the two sub-branches (InceptionE)."""
+    xa, xb = fork(x, [a, b])
+    return [a(xa), b(xb)]
 
 
 class InceptionAux(nn.Module):

@@ -80,7 +80,8 @@ class CrossEntropyLoss:
     ``criterion(logits, labels)``: logits (N, K), a DistTensor (N split over any axes, K
     split or not) or the same global array on every rank; labels (N,) integers in
     ``[0, K)``, a global array every rank passes alike (or a DistTensor). Returns the loss
-    as a :class:`Loss` on every rank (a float; ``loss.backward()`` backpropagates). The older
+    as a :class:`Loss` on every rank (logits on a placed grid: its first rank broadcasts
+    the value over the world) (a float; ``loss.backward()`` backpropagates). The older
     ``criterion.backward()`` returns dlogits (N, K) of the last loss as a DistTensor in the
     logits' distribution, for ``model.backward(dlogits)``. With K split, the max and the sums
     over classes are allreduced over the ranks holding the other class blocks.
@@ -138,7 +139,10 @@ class CrossEntropyLoss:
         total = xp.asarray([float(per.sum())], dtype=np.float64)
         if ngrp.size > 1:
             total = ngrp.allreduce(total)
-        loss = Loss(float(total[0]) / max(N, 1), Distribution(d.grid, []))
+        value = float(total[0]) / max(N, 1)
+        if not d.grid.spans_world:  # placed logits: their first rank tells every rank
+            value = float(d.grid.world.bcast(np.array([value]), root=d.grid.ranks[0])[0])
+        loss = Loss(value, Distribution(d.grid, []))
         if autograd.is_grad_enabled():
             saved = [(logits, e, s, loc, mine, k0, N)]
 

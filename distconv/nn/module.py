@@ -22,12 +22,13 @@ from collections import OrderedDict
 import numpy as np
 
 from .. import autograd
+from .. import comm as _comm
 from ..backend import get_default_dtype, get_xp, to_numpy
 from ..distribution import Distribution
 from ..meta import is_meta
 from ..pending import with_pending
 from ..strategy import Strategy
-from ..tensor import DistTensor, recorded_move
+from ..tensor import DistTensor, local_block, recorded_move
 
 _SEED = [0]
 _COUNTER = [0]
@@ -328,6 +329,15 @@ class Module:
         unknown = [k for k in plan if k not in known]
         if unknown:
             raise ValueError(f"plan names layers that do not exist: {unknown}")
+        # up front, before any layer moves its weights: every placement fits the job and
+        # every rank was given the same plan (a placement seen differently by two ranks
+        # would leave one waiting in a collective the other never joins)
+        world = _comm.world()
+        for s in plan.values():
+            if s is not None and s.ranks is not None:
+                s.check(world.size)
+        world.check_same(sorted((k, str(v)) for k, v in plan.items()),
+                         "the plan given to set_strategy (name, strategy)")
         default = plan.get("")
         for name, m in self.named_modules():
             s = _lookup(plan, name, default)
@@ -448,10 +458,9 @@ def check_dtype(x: DistTensor, dtype, what: str) -> None:
 
 def new_param(global_array: np.ndarray, dist: Distribution) -> Parameter:
     """A Parameter holding this rank's shard of ``global_array`` (same on every rank)."""
-    xp = get_xp()
-    # np.array, not np.ascontiguousarray: that one turns a 0-d block (e.g. BN's
-    # num_batches_tracked) into shape (1,)
-    local = xp.asarray(np.array(global_array[dist.slices(global_array.shape)], order="C"))
+    local = local_block(np.asarray(global_array), dist)  # a MetaArray off a placed grid
+    if not is_meta(local):
+        local = get_xp().asarray(local)
     return Parameter(DistTensor(local, dist, global_array.shape))
 
 

@@ -57,7 +57,7 @@ def load_state(module, state_dict, strict: bool = True, check_values: bool = Tru
     from ..replicas import differing, digest
     from .module import _agree_local
     own = [p.data for p in module.parameters()] + [b for _, b in module.named_buffers()]
-    comm = own[0].grid.comm if own else None
+    comm = own[0].grid.world if own else None
     agree = comm.agree if comm is not None else _agree_local
     # every rank checks, then all agree before any collective or change
     agree(isinstance(state_dict, Mapping),

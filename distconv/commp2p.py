@@ -1,4 +1,5 @@
-"""Point-to-point halo exchanges of :class:`distconv.comm.Communicator` (a mixin).
+"""Point-to-point messages of :class:`distconv.comm.Communicator` (a mixin): halo
+exchanges, and moves between grids on different rank sets (:meth:`exchange_p2p`).
 
 A halo exchange sends boxes of this rank's block to chosen peers and receives boxes from
 them (a neighbourhood alltoallv with Isend/Irecv); its adjoint sends the received boxes'
@@ -10,17 +11,21 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from . import comm as _comm
 from .backend import array_module
 from .commargs import _numel, halo_args, halo_bytes
 
 _HALO_TAG = 0x4A10
 _HALO_ADJ_TAG = 0x4A11
+_EXCHANGE_TAG = 7302  # point-to-point moves between grids of different rank sets
 
 
-class HaloExchange:
-    """The halo methods of :class:`distconv.comm.Communicator` (it supplies ``mpi``,
-    ``rank``, ``size``, ``_send_buf``, ``_recv_buf`` and ``_stats``)."""
+class PointToPoint:
+    """The point-to-point methods of :class:`distconv.comm.Communicator` (it supplies
+    ``mpi``, ``rank``, ``size``, ``_send_buf``, ``_recv_buf``, ``_record`` and
+    ``_stats``)."""
 
     def halo_exchange(self, x, sends, recvs, out_shape, fill=0, kind: str = "halo"):
         """Boxes of ``x`` to and from chosen peers (a neighbourhood alltoallv, Isend/Irecv).
@@ -91,6 +96,31 @@ class HaloExchange:
         post = self._p2p(xp, y, recvs, sends, _HALO_ADJ_TAG, add)
         return HaloRequest(self, post, dx, kind,
                            halo_bytes(recvs, sends, self.rank, y.dtype.itemsize), t0)
+
+    def exchange_p2p(self, sends: dict, recv_counts: dict, xp, dtype,
+                     kind: str = "alltoall") -> dict:
+        """Flat buffers to and from the peers that meet here only (Isend/Irecv, Waitall):
+        ``sends`` ``{peer: flat array}``, ``recv_counts`` ``{peer: elements}``; returns
+        ``{peer: flat array}``. A rank with no peers returns at once: it waits for nobody.
+        Bytes are counted like an alltoallv (``kind``)."""
+        t0 = time.perf_counter()
+        reqs, got, keep = [], {}, []
+        t = _comm._mpi_type(np.dtype(dtype))
+        for q in sorted(recv_counts):
+            rb, get = self._recv_buf(xp, (int(recv_counts[q]),), dtype)
+            reqs.append(self.mpi.Irecv([rb, t], source=q, tag=_EXCHANGE_TAG))
+            got[q] = get
+        for q in sorted(sends):
+            sb = self._send_buf(xp.ascontiguousarray(sends[q]))
+            keep.append(sb)
+            reqs.append(self.mpi.Isend([sb, t], dest=q, tag=_EXCHANGE_TAG))
+        if reqs:
+            _comm.MPI.Request.Waitall(reqs)
+        del keep
+        item = np.dtype(dtype).itemsize
+        self._record(kind, sum(int(a.size) for a in sends.values()) * item,
+                     sum(int(n) for n in recv_counts.values()) * item, t0)
+        return {q: get() for q, get in got.items()}
 
     def _p2p(self, xp, src, sends, recvs, tag, put) -> "_P2P":
         """Post every receive, then every send, ``put`` the own box; the returned

@@ -1,0 +1,208 @@
+"""``exchange``: move blocks of tensors between any layouts with the minimum volume.
+
+The one general data movement of distconv: ``DistTensor.redistribute`` uses it for block
+reorderings and for moves between grids (different strategies, different rank sets),
+``dc.cat`` and ``dc.fork`` for their joins and forks. Each rank works out, from the
+block structure alone, which of its elements each peer needs and which it receives, so
+every rank computes the same plan without asking anyone.
+"""
+from __future__ import annotations
+
+from .backend import array_module
+from .distribution import Distribution
+from .meta import MetaArray, is_meta
+
+
+def _inter(b1, b2):
+    out = tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(b1, b2))
+    return out if all(e > s for s, e in out) else None
+
+
+def _rel(box, base):
+    return tuple(slice(s - b[0], e - b[0]) for (s, e), b in zip(box, base))
+
+
+def _shift(box, off, sign=1):
+    return tuple((s + sign * o, e + sign * o) for (s, e), o in zip(box, off))
+
+
+def _box_size(box) -> int:
+    n = 1
+    for s, e in box:
+        n *= e - s
+    return n
+
+
+def exchange(sources, targets) -> list:
+    """Move the blocks of several tensors into several layouts with ONE exchange.
+
+    sources: ``[(DistTensor, offset)]``; targets: ``[(Distribution, global shape, offset)]``.
+    Every tensor occupies the box ``[offset, offset + shape)`` of one common index space (a
+    concatenation puts its inputs side by side on one dimension). Each rank receives exactly
+    the elements of its target blocks that it does not hold itself, each from one holder per
+    source (:func:`_holder_class`), so the volume sent is the minimum. All grids must have
+    the same world; sources with pending axes must have them in every target (same grid).
+    Returns one DistTensor per target.
+
+    Transport: when every grid has the same ranks, one alltoallv over their communicator
+    (ranks off a placed grid return at once: they hold nothing and get nothing). Between
+    grids of different rank sets (operator placement), point-to-point messages over the
+    world between the pairs of ranks that meet (:meth:`Communicator.exchange_p2p`), so a
+    rank waits only for the ranks it sends to or receives from. Why that cannot deadlock:
+    every rank runs every move and every layer collective in one program order (all ranks
+    run the same forward and the same reverse-topological backward, placed or not), and
+    each one waits only for the ranks taking part in it; by induction over that order each
+    operation completes once its participants have finished the earlier ones, and messages
+    between a pair match in order (MPI's non-overtaking rule on one tag).
+    """
+    g0 = sources[0][0].grid
+    grids = [t.grid for t, _ in sources] + [d.grid for d, _, _ in targets]
+    for g in grids:
+        if not _same_world(g, g0):
+            raise ValueError(f"exchange: grids on different communicators: {g}, {g0}")
+    world = g0.world
+    dtype = sources[0][0].local.dtype
+    xp = _out_xp(sources, world)
+    dst = []  # per target: (distribution, shape, offset, my box, out array)
+    for dist, shape, off in targets:
+        box = _shift(dist.box(shape), off)
+        lshape = tuple(e - s for s, e in box)
+        dst.append((dist, shape, off, box, xp.empty(lshape, dtype) if dist.grid.member
+                    else MetaArray(lshape, dtype)))
+    same = all(g.ranks == g0.ranks for g in grids)
+    comm = g0.comm if same else world
+    if same and not g0.member:
+        return _tensors(dst)
+    if getattr(comm, "recv_only", False):
+        return _exchange_counted(comm, sources, dst)
+    sends, recvs = _plan_exchange(sources, dst, world.rank)
+    if same:
+        order = sorted(set(sends) | set(recvs), key=g0.position)
+        send_counts, recv_counts = [0] * comm.size, [0] * comm.size
+        for q in order:
+            send_counts[g0.position(q)] = sum(part.size for part in sends.get(q, ()))
+            recv_counts[g0.position(q)] = sum(_box_size(b) for _, b in recvs.get(q, ()))
+        parts = [part for q in order for part in sends.get(q, ())]
+        send = xp.concatenate(parts) if parts else xp.empty(0, dtype)
+        flat = comm.alltoallv_flat(send, send_counts, recv_counts)
+        got, off = {}, 0
+        for q in order:
+            got[q] = flat[off:off + recv_counts[g0.position(q)]]
+            off += recv_counts[g0.position(q)]
+    else:
+        got = world.exchange_p2p(
+            {q: xp.concatenate(parts) for q, parts in sends.items()},
+            {q: sum(_box_size(b) for _, b in boxes) for q, boxes in recvs.items()}, xp, dtype)
+    for q, boxes in recvs.items():
+        off = 0
+        for j, rbox in boxes:
+            n = _box_size(rbox)
+            out, dbox = dst[j][4], dst[j][3]
+            out[_rel(rbox, dbox)] = got[q][off:off + n].reshape([e - s for s, e in rbox])
+            off += n
+    return _tensors(dst)
+
+
+def _plan_exchange(sources, dst, me: int):
+    """What this rank (world rank ``me``) sends and receives in :func:`exchange`:
+    ``sends`` ``{world rank: [flat parts]}`` and ``recvs`` ``{world rank: [(target index,
+    box)]}``, both in (source, target) order; the parts it keeps are copied into ``dst``
+    here. Partners are found from the block structure (only the ranks whose blocks meet
+    mine), so the cost grows with the number of partners, not with the job size."""
+    sends: dict = {}
+    recvs: dict = {}
+    for t, off in sources:
+        d, g = t.distribution, t.grid
+        if g.member:
+            rep = _holder_class(g, d, me)
+            my_box = _shift(d.box(t.shape), off)
+        for j, (dist, shape, doff, dbox, out) in enumerate(dst):
+            # what I send: my block ∩ the target box of each q of my replica class
+            for qc, qbox in (dist.blocks_meeting(shape, _shift(my_box, doff, -1))
+                             if g.member else ()):
+                q = dist.grid.ranks[dist.grid.rank_of(qc)]
+                if _holder_class(g, d, q) != rep:
+                    continue
+                box = _inter(my_box, _shift(qbox, doff))
+                if q == me:
+                    out[_rel(box, dbox)] = t.local[_rel(box, my_box)]
+                else:
+                    sends.setdefault(q, []).append(t.local[_rel(box, my_box)].reshape(-1))
+            if not dist.grid.member:
+                continue
+            # what I receive: from the one holder of each element in my replica class
+            for qc, qbox in d.blocks_meeting(t.shape, _shift(dbox, off, -1),
+                                             _holder_class(g, d, me)):
+                q = g.ranks[g.rank_of(qc)]
+                if q != me:
+                    recvs.setdefault(q, []).append((j, _inter(_shift(qbox, off), dbox)))
+    return sends, recvs
+
+
+def _holder_class(g, d: Distribution, q: int) -> dict:
+    """``{axis: coordinate}`` on the replica and pending axes of ``d`` (on grid ``g``) of
+    the holders that send to world rank ``q``: ``q``'s own coordinates when ``q`` is on
+    ``g``, else a replica picked by ``q`` (``q`` mod the number of replicas, mixed radix),
+    so sender and receiver compute the same holder and the load spreads."""
+    axes = d.replica_axes + d.pending
+    pos = g.position(q)
+    if pos is not None:
+        c = g.coords_of(pos)
+        return {a: c[g.index(a)] for a in axes}
+    out = {}
+    for a in reversed(axes):
+        n = g.axis_size(a)
+        out[a] = q % n
+        q //= n
+    return out
+
+
+def _same_world(g, h) -> bool:
+    return g.world is h.world or g.world.mpi == h.world.mpi
+
+
+def _out_xp(sources, world):
+    """The array module of received blocks: a real source's, else the backend's (a rank
+    that holds no source block receives real data), or shape-only in a shape-only world."""
+    for t, _ in sources:
+        if not is_meta(t.local):
+            return array_module(t.local)
+    if hasattr(world, "split_grid"):  # a ShapeComm world (distconv.trace)
+        return array_module(sources[0][0].local)
+    from .backend import get_xp
+    return get_xp()
+
+
+def _meet(b1, b2) -> int:
+    """Number of elements in the intersection of two boxes."""
+    n = 1
+    for (s1, e1), (s2, e2) in zip(b1, b2):
+        k = min(e1, e2) - max(s1, s2)
+        if k <= 0:
+            return 0
+        n *= k
+    return n
+
+
+def _exchange_counted(comm, sources, dst) -> list:
+    """``exchange`` on a shape-only world in ``recv_only`` mode: the holders of a source in
+    one replica class partition it, so this rank receives, per source and target, its
+    target box within the source's extent less what it holds itself -- counted without
+    enumerating partners. It is taken to send as many bytes."""
+    n = 0
+    for t, off in sources:
+        d = t.distribution
+        my_box = _shift(d.box(t.shape, t.grid.coords), off)
+        extent = _shift(tuple((0, s) for s in t.shape), off)
+        for dist, _, _, dbox, _ in dst:
+            if dist.grid.member:  # a rank off a grid holds and receives nothing there
+                n += _meet(dbox, extent) - (_meet(dbox, my_box) if t.grid.member else 0)
+    b = n * sources[0][0].local.dtype.itemsize
+    comm.count_alltoallv(b, b)
+    return _tensors(dst)
+
+
+
+def _tensors(dst) -> list:
+    from .tensor import DistTensor  # tensor.py imports this module
+    return [DistTensor(out, dist, shape) for dist, shape, _, _, out in dst]
