@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 
-from distconv.planner.costs import strategy_short as short_strategy
+from distconv.planner.strategies import strategy_short as short_strategy
 
 
 def strategy_usage(result) -> list:

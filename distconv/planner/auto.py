@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from .costs import CostModel, strategy_short, strategy_text
+from .costs import CostModel
+from .strategies import strategy_short, strategy_text
 from .graph import trace
 from .search import search
 from .simulate import simulate
@@ -94,10 +95,7 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     graph = trace(model, tuple(int(s) for s in in_shape))
     cost = CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer,
                      spatial=spatial)
-    if memory_limit is None:
-        memory_limit = getattr(cost.machine, "memory_per_rank", None)
-    elif memory_limit == float("inf"):
-        memory_limit = None  # explicitly unlimited, even if the machine has a limit
+    memory_limit = _limit(memory_limit, cost.machine)
     dp_plan = data_parallel(graph, cost.p)
     if compute is not None and compute.measure and getattr(compute, "rounds", 1) > 1:
         # one search measures every kernel shape a plan can use; time them all again in
@@ -143,6 +141,13 @@ def _refine(cost, best, sims, budget, seed, memory_limit, overlap):
         best = ("mcmc", run["plan"], simulate(cost, run["plan"], overlap=overlap))
         sims.append(best)
     return run, best
+
+
+def _limit(memory_limit, machine):
+    """Bytes per rank the plan must fit: the machine's when None, no limit for ``inf``."""
+    if memory_limit is None:
+        return getattr(machine, "memory_per_rank", None)
+    return None if memory_limit == float("inf") else memory_limit
 
 
 def _step(candidate) -> float:

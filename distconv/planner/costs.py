@@ -33,54 +33,12 @@ from dataclasses import dataclass
 from ..distribution import block_sizes
 from .commmodel import EXACT_RANKS, cat_events
 from .overhead import OVERHEAD_KINDS
-from .events import (act_dist, entry_events, inner_events, is_spatial, join_events,
-                     out_dist_of, spatial_dist)
+from .events import (act_dist, entry_events, inner_events, join_events, out_dist_of,
+                     spatial_dist)
+from .strategies import (factorizations, is_spatial, parse_strategy,  # noqa: F401
+                         strategy_short, strategy_text, to_strategy)
 
 _OPT_SLOTS = {"sgd": 1, "adam": 2}
-
-
-def factorizations(p: int, spatial: bool = False) -> list:
-    """Every ``(s, c, f)`` with ``s*c*f == p``, sample-major order; with ``spatial`` also
-    every ``(s, 1, 1, h, w)`` with ``s*h*w == p`` and ``h*w > 1`` (a split of H and W,
-    :class:`distconv.Strategy`'s ``height`` and ``width``)."""
-    out = [(s, c, p // (s * c)) for s in range(p, 0, -1) for c in range(1, p // s + 1)
-           if p % s == 0 and (p // s) % c == 0]
-    if spatial:
-        out += [(s, 1, 1, h, p // (s * h)) for s in range(p, 0, -1) for h in range(1, p // s + 1)
-                if p % s == 0 and (p // s) % h == 0 and p // s > 1]
-    return out
-
-
-def to_strategy(st):
-    """The :class:`distconv.Strategy` of a strategy tuple ``(s, c, f)`` or
-    ``(s, c, f, h, w)``."""
-    from ..strategy import Strategy
-    return Strategy(*(int(v) for v in st))
-
-
-def strategy_text(st) -> str:
-    """``"sample=s,channel=c,filter=f"`` (plus ``height``/``width`` when above 1)."""
-    return str(to_strategy(st))
-
-
-def strategy_short(st) -> str:
-    """``"s2 c1 f2"`` (plus ``" h2 w2"`` for a split of H or W) for tables."""
-    out = f"s{st[0]} c{st[1]} f{st[2]}"
-    if len(st) == 5 and st[3] * st[4] > 1:
-        out += f" h{st[3]} w{st[4]}"
-    return out
-
-
-def parse_strategy(text) -> tuple:
-    """``"sample=2,channel=1,filter=1"`` (all three given) -> ``(2, 1, 1)``; a spatial
-    strategy (``height``/``width`` above 1) -> ``(s, c, f, h, w)``."""
-    from ..strategy import Strategy
-    s = Strategy.parse(text) if isinstance(text, str) else Strategy(**text)
-    if s.sample is None:
-        raise ValueError(f"a plan entry must name sample, channel and filter, got {text!r}")
-    if s.spatial:
-        return (s.sample, s.channel, s.filter, s.height, s.width)
-    return (s.sample, s.channel, s.filter)
 
 
 @dataclass

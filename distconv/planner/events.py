@@ -15,6 +15,7 @@ from functools import lru_cache
 from ..distribution import Distribution
 from .commmodel import VGrid, allreduce_event, redistribute_events, vgrid
 from .realrun import run_layer
+from .strategies import is_spatial, to_strategy
 
 
 @lru_cache(maxsize=None)
@@ -22,14 +23,8 @@ def act_dist(st, ndim=4) -> Distribution:
     """Between-layer layout of strategy ``st``: :meth:`distconv.Strategy.
     activation_split` on the planner's grid (``(s, c, f)``: N over sample, C over
     (channel, filter); ``(s, c, f, h, w)`` also H over height and W over width)."""
-    from .costs import to_strategy
     strategy = to_strategy(st)
     return Distribution(VGrid(st, strategy.axes()), strategy.activation_split(ndim))
-
-
-def is_spatial(st) -> bool:
-    """True for a strategy tuple that splits H or W (``(s, c, f, h, w)``, ``h*w > 1``)."""
-    return st is not None and len(st) == 5 and st[3] * st[4] > 1
 
 
 def spatial_dist(d) -> bool:

@@ -19,7 +19,7 @@ import json
 import os
 
 from ..atomic import write_text
-from .costs import parse_strategy, strategy_text, to_strategy
+from .strategies import parse_strategy, strategy_text, to_strategy
 
 
 def plan_to_json(plan: dict) -> dict:

@@ -79,7 +79,7 @@ def _run(kind, in_shape, attrs, st, in_dist, nranks, rank, item):
     from ..nn import sync_gradients
     from ..tensor import DistTensor
     from ..trace import shape_only
-    from .costs import to_strategy
+    from .strategies import to_strategy
     dtype = np.dtype(_dtype(item))
     mod = _module(kind, in_shape, attrs, dtype.name)
     with shape_only(mod, nranks, rank, plan=None if st is None else to_strategy(st)) as world:
