@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import distconv as dc
-from distconv.data import (DIGITS_FILES, DatasetKeyError, DistLoader, H5Dataset, _atomic_h5,
+from distconv.datafiles import _atomic_h5
+from distconv.data import (DIGITS_FILES, DatasetKeyError, DistLoader, H5Dataset,
                            ensure_digits, make_digits, make_synthetic, write_h5_dataset)
 from distconv.distribution import Distribution
 from distconv.strategy import Strategy
