@@ -149,60 +149,32 @@ def geomean(v):
     return float(math.exp(sum(math.log(x) for x in v) / len(v))) if v else None
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    batch = args.batch if args.batch is not None else (8 if args.quick else 32)
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
-    shapes = QUICK if args.quick else RESNET50
-    if args.shapes:
-        keys = [s.strip() for s in args.shapes.split(",") if s.strip()]
-        shapes = [s for s in shapes if any(k in s[0] for k in keys)]
-    dtype = np.dtype(args.dtype)
-    try:
-        ncores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        ncores = os.cpu_count() or 1
-    threads = args.threads if args.threads else ncores
-    if args.clock == "cpu":
-        if threads != 1 or args.backend != "numpy":
-            sys.exit("error: --clock cpu needs --threads 1 and --backend numpy")
-        global CLOCK
-        CLOCK = time.process_time
-
-    from threadpoolctl import threadpool_limits
-    limiter = threadpool_limits(limits=threads)  # noqa: F841 (kept alive)
-
-    if args.backend == "cupy":
+def _backend(name):
+    """``(array module, sync)`` of ``--backend``."""
+    if name == "cupy":
         try:
             import cupy as xp
         except ImportError:
             sys.exit("error: --backend cupy needs CuPy, which cannot be imported here")
+        return xp, xp.cuda.Stream.null.synchronize
+    return np, (lambda: None)
 
-        def sync():
-            xp.cuda.Stream.null.synchronize()
-    else:
-        xp = np
 
-        def sync():
-            pass
+def _torch(args, threads):
+    """PyTorch set to ``threads`` threads, or None (``--no-torch`` or not importable)."""
+    if args.no_torch:
+        return None
+    try:
+        import torch
+    except ImportError:
+        print("torch not importable: PyTorch columns skipped", file=sys.stderr)
+        return None
+    torch.set_num_threads(threads)
+    return torch
 
-    from distconv.ops import conv as dconv
 
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch as _torch
-            torch = _torch
-            torch.set_num_threads(threads)
-        except ImportError:
-            print("torch not importable: PyTorch columns skipped", file=sys.stderr)
-    tdev = "cuda" if args.backend == "cupy" else "cpu"
-
-    def tsync():
-        if torch is not None and tdev == "cuda":
-            torch.cuda.synchronize()
-        sync()
-
+def _environment(args, dtype, batch, threads, repeats, torch, xp, sync) -> dict:
+    """The run's facts (printed and kept in the JSON), the GEMM ceiling included."""
     info = {
         "host": platform.node(), "python": platform.python_version(), "numpy": np.__version__,
         "torch": getattr(torch, "__version__", None), "backend": args.backend,
@@ -227,70 +199,76 @@ def main(argv=None):
     if torch is not None:
         print(f"# torch {torch.__version__}, threads={torch.get_num_threads()}, "
               f"mkldnn={torch.backends.mkldnn.is_available()}")
+    return info
 
-    rng = np.random.default_rng(0)
+
+def _torch_passes(torch, tdev, x_np, w_np, dy_np, s, p) -> dict:
+    """PyTorch's three passes of one shape (what a user of ``F.conv2d`` runs)."""
+    xt = torch.from_numpy(x_np).to(tdev)
+    wt = torch.from_numpy(w_np).to(tdev)
+    dyt = torch.from_numpy(dy_np).to(tdev)
+    F_ = torch.nn.functional
+
+    def t_fwd():
+        with torch.no_grad():
+            return F_.conv2d(xt, wt, None, s, p)
+
+    def t_bd():
+        with torch.no_grad():
+            return torch.nn.grad.conv2d_input(xt.shape, wt, dyt, s, p)
+
+    def t_bf():
+        with torch.no_grad():
+            return torch.nn.grad.conv2d_weight(xt, wt.shape, dyt, s, p)
+    return {"fwd": t_fwd, "bwd_data": t_bd, "bwd_filter": t_bf}
+
+
+def _shape_rows(shape, batch, dtype, xp, torch, tdev, repeats, tsync, rng) -> list:
+    """The three passes of one conv shape, distconv and PyTorch interleaved: one row each
+    (printed as it is measured)."""
+    from distconv.ops import conv as dconv
+    name, c, f, h, k, s, p = shape
+    x_np = rng.standard_normal((batch, c, h, h)).astype(dtype)
+    w_np = (rng.standard_normal((f, c, k, k)) / math.sqrt(c * k * k)).astype(dtype)
+    ho, wo = dconv.conv2d_output_hw(h, h, (k, k), (s, s), (p, p), (1, 1))
+    dy_np = rng.standard_normal((batch, f, ho, wo)).astype(dtype)
+    x, w, dy = xp.asarray(x_np), xp.asarray(w_np), xp.asarray(dy_np)
+    st, pd, dl = (s, s), (p, p), (1, 1)
+    dc = {
+        "fwd": lambda: dconv.conv2d_forward(x, w, st, pd, dl),
+        "bwd_data": lambda: dconv.conv2d_backward_data(dy, w, (h, h), st, pd, dl),
+        "bwd_filter": lambda: dconv.conv2d_backward_filter(x, dy, (k, k), st, pd, dl),
+    }
+    pt = ({q: None for q in PASSES} if torch is None
+          else _torch_passes(torch, tdev, x_np, w_np, dy_np, s, p))
+    fl = conv_flops(batch, c, f, ho, wo, k)
     rows = []
-    hdr = (f"{'shape':32s} {'pass':10s} {'dc GF/s':>8s} {'pt GF/s':>8s} {'ratio':>6s} "
-           f"{'dc ms':>8s} {'pt ms':>8s}")
-    print(hdr)
-    print("-" * len(hdr))
-    for name, c, f, h, k, s, p in shapes:
-        x_np = rng.standard_normal((batch, c, h, h)).astype(dtype)
-        w_np = (rng.standard_normal((f, c, k, k)) / math.sqrt(c * k * k)).astype(dtype)
-        ho, wo = dconv.conv2d_output_hw(h, h, (k, k), (s, s), (p, p), (1, 1))
-        dy_np = rng.standard_normal((batch, f, ho, wo)).astype(dtype)
-        x, w, dy = xp.asarray(x_np), xp.asarray(w_np), xp.asarray(dy_np)
-        st, pd, dl = (s, s), (p, p), (1, 1)
-        dc = {
-            "fwd": lambda: dconv.conv2d_forward(x, w, st, pd, dl),
-            "bwd_data": lambda: dconv.conv2d_backward_data(dy, w, (h, h), st, pd, dl),
-            "bwd_filter": lambda: dconv.conv2d_backward_filter(x, dy, (k, k), st, pd, dl),
-        }
-        pt = {q: None for q in PASSES}
-        if torch is not None:
-            xt = torch.from_numpy(x_np).to(tdev)
-            wt = torch.from_numpy(w_np).to(tdev)
-            dyt = torch.from_numpy(dy_np).to(tdev)
-            F_ = torch.nn.functional
-
-            def t_fwd():
-                with torch.no_grad():
-                    return F_.conv2d(xt, wt, None, s, p)
-
-            def t_bd():
-                with torch.no_grad():
-                    return torch.nn.grad.conv2d_input(xt.shape, wt, dyt, s, p)
-
-            def t_bf():
-                with torch.no_grad():
-                    return torch.nn.grad.conv2d_weight(xt, wt.shape, dyt, s, p)
-            pt = {"fwd": t_fwd, "bwd_data": t_bd, "bwd_filter": t_bf}
-        fl = conv_flops(batch, c, f, ho, wo, k)
-        for q in PASSES:
-            t_dc, t_pt = interleaved([dc[q], pt[q]], repeats, tsync)
-            g_dc = fl / t_dc / 1e9
-            g_pt = fl / t_pt / 1e9 if t_pt else None
-            ratio = g_dc / g_pt if g_pt else None
-            rows.append({"shape": name, "C": c, "F": f, "H": h, "W": h, "k": k, "stride": s,
-                         "padding": p, "Ho": ho, "Wo": wo, "pass": q, "gflop": fl / 1e9,
-                         "distconv_s": t_dc, "torch_s": t_pt, "distconv_gflops": g_dc,
-                         "torch_gflops": g_pt, "ratio": ratio})
-            print(f"{name:32s} {q:10s} {g_dc:8.1f} "
-                  f"{(f'{g_pt:8.1f}' if g_pt else '     n/a')} "
-                  f"{(f'{ratio:6.2f}' if ratio else '   n/a')} {t_dc * 1e3:8.2f} "
-                  f"{(f'{t_pt * 1e3:8.2f}' if t_pt else '     n/a')}", flush=True)
-    summary = {}
     for q in PASSES:
-        summary[q] = geomean([r["ratio"] for r in rows if r["pass"] == q])
+        t_dc, t_pt = interleaved([dc[q], pt[q]], repeats, tsync)
+        g_dc = fl / t_dc / 1e9
+        g_pt = fl / t_pt / 1e9 if t_pt else None
+        ratio = g_dc / g_pt if g_pt else None
+        rows.append({"shape": name, "C": c, "F": f, "H": h, "W": h, "k": k, "stride": s,
+                     "padding": p, "Ho": ho, "Wo": wo, "pass": q, "gflop": fl / 1e9,
+                     "distconv_s": t_dc, "torch_s": t_pt, "distconv_gflops": g_dc,
+                     "torch_gflops": g_pt, "ratio": ratio})
+        print(f"{name:32s} {q:10s} {g_dc:8.1f} "
+              f"{(f'{g_pt:8.1f}' if g_pt else '     n/a')} "
+              f"{(f'{ratio:6.2f}' if ratio else '   n/a')} {t_dc * 1e3:8.2f} "
+              f"{(f'{t_pt * 1e3:8.2f}' if t_pt else '     n/a')}", flush=True)
+    return rows
+
+
+def _summary(rows, with_torch) -> dict:
+    """Geometric means of the GFLOP/s ratios per pass and overall, and the total-time
+    ratio (printed)."""
+    summary = {q: geomean([r["ratio"] for r in rows if r["pass"] == q]) for q in PASSES}
     summary["overall"] = geomean([r["ratio"] for r in rows])
     summary["distconv_gflops_geomean"] = geomean([r["distconv_gflops"] for r in rows])
     summary["torch_gflops_geomean"] = geomean([r["torch_gflops"] for r in rows])
     t_dc_tot = sum(r["distconv_s"] for r in rows)
-    t_pt_tot = sum(r["torch_s"] for r in rows if r["torch_s"]) if torch is not None else None
+    t_pt_tot = sum(r["torch_s"] for r in rows if r["torch_s"]) if with_torch else None
     summary["time_ratio_total"] = (t_pt_tot / t_dc_tot) if t_pt_tot else None
-    info["loadavg_end"] = list(os.getloadavg())
-    print()
-    print(f"# load average at end: {info['loadavg_end'][0]:.2f}")
     print("geometric-mean GFLOP/s ratio distconv/PyTorch:")
     for q in PASSES + ("overall",):
         v = summary[q]
@@ -298,6 +276,53 @@ def main(argv=None):
     if summary["time_ratio_total"]:
         print(f"  total time PyTorch/distconv over all shapes and passes: "
               f"{summary['time_ratio_total']:.3f}")
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    batch = args.batch if args.batch is not None else (8 if args.quick else 32)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    shapes = QUICK if args.quick else RESNET50
+    if args.shapes:
+        keys = [s.strip() for s in args.shapes.split(",") if s.strip()]
+        shapes = [s for s in shapes if any(k in s[0] for k in keys)]
+    dtype = np.dtype(args.dtype)
+    try:
+        ncores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        ncores = os.cpu_count() or 1
+    threads = args.threads if args.threads else ncores
+    if args.clock == "cpu":
+        if threads != 1 or args.backend != "numpy":
+            sys.exit("error: --clock cpu needs --threads 1 and --backend numpy")
+        global CLOCK
+        CLOCK = time.process_time
+
+    from threadpoolctl import threadpool_limits
+    limiter = threadpool_limits(limits=threads)  # noqa: F841 (kept alive)
+    xp, sync = _backend(args.backend)
+    torch = _torch(args, threads)
+    tdev = "cuda" if args.backend == "cupy" else "cpu"
+
+    def tsync():
+        if torch is not None and tdev == "cuda":
+            torch.cuda.synchronize()
+        sync()
+
+    info = _environment(args, dtype, batch, threads, repeats, torch, xp, sync)
+    rng = np.random.default_rng(0)
+    hdr = (f"{'shape':32s} {'pass':10s} {'dc GF/s':>8s} {'pt GF/s':>8s} {'ratio':>6s} "
+           f"{'dc ms':>8s} {'pt ms':>8s}")
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for shape in shapes:
+        rows += _shape_rows(shape, batch, dtype, xp, torch, tdev, repeats, tsync, rng)
+    info["loadavg_end"] = list(os.getloadavg())
+    print()
+    print(f"# load average at end: {info['loadavg_end'][0]:.2f}")
+    summary = _summary(rows, torch is not None)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"info": info, "rows": rows, "summary": summary}, fh, indent=1)
