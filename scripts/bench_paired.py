@@ -32,6 +32,7 @@ import numpy as np
 
 from distconv.bench.paired import paired_row, paired_rounds, strategy_fits
 from distconv.bench.runs import self_strategy
+from distconv.bench.cli import fill_defaults, require_positive, split_list
 from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(channels=256, size=28, batch=1, rounds=40, warmup=3)
@@ -57,17 +58,10 @@ def parse_args(argv=None):
     ap.add_argument("--json", default=None, help="rank 0 writes every step time here")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    for k, v in DEFAULTS.items():
-        if getattr(a, k) is None:
-            setattr(a, k, QUICK[k] if a.quick else v)
-    for k in ("channels", "size", "batch", "rounds"):
-        if getattr(a, k) < 1:
-            ap.error(f"--{k} must be >= 1, got {getattr(a, k)}")
-    if a.warmup < 0:
-        ap.error(f"--warmup must be >= 0, got {a.warmup}")
-    a.strategy_list = [s.strip() for s in a.strategies.split(";") if s.strip()]
-    if not a.strategy_list:
-        ap.error("--strategies names no strategy")
+    fill_defaults(a, DEFAULTS, QUICK)
+    require_positive(ap, a, ("channels", "size", "batch", "rounds"),
+                     nonnegative=("warmup",))
+    a.strategy_list = split_list(ap, a.strategies, "--strategies", required=True)
     return a
 
 

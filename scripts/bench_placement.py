@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 from distconv.bench.stats import paired_ratio
+from distconv.bench.cli import fill_defaults, require_positive, split_list
 from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(channels=128, filters=128, size=28, batch=2, kernel=3, rounds=30, warmup=3)
@@ -59,15 +60,10 @@ def parse_args(argv=None):
     ap.add_argument("--json", default=None, help="rank 0 writes every step time here")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    for k, v in DEFAULTS.items():
-        if getattr(a, k) is None:
-            setattr(a, k, QUICK[k] if a.quick else v)
-    for k in ("channels", "filters", "size", "batch", "kernel", "rounds"):
-        if getattr(a, k) < 1:
-            ap.error(f"--{k} must be >= 1, got {getattr(a, k)}")
-    if a.warmup < 0:
-        ap.error(f"--warmup must be >= 0, got {a.warmup}")
-    a.plan_list = [s.strip() for s in a.plans.split(";") if s.strip()]
+    fill_defaults(a, DEFAULTS, QUICK)
+    require_positive(ap, a, ("channels", "filters", "size", "batch", "kernel", "rounds"),
+                     nonnegative=("warmup",))
+    a.plan_list = split_list(ap, a.plans, "--plans", required=False)
     return a
 
 

@@ -11,8 +11,19 @@ def fill_defaults(args, defaults, quick_defaults):
             setattr(args, k, quick_defaults[k] if args.quick else v)
 
 
-def require_positive(ap, args, names):
-    """``ap.error`` (exit status 2) for the first argument of ``names`` below 1."""
-    for k in names:
-        if getattr(args, k) < 1:
-            ap.error(f"--{k.replace('_', '-')} must be >= 1")
+def require_positive(ap, args, names, nonnegative=()):
+    """``ap.error`` (exit status 2) for the first argument of ``names`` below 1 or of
+    ``nonnegative`` below 0."""
+    for k, low in [(k, 1) for k in names] + [(k, 0) for k in nonnegative]:
+        v = getattr(args, k)
+        if v < low:
+            ap.error(f"--{k.replace('_', '-')} must be >= {low}, got {v}")
+
+
+def split_list(ap, text: str, flag: str, required: bool = True) -> list:
+    """The non-empty ``;``-separated items of ``text`` (``ap.error`` naming ``flag`` when
+    there are none and ``required``)."""
+    items = [s.strip() for s in text.split(";") if s.strip()]
+    if required and not items:
+        ap.error(f"{flag} names no strategy")
+    return items
