@@ -26,8 +26,9 @@ whose window may reach past the right padding; those positions count as padding)
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
+
+from .ops.geometry import pair
 
 
 def block_range(n: int, parts: int, i: int) -> tuple[int, int]:
@@ -43,19 +44,6 @@ def owner_of(n: int, parts: int, row: int) -> int:
     if row < r * (q + 1):
         return row // (q + 1)
     return r + (row - r * (q + 1)) // q
-
-
-def pair(v, name: str) -> tuple[int, int]:
-    """``(v, v)`` for an int, the two ints of a pair, else ``ValueError``."""
-    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-        return int(v), int(v)
-    try:
-        a, b = v
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
-    if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (a, b)):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return int(a), int(b)
 
 
 def out_size(n: int, kernel: int, stride: int = 1, padding=0, dilation: int = 1) -> int:

@@ -14,6 +14,7 @@ functions take one spatial dimension: ``n`` the input length, ``k`` the kernel l
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -23,21 +24,26 @@ __all__ = ["pair", "conv_output_size", "conv2d_output_hw", "ConvGeometry",
 
 
 def pair(v, name="value", what=None):
-    """``(int, int)`` from an int (used twice) or an iterable of two ints.
+    """``(int, int)`` from an int (used twice) or an iterable of two ints (NumPy integers
+    included; bools and floats are not ints here).
 
     Anything else raises ``ValueError("[what: ]name must be an int or a pair of ints,
     got v")``, the same on every rank.
     """
-    if isinstance(v, (int, np.integer)):
+    if _is_int(v):
         return (int(v), int(v))
     try:
-        t = tuple(int(a) for a in v)
-    except (TypeError, ValueError):
+        t = tuple(v)
+    except TypeError:
         t = ()
-    if len(t) != 2:
+    if len(t) != 2 or not all(_is_int(a) for a in t):
         prefix = f"{what}: " if what else ""
         raise ValueError(f"{prefix}{name} must be an int or a pair of ints, got {v!r}")
-    return t
+    return (int(t[0]), int(t[1]))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 # ------------------------------------------------------------------ convolution
