@@ -62,7 +62,7 @@ the pairs whose measured times differ by more than ``--rank-margin`` (20%); the 
 plan's time over the best hand plan's, paired: for each hand plan the median over
 repetitions of (auto step / hand step in the same repetition), and the largest of these
 (the ratio of the two medians is reported too; it flips with the VM's speed modes, see
-``distconv/bench/planner_report.py``). Targets (issue 7): MAE <= 20%, every such pair ordered
+``distconv/bench/planner_report.py``). Targets: MAE <= 20%, every such pair ordered
 alike, auto <= 1.05x best hand (paired), bytes equal.
 
 ``--bytes-only`` (automatic when there are more ranks than CPU cores, e.g. 4 ranks on

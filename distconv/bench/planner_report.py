@@ -2,7 +2,7 @@
 
 * :func:`summarize`: one plan's step records of every rank -> its measured figures
   (max over ranks per repetition, median over the clean repetitions).
-* :func:`compare`: the issue-7 figures over all plans: mean absolute relative error of
+* :func:`compare`: the validation figures over all plans: mean absolute relative error of
   the prediction, ranking agreement, and the auto plan against the best hand plan, both
   as a ratio of the two medians and *paired* (:func:`paired_ratio`: the median over
   repetitions of the auto plan's step over the hand plan's step in the same repetition).
