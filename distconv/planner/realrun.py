@@ -65,9 +65,12 @@ def run_layer(layer, st, in_dist: Distribution, nranks: int, rank: int, item: in
     ``in_dist`` (on any grid-like object with ``names`` and ``shape``), on ``rank`` of
     ``nranks``: :class:`~distconv.shapecomm.Event` lists of each phase (the input's
     gradient flows back into ``in_dist``) and the output's distribution on a
-    :class:`.commmodel.VGrid` of the same shape. Cached per arguments."""
-    return _run(layer.kind, tuple(layer.in_shape), tuple(sorted(layer.attrs.items())),
-                None if st is None else tuple(st), in_dist, int(nranks), int(rank), int(item))
+    :class:`.commmodel.VGrid` of the same shape. Cached per arguments (the lists returned
+    are fresh copies)."""
+    f, b, s, out = _run(layer.kind, tuple(layer.in_shape), tuple(sorted(layer.attrs.items())),
+                        None if st is None else tuple(st), in_dist, int(nranks), int(rank),
+                        int(item))
+    return list(f), list(b), list(s), out
 
 
 @lru_cache(maxsize=100000)
@@ -95,4 +98,4 @@ def _run(kind, in_shape, attrs, st, in_dist, nranks, rank, item):
         sync_gradients(list(mod.parameters()))
         ev = [Event(e.kind, e.group, e.sent, e.recv) for e in world.events]
         out = Distribution(VGrid(yd.grid.shape, yd.grid.names), yd.split, yd.pending)
-    return ev[:n_fwd], ev[n_fwd:n_bwd], ev[n_bwd:], out
+    return tuple(ev[:n_fwd]), tuple(ev[n_fwd:n_bwd]), tuple(ev[n_bwd:]), out
