@@ -132,7 +132,7 @@ def move_key(shape, src, dst, rank, item) -> tuple:
     """The cache key of a move's events on ``rank``.
 
     Beyond :data:`EXACT_RANKS` the shape-only world counts an exchange from the rank's own
-    two blocks alone (``recv_only``: :func:`distconv.tensor._exchange_counted`). A move
+    two blocks alone (``recv_only``: :func:`distconv.exchange._exchange_counted`). A move
     between two grids into a target with nothing pending is one such exchange when the
     source has nothing pending either (``_cross_grid`` -> ``_general``), so the key is
     the rank's source and target boxes; a pending source is first reduced within its own

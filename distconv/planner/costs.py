@@ -457,7 +457,7 @@ def _phys_layout(d, shape):
     distribution with nothing pending gives ``("box", rank 0's block, the dims it
     splits)``: the events of a move between two grids on rank 0 depend on nothing else of
     it (:func:`.commmodel.move_key`), nor do those of a cat's exchange (rank 0's blocks:
-    :func:`distconv.tensor._exchange_counted`), nor rank 0's compute."""
+    :func:`distconv.exchange._exchange_counted`), nor rank 0's compute."""
     if d.pending:
         return None
     if d.grid.size > EXACT_RANKS:
