@@ -186,7 +186,11 @@ class DistTensor:
         if not self.distribution.same_grid(target):
             return _cross_grid(self, target)
         t = self
-        # 1. resolve pending sums the target does not keep
+        # 1. resolve pending sums the target does not keep: several that the target splits
+        #    nothing over at once, with one allreduce over all of them
+        drop = [a for a in t.distribution.pending if a not in target.pending]
+        if len(drop) > 1 and not set(drop) & set(target.split_axes):
+            t = _allreduce_axes(t, drop)
         for a in t.distribution.pending:
             if a in target.pending:
                 continue
@@ -250,6 +254,15 @@ def recorded_move(t: DistTensor, target: Distribution) -> DistTensor:
 
 
 # ---------------------------------------------------------------- the steps
+def _allreduce_axes(t: DistTensor, axes) -> DistTensor:
+    """Remove the pending axes ``axes`` together: one allreduce over the ranks that differ
+    only on them (their sub-communicator), not one per axis."""
+    names = tuple(a for a in t.grid.names if a in axes)
+    local = t.grid.sub(names).allreduce(t.local)
+    pending = tuple(a for a in t.distribution.pending if a not in axes)
+    return DistTensor(local, t.distribution.replace(pending=pending), t.shape)
+
+
 def _reduce_axis(t: DistTensor, a: str, target: Distribution) -> DistTensor:
     """Remove pending axis ``a``: reduce-scatter if the target splits a dim over ``a`` next."""
     dist = t.distribution

@@ -37,6 +37,7 @@ DISTS = {
     "Pf": ([None, None, None, None], ("filter",)),
     "N_Pc": ([("sample",), None, None, None], ("channel",)),
     "Cf_Pc": ([None, ("filter",), None, None], ("channel",)),
+    "Psc": ([None, None, None, None], ("sample", "channel")),
     "W": ([None, None, None, ("sample", "channel")], ()),
     "Cfc": ([None, ("filter", "channel"), None, None], ()),
     "H_W": ([None, None, ("filter",), ("channel", "sample")], ()),
@@ -395,7 +396,7 @@ def run_volume(comm, g1, d1, g2, d2, shape=VSHAPE):
 
 
 @pytest.mark.parametrize("case", ["allgather_N", "allgather_C", "reduce_scatter", "allreduce",
-                                  "alltoall", "cross"])
+                                  "allreduce_two_axes", "alltoall", "cross"])
 @mpi(ranks=(2, 3, 4), timeout=30)
 def test_volume_single_collective(comm, case):
     p, me = comm.size, comm.rank
@@ -421,6 +422,13 @@ def test_volume_single_collective(comm, case):
     elif case == "allreduce":            # pending -> replicated
         g = strategy_grid(1, 1, p)
         got, _ = run_volume(comm, g, "Pf", g, "R")
+        b = ref_blocks(total, p)[me][1] - ref_blocks(total, p)[me][0]
+        want = {"allreduce": (1, (total - b) + b * (p - 1), b * (p - 1) + (total - b))}
+    elif case == "allreduce_two_axes":   # pending over sample and channel -> replicated:
+        if p % 2:                        # ONE allreduce over all the ranks, not one per axis
+            pytest.skip("needs an even rank count for a 2-axis grid")
+        g = strategy_grid(2, p // 2, 1)
+        got, _ = run_volume(comm, g, "Psc", g, "R")
         b = ref_blocks(total, p)[me][1] - ref_blocks(total, p)[me][0]
         want = {"allreduce": (1, (total - b) + b * (p - 1), b * (p - 1) + (total - b))}
     elif case == "alltoall":             # split N -> split C
