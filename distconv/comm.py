@@ -483,6 +483,18 @@ def _block_type(dtype, count, blocklen, stride):
     return t
 
 
+def mpi_info() -> dict:
+    """The MPI this process runs on, for results files: ``mpi4py`` (version),
+    ``mpi_library`` (first line of ``MPI_Get_library_version``), ``mpi_vendor``,
+    ``mpi_standard`` and ``processor_name``."""
+    import mpi4py
+    return {"mpi4py": mpi4py.__version__,
+            "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+            "mpi_vendor": [str(v) for v in MPI.get_vendor()],
+            "mpi_standard": "%d.%d" % MPI.Get_version(),
+            "processor_name": MPI.Get_processor_name()}
+
+
 _SUBSET_TAG = 7301    # MPI_Comm_create_group of a placed grid's ranks
 
 

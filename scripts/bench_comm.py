@@ -122,12 +122,38 @@ def _loadavg():
 
 def write_json(path, doc):
     """Write ``doc`` to ``path`` atomically (a temporary file renamed)."""
-    tmp = path + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
+    from distconv.atomic import write_text
+    write_text(path, json.dumps(doc, indent=1) + "\n")
+
+
+def raw_ops(kind, numel):
+    """The peer: raw mpi4py collectives of ``kind`` on flat preallocated float32 buffers of
+    ``numel`` elements on COMM_WORLD: ``(raw, raw with a fresh receive buffer each call,
+    v-variant)``, each a callable doing one collective."""
+    import numpy as np
+    from mpi4py import MPI
+    mpi, p, f32 = MPI.COMM_WORLD, MPI.COMM_WORLD.Get_size(), np.float32
+    blk = numel // p
+    if kind == "allgather":
+        sb, rb = np.ones(blk, f32), np.empty(numel, f32)
+        counts, displs = [blk] * p, [i * blk for i in range(p)]
+        return (lambda: mpi.Allgather(sb, rb),
+                lambda: mpi.Allgather(sb, np.empty(numel, f32)),
+                lambda: mpi.Allgatherv(sb, [rb, counts, displs, MPI.FLOAT]))
+    if kind == "reduce_scatter":
+        sb, rb = np.ones(numel, f32), np.empty(blk, f32)
+        return (lambda: mpi.Reduce_scatter_block(sb, rb, op=MPI.SUM),
+                lambda: mpi.Reduce_scatter_block(sb, np.empty(blk, f32), op=MPI.SUM),
+                lambda: mpi.Reduce_scatter(sb, rb, recvcounts=[blk] * p, op=MPI.SUM))
+    if kind == "alltoall":
+        sb, rb = np.ones(blk, f32), np.empty(blk, f32)
+        b2 = blk // p
+        counts, displs = [b2] * p, [i * b2 for i in range(p)]
+        return (lambda: mpi.Alltoall(sb, rb),
+                lambda: mpi.Alltoall(sb, np.empty(blk, f32)),
+                lambda: mpi.Alltoallv([sb, counts, displs, MPI.FLOAT],
+                                      [rb, counts, displs, MPI.FLOAT]))
+    raise ValueError(f"no raw collective for {kind!r}")
 
 
 def main(argv=None):
@@ -138,7 +164,7 @@ def main(argv=None):
         threadpool_limits(limits=1)
     except ImportError:
         pass
-    bench = CommBench(args.batch, args.hw)
+    bench = CommBench(args.batch, args.hw, raw_ops)
     load_start = _loadavg()
     t_start = time.perf_counter()
     rows = bench.run(args)

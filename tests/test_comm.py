@@ -309,3 +309,41 @@ def test_comm_and_its_kernels_do_not_import_ops():
                 continue
             assert not any(m.lstrip(".").split(".")[0] == "ops" or "distconv.ops" in m
                            for m in mods), f"{name} imports distconv.ops"
+
+
+def _imported_roots(path):
+    """The top-level names of every module ``path`` imports (absolute imports only)."""
+    import ast
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_only_comm_imports_mpi4py_and_nothing_imports_torch():
+    """mpi4py is reached through comm.py alone (layers, the planner and the benchmark
+    helpers use the Communicator), and torch is an oracle and a benchmark peer only: no
+    module of the package imports it."""
+    import glob
+    import os
+
+    import distconv
+    root = os.path.dirname(os.path.abspath(distconv.__file__))
+    files = glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+    assert len(files) > 50
+    bad_mpi = [f for f in files if "mpi4py" in _imported_roots(f)
+               and os.path.relpath(f, root) != "comm.py"]
+    bad_torch = [f for f in files if {"torch", "torchvision"} & _imported_roots(f)]
+    assert bad_mpi == [] and bad_torch == [], (bad_mpi, bad_torch)
+
+
+def test_the_import_check_sees_an_import(tmp_path):
+    """Negative control: the same reader finds mpi4py and torch where they are imported."""
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    import mpi4py\n    from torch import nn\n")
+    assert {"mpi4py", "torch"} <= _imported_roots(str(f))

@@ -37,16 +37,19 @@ def timing_summary(times):
 
 class CommBench:
     """The grid ``ProcessGrid(None, (p,), ("x",))`` over all ranks and the tensor shapes:
-    N = ``batch`` rounded up to a multiple of p, H = W = ``hw``, C chosen per size."""
+    N = ``batch`` rounded up to a multiple of p, H = W = ``hw``, C chosen per size.
 
-    def __init__(self, batch, hw):
-        from mpi4py import MPI
+    ``raw_ops(kind, numel)``: the peer, the raw mpi4py collectives of ``kind`` on flat
+    preallocated float32 buffers of ``numel`` elements, ``(raw, raw with a fresh receive
+    buffer, v-variant)`` (``scripts/bench_comm.py`` supplies them: mpi4py stays out of
+    the package)."""
 
+    def __init__(self, batch, hw, raw_ops):
+        from distconv.comm import world
         from distconv.grid import ProcessGrid
-        self.MPI = MPI
-        self.grid = ProcessGrid(None, (MPI.COMM_WORLD.Get_size(),), ("x",))
+        self.grid = ProcessGrid(None, (world().size,), ("x",))
         self.comm = self.grid.comm    # distconv Communicator (world); its stats() we read
-        self.mpi = self.comm.mpi
+        self.raw_ops = raw_ops
         self.p, self.rank = self.grid.size, self.grid.rank
         self.item = np.dtype(F32).itemsize
         self.n = -(-max(batch, self.p) // self.p) * self.p
@@ -82,45 +85,16 @@ class CommBench:
             return nbytes * (p - 1) // (p * p)
         return nbytes * (p - 1) // p
 
-    def raw_ops(self, kind, numel):
-        """Raw collectives on flat preallocated buffers: ``(raw, fresh receive buffer,
-        v-variant)``, each a callable doing one collective of ``numel`` elements."""
-        mpi, MPI, p = self.mpi, self.MPI, self.p
-        blk = numel // p
-        if kind == "allgather":
-            sb, rb = np.ones(blk, F32), np.empty(numel, F32)
-            counts, displs = [blk] * p, [i * blk for i in range(p)]
-            return (lambda: mpi.Allgather(sb, rb),
-                    lambda: mpi.Allgather(sb, np.empty(numel, F32)),
-                    lambda: mpi.Allgatherv(sb, [rb, counts, displs, MPI.FLOAT]))
-        if kind == "reduce_scatter":
-            sb, rb = np.ones(numel, F32), np.empty(blk, F32)
-            return (lambda: mpi.Reduce_scatter_block(sb, rb, op=MPI.SUM),
-                    lambda: mpi.Reduce_scatter_block(sb, np.empty(blk, F32), op=MPI.SUM),
-                    lambda: mpi.Reduce_scatter(sb, rb, recvcounts=[blk] * p, op=MPI.SUM))
-        if kind == "alltoall":
-            sb, rb = np.ones(blk, F32), np.empty(blk, F32)
-            b2 = blk // p
-            counts, displs = [b2] * p, [i * b2 for i in range(p)]
-            return (lambda: mpi.Alltoall(sb, rb),
-                    lambda: mpi.Alltoall(sb, np.empty(blk, F32)),
-                    lambda: mpi.Alltoallv([sb, counts, displs, MPI.FLOAT],
-                                          [rb, counts, displs, MPI.FLOAT]))
-        raise ValueError(kind)
-
     def timed(self, fn):
         """Seconds of one call of ``fn`` after a barrier."""
-        self.mpi.Barrier()
+        self.comm.barrier()
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
 
     def reduce_max(self, times):
         """Elementwise max over ranks of a list of seconds."""
-        a = np.asarray(times, np.float64)
-        out = np.empty_like(a)
-        self.mpi.Allreduce(a, out, op=self.MPI.MAX)
-        return out
+        return self.comm.allreduce_untracked(np.asarray(times, np.float64), "max")
 
     def check(self, dc_op, glob, dst, shape):
         """Whether one redistribute gives every rank its block of ``glob`` (agreed by all
@@ -130,7 +104,7 @@ class CommBench:
         want = glob[dst.slices(shape)]
         ok = bool(y.distribution == dst and y.local.shape == want.shape
                   and np.array_equal(y.local, want))
-        return bool(self.mpi.allreduce(int(ok), op=self.MPI.MIN))
+        return bool(self.comm.allreduce_untracked(np.asarray([int(ok)]), "min")[0])
 
     def _time_variants(self, variants, warmup, repeats):
         """Warm-up, then ``repeats`` interleaved rounds of every variant -> seconds of each
@@ -261,16 +235,17 @@ def print_table(rows, p, args):
 
 def environment(p):
     """Machine facts for the JSON (this rank's view)."""
-    from mpi4py import MPI
+    from distconv.comm import mpi_info
+    mpi = mpi_info()
     env = {
         "ranks": p,
         "hostname": socket.gethostname(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "numpy": np.__version__,
-        "mpi_library_version": MPI.Get_library_version().strip().splitlines()[0],
-        "mpi_standard": "%d.%d" % MPI.Get_version(),
-        "processor_name": MPI.Get_processor_name(),
+        "mpi_library_version": mpi["mpi_library"],
+        "mpi_standard": mpi["mpi_standard"],
+        "processor_name": mpi["processor_name"],
         "cpu_count": os.cpu_count(),
         "threads_env": {v: os.environ.get(v) for v in
                         ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
@@ -278,11 +253,7 @@ def environment(p):
                        if k.startswith(("MPIR_CVAR_", "MPICH_", "MALLOC_", "UCX_", "FI_"))},
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    try:
-        import mpi4py
-        env["mpi4py"] = mpi4py.__version__
-    except Exception:
-        pass
+    env["mpi4py"] = mpi["mpi4py"]
     try:
         env["affinity_cpus"] = len(os.sched_getaffinity(0))
     except AttributeError:

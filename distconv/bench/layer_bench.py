@@ -85,8 +85,8 @@ def shape_of(args):
 
 
 def environment(comm, args, threads_applied):
-    import mpi4py
-    from mpi4py import MPI
+    from ..comm import mpi_info
+    mpi = mpi_info()
     try:
         aff = sorted(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
@@ -101,9 +101,9 @@ def environment(comm, args, threads_applied):
         "per_rank": ranks,
         "python": sys.version.split()[0],
         "numpy": np.__version__,
-        "mpi4py": mpi4py.__version__,
-        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
-        "mpi_vendor": [str(v) for v in MPI.get_vendor()],
+        "mpi4py": mpi["mpi4py"],
+        "mpi_library": mpi["mpi_library"],
+        "mpi_vendor": mpi["mpi_vendor"],
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpus_online": os.cpu_count(),

@@ -35,20 +35,20 @@ ITEM = 4
 
 def environment(comm):
     """Machine facts for the JSON (every rank takes part: each rank's host, BLAS, affinity)."""
-    import mpi4py
-    from mpi4py import MPI
+    from importlib import metadata
+
+    from ..comm import mpi_info
     mine = {"host": socket.gethostname(), "blas": blas_info(),
             "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else None}
-    try:
-        import torch
-        torch_v = torch.__version__
-    except Exception:  # torch is not needed here
+    try:  # the installed version, without importing torch
+        torch_v = metadata.version("torch")
+    except metadata.PackageNotFoundError:
         torch_v = None
+    mpi = mpi_info()
     return {"ranks": comm.size, "threads_per_rank": 1, "per_rank": comm.allgather_obj(mine),
             "python": sys.version.split()[0], "numpy": np.__version__,
-            "mpi4py": mpi4py.__version__,
-            "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+            "mpi4py": mpi["mpi4py"], "mpi_library": mpi["mpi_library"],
             "torch_installed": torch_v, "platform": platform.platform(), "cpu": cpu_model(),
             "cpus_online": os.cpu_count(), "loadavg": list(os.getloadavg()),
             "git": git_state(),
