@@ -14,8 +14,8 @@ from contextlib import contextmanager
 def atomic_path(path, tmp=None, make_folder=True):
     """``with atomic_path(path) as tmp:`` write ``tmp``; on a clean exit it replaces
     ``path``, on an exception it is removed and the exception goes on. ``tmp``: the
-    temporary file's name (default: a new unique file ``<name>.XXXX.tmp`` in the same
-    folder); ``make_folder``: create the folder if missing."""
+    temporary file's name (default: a new file of a unique name beside ``path``, made by
+    ``tempfile.mkstemp``); ``make_folder``: create the folder if missing."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if make_folder:
