@@ -22,7 +22,6 @@ the ratio of the medians. Rank 0 prints a table and writes ``--json``.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
@@ -32,7 +31,7 @@ import numpy as np
 
 from distconv.bench.paired import paired_row, paired_rounds, strategy_fits
 from distconv.bench.runs import self_strategy
-from distconv.bench.cli import fill_defaults, require_positive, split_list
+from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
 from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(channels=256, size=28, batch=1, rounds=40, warmup=3)
@@ -40,27 +39,17 @@ QUICK = dict(channels=8, size=6, batch=1, rounds=3, warmup=1)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="bench_paired.py", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser("bench_paired.py", __doc__)
     ap.add_argument("--strategies", default="channel=2;filter=2;sample",
                     help="';'-separated Strategy texts for the B steps (default "
                          "'channel=2;filter=2;sample', for 2 ranks)")
-    ap.add_argument("--channels", type=int, default=None, help="C of BasicBlock(C, C) (256)")
-    ap.add_argument("--size", type=int, default=None, help="H = W (28)")
-    ap.add_argument("--batch", type=int, default=None, help="global batch N (1)")
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (40)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (3)")
     ap.add_argument("--bucket-kb", type=int, default=1024,
                     help="GradientSync bucket size (1024: the block's two conv gradients "
                          "go into separate buckets, so the first overlaps)")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (tests)")
-    ap.add_argument("--json", default=None, help="rank 0 writes every step time here")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    fill_defaults(a, DEFAULTS, QUICK)
-    require_positive(ap, a, ("channels", "size", "batch", "rounds"),
-                     nonnegative=("warmup",))
+    add_sized(ap, (("channels", "C of BasicBlock(C, C)"), ("size", "H = W"),
+                   ("batch", "global batch N"), ("rounds", "timed rounds"),
+                   ("warmup", "untimed rounds first")), DEFAULTS, QUICK)
+    a = parse_sized(ap, argv, DEFAULTS, QUICK)
     a.strategy_list = split_list(ap, a.strategies, "--strategies", required=True)
     return a
 

@@ -26,7 +26,6 @@ and writes ``--json``.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
@@ -35,7 +34,7 @@ import time
 import numpy as np
 
 from distconv.bench.stats import paired_ratio
-from distconv.bench.cli import fill_defaults, require_positive, split_list
+from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
 from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(channels=128, filters=128, size=28, batch=2, kernel=3, rounds=30, warmup=3)
@@ -45,24 +44,15 @@ PLACED = {"placed": ("sample=1,ranks=0", "sample=1,ranks=1"),
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="bench_placement.py", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser("bench_placement.py", __doc__)
     ap.add_argument("--plans", default="channel=2;filter=2;sample=2",
                     help="';'-separated Strategy texts of the unplaced plans, used by both "
                          "convs (default 'channel=2;filter=2;sample=2')")
-    for k, what in (("channels", "C of the input"), ("filters", "F of each branch"),
-                    ("size", "H = W"), ("batch", "global batch N"), ("kernel", "k"),
-                    ("rounds", "timed rounds"), ("warmup", "untimed rounds first")):
-        ap.add_argument(f"--{k}", type=int, default=None,
-                        help=f"{what} ({DEFAULTS[k]}; --quick: {QUICK[k]})")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (tests)")
-    ap.add_argument("--json", default=None, help="rank 0 writes every step time here")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    fill_defaults(a, DEFAULTS, QUICK)
-    require_positive(ap, a, ("channels", "filters", "size", "batch", "kernel", "rounds"),
-                     nonnegative=("warmup",))
+    add_sized(ap, (("channels", "C of the input"), ("filters", "F of each branch"),
+                   ("size", "H = W"), ("batch", "global batch N"), ("kernel", "k"),
+                   ("rounds", "timed rounds"), ("warmup", "untimed rounds first")),
+              DEFAULTS, QUICK)
+    a = parse_sized(ap, argv, DEFAULTS, QUICK)
     a.plan_list = split_list(ap, a.plans, "--plans", required=False)
     return a
 

@@ -34,7 +34,6 @@ writes ``--json``.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import json
@@ -47,7 +46,7 @@ import numpy as np
 
 from distconv.bench.paired import paired_row, paired_rounds, strategy_fits
 from distconv.bench.runs import input_distribution, self_strategy
-from distconv.bench.cli import fill_defaults, require_positive, split_list
+from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
 from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(channels=64, size=256, layers=4, rounds=15, warmup=2)
@@ -55,30 +54,20 @@ QUICK = dict(channels=4, size=12, layers=2, rounds=3, warmup=1)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="bench_spatial.py", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser("bench_spatial.py", __doc__)
     ap.add_argument("--strategies", default="height=2;channel=2;filter=2",
                     help="';'-separated Strategy texts of the P-rank cases (default "
                          "'height=2;channel=2;filter=2', for 2 ranks)")
-    ap.add_argument("--channels", type=int, default=None, help="C (64)")
-    ap.add_argument("--size", type=int, default=None, help="H = W (256)")
-    ap.add_argument("--layers", type=int, default=None, help="conv+ReLU layers (4)")
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (15)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (2)")
     ap.add_argument("--overlap", choices=("both", "on", "off"), default="both",
                     help="spatial cases with the halo exchange overlapped with the interior "
                          "of each conv, without, or both (default)")
     ap.add_argument("--clean-frac", type=float, default=0.03,
                     help="a step is clean when no rank lost more than this fraction of it "
                          "to other processes (wall minus CPU time; default 0.03)")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (tests)")
-    ap.add_argument("--json", default=None, help="rank 0 writes every step time here")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    fill_defaults(a, DEFAULTS, QUICK)
-    require_positive(ap, a, ("channels", "size", "layers", "rounds"),
-                     nonnegative=("warmup",))
+    add_sized(ap, (("channels", "C"), ("size", "H = W"), ("layers", "conv+ReLU layers"),
+                   ("rounds", "timed rounds"), ("warmup", "untimed rounds first")),
+              DEFAULTS, QUICK)
+    a = parse_sized(ap, argv, DEFAULTS, QUICK)
     a.strategy_list = split_list(ap, a.strategies, "--strategies", required=True)
     return a
 

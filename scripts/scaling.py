@@ -174,14 +174,8 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------- driver
 def fits(strategy, p):
     """Whether ``strategy`` runs on ``p`` ranks (``auto`` always does)."""
-    from distconv.strategy import Strategy
-    if strategy.strip().lower() == "auto":
-        return True
-    try:
-        Strategy.parse(strategy).resolve(p)
-        return True
-    except ValueError:
-        return False
+    from distconv.bench.paired import strategy_fits
+    return strategy.strip().lower() == "auto" or strategy_fits(strategy, p)
 
 
 def slug(strategy):

@@ -2,6 +2,8 @@
 and lower bounds checked the same way in every script."""
 from __future__ import annotations
 
+import argparse
+
 
 def fill_defaults(args, defaults, quick_defaults):
     """Every argument of ``defaults`` left ``None`` takes its default there, or its value
@@ -27,3 +29,32 @@ def split_list(ap, text: str, flag: str, required: bool = True) -> list:
     if required and not items:
         ap.error(f"{flag} names no strategy")
     return items
+
+
+def bench_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A benchmark script's parser: the first paragraph of its docstring ``doc`` as the
+    description, the rest as the epilog."""
+    return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                   epilog=doc.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_sized(ap, sizes, defaults, quick_defaults) -> None:
+    """Integer options ``--<name>`` for ``sizes`` (``[(name, what)]``), their help naming
+    the default and the ``--quick`` value, then ``--quick``, ``--json`` and ``--seed``."""
+    for k, what in sizes:
+        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None,
+                        help=f"{what} ({defaults[k]}; --quick: {quick_defaults[k]})")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (tests)")
+    ap.add_argument("--json", default=None, help="rank 0 writes every step time here")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def parse_sized(ap, argv, defaults, quick_defaults, nonnegative=("warmup",)):
+    """Parse ``argv``, fill the sizes' defaults and check them: every one >= 1 but those of
+    ``nonnegative`` (>= 0)."""
+    a = ap.parse_args(argv)
+    fill_defaults(a, defaults, quick_defaults)
+    require_positive(ap, a, [k for k in defaults if k not in nonnegative],
+                     nonnegative=nonnegative)
+    return a
