@@ -30,7 +30,6 @@ import contextlib
 import heapq
 import itertools
 
-from .pending import with_pending
 
 _ENABLED = [True]
 _SEQ = itertools.count()
@@ -243,7 +242,7 @@ def _finish_leaves(leaf_grads, leaf_targets, results, accumulate) -> None:
 
 
 def _plain(dist):
-    return with_pending(dist)
+    return dist.replace(pending=())
 
 
 def _grad_dist(node):

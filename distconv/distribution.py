@@ -77,7 +77,7 @@ class Distribution:
     is used twice.
     """
 
-    __slots__ = ("grid", "split", "pending", "_hash")
+    __slots__ = ("grid", "split", "pending", "_hash", "_pend")
 
     def __init__(self, grid, split: Sequence, pending: Iterable[str] = ()):
         names = tuple(grid.names)
@@ -110,6 +110,7 @@ class Distribution:
         self.split = sp
         self.pending = pend
         self._hash = hash((sp, pend, tuple(grid.names), tuple(grid.shape)))
+        self._pend = None  # pending -> the distribution with it (replace)
 
     # ------------------------------------------------------------------ basics
     @classmethod
@@ -149,7 +150,23 @@ class Distribution:
         return None
 
     def replace(self, split=None, pending=None) -> "Distribution":
-        """A copy with ``split`` and/or ``pending`` replaced."""
+        """A copy with ``split`` and/or ``pending`` replaced (a plain Distribution).
+
+        Changing only ``pending`` -- what every layer call and gradient accumulation does
+        -- gives the same object each time for the same ``pending`` (kept per
+        distribution), and ``self`` when nothing changes: building one checks and
+        canonicalises its axes."""
+        if split is None and type(self) is Distribution:
+            pending = self.pending if pending is None else tuple(pending)
+            if pending == self.pending:
+                return self
+            memo = self._pend
+            if memo is None:
+                memo = self._pend = {}
+            got = memo.get(pending)
+            if got is None:
+                got = memo[pending] = Distribution(self.grid, self.split, pending)
+            return got
         return Distribution(self.grid, self.split if split is None else split,
                             self.pending if pending is None else pending)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from . import autograd
 from .distribution import Distribution
-from .pending import with_pending
 from .tensor import DistTensor, exchange
 
 
@@ -27,7 +26,7 @@ def add(a: DistTensor, b: DistTensor) -> DistTensor:
         raise TypeError(f"add: dtypes {a.dtype} and {b.dtype} differ")
     dist = a.distribution
     out = DistTensor(a.local + b._move(dist).local, dist, a.shape)
-    da_dist, db_dist = with_pending(dist), with_pending(b.distribution)
+    da_dist, db_dist = dist.replace(pending=()), b.distribution.replace(pending=())
 
     def backward(dy, needs):
         return (dy._move(da_dist) if needs[0] else None,

@@ -47,20 +47,22 @@ def test_row_factor_matches_tile():
         np.testing.assert_array_equal(r.ravel(), np.tile(v.astype(np.float32), n))
 
 
-def test_with_pending_equals_replace_and_is_memoised():
+def test_replace_pending_is_memoised_and_exact():
     from types import SimpleNamespace
 
     from distconv.distribution import Distribution
-    from distconv.pending import with_pending
     g = SimpleNamespace(names=("sample", "channel", "filter"), shape=(2, 2, 2), comm=None)
     d = Distribution(g, [("sample",), ("channel",), None, None])
-    assert with_pending(d) is d  # nothing pending already
+    assert d.replace(pending=()) is d  # nothing pending already
     p = Distribution(g, [("sample",), ("channel",)], pending=("filter",))
-    out = with_pending(p)
-    assert out == p.replace(pending=()) and out.pending == ()
-    assert with_pending(p) is out  # memoised
+    out = p.replace(pending=())
+    assert out == Distribution(g, [("sample",), ("channel",)]) and out.pending == ()
+    assert p.replace(pending=()) is out  # memoised
     q = Distribution(g, [("sample",), ("channel",)], pending=("filter",))  # equal, not p
-    assert with_pending(q) == out and with_pending(q) is not out
-    f = with_pending(d, ("filter",))
-    assert f == d.replace(pending=("filter",)) and f.pending == ("filter",)
-    assert with_pending(d, ["filter"]) is f
+    assert q.replace(pending=()) == out and q.replace(pending=()) is not out
+    f = d.replace(pending=("filter",))
+    assert f == Distribution(g, [("sample",), ("channel",), None, None],
+                             pending=("filter",)) and f.pending == ("filter",)
+    assert d.replace(pending=["filter"]) is f
+    # a change of split is never memoised, and a subclass gets a plain Distribution
+    assert d.replace(split=[("sample",), None, None, None]).split[1] == ()

@@ -6,7 +6,6 @@ import numpy as np
 from .. import ops
 from ..backend import get_xp, to_numpy
 from ..distribution import Distribution
-from ..pending import with_pending
 from ..strategy import Strategy
 from ..tensor import DistTensor
 from .module import Layer, check_dtype, default_dtype, new_param
@@ -173,7 +172,7 @@ class BatchNorm2d(Layer):
             dt = self.weight.data.dtype
             self.weight.accumulate(dw.astype(dt), pending)
             self.bias.accumulate(db.astype(dt), pending)
-        return DistTensor(dx, x.distribution, x.shape).redistribute(with_pending(in_dist))
+        return DistTensor(dx, x.distribution, x.shape).redistribute(in_dist.replace(pending=()))
 
     def __repr__(self):
         return (f"BatchNorm2d({self.num_features}, eps={self.eps}, momentum={self.momentum}, "

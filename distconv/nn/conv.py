@@ -31,7 +31,6 @@ import numpy as np
 from .. import ops, spatial
 from ..ops.geometry import pair
 from ..distribution import Distribution
-from ..pending import with_pending
 from ..strategy import Strategy
 from ..tensor import DistTensor
 from .module import Layer, check_dtype, default_dtype, new_param, _init_rng
@@ -109,7 +108,7 @@ class _SplitOp(Layer):
         xc = x.redistribute(self._xc)
         y_shape = self._out_shape(x.shape)
         y_local = self._local_forward(xc.local, self.weight.data.local)
-        yp = DistTensor(y_local, with_pending(self._yf, ("channel",)), y_shape)
+        yp = DistTensor(y_local, self._yf.replace(pending=("channel",)), y_shape)
         y = yp.redistribute(self._act)
         if self.bias is not None:
             b = self.bias.data.local.reshape((1, -1) + (1,) * (self.ndim - 2))
@@ -132,8 +131,8 @@ class _SplitOp(Layer):
         if not need_dx:
             return None
         dxp = self._local_backward_data(dyf.local, w, x_shape)
-        dx = DistTensor(dxp, with_pending(self._xc, ("filter",)), x_shape)
-        return dx.redistribute(with_pending(x_dist))
+        dx = DistTensor(dxp, self._xc.replace(pending=("filter",)), x_shape)
+        return dx.redistribute(x_dist.replace(pending=()))
 
 
 class Conv2d(_SplitOp):
@@ -189,7 +188,7 @@ class Conv2d(_SplitOp):
         dx, dw, _ = bwd(dy, need_dx, True, False)
         # the weight is replicated over sample, height and width: dw is pending over them
         self.weight.accumulate(dw, self._wdist.replica_axes)
-        return dx.redistribute(with_pending(x_dist)) if need_dx else None
+        return dx.redistribute(x_dist.replace(pending=())) if need_dx else None
 
     def _out_shape(self, s):
         ho, wo = ops.conv2d_output_hw(s[2], s[3], self.kernel_size, self.stride,

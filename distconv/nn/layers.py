@@ -18,7 +18,6 @@ from ..ops.geometry import pair, pool_output_size
 from ..backend import get_xp
 from ..distribution import Distribution
 from ..meta import MetaArray, is_meta
-from ..pending import with_pending
 from ..strategy import Strategy
 from ..tensor import DistTensor
 from .module import Layer, _init_rng, as_dist
@@ -33,7 +32,7 @@ def _elementwise_input(x, ndim=4, keep_spatial=None):
     d = x.distribution
     split_rest = any(d.split[i] for i in range(2, x.ndim))
     if split_rest and keep_spatial is not None and keep_spatial(x):
-        return x.redistribute(with_pending(d)) if d.pending else x
+        return x.redistribute(d.replace(pending=())) if d.pending else x
     if d.pending or split_rest:
         split = list(d.split[:2]) + [None] * (x.ndim - 2)
         x = x.redistribute(Distribution(d.grid, split))
@@ -289,7 +288,7 @@ class Dropout(_Elementwise):
         if not isinstance(x, DistTensor):
             return as_dist(x, Strategy().activation_distribution(max(nd, 1)))
         if x.distribution.pending:
-            x = x.redistribute(with_pending(x.distribution))
+            x = x.redistribute(x.distribution.replace(pending=()))
         return x
 
     def _forward(self, x, save):
@@ -344,7 +343,7 @@ class Flatten(_Elementwise):
         dy = dy.redistribute(out_dist)
         dx = DistTensor(dy.local.reshape(dist.local_shape(xshape)), dist, xshape)
         # back to the input's C split: a local slice
-        return dx.redistribute(with_pending(in_dist))
+        return dx.redistribute(in_dist.replace(pending=()))
 
     def __repr__(self):
         return "Flatten()"

@@ -7,7 +7,6 @@ import numpy as np
 from .. import autograd
 from ..backend import get_xp, to_numpy
 from ..distribution import Distribution
-from ..pending import with_pending
 from ..strategy import Strategy
 from ..tensor import DistTensor
 from .module import as_dist
@@ -100,7 +99,7 @@ class CrossEntropyLoss:
             raise ValueError(f"CrossEntropyLoss expects logits of shape (N, K), got {logits.shape}")
         d = logits.distribution
         if d.pending:
-            logits = logits.redistribute(with_pending(d))
+            logits = logits.redistribute(d.replace(pending=()))
             d = logits.distribution
         N, K = logits.shape
         comm = d.grid.comm

@@ -26,7 +26,6 @@ from .. import comm as _comm
 from ..backend import get_default_dtype, get_xp, to_numpy
 from ..distribution import Distribution
 from ..meta import is_meta
-from ..pending import with_pending
 from ..strategy import Strategy
 from ..tensor import DistTensor, local_block, recorded_move
 
@@ -78,7 +77,7 @@ class Parameter:
 
     def accumulate(self, local_grad, pending_axes) -> None:
         """Add a local gradient block (pending over ``pending_axes``) to ``grad``."""
-        dist = with_pending(self.data.distribution, pending_axes)
+        dist = self.data.distribution.replace(pending=pending_axes)
         if self.grad is None or self.grad.distribution != dist:
             if self.grad is not None:
                 local_grad = local_grad + self.grad.redistribute(dist).local
@@ -190,19 +189,19 @@ class Module:
         if not isinstance(y, DistTensor):
             raise RuntimeError(f"{type(self).__name__}.backward: the last call returned "
                                f"{type(y).__name__}; use y.backward(dy) on its outputs")
-        dy = as_dist(dy, with_pending(y.distribution))
+        dy = as_dist(dy, y.distribution.replace(pending=()))
         if tuple(dy.shape) != tuple(y.shape):
             raise ValueError(f"{type(self).__name__}.backward: dy has shape {dy.shape}, "
                              f"expected the output shape {tuple(y.shape)}")
         if y is x:
-            return dy.redistribute(with_pending(x.distribution))
+            return dy.redistribute(x.distribution.replace(pending=()))
         if y.grad_fn is None:
             raise RuntimeError(f"{type(self).__name__}.backward: the output of the last call "
                                f"was not recorded (forward under dc.no_grad()?)")
         grads = autograd.backward([y], [dy], inputs=[x] if x is not None else None)
         dx = grads[0] if x is not None else None
         if dx is not None:
-            dx = dx._move(with_pending(x.distribution))
+            dx = dx._move(x.distribution.replace(pending=()))
         return dx
 
     # ------------------------------------------------------------ hooks
