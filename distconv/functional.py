@@ -36,28 +36,27 @@ def add(a: DistTensor, b: DistTensor) -> DistTensor:
     return out
 
 
-def _cat_layout(t: DistTensor, dim: int, shape) -> Distribution:
-    """The output distribution of ``cat`` of inputs on one rank set: the first input's
-    splits (no pending) on the concatenated shape."""
-    d = t.distribution
-    return Distribution(d.grid, d.split)
-
-
-def _cat_output(tensors, dim: int, shape) -> Distribution:
-    """The output distribution of ``cat``: :func:`_cat_layout`, but for inputs on
-    different rank sets (branches placed on their own ranks) and ``dim`` 1 the channel
-    layout of ``Strategy(sample=1, filter=k, ranks=union)`` over the union of their ranks
-    (in order of appearance), so that each rank keeps the channels its branch made as far
-    as floor+1 blocks allow, instead of one branch's ranks gathering everything."""
-    d = tensors[0].distribution
-    sets = [t.grid.ranks for t in tensors]
+def cat_output_layout(dists, dim: int) -> Distribution:
+    """The output distribution of ``cat`` of inputs in ``dists`` (their distributions, on
+    grids of one world) on ``dim``: the first input's splits (no pending) on its grid,
+    or, for inputs on different rank sets (branches placed on their own ranks) and
+    ``dim`` 1, the channel layout of ``Strategy(sample=1, filter=k, ranks=union)`` over
+    the union of their ranks (in order of appearance), so that each rank keeps the
+    channels its branch made as far as floor+1 blocks allow, instead of one branch's
+    ranks gathering everything. The planner lays its grids out with this too."""
+    d = dists[0]
+    sets = [_ranks_of(x.grid) for x in dists]
     if dim != 1 or all(r == sets[0] for r in sets):
-        return _cat_layout(tensors[0], dim, shape)
-    from .grid import get_grid
+        return Distribution(d.grid, d.split)
     from .strategy import AXES
     union = tuple(dict.fromkeys(r for rs in sets for r in rs))
-    g = get_grid((1, 1, len(union)), AXES, d.grid.world, ranks=union)
+    g = d.grid.like((1, 1, len(union)), AXES, union)
     return Distribution(g, [None, ("channel", "filter")] + [None] * (d.ndim - 2))
+
+
+def _ranks_of(grid) -> tuple:
+    """The world ranks of a grid (a planner grid without a placement holds them all)."""
+    return tuple(range(grid.world)) if grid.ranks is None else tuple(grid.ranks)
 
 
 def cat(tensors, dim: int = 1) -> DistTensor:
@@ -67,7 +66,7 @@ def cat(tensors, dim: int = 1) -> DistTensor:
     ``dim``, in any distributions over the same ranks. The result has shape
     ``(..., sum C_i, ...)`` and the first input's splits (floor+1 blocks of the new size,
     which differ from the inputs' blocks; inputs on different rank sets: see
-    :func:`_cat_output`); its blocks are filled by ONE alltoallv of exactly
+    `cat_output_layout`); its blocks are filled by ONE alltoallv of exactly
     the elements each rank lacks, never a gather. Backward cuts ``dy`` back into each input's
     own distribution, again with one alltoallv.
     """
@@ -103,7 +102,7 @@ def cat(tensors, dim: int = 1) -> DistTensor:
         off[dim] = acc
         offsets.append(tuple(off))
         acc += t.shape[dim]
-    out_dist = _cat_output(tensors, dim, shape)
+    out_dist = cat_output_layout([t.distribution for t in tensors], dim)
     zero = (0,) * nd
     out = exchange(list(zip(plain, offsets)), [(out_dist, shape, zero)])[0]
     in_layouts = [(t.distribution.replace(pending=()), tuple(t.shape), off)

@@ -90,6 +90,10 @@ class ProcessGrid:
             return self
         return get_grid((self.world.size,), ("rank",), self.world)
 
+    def like(self, shape, names, ranks=None) -> "ProcessGrid":
+        """A (cached) grid of ``shape`` and ``names`` on ``ranks`` of this grid's world."""
+        return get_grid(shape, names, self.world, ranks=ranks)
+
     def axis_size(self, name: str) -> int:
         return self.shape[self.index(name)]
 

@@ -109,7 +109,19 @@ def _models():
         def forward(self, x):
             return self.fc(dc.cat([self.p(x), self.a(x), self.b(x)]))
 
-    return {"inc": (Inc, (5, 3, 7, 6)), "small": (Small, (5, 3, 5, 7)),
+    class IncFork(Inc):
+        """Inc with its input forked to the towers (``dc.fork``), as placed towers need."""
+
+        def forward(self, x):
+            h = self.relu(self.bn(self.stem(x)))
+            x1, x2, x3, xp = dc.fork(h, [self.b1, self.b2, self.b3, h.distribution])
+            t = self.b3(x3)
+            y = dc.cat([self.b1(x1), self.b2(x2), dc.cat([self.b3a(t), self.b3b(t)]),
+                        self.pool(xp)])
+            return self.fc(self.flat(self.gap(y)))
+
+    return {"inc": (Inc, (5, 3, 7, 6)), "incfork": (IncFork, (5, 3, 7, 6)),
+            "small": (Small, (5, 3, 5, 7)),
             "idfirst": (IdFirst, (4, 3, 5, 5)), "catfirst": (CatFirst, (5, 3, 5, 5))}
 
 
@@ -311,8 +323,7 @@ def test_cat_shares_add_up_to_the_real_cat(p):
     from distconv.functional import cat
     from distconv.grid import ProcessGrid
     from distconv.meta import MetaArray
-    from distconv.planner.commmodel import vgrid
-    from distconv.planner.commmodel import cat_events
+    from distconv.planner.commmodel import VGrid, cat_events
     from distconv.planner.costs import factorizations
     from distconv.shapecomm import ShapeComm
     from distconv.tensor import DistTensor
@@ -325,7 +336,7 @@ def test_cat_shares_add_up_to_the_real_cat(p):
         shapes = [(n, c, h, w) for c in chans]
         out_shape = (n, sum(chans), h, w)
         offs = list(np.cumsum([0] + chans[:-1]))
-        vd = [_act(st, vgrid(*st)) for st in sts]
+        vd = [_act(st, VGrid(st)) for st in sts]
         for r in range(p):
             want_f, want_b = {}, {}
             for i, (sh, off, d) in enumerate(zip(shapes, offs, vd)):
@@ -397,26 +408,29 @@ def _plans(graph, p):
         {n: fs[rng.integers(len(fs))] for n in names} for _ in range(4)]
 
 
-def run_and_compare(comm, which, plan_index, perturb=None):
+def run_and_compare(comm, which, plan_index, perturb=None, plan=None):
     """One real training step (forward, backward, sync_gradients) under the Profiler:
     per layer, kind and rank, the bytes ``comm.stats()`` recorded equal the planner's
-    (``graph_events``); the joins and gradient sync are compared as the outside total."""
+    (``graph_events``); the joins (a fork's moves, cat shares) and gradient sync are
+    compared as the outside total. ``plan``: this plan instead of ``_plans``'s."""
     import distconv as dc
     from distconv import DistTensor, sync_gradients
     from distconv.comm import world
     from distconv.planner.events import act_dist, graph_events
+    from distconv.planner.strategies import to_strategy
     from distconv.profile import OUTSIDE, Profiler
     from tests.test_planner_comm import kinds_of, measured_kinds, nonzero
     graph = graph_of(which)
-    plan = _plans(graph, comm.size)[plan_index]
+    if plan is None:
+        plan = _plans(graph, comm.size)[plan_index]
     dc.manual_seed(0)
     m, shape = model(which)
-    m.set_strategy({k: dc.Strategy(*v) for k, v in plan.items()})
+    m.set_strategy({k: to_strategy(v) for k, v in plan.items()})
     rng = np.random.default_rng(1)
     first = graph.strategic_names()[0]
     x = DistTensor.from_global(rng.standard_normal(shape),
-                               dc.Strategy(*plan[first]).activation_distribution(4))
-    assert act_dist(tuple(plan[first])).split == x.distribution.split
+                               to_strategy(plan[first]).activation_distribution(4))
+    assert act_dist(plan[first]).split == x.distribution.split
     x.requires_grad = True  # the planner prices the input gradient of the first layer
     prof = Profiler(m)
     prof.step_begin()

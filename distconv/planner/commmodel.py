@@ -22,16 +22,32 @@ from ..strategy import AXES
 
 
 class VGrid:
-    """A process grid without a communicator: ``names``, ``shape``, coordinates of any rank."""
+    """A process grid without a communicator: ``names``, ``shape``, coordinates of any rank.
+
+    ``ranks``: the world ranks of a placed grid (position ``q`` is world rank
+    ``ranks[q]``; ``None``: every rank of the world, position = world rank) in a job of
+    ``world`` ranks (default: the grid's size)."""
 
     comm = None
 
-    def __init__(self, shape, names=AXES):
+    def __init__(self, shape, names=AXES, ranks=None, world=None):
         self.shape = tuple(int(s) for s in shape)
         self.names = tuple(names)
         self.size = 1
         for s in self.shape:
             self.size *= s
+        self.world = self.size if world is None else int(world)
+        if ranks is not None and tuple(ranks) == tuple(range(self.world)):
+            ranks = None
+        self.ranks = None if ranks is None else tuple(int(r) for r in ranks)
+        if (self.world if ranks is None else len(self.ranks)) != self.size:
+            raise ValueError(f"a grid of shape {self.shape} cannot lie on ranks {ranks} of "
+                             f"a job of {self.world}")
+        self._pos = None if ranks is None else {r: q for q, r in enumerate(self.ranks)}
+
+    def like(self, shape, names, ranks=None) -> "VGrid":
+        """A grid of ``shape`` and ``names`` on ``ranks`` of this grid's world."""
+        return VGrid(shape, names, ranks, self.world)
 
     def index(self, name):
         return self.names.index(name)
@@ -39,7 +55,16 @@ class VGrid:
     def axis_size(self, name):
         return self.shape[self.index(name)]
 
+    def pos(self, rank):
+        """The grid position of world rank ``rank`` (``None`` if it is not on the grid)."""
+        return rank if self._pos is None else self._pos.get(rank)
+
+    def world_rank(self, q):
+        """The world rank at grid position ``q``."""
+        return q if self.ranks is None else self.ranks[q]
+
     def coords_of(self, rank):
+        """Coordinates of grid position ``rank``."""
         out = []
         for s in reversed(self.shape):
             out.append(rank % s)
@@ -53,11 +78,12 @@ class VGrid:
         return r
 
     def group(self, axes, rank):
-        """World ranks of ``rank``'s sub-communicator over ``axes``, in sub-rank order."""
+        """World ranks of world rank ``rank``'s sub-communicator over ``axes``, in sub-rank
+        order."""
         return _group(self, tuple(axes), rank)
 
     def _group(self, axes, rank):
-        me = list(self.coords_of(rank))
+        me = list(self.coords_of(self.pos(rank)))
         idx = [self.index(a) for a in axes]
         out = [()]
         for i in idx:
@@ -67,28 +93,26 @@ class VGrid:
             c = list(me)
             for i, k in zip(idx, t):
                 c[i] = k
-            ranks.append(self.rank_of(c))
+            ranks.append(self.world_rank(self.rank_of(c)))
         return tuple(ranks)
 
     def __eq__(self, other):
         return isinstance(other, VGrid) and self.shape == other.shape \
-            and self.names == other.names
+            and self.names == other.names and self.ranks == other.ranks \
+            and self.world == other.world
 
     def __hash__(self):
-        return hash((self.shape, self.names))
+        return hash((self.shape, self.names, self.ranks))
 
     def __repr__(self):
-        return f"VGrid({dict(zip(self.names, self.shape))})"
+        if self.ranks is None:
+            return f"VGrid({dict(zip(self.names, self.shape))})"
+        return f"VGrid({dict(zip(self.names, self.shape))} on {self.ranks} of {self.world})"
 
 
 @lru_cache(maxsize=None)
 def _group(grid, axes, rank):
     return grid._group(axes, rank)
-
-
-@lru_cache(maxsize=None)
-def vgrid(s, c, f) -> VGrid:
-    return VGrid((s, c, f))
 
 
 def allreduce_event(grid, axes, rank, n, item) -> Event:
@@ -140,14 +164,21 @@ def move_key(shape, src, dst, rank, item) -> tuple:
     exchanged, so the key is the source, the target's split dims and its box. Every other
     move is keyed by its full arguments. ``tests/test_planner_comm.py`` checks keyed
     results against uncached runs."""
-    if src.grid.size > EXACT_RANKS and not dst.pending and (
+    if src.grid.world > EXACT_RANKS and not dst.pending and (
             tuple(src.grid.shape) != tuple(dst.grid.shape)
-            or tuple(src.grid.names) != tuple(dst.grid.names)):
-        dbox = dst.box(shape, dst.grid.coords_of(rank))
+            or tuple(src.grid.names) != tuple(dst.grid.names)
+            or src.grid.ranks != dst.grid.ranks):
+        dbox = box_on(dst, shape, rank)
         if not src.pending:
-            return ("x", src.grid.size, shape, src.box(shape, src.grid.coords_of(rank)), dbox, item)
+            return ("x", src.grid.world, shape, box_on(src, shape, rank), dbox, item)
         return ("xp", shape, src, tuple(bool(a) for a in dst.split), dbox, rank, item)
     return (shape, src, dst, rank, item)
+
+
+def box_on(d, shape, rank):
+    """World rank ``rank``'s block of a tensor of ``shape`` in ``d`` (``None`` off its grid)."""
+    q = d.grid.pos(rank)
+    return None if q is None else d.box(shape, d.grid.coords_of(q))
 
 
 def run_move(shape, src, dst, rank, item) -> tuple:
@@ -156,7 +187,7 @@ def run_move(shape, src, dst, rank, item) -> tuple:
     from ..comm import use_world
     from ..meta import MetaArray
     from ..tensor import DistTensor
-    world, real = shape_world(src.grid.size, rank)
+    world, real = shape_world(src.grid.world, rank)
     start = len(world.events)
     with use_world(world):
         sd = real(src)
@@ -216,10 +247,10 @@ def shape_world(nranks, rank):
     dists: dict = {}
 
     def real(d):
-        key = (tuple(d.grid.shape), tuple(d.grid.names), d.split, d.pending)
+        key = (tuple(d.grid.shape), tuple(d.grid.names), d.grid.ranks, d.split, d.pending)
         r = dists.get(key)
         if r is None:
-            gk = key[:2]
+            gk = key[:3]
             g = grids.get(gk)
             if g is None:
                 g = grids[gk] = ProcessGrid(world, *gk)

@@ -35,8 +35,10 @@ from .commmodel import EXACT_RANKS, cat_events
 from .overhead import OVERHEAD_KINDS
 from .events import (act_dist, entry_events, inner_events, join_events, out_dist_of,
                      spatial_dist)
-from .strategies import (factorizations, is_spatial, parse_strategy,  # noqa: F401
-                         strategy_short, strategy_text, to_strategy)
+from .strategies import (Placed, as_strategy, factorizations, grid_shape,  # noqa: F401
+                         is_spatial,
+                         parse_strategy, placement, strategy_short, strategy_text,
+                         to_strategy)
 
 _OPT_SLOTS = {"sgd": 1, "adam": 2}
 
@@ -118,6 +120,11 @@ class CostModel:
         t = 0.0
         nb = 0
         o = self._overhead("redistribute")[0] if redistribute else 0.0
+        if len({len(x) for x in per_rank}) > 1:
+            # ranks on and off a placed grid issue different collectives (the members'
+            # own reductions): each rank's events priced alone, the busiest rank counts
+            got = [self.events_time([x], redistribute) for x in per_rank]
+            return max(x[0] for x in got), max(x[1] for x in got)
         for evs in zip(*per_rank):
             if len(evs[0].group) <= 1:
                 continue
@@ -140,8 +147,25 @@ class CostModel:
             nb += b
         return t, nb
 
-    def _events(self, fn):
+    def _events(self, fn, *placed):
+        """``[fn(rank), ...]`` on the ranks evaluated: every rank up to
+        :data:`.commmodel.EXACT_RANKS`, else rank 0. ``placed``: grids (or rank tuples) of
+        placed layouts involved; with any, beyond EXACT_RANKS their first rank stands for
+        the busiest one (it receives its whole block), and a ``members_only`` list
+        restricts the ranks to those of the first (a placed layer's own collectives)."""
+        sets = [getattr(g, "ranks", g) for g in placed]
+        sets = [r for r in sets if r is not None]
+        if not sets:
+            return [fn(r) for r in self.ranks]
+        if self.p > EXACT_RANKS:
+            return [fn(sets[0][0])]
         return [fn(r) for r in self.ranks]
+
+    def _member_events(self, fn, ranks):
+        """``[fn(rank), ...]`` on the evaluated ranks of the placed rank set ``ranks``."""
+        if self.p > EXACT_RANKS:
+            return [fn(ranks[0])]
+        return [fn(r) for r in ranks]
 
     # ----------------------------------------------------------- one layer
     def layer(self, layer, st, in_dist) -> LayerCost:
@@ -161,7 +185,9 @@ class CostModel:
         if st is not None:
             inner = self._inner.get((sig, st))
             if inner is None:
-                per = self._events(lambda r: inner_events(layer, st, r, self.item))
+                fn = lambda r: inner_events(layer, st, r, self.item)  # noqa: E731
+                per = (self._events(fn) if placement(st) is None
+                       else self._member_events(fn, placement(st)))
                 # batch norm reduces its statistics with bare allreduces
                 # batch norm's statistics and a spatial layer's halos are not issued by
                 # DistTensor.redistribute
@@ -203,27 +229,56 @@ class CostModel:
             ekey = ("conv" if layer.kind == "linear" else layer.kind, layer.in_shape, st, lay)
         entry = self._entry.get(ekey)
         if entry is None:
-            per = self._events(lambda r: entry_events(layer, st, in_dist, r, self.item))
-            entry = self._entry[ekey] = tuple(self.events_time([x[i] for x in per])
-                                              for i in range(2))
+            per = self._events(lambda r: entry_events(layer, st, in_dist, r, self.item),
+                               placement(st), in_dist.grid)
+            entry = self._entry[ekey] = self._pair_time(per, placement(st), in_dist.grid)
         return entry
 
-    def layer_table(self, layer, in_dists) -> tuple:
+    def _pair_time(self, per, *placed) -> tuple:
+        """``((fwd s, fwd bytes), (bwd s, bwd bytes))`` of ``(forward, backward)`` event
+        lists per rank. A move onto or off a placed rank set beyond EXACT_RANKS is priced
+        on one rank of the set, which receives its block in one direction and sends it
+        in the other (the adjoint moves the same elements back): both directions are
+        priced as the larger."""
+        f, b = (self.events_time([x[i] for x in per]) for i in range(2))
+        if self.p > EXACT_RANKS and any(getattr(g, "ranks", g) is not None for g in placed):
+            f = b = max(f, b)
+        return f, b
+
+    def move(self, shape, src, dst) -> LayerCost:
+        """Cost of moving a tensor of ``shape`` from ``src`` to ``dst`` and its gradient
+        back (``dc.fork``'s move of a branch's input onto the branch's ranks)."""
+        key = ("move", tuple(shape), src, dst)
+        got = self._cache.get(key)
+        if got is None:
+            from .commmodel import redistribute_events
+            per = self._events(lambda r: (
+                redistribute_events(shape, src, dst, r, self.item),
+                redistribute_events(shape, dst.replace(pending=()), src.replace(pending=()),
+                                    r, self.item)), src.grid, dst.grid)
+            got = LayerCost(out_dist=dst)
+            (got.comm_fwd, b1), (got.comm_bwd, b2) = self._pair_time(per, src.grid, dst.grid)
+            got.bytes = b1 + b2
+            self._cache[key] = got
+        return got
+
+    def layer_table(self, layer, in_dists, strategies=None) -> tuple:
         """Arrays ``(time, mem, work, sync)``, each ``[a, b]``, of strategic ``layer`` under
-        strategy ``self.strategies[b]`` with its input in ``in_dists[a]``: the fields of
-        :meth:`layer` for every pair, computed once per column (only the entry
-        redistribution depends on ``a``)."""
+        strategy ``strategies[b]`` (default ``self.strategies``) with its input in
+        ``in_dists[a]``: the fields of :meth:`layer` for every pair, computed once per
+        column (only the entry redistribution depends on ``a``)."""
         import numpy as np
-        K = len(self.strategies)
+        strategies = self.strategies if strategies is None else strategies
+        K = len(strategies)
         T, Mm, W, Sy = (np.empty((len(in_dists), K)) for _ in range(4))
         # _layout(d, st) is d on st's own grid, else d's physical layout (if it has one)
         phys = [_phys_layout(d, layer.in_shape) for d in in_dists]
-        for b, st in enumerate(self.strategies):
+        for b, st in enumerate(strategies):
             base = self.layer(layer, st, in_dists[0])
             (f0, _), (b0, _) = self._entry_cost(layer, st, in_dists[0])
             rest = base.time - f0 - b0
             Mm[:, b], W[:, b], Sy[:, b] = base.mem, base.work, base.sync
-            own = tuple(st)
+            own = grid_shape(st)
             for a, d in enumerate(in_dists):
                 lay = d if (phys[a] is None or d.grid.shape == own) else phys[a]
                 (fa, _), (ba, _) = self._entry_cost(layer, st, d, lay=lay)
@@ -262,7 +317,7 @@ class CostModel:
             self._cache[pkey] = c
         return c
 
-    def cat_part(self, block, i, src_dist, first_dist) -> LayerCost:
+    def cat_part(self, block, i, src_dist, first_dist, out_dist=None) -> LayerCost:
         """Cost of branch ``i``'s share of the cat join of ``block``: its output (in
         ``src_dist``) moved into its slot of the concatenated output, which lies as
         ``dc.cat`` lays it (the splits of the first branch's output, ``first_dist``), and
@@ -277,13 +332,17 @@ class CostModel:
         by branch) counts an alpha and the Python of a redistribution per branch instead
         of one. Branch 0's share also carries the join's own Python; each share the local
         copy of its slot. Cached by the physical layouts of source and output (beyond 16
-        ranks, where rank 0 alone is evaluated, by rank 0's two blocks).
+        ranks, where rank 0 alone is evaluated, by rank 0's two blocks). ``out_dist``: the
+        output layout when it is not ``first_dist``'s (branches placed on their own ranks:
+        :func:`distconv.functional.cat_output_layout`).
         """
-        from ..functional import _cat_layout
+        from ..functional import cat_output_layout
         shapes, offs = block.branch_shapes(), block.offsets()
         src_shape, out_shape = shapes[i], tuple(block.out_shape)
-        out_dist = _cat_layout(_HasDist(first_dist), 1, out_shape)
-        if self.ranks == [0] and _partition(src_dist) and _partition(out_dist):
+        if out_dist is None:
+            out_dist = cat_output_layout([first_dist], 1)
+        if (self.ranks == [0] and _partition(src_dist) and _partition(out_dist)
+                and src_dist.grid.ranks is None and out_dist.grid.ranks is None):
             # only rank 0 is evaluated: an exchange between layouts that each hold every
             # element once sends what rank 0 holds outside its target block and receives
             # what its target block lacks, so rank 0's two blocks are the whole key
@@ -297,10 +356,11 @@ class CostModel:
         got = self._cache.get(key)
         if got is None:
             per = self._events(lambda r: cat_events(src_shape, offs[i], out_shape, src_dist,
-                                                    out_dist, self.p, r, self.item))
+                                                    out_dist, self.p, r, self.item),
+                               src_dist.grid, out_dist.grid)
             got = LayerCost()
-            got.comm_fwd, b1 = self.events_time([x[0] for x in per])
-            got.comm_bwd, b2 = self.events_time([x[1] for x in per])
+            (got.comm_fwd, b1), (got.comm_bwd, b2) = self._pair_time(per, src_dist.grid,
+                                                                     out_dist.grid)
             got.bytes = b1 + b2
             n = _prod(src_dist.local_shape(src_shape, [0] * len(src_dist.grid.names)))
             got.compute_fwd = got.compute_bwd = self.compute.add(n)
@@ -313,14 +373,14 @@ class CostModel:
 
     def _compute(self, layer, st, in_dist, c: LayerCost) -> None:
         cm, it = self.compute, self.item
-        zero = [0] * (3 if st is None else len(st))
+        zero = [0] * (3 if st is None else len(grid_shape(st)))
         xs, ys = layer.in_shape, layer.out_shape
         k, a = layer.kind, layer.attrs
         slots = 2 + _OPT_SLOTS[self.optimizer]
         if k == "conv" and is_spatial(st):
             self._spatial_conv(layer, st, c, slots)
         elif k in ("conv", "linear"):
-            s, ch, f = st
+            s, ch, f = st[:3]
             n = block_sizes(xs[0], s)[0]
             cl = block_sizes(xs[1], ch)[0]
             fl = block_sizes(ys[1], f)[0]
@@ -400,7 +460,7 @@ class CostModel:
         return got
 
     def input_dist(self, st):
-        return act_dist(tuple(st), len(self.graph.in_shape))
+        return act_dist(as_strategy(st), len(self.graph.in_shape))
 
 
 def _window(d, layer, dilation) -> tuple:
@@ -443,7 +503,8 @@ def _layout(d, st, shape):
     the layer's own. Beyond :data:`.commmodel.EXACT_RANKS` ranks any source with nothing
     pending is keyed by rank 0's block (see :func:`_phys_layout`).
     """
-    if st is None or d.pending or d.grid.shape == tuple(st):
+    if st is None or d.pending or (d.grid.shape == grid_shape(st)
+                                   and d.grid.ranks == placement(st)):
         return d
     lay = _phys_layout(d, shape)
     return d if lay is None else lay
@@ -458,7 +519,7 @@ def _phys_layout(d, shape):
     splits)``: the events of a move between two grids on rank 0 depend on nothing else of
     it (:func:`.commmodel.move_key`), nor do those of a cat's exchange (rank 0's blocks:
     :func:`distconv.exchange._exchange_counted`), nor rank 0's compute."""
-    if d.pending:
+    if d.pending or d.grid.ranks is not None:  # placed layouts are keyed by themselves
         return None
     if d.grid.size > EXACT_RANKS:
         return ("box", d.box(shape, (0,) * len(d.grid.names)), tuple(bool(a) for a in d.split))
@@ -488,10 +549,3 @@ def _compute_kw(machine) -> dict:
 def _partition(d) -> bool:
     """``d`` holds every element on exactly one rank (no replicas, nothing pending)."""
     return not d.pending and all(d.axis_size(a) == 1 for a in d.replica_axes)
-
-
-class _HasDist:
-    """What ``functional._cat_layout`` reads of its first input: the distribution."""
-
-    def __init__(self, d):
-        self.distribution = d

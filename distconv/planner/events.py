@@ -13,9 +13,19 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ..distribution import Distribution
-from .commmodel import VGrid, allreduce_event, redistribute_events, vgrid
+from ..strategy import ALL_AXES, AXES
+from .commmodel import VGrid, allreduce_event, redistribute_events
 from .realrun import run_layer
-from .strategies import is_spatial, to_strategy
+from .strategies import Placed, as_strategy, grid_shape, is_spatial, to_strategy
+
+
+@lru_cache(maxsize=None)
+def grid_of(st) -> VGrid:
+    """The planner's grid of strategy ``st`` (placed on its ranks for :class:`Placed`)."""
+    names = ALL_AXES if is_spatial(st) else AXES
+    if isinstance(st, Placed):
+        return VGrid(grid_shape(st), names, st.ranks, st.world)
+    return VGrid(grid_shape(st), names)
 
 
 @lru_cache(maxsize=None)
@@ -23,8 +33,7 @@ def act_dist(st, ndim=4) -> Distribution:
     """Between-layer layout of strategy ``st``: :meth:`distconv.Strategy.
     activation_split` on the planner's grid (``(s, c, f)``: N over sample, C over
     (channel, filter); ``(s, c, f, h, w)`` also H over height and W over width)."""
-    strategy = to_strategy(st)
-    return Distribution(VGrid(st, strategy.axes()), strategy.activation_split(ndim))
+    return Distribution(grid_of(st), to_strategy(st).activation_split(ndim))
 
 
 def spatial_dist(d) -> bool:
@@ -34,7 +43,7 @@ def spatial_dist(d) -> bool:
 
 @lru_cache(maxsize=None)
 def _xc(st, ndim):
-    return Distribution(vgrid(*st), [("sample",), ("channel",)] + [None] * (ndim - 2))
+    return Distribution(grid_of(st), [("sample",), ("channel",)] + [None] * (ndim - 2))
 
 
 @lru_cache(maxsize=None)
@@ -49,17 +58,17 @@ def _yf_pending(st, ndim):
 
 @lru_cache(maxsize=None)
 def _yf(st, ndim):
-    return Distribution(vgrid(*st), [("sample",), ("filter",)] + [None] * (ndim - 2))
+    return Distribution(grid_of(st), [("sample",), ("filter",)] + [None] * (ndim - 2))
 
 
 @lru_cache(maxsize=None)
 def _wdist(st, wndim):
-    return Distribution(vgrid(*st), [("filter",), ("channel",)] + [None] * (wndim - 2))
+    return Distribution(grid_of(st), [("filter",), ("channel",)] + [None] * (wndim - 2))
 
 
 @lru_cache(maxsize=None)
 def _cdist(st):
-    return Distribution(vgrid(*st), [("channel", "filter")])
+    return Distribution(grid_of(st), [("channel", "filter")])
 
 
 def free_out_dist(layer, in_dist: Distribution) -> Distribution:
@@ -114,6 +123,8 @@ def inner_events(layer, st, rank: int, item: int = 4):
     """``(forward, backward, sync)`` events of a strategic layer that do not depend on where
     its input comes from (output reductions, statistics, gradient allreduces)."""
     fwd, bwd, sync = [], [], []
+    if isinstance(st, Placed) and rank not in st.ranks:
+        return fwd, bwd, sync  # a rank off a placed layer takes part in none of them
     xs, ys = layer.in_shape, layer.out_shape
     k = layer.kind
     if is_spatial(st):  # halo exchanges, statistics and gradients: the layer's own run
@@ -128,16 +139,17 @@ def inner_events(layer, st, rank: int, item: int = 4):
         rep = wd.replica_axes
         if rep:
             g = wd.grid
-            sync.append(allreduce_event(g, rep, rank, wd.local_size(layer.weight_shape,
-                                                                    g.coords_of(rank)), item))
+            me = g.coords_of(g.pos(rank))
+            sync.append(allreduce_event(g, rep, rank, wd.local_size(layer.weight_shape, me),
+                                        item))
             if layer.attrs.get("bias"):
                 cd = _cdist(st)
                 sync.append(allreduce_event(g, cd.replica_axes, rank,
-                                            cd.local_size((ys[1],), g.coords_of(rank)), item))
+                                            cd.local_size((ys[1],), me), item))
     elif k == "bn":
         act = act_dist(st, 4)
         g = act.grid
-        c_loc = act.local_shape(xs, g.coords_of(rank))[1]
+        c_loc = act.local_shape(xs, g.coords_of(g.pos(rank)))[1]
         fwd.append(allreduce_event(g, act.split[0], rank, 2 * c_loc, 8))
         bwd.append(allreduce_event(g, act.split[0], rank, 2 * c_loc, 8))
     return fwd, bwd, sync
@@ -145,7 +157,7 @@ def inner_events(layer, st, rank: int, item: int = 4):
 
 def out_dist_of(layer, st, in_dist):
     if layer.strategic:
-        return act_dist(tuple(st), len(layer.out_shape))
+        return act_dist(as_strategy(st), len(layer.out_shape))
     return free_out_dist(layer, in_dist)
 
 
@@ -186,24 +198,31 @@ def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
     out: dict = {}
     joins = {"forward": [], "backward": [], "sync": []}
     first = _first_strategic(graph)
-    dist = act_dist(tuple(plan[first.name]), len(graph.in_shape))
+    dist = act_dist(as_strategy(plan[first.name]), len(graph.in_shape))
 
     def run(layer, d):
-        st = tuple(plan[layer.name]) if layer.strategic else None
+        st = as_strategy(plan[layer.name]) if layer.strategic else None
         f, b, s, o = layer_events(layer, st, d, rank, item)
         out[layer.name] = {"forward": f, "backward": b, "sync": s}
         return o
 
+    def fork(block, i, d):
+        from .placement import fork_target
+        t = fork_target(block, i, d, plan, len(block.in_shape))
+        if t is not d:  # dc.fork's move onto a placed branch's ranks, and back
+            joins["forward"] += redistribute_events(block.in_shape, d, t, rank, item)
+            joins["backward"] += redistribute_events(block.in_shape, t, d, rank, item)
+        return t
+
     def join(block, *dists):
         if block.op == "cat":  # the real dc.cat's exchange, shape-only, branch by branch
-            from ..functional import _cat_layout
+            from ..functional import cat_output_layout
             from .commmodel import cat_events
-            from .costs import _HasDist
             shapes, offs = block.branch_shapes(), block.offsets()
-            out = _cat_layout(_HasDist(dists[0]), 1, block.out_shape)
+            out = cat_output_layout(dists, 1)
             for i, d in enumerate(dists):
                 f, b = cat_events(shapes[i], offs[i], block.out_shape, d, out,
-                                  d.grid.size, rank, item)
+                                  d.grid.world, rank, item)
                 joins["forward"] += f
                 joins["backward"] += b
             return
@@ -211,6 +230,6 @@ def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
         joins["forward"] += f
         joins["backward"] += b
 
-    graph.traverse(dist, run, join)
+    graph.traverse(dist, run, join, fork)
     out["(joins)"] = joins
     return out

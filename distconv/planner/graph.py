@@ -145,18 +145,19 @@ def _layers(items):
             yield it
 
 
-def _traverse(items, dist, layer_fn, join_fn):
+def _traverse(items, dist, layer_fn, join_fn, fork_fn=None):
     for it in items:
         if isinstance(it, BlockSpec):
             outs = [None] * len(it.branches)
             for i in it.run_order():
-                outs[i] = _traverse(it.branches[i], dist, layer_fn, join_fn)
+                d = dist if fork_fn is None else fork_fn(it, i, dist)
+                outs[i] = _traverse(it.branches[i], d, layer_fn, join_fn, fork_fn)
             if it.op != "output":  # other outputs' branches join nothing
                 join_fn(it, *outs)
             dist = outs[0]
             if it.op == "cat":
-                from ..distribution import Distribution
-                dist = Distribution(dist.grid, dist.split)  # dc.cat: first input's splits
+                from ..functional import cat_output_layout
+                dist = cat_output_layout(outs, 1)
             if it.join is not None:
                 dist = layer_fn(it.join, dist)
         else:
@@ -184,14 +185,18 @@ class Graph:
                         yield from rec(br)
         yield from rec(self.items)
 
-    def traverse(self, dist, layer_fn, join_fn):
+    def traverse(self, dist, layer_fn, join_fn, fork_fn=None):
         """Run through the graph in execution order, threading the input distribution:
         ``layer_fn(layer, in_dist) -> out_dist`` for every layer and ``join_fn(block,
         *branch_dists)`` at each join (before the ReLU after an add) with the output
         distribution of every branch (``body_dist, shortcut_dist`` for a residual add);
-        not for an ``"output"`` block, whose extra branches join nothing. Returns the
-        distribution of the (first) output."""
-        return _traverse(self.items, dist, layer_fn, join_fn)
+        not for an ``"output"`` block, whose extra branches join nothing. A cat's output
+        lies as ``dc.cat`` lays it (:func:`distconv.functional.cat_output_layout`).
+        ``fork_fn(block, i, dist) -> dist``: where branch ``i`` of ``block`` starts when
+        the block's input is in ``dist`` (``dc.fork`` moves it onto a placed branch's
+        ranks; default: ``dist`` itself). Returns the distribution of the (first)
+        output."""
+        return _traverse(self.items, dist, layer_fn, join_fn, fork_fn)
 
     def strategic_names(self) -> list:
         return [layer.name for layer in self.layers() if layer.strategic]

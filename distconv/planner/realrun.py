@@ -16,6 +16,7 @@ from functools import lru_cache
 from ..distribution import Distribution
 from ..shapecomm import Event
 from .commmodel import VGrid, _dtype
+from .strategies import as_strategy
 
 
 @lru_cache(maxsize=None)
@@ -68,7 +69,7 @@ def run_layer(layer, st, in_dist: Distribution, nranks: int, rank: int, item: in
     :class:`.commmodel.VGrid` of the same shape. Cached per arguments (the lists returned
     are fresh copies)."""
     f, b, s, out = _run(layer.kind, tuple(layer.in_shape), tuple(sorted(layer.attrs.items())),
-                        None if st is None else tuple(st), in_dist, int(nranks), int(rank),
+                        None if st is None else as_strategy(st), in_dist, int(nranks), int(rank),
                         int(item))
     return list(f), list(b), list(s), out
 

@@ -1,8 +1,27 @@
-"""The planner's strategy tuples: ``(s, c, f)`` (sample, channel, filter) and, for a split
-of height and width, ``(s, c, f, h, w)`` -- :class:`distconv.Strategy`'s fields in order.
-The candidates on ``p`` ranks (:func:`factorizations`), and their text forms.
+"""The planner's strategy tuples: ``(s, c, f)`` (sample, channel, filter), for a split of
+height and width ``(s, c, f, h, w)`` -- :class:`distconv.Strategy`'s fields in order --
+and, for a layer placed on a subset of the job's ranks (operator placement),
+:class:`Placed` ``(s, c, f, h, w, ranks, world)``. The candidates on ``p`` ranks
+(:func:`factorizations`), the contiguous halves and quarters of a job
+(:func:`rank_sets`), and their text forms.
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Tuple
+
+
+class Placed(NamedTuple):
+    """A strategy on the world ranks ``ranks`` of a job of ``world`` ranks
+    (:class:`distconv.Strategy` with ``ranks``); ``s*c*f*h*w == len(ranks)``. A tuple, so
+    it hashes and compares as fast as the unplaced ones."""
+
+    sample: int
+    channel: int
+    filter: int
+    height: int
+    width: int
+    ranks: Tuple[int, ...]
+    world: int
 
 
 def factorizations(p: int, spatial: bool = False) -> list:
@@ -17,38 +36,110 @@ def factorizations(p: int, spatial: bool = False) -> list:
     return out
 
 
+def placed_factorizations(ranks, world: int) -> list:
+    """Every :class:`Placed` ``(s, c, f, 1, 1, ranks, world)`` with ``s*c*f == len(ranks)``
+    (the order of :func:`factorizations`)."""
+    ranks = tuple(int(r) for r in ranks)
+    return [Placed(s, c, f, 1, 1, ranks, int(world)) for s, c, f in factorizations(len(ranks))]
+
+
+def rank_sets(p: int) -> list:
+    """The contiguous halves and quarters of a job of ``p`` ranks (those that divide it),
+    halves first: ``[(0..p/2-1), (p/2..p-1), (0..p/4-1), ...]``."""
+    out = []
+    for parts in (2, 4):
+        if p % parts == 0 and p >= parts:
+            q = p // parts
+            out += [tuple(range(k * q, (k + 1) * q)) for k in range(parts)]
+    return out
+
+
+def partitions(p: int, n: int) -> list:
+    """The ways to give ``n`` branches disjoint contiguous halves and quarters that together
+    cover all ``p`` ranks, in branch order from rank 0: ``[[ranks of branch 0, ...], ...]``
+    (2 branches: the two halves; 3: one half and two quarters, the half to any branch; 4:
+    the four quarters; none for other ``n`` or a ``p`` they do not divide)."""
+    if n == 2 and p % 2 == 0 and p >= 2:
+        sizes = [[p // 2, p // 2]]
+    elif n == 3 and p % 4 == 0:
+        sizes = [[p // 4] * 3 for _ in range(3)]
+        for i in range(3):
+            sizes[i][i] = p // 2
+    elif n == 4 and p % 4 == 0:
+        sizes = [[p // 4] * 4]
+    else:
+        return []
+    out = []
+    for sz in sizes:
+        sets, at = [], 0
+        for q in sz:
+            sets.append(tuple(range(at, at + q)))
+            at += q
+        out.append(sets)
+    return out
+
+
+def as_strategy(st):
+    """``st`` as a hashable strategy tuple (a list from JSON becomes a tuple; a
+    :class:`Placed` stays one)."""
+    return st if isinstance(st, tuple) else tuple(st)
+
+
+def placement(st):
+    """The world ranks of a placed strategy, ``None`` for one on every rank."""
+    return st.ranks if isinstance(st, Placed) else None
+
+
+def grid_shape(st) -> tuple:
+    """The grid shape of a strategy tuple: ``(s, c, f)``, or ``(s, c, f, h, w)`` when it
+    splits H or W."""
+    return tuple(st[:5]) if is_spatial(st) else tuple(st[:3])
+
+
 def to_strategy(st):
-    """The :class:`distconv.Strategy` of a strategy tuple ``(s, c, f)`` or
-    ``(s, c, f, h, w)``."""
+    """The :class:`distconv.Strategy` of a strategy tuple ``(s, c, f)``,
+    ``(s, c, f, h, w)`` or :class:`Placed`."""
     from ..strategy import Strategy
-    return Strategy(*(int(v) for v in st))
+    return Strategy(*(int(v) for v in st[:5]), ranks=placement(st))
 
 
 def strategy_text(st) -> str:
-    """``"sample=s,channel=c,filter=f"`` (plus ``height``/``width`` when above 1)."""
+    """``"sample=s,channel=c,filter=f"`` (plus ``height``/``width`` when above 1 and
+    ``ranks`` when placed)."""
     return str(to_strategy(st))
 
 
 def strategy_short(st) -> str:
-    """``"s2 c1 f2"`` (plus ``" h2 w2"`` for a split of H or W) for tables."""
+    """``"s2 c1 f2"`` (plus ``" h2 w2"`` for a split of H or W and ``" @0-3"`` for a
+    placed strategy) for tables."""
     out = f"s{st[0]} c{st[1]} f{st[2]}"
-    if len(st) == 5 and st[3] * st[4] > 1:
+    if is_spatial(st):
         out += f" h{st[3]} w{st[4]}"
+    if isinstance(st, Placed):
+        from ..strategy import format_ranks
+        out += f" @{format_ranks(st.ranks)}"
     return out
 
 
-def parse_strategy(text) -> tuple:
+def parse_strategy(text, world=None) -> tuple:
     """``"sample=2,channel=1,filter=1"`` (all three given) -> ``(2, 1, 1)``; a spatial
-    strategy (``height``/``width`` above 1) -> ``(s, c, f, h, w)``."""
+    strategy (``height``/``width`` above 1) -> ``(s, c, f, h, w)``; one with ``ranks`` ->
+    :class:`Placed` in a job of ``world`` ranks (default: up to its highest rank)."""
     from ..strategy import Strategy
     s = Strategy.parse(text) if isinstance(text, str) else Strategy(**text)
     if s.sample is None:
         raise ValueError(f"a plan entry must name sample, channel and filter, got {text!r}")
+    if s.ranks is not None:
+        if world is None:
+            world = max(s.ranks) + 1
+        s.check(int(world))
+        return Placed(s.sample, s.channel, s.filter, s.height, s.width, tuple(s.ranks),
+                      int(world))
     if s.spatial:
         return (s.sample, s.channel, s.filter, s.height, s.width)
     return (s.sample, s.channel, s.filter)
 
 
 def is_spatial(st) -> bool:
-    """True for a strategy tuple that splits H or W (``(s, c, f, h, w)``, ``h*w > 1``)."""
-    return st is not None and len(st) == 5 and st[3] * st[4] > 1
+    """True for a strategy tuple that splits H or W (``h*w > 1``)."""
+    return st is not None and len(st) >= 5 and st[3] * st[4] > 1
