@@ -111,10 +111,14 @@ class _Block:
     branch's exit state), the branches' reductions and, for the others, the argmin exit
     state per ``(a, j)``."""
 
-    def __init__(self, spec, reds, args, total):
+    def __init__(self, spec, reds, args, total, placed=None):
         self.spec, self.reds, self.args, self.total = spec, reds, args, total
+        self.placed = placed  # (state j*, mask over a, readback(a, plan)) or None
 
     def readback(self, a, j, plan, S):
+        if self.placed is not None and j == self.placed[0] and self.placed[1][a]:
+            self.placed[2](a, plan)
+            return
         self.reds[0].readback(a, j, plan, S)
         for red, arg in zip(self.reds[1:], self.args[1:]):
             red.readback(a, int(arg[a, j]), plan, S)
@@ -135,13 +139,17 @@ def generic_layer_table(cost, layer, in_dists, strategies):
 class Planner:
     """DP over ``cost.graph`` with the costs of :class:`.costs.CostModel` ``cost``."""
 
-    def __init__(self, cost, lam: float = 0.0, work_cap=None, sync_weight: float = 1.0):
+    def __init__(self, cost, lam: float = 0.0, work_cap=None, sync_weight: float = 1.0,
+                 strategies=None, placement: bool = False):
         self.cost = cost
         self.work_cap = work_cap  # strategies whose workspace exceeds it are excluded
         self.sync_weight = float(sync_weight)  # share of the gradient allreduce counted
-        self.K = len(cost.strategies)
-        self.S = cost.strategies
+        self.S = cost.strategies if strategies is None else strategies
+        self.K = len(self.S)
         self.lam = lam
+        self.placement = placement  # forks may put their branches on disjoint rank sets
+        ids = cost.__dict__.setdefault("_dp_strategy_sets", {})
+        self._sid = ids.setdefault(tuple(self.S), len(ids))  # tables' key of self.S
 
     # ------------------------------------------------------------ matrices
     def _dists(self, ndim):
@@ -169,12 +177,14 @@ class Planner:
     def _layer_matrix(self, layer, in_dists):
         """``M[a, b]``: layer with strategy ``b`` on input in ``in_dists[a]``."""
         key = ("layer", layer.kind, layer.in_shape, layer.out_shape,
-               tuple(sorted(layer.attrs.items())), tuple(in_dists))
+               tuple(sorted(layer.attrs.items())), tuple(in_dists), self._sid)
 
         def fill():
             fast = getattr(self.cost, "layer_table", None)
-            return (fast(layer, in_dists) if fast is not None
-                    else generic_layer_table(self.cost, layer, in_dists, self.S))
+            if fast is None:
+                return generic_layer_table(self.cost, layer, in_dists, self.S)
+            return (fast(layer, in_dists) if self.S is self.cost.strategies
+                    else fast(layer, in_dists, self.S))
         return self._combine(self._tables(key, fill))
 
     def _free_vector(self, layer, dists):
@@ -199,6 +209,14 @@ class Planner:
                     T[d, b], Mm[d, b] = c.time, c.mem
             return T, Mm, np.zeros((K, K)), np.zeros((K, K))
         return self._combine(self._tables(("join", shape, tuple(bdists), tuple(sdists)), fill))
+
+    def _vector(self, key, costs):
+        """A cached combined vector of LayerCosts ``costs()`` (moves, cat shares)."""
+        def fill():
+            cs = costs()
+            return (np.array([c.time for c in cs]), np.array([float(c.mem) for c in cs]),
+                    np.zeros(len(cs)), np.zeros(len(cs)))
+        return self._combine(self._tables(key, fill))
 
     def _cat_matrix(self, block, i, idists, fdists):
         """``C[e, j]``: branch ``i``'s share of ``block``'s cat with that branch's output in
@@ -288,10 +306,95 @@ class Planner:
         out = outs[0]
         if it.op == "cat":
             out = [self.cost.cat_part(it, 0, d, d).out_dist for d in out]
+        placed = None
+        if self.placement and it.op == "cat" and pin is None:
+            placed = self._placed_block(it, dists, out, total, reds, outs)
         if it.join is not None:
             v, out = self._free(it.join, out)
             total += v[None, :]
-        return _Block(it, reds, args, total), out
+        return _Block(it, reds, args, total, placed), out
+
+    def _placed_block(self, it, dists, out, total, reds, outs):
+        """The cat block ``it`` with its branches on disjoint contiguous halves and
+        quarters of the job (:func:`.strategies.partitions`), running at the same time.
+
+        Each placed branch ``i`` on ranks ``R`` is reduced over the strategies on ``R``
+        (:func:`.strategies.placed_factorizations`) from where ``dc.fork`` puts its input
+        (its first strategic layer's activation layout; the move from entry state ``a``
+        is :meth:`.costs.CostModel.move`) to its share of the cat, whose output lies on
+        all ranks as grid ``(1, 1, p)``'s activations (:func:`distconv.functional.
+        cat_output_layout`): ``v_i[a]``, the least cost of the branch, its moves
+        included. Branches on disjoint ranks run at the same time, so the block costs
+        ``max_i v_i[a]`` plus the branches without strategic layers (pooling on the
+        input, run where it is). Where that beats the unplaced block at exit state
+        ``j*`` = ``(1, 1, p)``, ``total[a, j*]`` takes it (in place). Returns ``(j*,
+        mask over a, readback(a, plan))`` or ``None`` when no partition applies."""
+        from ..functional import cat_output_layout
+        from .events import act_dist
+        from .placement import first_strategic
+        from .strategies import partitions, placed_factorizations
+        p, nd, K = self.cost.p, len(it.in_shape), self.K
+        sb = [i for i, br in enumerate(it.branches) if first_strategic(br) is not None]
+        parts = partitions(p, len(sb))
+        if (1, 1, p) not in self.S or not parts:
+            return None
+        jstar = self.S.index((1, 1, p))
+        free = [i for i in range(len(it.branches)) if i not in sb]
+        best, choice, infos = np.full(K, INF), np.zeros(K, dtype=int), []
+        for k, sets in enumerate(parts):
+            subs = {i: placed_factorizations(R, p) for i, R in zip(sb, sets)}
+            U = cat_output_layout([act_dist(subs[i][0], nd) if i in subs else outs[i][0]
+                                   for i in range(len(it.branches))], 1)
+            if out[jstar] != U:
+                return None
+            v, info = np.full(K, -INF), {}
+            for i in sb:
+                v, info[i] = self._placed_branch(it, i, dists, subs[i], U, v)
+            for i in free:  # runs on the entry layout: its tail and its cat share
+                v = v + np.diag(reds[i].total) + self._vector(
+                    ("catU", id(it), i, tuple(outs[i]), U),
+                    lambda i=i: [self.cost.cat_part(it, i, d, d, U) for d in outs[i]])
+            better = v < best
+            best[better], choice[better] = v[better], k
+            infos.append(info)
+        mask = best < total[:, jstar]
+        total[mask, jstar] = best[mask]
+
+        def readback(a, plan):
+            for i, (red, S_i, barg, targ) in infos[choice[a]].items():
+                b = int(barg[a])
+                red.readback(b, int(targ[b]), plan, S_i)
+            for i in free:
+                reds[i].readback(a, a, plan, self.S)
+        return jstar, mask, readback
+
+    def _placed_branch(self, it, i, dists, S_i, U, vmax):
+        """Branch ``i`` of ``it`` on the placed strategies ``S_i`` (see
+        :meth:`_placed_block`): ``(max(vmax, v_i), (reduction, S_i, best entry layout per
+        a, best exit per entry layout))``."""
+        from .events import act_dist
+        from .placement import first_strategic
+        br, nd = it.branches[i], len(it.in_shape)
+        sub = Planner(self.cost, self.lam, self.work_cap, self.sync_weight, strategies=S_i)
+        di = [act_dist(b, nd) for b in S_i]
+        key = ("fork", tuple(it.in_shape), tuple(dists), tuple(di))
+
+        def fill():
+            T, Mm = np.empty((len(dists), len(di))), np.zeros((len(dists), len(di)))
+            for a, d in enumerate(dists):
+                for b, t in enumerate(di):
+                    T[a, b] = self.cost.move(it.in_shape, d, t).time
+            return T, Mm, np.zeros_like(T), np.zeros_like(T)
+        E = self._combine(self._tables(key, fill))
+        red, outs_i = sub._seq(br, di, first_strategic(br).name)
+        C = sub._vector(("catU", id(it), i, tuple(outs_i), U),
+                        lambda: [self.cost.cat_part(it, i, d, d, U) for d in outs_i])
+        T2 = red.total + C[None, :]
+        targ = T2.argmin(axis=1)
+        S2 = E + T2[np.arange(len(di)), targ][None, :]
+        barg = S2.argmin(axis=1)
+        v = S2[np.arange(len(dists)), barg]
+        return np.maximum(vmax, v), (red, S_i, barg, targ)
 
     # ------------------------------------------------------------ search
     def run(self):
@@ -343,21 +446,24 @@ def _weighted_time(cost, plan, w):
     return sum(c.time - (1.0 - w) * c.sync for _, _, c, _ in walk(cost, plan))
 
 
-def search(cost, memory_limit=None, iters: int = 30, sync_weight: float = 1.0) -> dict:
+def search(cost, memory_limit=None, iters: int = 30, sync_weight: float = 1.0,
+           placement: bool = False) -> dict:
     """Best plan of ``cost.graph``: ``{"plan", "time", "memory", "lam", "seconds"}``.
 
     ``memory_limit``: bytes per rank (``None``: unlimited); ``sync_weight``: the share of
     each gradient allreduce's time counted (1: all of it, the additive step time; less
     when overlap hides part of it). ``time`` is the additive cost at that weight.
+    ``placement``: forks may also run their branches at the same time on disjoint
+    contiguous halves and quarters of the ranks (:meth:`Planner._placed_block`).
     """
     from .simulate import plan_memory
     w = float(sync_weight)
     t0 = time.perf_counter()
-    plan, val = Planner(cost, sync_weight=w).run()
+    plan, val = Planner(cost, sync_weight=w, placement=placement).run()
     mem = plan_memory(cost, plan)
     lam_used = 0.0
     if memory_limit is not None and mem > memory_limit:
-        best = _lagrange(cost, memory_limit, iters, None, w)
+        best = _lagrange(cost, memory_limit, iters, None, w, placement)
         smallest = INF
         if not isinstance(best, tuple):
             best = None
@@ -365,7 +471,7 @@ def search(cost, memory_limit=None, iters: int = 30, sync_weight: float = 1.0) -
             # retry with the workspace capped at each size a layer can have (exact for
             # the feasibility question: some cap equals the fitting plan's max(work))
             for cap in _work_caps(cost):  # (caps above the limit only size the message)
-                got = _lagrange(cost, memory_limit, iters, cap, w)
+                got = _lagrange(cost, memory_limit, iters, cap, w, placement)
                 if isinstance(got, tuple) and (
                         best is None
                         or _weighted_time(cost, got[0], w) < _weighted_time(cost, best[0], w)):
@@ -383,14 +489,14 @@ def search(cost, memory_limit=None, iters: int = 30, sync_weight: float = 1.0) -
             "lam": lam_used, "seconds": time.perf_counter() - t0}
 
 
-def _lagrange(cost, memory_limit, iters, work_cap, w=1.0):
+def _lagrange(cost, memory_limit, iters, work_cap, w=1.0, placement=False):
     """Bisection on ``lam`` of ``time + lam * sum(mem)`` (workspace <= ``work_cap``):
     ``(plan, memory, lam)`` of the fastest fitting plan found, else the least memory
     seen (``None`` if no plan respects the cap)."""
     from .simulate import plan_memory
     lo, hi = 0.0, 1e-9
     while True:
-        p2, v2 = Planner(cost, hi, work_cap, w).run()
+        p2, v2 = Planner(cost, hi, work_cap, w, placement=placement).run()
         if not np.isfinite(v2):
             return None
         m2 = plan_memory(cost, p2)
@@ -402,7 +508,7 @@ def _lagrange(cost, memory_limit, iters, work_cap, w=1.0):
     best = (p2, m2, hi)
     for _ in range(iters):
         mid = (lo + hi) / 2
-        p3, _v = Planner(cost, mid, work_cap, w).run()
+        p3, _v = Planner(cost, mid, work_cap, w, placement=placement).run()
         m3 = plan_memory(cost, p3)
         if m3 <= memory_limit:
             hi, best = mid, (p3, m3, mid)
@@ -423,16 +529,52 @@ def _work_caps(cost) -> list:
     return sorted(caps)
 
 
-def brute_force(cost, memory_limit=None):
-    """Every plan of the graph's strategic layers (tests only: K**L plans)."""
+def brute_force(cost, memory_limit=None, placement=False):
+    """Every plan of the graph's strategic layers (tests only: K**L plans); with
+    ``placement`` also every placement of each cat block's branches on the partitions
+    the search considers (:func:`.strategies.partitions`)."""
     from .simulate import additive_time, plan_memory
     names = cost.graph.strategic_names()
     best = (INF, None)
-    for combo in itertools.product(cost.strategies, repeat=len(names)):
-        plan = dict(zip(names, combo))
-        if memory_limit is not None and plan_memory(cost, plan) > memory_limit:
-            continue
-        t = additive_time(cost, plan)
-        if t < best[0]:
-            best = (t, plan)
+    for choices in _layer_choices(cost, placement):
+        for combo in itertools.product(*(choices[n] for n in names)):
+            plan = dict(zip(names, combo))
+            if memory_limit is not None and plan_memory(cost, plan) > memory_limit:
+                continue
+            t = additive_time(cost, plan)
+            if t < best[0]:
+                best = (t, plan)
     return best[1], best[0]
+
+
+def _layer_choices(cost, placement):
+    """``{layer name: candidate strategies}`` for each way of placing the cat blocks
+    (none placed first; a block inside a placed branch is not placed again)."""
+    from .graph import _layers
+    from .placement import first_strategic
+    from .strategies import partitions, placed_factorizations
+    names = cost.graph.strategic_names()
+    plain = {n: cost.strategies for n in names}
+    yield plain
+    if not placement:
+        return
+    blocks = [b for b in cost.graph.blocks() if b.op == "cat"]
+    modes = []
+    for b in blocks:
+        sb = [i for i, br in enumerate(b.branches) if first_strategic(br) is not None]
+        modes.append([None] + [dict(zip(sb, sets)) for sets in partitions(cost.p, len(sb))])
+    for combo in itertools.product(*modes):
+        if all(m is None for m in combo):
+            continue
+        choices, ok = dict(plain), True
+        for b, m in zip(blocks, combo):
+            if m is None:
+                continue
+            for i, R in m.items():
+                for layer in _layers(b.branches[i]):
+                    if layer.strategic:
+                        if choices[layer.name] is not plain[layer.name]:
+                            ok = False  # nested in another placed branch
+                        choices[layer.name] = placed_factorizations(R, cost.p)
+        if ok:
+            yield choices

@@ -16,34 +16,104 @@ one stream for gradient allreduces:
 """
 from __future__ import annotations
 
+from .strategies import as_strategy
 
-def walk(cost, plan: dict) -> list:
-    """``[(name, kind, LayerCost, strategy or None), ...]`` in execution order."""
+
+def walk(cost, plan: dict, detail: bool = False) -> list:
+    """``[(name, kind, LayerCost, strategy or None), ...]`` in execution order.
+
+    Branches placed on disjoint rank sets (:mod:`.placement`) run at the same time: their
+    rows (``dc.fork``'s move onto the branch's ranks, its layers, its share of the cat)
+    are merged into one row ``"<block>.(placed)"`` holding the slowest branch's times and
+    the largest memory of any branch (each rank holds only its own branch), unless
+    ``detail``."""
+    from .placement import fork_target, group_tags, parallel_branches
     graph = cost.graph
-    rows = []
+    rows, tags = [], []
     first = next(layer for layer in graph.layers() if layer.strategic)
     missing = [n for n in graph.strategic_names() if n not in plan]
     if missing:
         raise ValueError(f"the plan has no strategy for layers {missing}")
     dist = cost.input_dist(plan[first.name])
+    ltag, btag = group_tags(graph, plan, cost.p)
 
     def one(layer, d):
-        st = tuple(plan[layer.name]) if layer.strategic else None
+        st = as_strategy(plan[layer.name]) if layer.strategic else None
         c = cost.layer(layer, st, d)
         rows.append((layer.name, layer.kind, c, st))
+        tags.append(ltag.get(layer.name))
         return c.out_dist
+
+    def fork(block, i, d):
+        t = fork_target(block, i, d, plan, len(block.in_shape))
+        if t is not d:
+            rows.append((f"{block.name}.(fork {i})", "fork",
+                         cost.move(block.in_shape, d, t), None))
+            tags.append(_branch_tag(block, i, plan, cost.p, btag, parallel_branches))
+        return t
 
     def join(block, *dists):
         if block.op == "cat":  # one row per branch: its share of the concatenation
+            from ..functional import cat_output_layout
+            out = cat_output_layout(dists, 1)
+            # the output layout is passed only where it is not the first input's
+            extra = () if out == cat_output_layout(dists[:1], 1) else (out,)
             for i, d in enumerate(dists):
                 rows.append((f"{block.name}.(cat {i})" if block.name else f"(cat {i})",
-                             "cat", cost.cat_part(block, i, d, dists[0]), None))
+                             "cat", cost.cat_part(block, i, d, dists[0], *extra), None))
+                tags.append(_branch_tag(block, i, plan, cost.p, btag, parallel_branches))
             return
         rows.append((block.name + ".(join)" if block.name else "(join)", "join",
                      cost.join(block.out_shape, dists[0], dists[1]), None))
+        tags.append(btag.get(id(block)))
 
-    graph.traverse(dist, one, join)
-    return rows
+    graph.traverse(dist, one, join, fork)
+    return rows if detail else _merge_parallel(rows, tags, graph)
+
+
+def _branch_tag(block, i, plan, world, btag, parallel_branches):
+    """The group tag of branch ``i``'s fork move and cat share: the block's own branch if
+    it runs in parallel, else that of the branch the block lies in."""
+    if id(block) in btag:
+        return btag[id(block)]
+    return (id(block), i) if i in parallel_branches(block, plan, world) else None
+
+
+def _merge_parallel(rows, tags, graph) -> list:
+    """Each group of parallel branches as one row at its first row's place: the fields of
+    the slowest branch, the largest branch memory and workspace."""
+    names = {id(b): b.name for b in graph.blocks()}
+    groups: dict = {}
+    for row, tag in zip(rows, tags):
+        if tag is not None:
+            groups.setdefault(tag[0], {}).setdefault(tag[1], []).append(row[2])
+    out, done = [], set()
+    for row, tag in zip(rows, tags):
+        if tag is None:
+            out.append(row)
+        elif tag[0] not in done:
+            done.add(tag[0])
+            out.append((f"{names[tag[0]]}.(placed)", "placed", _slowest(groups[tag[0]]), None))
+    return out
+
+
+def _slowest(branches: dict):
+    """One LayerCost for branches that run at the same time on disjoint ranks."""
+    from .costs import LayerCost
+    sums = {}
+    for i, cs in branches.items():
+        c = LayerCost()
+        for x in cs:
+            for f in ("compute_fwd", "compute_bwd", "comm_fwd", "comm_bwd", "sync", "update",
+                      "bytes", "sync_bytes", "mem"):
+                setattr(c, f, getattr(c, f) + getattr(x, f))
+            c.work = max(c.work, x.work)
+        sums[i] = c
+    slow = max(sums.values(), key=lambda c: c.time)
+    out = LayerCost(**{k: v for k, v in vars(slow).items()})
+    out.mem = max(c.mem for c in sums.values())
+    out.work = max(c.work for c in sums.values())
+    return out
 
 
 def additive_time(cost, plan) -> float:
