@@ -24,6 +24,7 @@ from .backend import array_module, is_gpu_array, pinned_copy, pinned_empty
 from .commargs import CommStats  # noqa: F401  (re-exported)
 from .commp2p import PointToPoint
 from .distribution import block_sizes
+from .errors import agreed_message
 
 
 class _LazyMPI:
@@ -187,11 +188,7 @@ class Communicator(PointToPoint):
         flags = self.mpi.allgather(None if ok else message)
         bad = [(r, m) for r, m in enumerate(flags) if m is not None]
         if bad:
-            msgs = sorted({m for _, m in bad})
-            ranks = [r for r, _ in bad]
-            if len(msgs) == 1:
-                raise exc(f"{msgs[0]} (on rank(s) {ranks})")
-            raise exc("; ".join(f"rank {r}: {m}" for r, m in bad))
+            raise exc(agreed_message(bad))
 
     def check_same(self, value, what: str) -> None:
         """Raise ``ValueError`` on every rank unless all ranks pass an equal ``value``."""
