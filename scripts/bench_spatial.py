@@ -34,7 +34,6 @@ writes ``--json``.
 """
 from __future__ import annotations
 
-import datetime
 import gc
 import json
 import os
@@ -44,10 +43,11 @@ import tracemalloc
 
 import numpy as np
 
-from distconv.bench.paired import paired_row, paired_rounds, strategy_fits
+from distconv.bench.paired import (check_fits, paired_row, paired_rounds, paired_world,
+                                   random_pair)
 from distconv.bench.runs import input_distribution, self_strategy
 from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
-from distconv.envinfo import pin_threads
+from distconv.envinfo import run_facts
 
 DEFAULTS = dict(channels=64, size=256, layers=4, rounds=15, warmup=2)
 QUICK = dict(channels=4, size=12, layers=2, rounds=3, warmup=1)
@@ -209,19 +209,12 @@ def _report(args, shape, p, t_a, rows, mem, comm_s):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    pin_threads(1)  # one BLAS/OpenMP thread per rank
+    comm = paired_world()
+    check_fits(comm, args.strategy_list)
     import distconv as dc
-    from distconv.comm import world
-    from distconv.envinfo import blas_info, cpu_model, git_state
-    comm = world()
     p, me = comm.size, comm.rank
-    dc.set_default_dtype(np.float32)
-    for s in args.strategy_list:
-        comm.agree(strategy_fits(s, p), f"strategy {s!r} does not fit {p} ranks")
-    rng = np.random.default_rng(args.seed)
     shape = (1, args.channels, args.size, args.size)
-    x_glob = rng.standard_normal(shape).astype(np.float32)
-    dy_glob = rng.standard_normal(shape).astype(np.float32)
+    x_glob, dy_glob = random_pair(args.seed, shape)
     single = _Case(args, self_strategy(), x_glob, dy_glob) if me == 0 else None
     cases = _cases(args, dc, x_glob, dy_glob)
     load0 = os.getloadavg()
@@ -249,9 +242,7 @@ def main(argv=None) -> int:
                "clean_frac": args.clean_frac, "results": rows, "memory": mem,
                "comm_time_s_per_rank": comm_s,
                "loadavg_before": load0, "loadavg_after": load1,
-               "cpu": cpu_model(), "blas": blas_info(), "git": git_state(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "command": " ".join(sys.argv)}
+               **run_facts()}
         with open(args.json, "w") as fh:
             json.dump(doc, fh, indent=1)
         print(f"wrote {args.json}")
