@@ -31,6 +31,19 @@ def split_list(ap, text: str, flag: str, required: bool = True) -> list:
     return items
 
 
+def positive_ints(ap, text, flag: str) -> list:
+    """The comma-separated integers of ``text``, at least one and every one >= 1
+    (``ap.error`` naming ``flag`` and ``text`` otherwise)."""
+    msg = f"{flag} must be positive integers separated by commas, got {text!r}"
+    try:
+        items = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        ap.error(msg)
+    if not items or min(items) < 1:
+        ap.error(msg)
+    return items
+
+
 def bench_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """A benchmark script's parser: the first paragraph of its docstring ``doc`` as the
     description, the rest as the epilog."""
