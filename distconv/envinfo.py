@@ -80,3 +80,12 @@ def run_facts() -> dict:
     return {"cpu": cpu_model(), "blas": blas_info(), "git": git_state(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "command": " ".join(sys.argv)}
+
+
+def write_results(path, doc: dict) -> None:
+    """``doc`` followed by :func:`run_facts`, as JSON (indent 1) to ``path``; prints
+    ``wrote <path>``."""
+    import json
+    with open(path, "w") as fh:
+        json.dump({**doc, **run_facts()}, fh, indent=1)
+    print(f"wrote {path}")

@@ -22,7 +22,6 @@ the ratio of the medians. Rank 0 prints a table and writes ``--json``.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -32,7 +31,7 @@ from distconv.bench.paired import (check_fits, paired_row, paired_rounds, paired
                                    random_pair)
 from distconv.bench.runs import self_strategy
 from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
-from distconv.envinfo import run_facts
+from distconv.envinfo import write_results
 
 DEFAULTS = dict(channels=256, size=28, batch=1, rounds=40, warmup=3)
 QUICK = dict(channels=8, size=6, batch=1, rounds=3, warmup=1)
@@ -108,11 +107,8 @@ def main(argv=None) -> int:
     if args.json:
         doc = {"benchmark": "bench_paired", "ranks": p, "shape": list(shape),
                "channels": args.channels, "rounds": args.rounds, "warmup": args.warmup,
-               "bucket_kb": args.bucket_kb, "one_rank_step_s": a.tolist(), "results": rows,
-               **run_facts()}
-        with open(args.json, "w") as fh:
-            json.dump(doc, fh, indent=1)
-        print(f"wrote {args.json}")
+               "bucket_kb": args.bucket_kb, "one_rank_step_s": a.tolist(), "results": rows}
+        write_results(args.json, doc)
     return 0
 
 

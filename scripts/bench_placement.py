@@ -26,7 +26,6 @@ and writes ``--json``.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -35,7 +34,7 @@ import numpy as np
 from distconv.bench.stats import paired_ratio
 from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
 from distconv.bench.paired import check_fits, paired_world, random_pair
-from distconv.envinfo import run_facts
+from distconv.envinfo import write_results
 
 DEFAULTS = dict(channels=128, filters=128, size=28, batch=2, kernel=3, rounds=30, warmup=3)
 QUICK = dict(channels=4, filters=4, size=6, batch=2, kernel=3, rounds=3, warmup=1)
@@ -160,10 +159,7 @@ def main(argv=None) -> int:
         return 0
     doc = report(args, times, shape, comm.size)
     if args.json:
-        doc.update(run_facts())
-        with open(args.json, "w") as fh:
-            json.dump(doc, fh, indent=1)
-        print(f"wrote {args.json}")
+        write_results(args.json, doc)
     return 0
 
 

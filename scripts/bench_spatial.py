@@ -35,7 +35,6 @@ writes ``--json``.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import time
@@ -47,7 +46,7 @@ from distconv.bench.paired import (check_fits, paired_row, paired_rounds, paired
                                    random_pair)
 from distconv.bench.runs import input_distribution, self_strategy
 from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
-from distconv.envinfo import run_facts
+from distconv.envinfo import write_results
 
 DEFAULTS = dict(channels=64, size=256, layers=4, rounds=15, warmup=2)
 QUICK = dict(channels=4, size=12, layers=2, rounds=3, warmup=1)
@@ -241,11 +240,8 @@ def main(argv=None) -> int:
                "one_rank_step_s": list(t_a), "one_rank_clean": res.clean_a,
                "clean_frac": args.clean_frac, "results": rows, "memory": mem,
                "comm_time_s_per_rank": comm_s,
-               "loadavg_before": load0, "loadavg_after": load1,
-               **run_facts()}
-        with open(args.json, "w") as fh:
-            json.dump(doc, fh, indent=1)
-        print(f"wrote {args.json}")
+               "loadavg_before": load0, "loadavg_after": load1}
+        write_results(args.json, doc)
     return 0
 
 
