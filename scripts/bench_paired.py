@@ -30,7 +30,7 @@ import numpy as np
 from distconv.bench.paired import (check_fits, paired_row, paired_rounds, paired_world,
                                    random_pair)
 from distconv.bench.runs import self_strategy
-from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
+from distconv.bench.cli import add_sized, add_strategies, bench_parser, parse_sized, split_list
 from distconv.envinfo import write_results
 
 DEFAULTS = dict(channels=256, size=28, batch=1, rounds=40, warmup=3)
@@ -39,9 +39,7 @@ QUICK = dict(channels=8, size=6, batch=1, rounds=3, warmup=1)
 
 def parse_args(argv=None):
     ap = bench_parser("bench_paired.py", __doc__)
-    ap.add_argument("--strategies", default="channel=2;filter=2;sample",
-                    help="';'-separated Strategy texts for the B steps (default "
-                         "'channel=2;filter=2;sample', for 2 ranks)")
+    add_strategies(ap, "channel=2;filter=2;sample", "for the B steps")
     ap.add_argument("--bucket-kb", type=int, default=1024,
                     help="GradientSync bucket size (1024: the block's two conv gradients "
                          "go into separate buckets, so the first overlaps)")

@@ -45,7 +45,7 @@ import numpy as np
 from distconv.bench.paired import (check_fits, paired_row, paired_rounds, paired_world,
                                    random_pair)
 from distconv.bench.runs import input_distribution, self_strategy
-from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
+from distconv.bench.cli import add_sized, add_strategies, bench_parser, parse_sized, split_list
 from distconv.envinfo import write_results
 
 DEFAULTS = dict(channels=64, size=256, layers=4, rounds=15, warmup=2)
@@ -54,9 +54,7 @@ QUICK = dict(channels=4, size=12, layers=2, rounds=3, warmup=1)
 
 def parse_args(argv=None):
     ap = bench_parser("bench_spatial.py", __doc__)
-    ap.add_argument("--strategies", default="height=2;channel=2;filter=2",
-                    help="';'-separated Strategy texts of the P-rank cases (default "
-                         "'height=2;channel=2;filter=2', for 2 ranks)")
+    add_strategies(ap, "height=2;channel=2;filter=2", "of the P-rank cases")
     ap.add_argument("--overlap", choices=("both", "on", "off"), default="both",
                     help="spatial cases with the halo exchange overlapped with the interior "
                          "of each conv, without, or both (default)")

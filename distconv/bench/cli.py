@@ -22,6 +22,13 @@ def require_positive(ap, args, names, nonnegative=()):
             ap.error(f"--{k.replace('_', '-')} must be >= {low}, got {v}")
 
 
+def add_strategies(ap, default: str, of: str) -> None:
+    """``--strategies``, the ``;``-separated Strategy texts ``of`` what (e.g. ``"of the
+    P-rank cases"``), ``default`` for 2 ranks; :func:`split_list` reads them."""
+    ap.add_argument("--strategies", default=default,
+                    help=f"';'-separated Strategy texts {of} (default {default!r}, for 2 ranks)")
+
+
 def split_list(ap, text: str, flag: str, required: bool = True) -> list:
     """The non-empty ``;``-separated items of ``text`` (``ap.error`` naming ``flag`` when
     there are none and ``required``)."""
