@@ -83,9 +83,8 @@ def run_facts() -> dict:
 
 
 def write_results(path, doc: dict) -> None:
-    """``doc`` followed by :func:`run_facts`, as JSON (indent 1) to ``path``; prints
-    ``wrote <path>``."""
-    import json
-    with open(path, "w") as fh:
-        json.dump({**doc, **run_facts()}, fh, indent=1)
+    """``doc`` followed by :func:`run_facts`, as JSON (indent 1) to ``path`` atomically;
+    prints ``wrote <path>``."""
+    from .atomic import write_json
+    write_json(path, {**doc, **run_facts()})
     print(f"wrote {path}")
