@@ -43,3 +43,9 @@ def write_text(path, text: str, fsync: bool = False) -> None:
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+
+
+def write_json(path, doc, indent: int = 1) -> None:
+    """``doc`` as JSON (``indent``, a final newline) to ``path`` atomically."""
+    import json
+    write_text(path, json.dumps(doc, indent=indent) + "\n")

@@ -39,6 +39,7 @@ from .ckptfile import (FORMAT_VERSION, CheckpointCorruptError,  # noqa: F401
                        CheckpointError, CheckpointNotFoundError, _Contents, _checksum,
                        _escape, _fsync_path, _h5, _header, _open_read, _read)
 from .backend import get_xp, to_numpy
+from .errors import agree_error
 
 
 # fault-injection hooks (see the module docstring)
@@ -66,30 +67,11 @@ def _comm_of(model):
 
 
 def _agree_error(comm, err: BaseException | None) -> None:
-    """Raise the same exception on every rank if ``err`` is set on any rank.
-
-    The type is that of the lowest failing rank (one of :data:`_KINDS`, else
-    :class:`CheckpointError`); the message names the failing ranks. On the ranks that
-    failed, the original exception is chained as the cause.
-    """
-    mine = None
-    if err is not None:
-        kind = type(err).__name__ if type(err).__name__ in _KINDS else "CheckpointError"
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        mine = (kind, msg)
-    flags = [mine] if comm.size == 1 else comm.allgather_obj(mine)
-    bad = [(r, f) for r, f in enumerate(flags) if f is not None]
-    if not bad:
-        return
-    exc = _KINDS[bad[0][1][0]]
-    msgs = sorted({m for _, (_, m) in bad})
-    if comm.size == 1:
-        text = msgs[0]
-    elif len(msgs) == 1:
-        text = f"{msgs[0]} (on rank(s) {[r for r, _ in bad]})"
-    else:
-        text = "; ".join(f"rank {r}: {m}" for r, (_, m) in bad)
-    raise exc(text) from err
+    """:func:`distconv.errors.agree_error` for checkpoints: the type is one of
+    :data:`_KINDS`, else :class:`CheckpointError`; a ``KeyError``'s text is its key's,
+    unquoted."""
+    agree_error(comm, err, _KINDS, lambda e: "CheckpointError",
+                lambda e: str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
 
 
 def _run(fn, *args):

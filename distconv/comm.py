@@ -23,7 +23,7 @@ import numpy as np
 from .backend import array_module, is_gpu_array, pinned_copy, pinned_empty
 from .commargs import CommStats  # noqa: F401  (re-exported)
 from .commp2p import PointToPoint
-from .distribution import block_sizes
+from .errors import agreed_message
 
 
 class _LazyMPI:
@@ -187,11 +187,7 @@ class Communicator(PointToPoint):
         flags = self.mpi.allgather(None if ok else message)
         bad = [(r, m) for r, m in enumerate(flags) if m is not None]
         if bad:
-            msgs = sorted({m for _, m in bad})
-            ranks = [r for r, _ in bad]
-            if len(msgs) == 1:
-                raise exc(f"{msgs[0]} (on rank(s) {ranks})")
-            raise exc("; ".join(f"rank {r}: {m}" for r, m in bad))
+            raise exc(agreed_message(bad))
 
     def check_same(self, value, what: str) -> None:
         """Raise ``ValueError`` on every rank unless all ranks pass an equal ``value``."""
@@ -279,12 +275,7 @@ class Communicator(PointToPoint):
         Returns shape ``x.shape`` with ``axis`` -> ``counts[rank]``.
         """
         xp = array_module(x)
-        axis = axis % max(x.ndim, 1)
-        n = x.shape[axis]
-        counts = block_sizes(n, self.size) if counts is None else [int(c) for c in counts]
-        if len(counts) != self.size or sum(counts) != n:
-            raise ValueError(f"reduce_scatter: counts {counts} must have {self.size} entries "
-                             f"summing to the extent {n} of axis {axis}")
+        axis, counts = scatter_args(x.shape, axis, counts, self.size)
         t0 = time.perf_counter()
         item = x.dtype.itemsize
         if self.size == 1:
@@ -502,5 +493,5 @@ _SUBSET_TAG = 7301    # MPI_Comm_create_group of a placed grid's ranks
 # .commargs; both are part of this module's interface
 from .commargs import (_assemble, _displs, _numel, _pack, allreduce_bytes,  # noqa: E402,F401
                        alltoall_args, exchange_bytes, gather_bytes, halo_args, halo_bytes,
-                       scatter_bytes)
+                       scatter_args, scatter_bytes)
 from .launch import abort, run_guarded, self_comm, use_world, world, wrap  # noqa: E402,F401

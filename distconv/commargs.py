@@ -80,6 +80,19 @@ def _displs(sizes):
     return out
 
 
+def scatter_args(shape, axis, counts, size):
+    """``(axis, counts)`` of a reduce-scatter of an array of ``shape`` along ``axis`` (taken
+    modulo the number of dims) over ``size`` ranks: ``counts`` the block sizes (floor+1
+    when ``None``); ``ValueError`` unless they are ``size`` entries summing to the extent."""
+    axis = axis % max(len(shape), 1)
+    n = shape[axis]
+    counts = block_sizes(n, size) if counts is None else [int(c) for c in counts]
+    if len(counts) != size or sum(counts) != n:
+        raise ValueError(f"reduce_scatter: counts {counts} must have {size} entries "
+                         f"summing to the extent {n} of axis {axis}")
+    return axis, counts
+
+
 def alltoall_args(shape, split_axis, concat_axis, send_counts, recv_counts, size, rank):
     """Checked ``(split axis, concat axis, send counts, recv counts)`` of an alltoall of a
     local block of ``shape`` on ``size`` ranks; ``ValueError`` naming what does not fit."""

@@ -69,3 +69,22 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor() or None
+
+
+def run_facts() -> dict:
+    """What a results file ends with: ``cpu`` (:func:`cpu_model`), ``blas``
+    (:func:`blas_info`), ``git`` (:func:`git_state`), ``date`` (UTC, ISO 8601) and
+    ``command`` (this process's command line)."""
+    import datetime
+    import sys
+    return {"cpu": cpu_model(), "blas": blas_info(), "git": git_state(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "command": " ".join(sys.argv)}
+
+
+def write_results(path, doc: dict) -> None:
+    """``doc`` followed by :func:`run_facts`, as JSON (indent 1) to ``path`` atomically;
+    prints ``wrote <path>``."""
+    from .atomic import write_json
+    write_json(path, {**doc, **run_facts()})
+    print(f"wrote {path}")

@@ -24,8 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from .comm import (CommStats, Communicator, allreduce_bytes, alltoall_args, exchange_bytes,
-                   gather_bytes, halo_args, halo_bytes, scatter_bytes)
-from .distribution import block_sizes
+                   gather_bytes, halo_args, halo_bytes, scatter_args, scatter_bytes)
 from .meta import MetaArray
 
 
@@ -176,12 +175,7 @@ class ShapeComm(Communicator):
         return _Done(_with(x, axis, sum(counts)), self, "iallgather")
 
     def reduce_scatter(self, x, axis: int = 0, counts: Sequence[int] | None = None, op="sum"):
-        axis = axis % max(x.ndim, 1)
-        n = x.shape[axis]
-        counts = block_sizes(n, self.size) if counts is None else [int(c) for c in counts]
-        if len(counts) != self.size or sum(counts) != n:
-            raise ValueError(f"reduce_scatter: counts {counts} must have {self.size} entries "
-                             f"summing to the extent {n} of axis {axis}")
+        axis, counts = scatter_args(x.shape, axis, counts, self.size)
         rest = _rest(x, axis)
         self._record("reduce_scatter", *(scatter_bytes([c * rest for c in counts], self.rank,
                                                        x.dtype.itemsize)

@@ -39,11 +39,11 @@ Only rank 0 prints and writes JSON. OpenMP/BLAS threads are set to 1 per rank.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
+from distconv.atomic import write_json
 from distconv.bench.comm_bench import TRANSITIONS
 from distconv.envinfo import pin_threads
 
@@ -118,12 +118,6 @@ def document(args, bench, rows, load_start, wall_s):
 
 def _loadavg():
     return os.getloadavg() if hasattr(os, "getloadavg") else None
-
-
-def write_json(path, doc):
-    """Write ``doc`` to ``path`` atomically (a temporary file renamed)."""
-    from distconv.atomic import write_text
-    write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
 def raw_ops(kind, numel):

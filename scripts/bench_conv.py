@@ -23,7 +23,6 @@ Examples::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -33,6 +32,7 @@ import time
 
 import numpy as np
 
+from distconv.bench.cli import bench_parser
 from distconv.envinfo import blas_info
 
 # (name, C, F, H(=W), kernel, stride, padding)
@@ -74,9 +74,7 @@ PASSES = ("fwd", "bwd_data", "bwd_filter")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = bench_parser("bench_conv.py", __doc__)
     p.add_argument("--json", metavar="FILE", help="write all results as JSON to FILE")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for numpy's BLAS and torch (default: all cores)")

@@ -74,7 +74,7 @@ import sys
 
 import numpy as np
 
-from distconv.bench.cli import fill_defaults, require_positive
+from distconv.bench.cli import bench_parser, fill_defaults, require_positive
 from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(batch=8, channels=256, filters=256, size=28, kernel=3, repeats=20, warmup=3)
@@ -95,11 +95,7 @@ NOTES = [
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        prog="bench_layers.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser("bench_layers.py", __doc__)
     ap.add_argument("--json", metavar="FILE",
                     help="rank 0 writes all figures and the environment as JSON to FILE")
     ap.add_argument("--batch", type=int, default=None, help="N, global batch (default 8)")

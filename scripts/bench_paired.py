@@ -22,17 +22,16 @@ the ratio of the medians. Rank 0 prints a table and writes ``--json``.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import sys
 import time
 
 import numpy as np
 
-from distconv.bench.paired import paired_row, paired_rounds, strategy_fits
+from distconv.bench.paired import (check_fits, paired_row, paired_rounds, paired_world,
+                                   random_pair)
 from distconv.bench.runs import self_strategy
-from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
-from distconv.envinfo import pin_threads
+from distconv.bench.cli import add_sized, add_strategies, bench_parser, parse_sized, split_list
+from distconv.envinfo import write_results
 
 DEFAULTS = dict(channels=256, size=28, batch=1, rounds=40, warmup=3)
 QUICK = dict(channels=8, size=6, batch=1, rounds=3, warmup=1)
@@ -40,9 +39,7 @@ QUICK = dict(channels=8, size=6, batch=1, rounds=3, warmup=1)
 
 def parse_args(argv=None):
     ap = bench_parser("bench_paired.py", __doc__)
-    ap.add_argument("--strategies", default="channel=2;filter=2;sample",
-                    help="';'-separated Strategy texts for the B steps (default "
-                         "'channel=2;filter=2;sample', for 2 ranks)")
+    add_strategies(ap, "channel=2;filter=2;sample", "for the B steps")
     ap.add_argument("--bucket-kb", type=int, default=1024,
                     help="GradientSync bucket size (1024: the block's two conv gradients "
                          "go into separate buckets, so the first overlaps)")
@@ -81,19 +78,12 @@ class _Case:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    pin_threads(1)  # one BLAS/OpenMP thread per rank
+    comm = paired_world()
+    check_fits(comm, args.strategy_list)
     import distconv as dc
-    from distconv.comm import world
-    from distconv.envinfo import blas_info, cpu_model, git_state
-    comm = world()
     p, me = comm.size, comm.rank
-    dc.set_default_dtype(np.float32)
-    for s in args.strategy_list:
-        comm.agree(strategy_fits(s, p), f"strategy {s!r} does not fit {p} ranks")
-    rng = np.random.default_rng(args.seed)
     shape = (args.batch, args.channels, args.size, args.size)
-    x_glob = rng.standard_normal(shape).astype(np.float32)
-    dy_glob = rng.standard_normal(shape).astype(np.float32)
+    x_glob, dy_glob = random_pair(args.seed, shape)
     single = _Case(args, self_strategy(), x_glob, dy_glob) if me == 0 else None
     cases = {s: _Case(args, dc.Strategy.parse(s), x_glob, dy_glob) for s in args.strategy_list}
     t_a, t_b = paired_rounds(comm, single.step if single else None,
@@ -115,13 +105,8 @@ def main(argv=None) -> int:
     if args.json:
         doc = {"benchmark": "bench_paired", "ranks": p, "shape": list(shape),
                "channels": args.channels, "rounds": args.rounds, "warmup": args.warmup,
-               "bucket_kb": args.bucket_kb, "one_rank_step_s": a.tolist(), "results": rows,
-               "cpu": cpu_model(), "blas": blas_info(), "git": git_state(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "command": " ".join(sys.argv)}
-        with open(args.json, "w") as fh:
-            json.dump(doc, fh, indent=1)
-        print(f"wrote {args.json}")
+               "bucket_kb": args.bucket_kb, "one_rank_step_s": a.tolist(), "results": rows}
+        write_results(args.json, doc)
     return 0
 
 

@@ -26,8 +26,6 @@ and writes ``--json``.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import sys
 import time
 
@@ -35,7 +33,8 @@ import numpy as np
 
 from distconv.bench.stats import paired_ratio
 from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
-from distconv.envinfo import pin_threads
+from distconv.bench.paired import check_fits, paired_world, random_pair
+from distconv.envinfo import write_results
 
 DEFAULTS = dict(channels=128, filters=128, size=28, batch=2, kernel=3, rounds=30, warmup=3)
 QUICK = dict(channels=4, filters=4, size=6, batch=2, kernel=3, rounds=3, warmup=1)
@@ -146,20 +145,12 @@ def report(args, times, shape, p) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    pin_threads(1)  # one BLAS/OpenMP thread per rank
-    import distconv as dc
-    from distconv.comm import world
-    from distconv.envinfo import blas_info, cpu_model, git_state
-    comm = world()
+    comm = paired_world()
     comm.agree(comm.size == 2, f"bench_placement.py runs on 2 ranks, got {comm.size}")
-    for s in args.plan_list:
-        comm.agree(_fits(s, comm.size), f"plan {s!r} does not fit {comm.size} ranks")
-    dc.set_default_dtype(np.float32)
-    rng = np.random.default_rng(args.seed)
+    check_fits(comm, args.plan_list, "plan")
     shape = (args.batch, args.channels, args.size, args.size)
-    x_glob = rng.standard_normal(shape).astype(np.float32)
-    dy_glob = rng.standard_normal((args.batch, 2 * args.filters, args.size, args.size)
-                                  ).astype(np.float32)
+    x_glob, dy_glob = random_pair(args.seed, shape,
+                                  (args.batch, 2 * args.filters, args.size, args.size))
     cases = {name: _Case(args, sa, sb, name == "placed", x_glob, dy_glob)
              for name, (sa, sb) in PLACED.items()}
     cases.update({s: _Case(args, s, s, False, x_glob, dy_glob) for s in args.plan_list})
@@ -168,22 +159,8 @@ def main(argv=None) -> int:
         return 0
     doc = report(args, times, shape, comm.size)
     if args.json:
-        doc.update({"cpu": cpu_model(), "blas": blas_info(), "git": git_state(),
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                    "command": " ".join(sys.argv)})
-        with open(args.json, "w") as fh:
-            json.dump(doc, fh, indent=1)
-        print(f"wrote {args.json}")
+        write_results(args.json, doc)
     return 0
-
-
-def _fits(text, p):
-    from distconv.strategy import Strategy
-    try:
-        Strategy.parse(text).check(p)
-        return True
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":

@@ -76,13 +76,12 @@ Only rank 0 prints and writes the JSON (``--out``).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import numpy as np
 
-from distconv.bench.cli import fill_defaults, require_positive
+from distconv.bench.cli import bench_parser, fill_defaults, positive_ints, require_positive
 from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(width=256, blocks="1,1", size=8, batch=4, classes=10, repeats=25, warmup=2,
@@ -92,9 +91,7 @@ QUICK = dict(width=8, blocks="1,1", size=8, batch=2, classes=4, repeats=2, warmu
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(
-        prog="bench_planner.py", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser("bench_planner.py", __doc__)
     ap.add_argument("--out", metavar="FILE", help="rank 0 writes every figure as JSON here")
     ap.add_argument("--quick", action="store_true",
                     help="CI-sized run: width 8, 8x8, batch 2, 2 repeats (seconds)")
@@ -162,12 +159,7 @@ def parse_args(argv=None):
         a.wait_quiet = 0.0 if a.quick else 600.0
     if a.max_repeats is None:
         a.max_repeats = a.repeats if a.quick else 4 * a.repeats
-    try:
-        a.blocks = [int(b) for b in str(a.blocks).split(",") if b.strip()]
-    except ValueError:
-        ap.error(f"--blocks must be integers separated by commas, got {a.blocks!r}")
-    if not a.blocks or min(a.blocks) < 1:
-        ap.error("--blocks needs at least one stage of at least one block")
+    a.blocks = positive_ints(ap, a.blocks, "--blocks")
     require_positive(ap, a, ("width", "size", "batch", "classes", "repeats", "calib_reps",
                              "compute_reps", "compute_rounds"))
     if a.model == "inception" and a.width % 4:

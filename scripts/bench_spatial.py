@@ -34,9 +34,7 @@ writes ``--json``.
 """
 from __future__ import annotations
 
-import datetime
 import gc
-import json
 import os
 import sys
 import time
@@ -44,10 +42,11 @@ import tracemalloc
 
 import numpy as np
 
-from distconv.bench.paired import paired_row, paired_rounds, strategy_fits
+from distconv.bench.paired import (check_fits, paired_row, paired_rounds, paired_world,
+                                   random_pair)
 from distconv.bench.runs import input_distribution, self_strategy
-from distconv.bench.cli import add_sized, bench_parser, parse_sized, split_list
-from distconv.envinfo import pin_threads
+from distconv.bench.cli import add_sized, add_strategies, bench_parser, parse_sized, split_list
+from distconv.envinfo import write_results
 
 DEFAULTS = dict(channels=64, size=256, layers=4, rounds=15, warmup=2)
 QUICK = dict(channels=4, size=12, layers=2, rounds=3, warmup=1)
@@ -55,9 +54,7 @@ QUICK = dict(channels=4, size=12, layers=2, rounds=3, warmup=1)
 
 def parse_args(argv=None):
     ap = bench_parser("bench_spatial.py", __doc__)
-    ap.add_argument("--strategies", default="height=2;channel=2;filter=2",
-                    help="';'-separated Strategy texts of the P-rank cases (default "
-                         "'height=2;channel=2;filter=2', for 2 ranks)")
+    add_strategies(ap, "height=2;channel=2;filter=2", "of the P-rank cases")
     ap.add_argument("--overlap", choices=("both", "on", "off"), default="both",
                     help="spatial cases with the halo exchange overlapped with the interior "
                          "of each conv, without, or both (default)")
@@ -209,19 +206,12 @@ def _report(args, shape, p, t_a, rows, mem, comm_s):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    pin_threads(1)  # one BLAS/OpenMP thread per rank
+    comm = paired_world()
+    check_fits(comm, args.strategy_list)
     import distconv as dc
-    from distconv.comm import world
-    from distconv.envinfo import blas_info, cpu_model, git_state
-    comm = world()
     p, me = comm.size, comm.rank
-    dc.set_default_dtype(np.float32)
-    for s in args.strategy_list:
-        comm.agree(strategy_fits(s, p), f"strategy {s!r} does not fit {p} ranks")
-    rng = np.random.default_rng(args.seed)
     shape = (1, args.channels, args.size, args.size)
-    x_glob = rng.standard_normal(shape).astype(np.float32)
-    dy_glob = rng.standard_normal(shape).astype(np.float32)
+    x_glob, dy_glob = random_pair(args.seed, shape)
     single = _Case(args, self_strategy(), x_glob, dy_glob) if me == 0 else None
     cases = _cases(args, dc, x_glob, dy_glob)
     load0 = os.getloadavg()
@@ -248,13 +238,8 @@ def main(argv=None) -> int:
                "one_rank_step_s": list(t_a), "one_rank_clean": res.clean_a,
                "clean_frac": args.clean_frac, "results": rows, "memory": mem,
                "comm_time_s_per_rank": comm_s,
-               "loadavg_before": load0, "loadavg_after": load1,
-               "cpu": cpu_model(), "blas": blas_info(), "git": git_state(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "command": " ".join(sys.argv)}
-        with open(args.json, "w") as fh:
-            json.dump(doc, fh, indent=1)
-        print(f"wrote {args.json}")
+               "loadavg_before": load0, "loadavg_after": load1}
+        write_results(args.json, doc)
     return 0
 
 

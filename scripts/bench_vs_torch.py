@@ -37,8 +37,6 @@ definitions, which ``distconv.models`` follows).
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import sys
@@ -46,6 +44,7 @@ import time
 
 import numpy as np
 
+from distconv.bench.cli import bench_parser, fill_defaults, positive_ints
 from distconv.bench.runs import input_distribution, plan_and_predict, self_strategy
 from distconv.envinfo import pin_threads
 
@@ -60,9 +59,7 @@ STRATEGY_TEXT = {"sample": "sample={p}", "channel": "sample=1,channel={p}",
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="bench_vs_torch.py", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser("bench_vs_torch.py", __doc__)
     ap.add_argument("--models", default=None,
                     help="comma-separated: resnet18 (CIFAR stem, 32x32), resnet50 (224x224) "
                          f"(default {DEFAULTS['models']!r})")
@@ -85,19 +82,12 @@ def parse_args(argv=None):
     ap.add_argument("--md", default=None, help="rank 0 writes a markdown table here")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    for k, v in DEFAULTS.items():
-        if getattr(a, k) is None:
-            setattr(a, k, QUICK[k] if a.quick else v)
+    fill_defaults(a, DEFAULTS, QUICK)
     a.model_list = [m.strip() for m in a.models.split(",") if m.strip()]
     bad = [m for m in a.model_list if m not in MODELS]
     if bad or not a.model_list:
         ap.error(f"--models: unknown {bad}; choose from {sorted(MODELS)}")
-    try:
-        a.batch_list = [int(b) for b in a.batches.split(",") if b.strip()]
-    except ValueError:
-        ap.error(f"--batches must be comma-separated integers, got {a.batches!r}")
-    if not a.batch_list or min(a.batch_list) < 1:
-        ap.error(f"--batches must be >= 1, got {a.batches!r}")
+    a.batch_list = positive_ints(ap, a.batches, "--batches")
     a.strategy_list = [s.strip() for s in a.strategies.split(",") if s.strip()]
     bad = [s for s in a.strategy_list if s not in (*STRATEGY_TEXT, "auto")]
     if bad:
@@ -317,7 +307,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     import distconv as dc
     from distconv.comm import world
-    from distconv.envinfo import blas_info, cpu_model, git_state
+    from distconv.envinfo import run_facts
     comm = world()
     p, me = comm.size, comm.rank
     dc.set_default_dtype(np.float32)
@@ -349,10 +339,7 @@ def main(argv=None) -> int:
         doc = {"benchmark": "bench_vs_torch", "ranks": p, "rounds": args.rounds,
                "warmup": args.warmup, "dtype": "float32", "optimizer":
                f"SGD lr={args.lr} momentum={args.momentum}", "groups": groups,
-               "torch": torch.__version__, "cpu": cpu_model(), "blas": blas_info(),
-               "git": git_state(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "command": " ".join(sys.argv)}
+               "torch": torch.__version__, **run_facts()}
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(doc, fh, indent=1)

@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shlex
 import sys
 import time
 
+from distconv.atomic import write_json
 from distconv.bench.models import default_shape, model_names
 from distconv.bench.study import run_case, source_info
 from distconv.bench.study_report import fmt_ratio, markdown
@@ -212,16 +212,6 @@ def document(args, machine, path, records, total_s) -> dict:
         "total_s": total_s,
         "records": records,
     }
-
-
-def write_json(path, doc):
-    """Write ``doc`` to ``path`` atomically (a temporary file renamed)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

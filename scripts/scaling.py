@@ -105,7 +105,7 @@ import sys
 
 from distconv.bench.scaling_report import (
     add_speedups, bytes_warnings, merge_reps, plot, summarize, write_csv)
-from distconv.bench.cli import fill_defaults, require_positive
+from distconv.bench.cli import bench_parser, fill_defaults, positive_ints, require_positive
 from distconv.envinfo import THREAD_ENV_VARS, pin_threads
 
 DEFAULTS = dict(ranks="1,2", strategies="sample;channel=2;filter=2;auto", batch=8, size=28,
@@ -114,9 +114,7 @@ QUICK = dict(ranks="1,2", strategies="sample", batch=4, size=6, channels=8, step
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        prog="scaling.py", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser("scaling.py", __doc__)
     ap.add_argument("--mode", choices=("strong", "weak"), default="strong")
     ap.add_argument("--ranks", default=None, help="rank counts, comma separated (default 1,2)")
     ap.add_argument("--strategies", default=None,
@@ -153,19 +151,9 @@ def parse_args(argv=None):
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     fill_defaults(a, DEFAULTS, QUICK)
-    require_positive(ap, a, ("batch", "size", "channels", "steps"))
-    if a.warmup < 0:
-        ap.error("--warmup must be >= 0")
-    if a.bucket_kb < 1:
-        ap.error("--bucket-kb must be >= 1")
-    if a.repeat < 1:
-        ap.error("--repeat must be >= 1")
-    try:
-        a.rank_list = [int(r) for r in str(a.ranks).split(",") if r.strip()]
-    except ValueError:
-        ap.error(f"--ranks: expected comma-separated integers, got {a.ranks!r}")
-    if not a.rank_list or min(a.rank_list) < 1:
-        ap.error("--ranks must list positive integers")
+    require_positive(ap, a, ("batch", "size", "channels", "steps", "bucket_kb", "repeat"),
+                     nonnegative=("warmup",))
+    a.rank_list = positive_ints(ap, a.ranks, "--ranks")
     a.strategy_list = [s.strip() for s in str(a.strategies).split(";")]
     a.strategy_list = [s if s else "sample" for s in a.strategy_list]
     return a

@@ -22,12 +22,32 @@ def require_positive(ap, args, names, nonnegative=()):
             ap.error(f"--{k.replace('_', '-')} must be >= {low}, got {v}")
 
 
+def add_strategies(ap, default: str, of: str) -> None:
+    """``--strategies``, the ``;``-separated Strategy texts ``of`` what (e.g. ``"of the
+    P-rank cases"``), ``default`` for 2 ranks; :func:`split_list` reads them."""
+    ap.add_argument("--strategies", default=default,
+                    help=f"';'-separated Strategy texts {of} (default {default!r}, for 2 ranks)")
+
+
 def split_list(ap, text: str, flag: str, required: bool = True) -> list:
     """The non-empty ``;``-separated items of ``text`` (``ap.error`` naming ``flag`` when
     there are none and ``required``)."""
     items = [s.strip() for s in text.split(";") if s.strip()]
     if required and not items:
         ap.error(f"{flag} names no strategy")
+    return items
+
+
+def positive_ints(ap, text, flag: str) -> list:
+    """The comma-separated integers of ``text``, at least one and every one >= 1
+    (``ap.error`` naming ``flag`` and ``text`` otherwise)."""
+    msg = f"{flag} must be positive integers separated by commas, got {text!r}"
+    try:
+        items = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        ap.error(msg)
+    if not items or min(items) < 1:
+        ap.error(msg)
     return items
 
 

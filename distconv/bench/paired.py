@@ -20,13 +20,43 @@ from .stats import is_clean, paired_ratio
 
 
 def strategy_fits(text: str, p: int) -> bool:
-    """True when ``Strategy.parse(text)`` resolves on ``p`` ranks."""
+    """True when ``Strategy.parse(text)`` fits a job of ``p`` ranks (its rank set, if it
+    names one, inside the job; :meth:`Strategy.check`)."""
     from ..strategy import Strategy
     try:
-        Strategy.parse(text).resolve(p)
+        Strategy.parse(text).check(p)
         return True
     except ValueError:
         return False
+
+
+def paired_world():
+    """The world communicator of a paired benchmark, set up: one BLAS/OpenMP thread per
+    rank (one rank stands for one device) and float32 as the default dtype."""
+    from ..backend import set_default_dtype
+    from ..comm import world
+    from ..envinfo import pin_threads
+    pin_threads(1)
+    comm = world()
+    set_default_dtype(np.float32)
+    return comm
+
+
+def check_fits(comm, texts, what: str = "strategy") -> None:
+    """``ValueError`` on every rank, ``"<what> '<text>' does not fit <P> ranks"``, unless
+    every Strategy text of ``texts`` fits the job (:func:`strategy_fits`)."""
+    for s in texts:
+        comm.agree(strategy_fits(s, comm.size), f"{what} {s!r} does not fit {comm.size} ranks")
+
+
+def random_pair(seed: int, x_shape, dy_shape=None):
+    """``(x, dy)``: float32 standard normal arrays of ``x_shape`` and ``dy_shape``
+    (default ``x_shape``), drawn in that order from ``default_rng(seed)``: the same global
+    input and output gradient on every rank."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    dy = rng.standard_normal(x_shape if dy_shape is None else dy_shape).astype(np.float32)
+    return x, dy
 
 
 class PairedTimes(NamedTuple):

@@ -70,6 +70,21 @@ def check_image_size(name, x, minimum):
                          f"needs at least {minimum[0]}x{minimum[1]}")
 
 
+class FeaturesClassifier(nn.Module):
+    """torchvision's plain CNN layout (AlexNet, VGG): ``features`` -> ``avgpool`` ->
+    ``flatten`` -> ``classifier``. A subclass builds those four and ``min_size`` (the
+    smallest (H, W) ``features`` accepts); a smaller input raises naming the class.
+
+    forward: x (N, C, H, W) -> the classifier's output (N, num_classes)."""
+
+    def forward(self, x):
+        check_image_size(type(self).__name__, x, self.min_size)
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = self.flatten(x)
+        return self.classifier(x)
+
+
 def _set_global(p, array):
     """Replace parameter ``p``'s value by ``array`` (the same global array on every rank)."""
     from ..nn.module import new_param

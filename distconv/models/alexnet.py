@@ -11,10 +11,10 @@ e.g. ``"features.3"``, ``"classifier"``; ``""`` sets the default), as the ResNet
 from __future__ import annotations
 
 from .. import nn
-from ._common import check_image_size, min_image_size, split_strategy
+from ._common import FeaturesClassifier, min_image_size, split_strategy
 
 
-class AlexNet(nn.Module):
+class AlexNet(FeaturesClassifier):
     """torchvision's AlexNet (the one-GPU variant of "One weird trick", 61.1 M parameters
     at 1000 classes). x: (N, in_channels, H, W), H and W >= 63 -> logits (N, num_classes).
 
@@ -60,13 +60,6 @@ class AlexNet(nn.Module):
         self.min_size = min_image_size(self.features)
         if plan is not None:
             self.set_strategy(plan)
-
-    def forward(self, x):
-        check_image_size("AlexNet", x, self.min_size)
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = self.flatten(x)
-        return self.classifier(x)
 
 
 def alexnet(num_classes=1000, **kw) -> AlexNet:

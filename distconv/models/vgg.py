@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .. import nn
 from ..nn.module import _init_rng
-from ._common import check_image_size, min_image_size, split_strategy, torchvision_vgg_init
+from ._common import FeaturesClassifier, min_image_size, split_strategy, torchvision_vgg_init
 
 #: torchvision's configurations: output channels of each 3x3 conv, "M" a 2x2 max pool.
 CFGS = {
@@ -41,7 +41,7 @@ def make_layers(cfg, batch_norm=False, in_channels=3, strategy=None):
     return nn.Sequential(*layers)
 
 
-class VGG(nn.Module):
+class VGG(FeaturesClassifier):
     """torchvision's VGG: ``features``, ``avgpool`` (adaptive to 7x7), ``classifier``
     (4096-4096 with dropout). x: (N, in_channels, H, W), H and W >= 32 -> (N, num_classes).
 
@@ -78,13 +78,6 @@ class VGG(nn.Module):
             torchvision_vgg_init(self, _init_rng())
         if plan is not None:
             self.set_strategy(plan)
-
-    def forward(self, x):
-        check_image_size("VGG", x, self.min_size)
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = self.flatten(x)
-        return self.classifier(x)
 
 
 def vgg11(num_classes=1000, **kw) -> VGG:

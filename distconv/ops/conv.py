@@ -47,8 +47,16 @@ from .geometry import ConvGeometry, conv2d_output_hw, pair  # noqa: F401  (re-ex
 _TARGET_COLS = 4096
 # Use the phase (extended-row) im2col when its wasted width (Wq - Wo) / Wo is at most this.
 _EXT_MAX_WASTE = 0.05
-# Backward-filter computes dw^T = cols @ dy^T when F is at most this (see there).
+# Backward-filter computes dw^T = cols @ dy^T when F is at most _BWF_SWAP_MAX_F and the
+# columns (N * L) are at least _BWF_SWAP_MIN_RATIO times F: F is the GEMM's short side.
 _BWF_SWAP_MAX_F = 128
+_BWF_SWAP_MIN_RATIO = 8
+# Relative per-element costs of the two backward-data forms of a stride-1 conv (_flip_pays),
+# fitted to ResNet-18 layers at batch 2 and 32 on one thread of the 2-core dev VM: copying
+# the flipped weight, an im2col run copy of dy, one col2im addition
+_FLIP_WEIGHT_COPY = 1.7
+_FLIP_COLS_COPY = 0.3
+_COL2IM_ADD = 1.0
 
 
 def _as_strided(xp, a, shape, strides):
@@ -305,12 +313,12 @@ def _flip_pays(g):
     """Whether backward-data of a stride-1 conv should run as a forward conv of dy with the
     flipped, transposed kernel (an im2col of dy, but a strided F*C*kh*kw weight copy every
     call) rather than ``W^T @ dy`` + col2im (no weight copy, kh*kw run additions).
-    Per-element costs fitted to ResNet-18 layers at batch 2 and 32 on the dev VM (one
-    thread): weight copy ~1.7, im2col run copy ~0.3, col2im addition ~1 (relative units);
-    the weight copy dominates when the batch is small (ResNet's late stages at batch 2
-    spent ~15 % of the step on it)."""
+    Per-element costs (:data:`_FLIP_WEIGHT_COPY`, :data:`_FLIP_COLS_COPY`,
+    :data:`_COL2IM_ADD`); the weight copy dominates when the batch is small (ResNet's late
+    stages at batch 2 spent ~15 % of the step on it)."""
     cols = g.N * g.Lc
-    return 1.7 * g.F * g.C + 0.3 * g.F * cols < 1.0 * g.C * cols
+    return (_FLIP_WEIGHT_COPY * g.F * g.C + _FLIP_COLS_COPY * g.F * cols
+            < _COL2IM_ADD * g.C * cols)
 
 
 def _backward_data_phase(xp, g, dy, w2):
@@ -424,7 +432,7 @@ def conv2d_backward_filter(x, dy, kernel_hw, stride=(1, 1), padding=(0, 0), dila
         return dw
     # Few filters: dw^T (K, F) = cols @ dy^T, the orientation OpenBLAS runs faster when F is
     # the short side (64 filters: ~1.3x on the dev VM), then one weight-sized transpose.
-    swap = F <= _BWF_SWAP_MAX_F and g.N * g.Lc >= 8 * F
+    swap = F <= _BWF_SWAP_MAX_F and g.N * g.Lc >= _BWF_SWAP_MIN_RATIO * F
     if swap:
         dwt = _workspace.get(xp, "bwf_dwt", (g.K, F), dt)
         first_t = True

@@ -71,16 +71,8 @@ def avg_pool2d_forward(x, kernel, stride=None, padding=(0, 0), *, ceil_mode=Fals
     if not _ck.is_gpu_array(x):
         return avg_pool2d_forward_numpy(x, kernel, stride, padding, ceil_mode=ceil_mode,
                                         count_include_pad=count_include_pad)
-    cp = _ck.cupy()
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
-        x.shape, kernel, stride, padding, ceil_mode)
-    suf = _ck.float_suffix(x.dtype)[0]
-    y = cp.empty((N, C, Ho, Wo), x.dtype)
-    if y.size:
-        _ck.launch(f"avg_pool2d_forward_{suf}", y.size,
-                (cp.ascontiguousarray(x), y, N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo,
-                 int(bool(count_include_pad))))
-    return y
+    return _avg_pool("forward", x, x.shape, kernel, stride, padding, ceil_mode,
+                     count_include_pad)
 
 
 def avg_pool2d_backward(dy, x_shape, kernel, stride=None, padding=(0, 0), *, ceil_mode=False,
@@ -89,14 +81,24 @@ def avg_pool2d_backward(dy, x_shape, kernel, stride=None, padding=(0, 0), *, cei
     if not _ck.is_gpu_array(dy):
         return avg_pool2d_backward_numpy(dy, x_shape, kernel, stride, padding,
                                          ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+    return _avg_pool("backward", dy, x_shape, kernel, stride, padding, ceil_mode,
+                     count_include_pad)
+
+
+def _avg_pool(direction, a, x_shape, kernel, stride, padding, ceil_mode, count_include_pad):
+    """Launch ``avg_pool2d_<direction>_<f|d>`` (``kernels/pool.cu``), one thread per output
+    element. ``"forward"``: ``a`` is x (N, C, H, W), returns y (N, C, Ho, Wo);
+    ``"backward"``: ``a`` is dy (N, C, Ho, Wo), checked, returns dx (N, C, H, W) of
+    ``x_shape``. Both kernels take (a, out, N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo,
+    count_include_pad)."""
     cp = _ck.cupy()
-    N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo = pool2d_geometry(
-        x_shape, kernel, stride, padding, ceil_mode)
-    _check_shape(dy, (N, C, Ho, Wo), "dy")
-    suf = _ck.float_suffix(dy.dtype)[0]
-    dx = cp.empty((N, C, H, W), dy.dtype)
-    if dx.size:
-        _ck.launch(f"avg_pool2d_backward_{suf}", dx.size,
-                (cp.ascontiguousarray(dy), dx, N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo,
-                 int(bool(count_include_pad))))
-    return dx
+    g = pool2d_geometry(x_shape, kernel, stride, padding, ceil_mode)
+    y_shape = (g.N, g.C, g.Ho, g.Wo)
+    if direction == "backward":
+        _check_shape(a, y_shape, "dy")
+    suf = _ck.float_suffix(a.dtype)[0]
+    out = cp.empty(y_shape if direction == "forward" else (g.N, g.C, g.H, g.W), a.dtype)
+    if out.size:
+        _ck.launch(f"avg_pool2d_{direction}_{suf}", out.size,
+                   (cp.ascontiguousarray(a), out, *g, int(bool(count_include_pad))))
+    return out
