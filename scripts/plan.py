@@ -234,6 +234,11 @@ def _add_search_args(p):
                    help="also search splits of height and width (Strategy(height=, "
                         "width=): halo exchanges priced by running the layers shape-only); "
                         "for large images at small batches, e.g. --model convstack2d")
+    p.add_argument("--placement", action="store_true",
+                   help="also place the branches of forks joined by a cat (Inception's "
+                        "towers) on disjoint halves and quarters of the ranks, running at "
+                        "the same time (Strategy(ranks=)); the model must dc.fork them, "
+                        "as --model inception_v3 does")
     p.add_argument("--no-overlap", action="store_true",
                    help="predict with gradient allreduces blocking in opt.step() instead of "
                         "overlapped with backward (train.py --no-overlap)")
@@ -343,7 +348,7 @@ def _search(args, model, in_shape, ranks, machine, compute, limit) -> dict:
                                min_gain=(auto.MIN_GAIN if args.min_gain is None
                                          else args.min_gain),
                                mcmc_budget=args.mcmc_budget, mcmc_seed=args.mcmc_seed,
-                               spatial=args.spatial)
+                               spatial=args.spatial, placement=args.placement)
     except ValueError as e:
         msg = str(e)
         if msg.startswith("no plan fits") or "memory limit" in msg:

@@ -106,6 +106,10 @@ def build_parser():
                    help="also run MCMC (FlexFlow's search) for S seconds from the fastest "
                         "predicted candidate of each case (0: no)")
     p.add_argument("--mcmc-seed", type=int, default=0)
+    p.add_argument("--placement", action="store_true",
+                   help="also plan each case with operator placement (plan_model(..., "
+                        "placement=True): a cat's branches on disjoint halves and quarters "
+                        "of the ranks) and report what it gains over the plan without it")
     p.add_argument("--no-overlap", action="store_true",
                    help="gradient allreduces blocking after backward instead of overlapped "
                         "with it (plan_model(..., overlap=False); OptCNN's cost model adds "
@@ -193,7 +197,11 @@ def _progress(i, total, case, rec) -> str:
             f"{rec['plan_model_s']:.1f} s"
             + (f", MCMC {rec['mcmc']['seconds']:.1f} s {rec['mcmc']['proposals']} "
                f"proposals gain {100 * (rec['mcmc']['gain'] - 1):.2f}%"
-               if rec.get("mcmc") else ""))
+               if rec.get("mcmc") else "")
+            + (f"; with placement {rec['placement']['step_s'] * 1e3:.2f} ms "
+               f"({rec['placement']['gain_over_unplaced']:.3f}x, placed "
+               f"{len(rec['placement']['placed_blocks'])} block(s), search "
+               f"{rec['placement']['search_s']:.1f} s)" if rec.get("placement") else ""))
 
 
 def document(args, machine, path, records, total_s) -> dict:
@@ -204,6 +212,7 @@ def document(args, machine, path, records, total_s) -> dict:
         "machine": machine.to_dict(), "machine_file": os.path.abspath(path),
         "optimizer": args.optimizer, "overlap": not args.no_overlap, "dtype": "float32",
         "mcmc_budget_s": args.mcmc_budget, "mcmc_seed": args.mcmc_seed,
+        "placement": args.placement,
         "source": source_info(args.source_commit),
         "command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -227,7 +236,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for i, (m, n, p, shp) in enumerate(cases):
         rec = run_case(m, n, p, shp, args.num_classes, machine, args.optimizer,
-                       args.mcmc_budget, args.mcmc_seed, not args.no_overlap)
+                       args.mcmc_budget, args.mcmc_seed, not args.no_overlap, args.placement)
         records.append(rec)
         print(_progress(i, len(cases), (m, n, p, shp), rec), flush=True)
     doc = document(args, machine, path, records, time.perf_counter() - t_all)

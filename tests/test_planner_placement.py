@@ -77,14 +77,14 @@ def test_dp_with_placement_equals_brute_force(which, p):
 def test_adding_parallel_branches_is_caught(monkeypatch):
     """Negative control: a DP that adds the placed branches' costs instead of taking the
     slowest disagrees with the brute force (whose walk takes the slowest)."""
-    from distconv.planner import search as S
-    orig = S.Planner._placed_branch
+    from distconv.planner import placement as P
+    orig = P.placed_branch
 
-    def added(self, it, i, dists, S_i, U, vmax):
-        got, info = orig(self, it, i, dists, S_i, U, np.full_like(vmax, -np.inf))
+    def added(planner, it, i, dists, S_i, U, vmax):
+        got, info = orig(planner, it, i, dists, S_i, U, np.full_like(vmax, -np.inf))
         return (got if np.isneginf(vmax).all() else vmax + got), info
 
-    monkeypatch.setattr(S.Planner, "_placed_branch", added)
+    monkeypatch.setattr(P, "placed_branch", added)
     with pytest.raises(AssertionError):
         _dp_vs_brute(_cost(_graph("two"), 2))
 
@@ -95,7 +95,9 @@ def _placed_plan(p):
     batch (disjoint: they run at the same time); at 2 ranks towers 1 and 3 on rank 0 and
     tower 2 on rank 1. The stem and the classifier on all ranks."""
     from distconv.planner.strategies import Placed
-    one = (lambda r: Placed(1, 1, 1, 1, 1, (r,), p))
+
+    def one(r):
+        return Placed(1, 1, 1, 1, 1, (r,), p)
     t3 = Placed(2, 1, 1, 1, 1, (2, 3), p) if p == 4 else one(0)
     plan = {"stem": (1, 1, p), "bn": (p, 1, 1), "b1": one(0), "b2.0": one(1),
             "b2.2": one(1), "b3": t3, "b3a": t3, "b3b": t3, "fc": (1, p, 1)}
@@ -127,3 +129,42 @@ def test_placed_plan_bytes_equal_measured(comm, shift):
         pred.update(graph_events(graph_of("incfork"), plan, world().rank, item=8))
     with pytest.raises(AssertionError):
         run_and_compare(comm, "incfork", None, perturb=perturb, plan=moved)
+
+
+def test_plan_model_places_towers_and_plan_files_keep_them(tmp_path):
+    """``plan_model(placement=True)`` on the forked Inception-style net returns placed
+    towers predicted faster than the best plan without placement; a plan file written with
+    ``meta.ranks`` reads back the same placed strategies (``ranks=`` texts)."""
+    from distconv.planner.auto import plan_model
+    from distconv.planner.planfile import load_plan, plan_to_json, save_plan
+    from distconv.planner.strategies import Placed
+    from tests.test_planner_dag import model
+    from tests.test_planner_search import MID, compute
+    m, shape = model("incfork")
+    kw = dict(min_gain=0.0, overlap=False)  # blocking allreduces: placement wins here
+    res = plan_model(m, shape, 4, MID, compute(), placement=True, **kw)
+    plain = plan_model(m, shape, 4, MID, compute(), **kw)
+    placed = {k: st for k, st in res["plan"].items() if isinstance(st, Placed)}
+    assert placed, res["plan"]
+    assert res["predicted"]["step_s"] < plain["predicted"]["step_s"]
+    assert any(r["kind"] == "placed" for r in res["predicted"]["layers"])
+    assert all("ranks=" in plan_to_json(placed)[k] for k in placed)
+    path = tmp_path / "plan.json"
+    save_plan(path, res["plan"], meta={"ranks": 4})
+    assert load_plan(path) == res["plan"]
+    assert all(isinstance(load_plan(path)[k], Placed) for k in placed)
+
+
+def test_plan_cli_placement_flag(tmp_path):
+    """``plan.py --placement`` writes placed strategies (``ranks=``) into the plan file."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, "scripts/plan.py", "--model", "inception_v3",
+                        "--batch", "4", "--ranks", "4", "--machine", "v100_ib", "--placement",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(out.read_text())["plan"]
+    assert any("ranks=" in v for v in plan.values())
+    assert "@" in r.stdout  # placed strategies in the usage line, e.g. "s1 c1 f1 @0"

@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 
-from distconv.planner.strategies import strategy_short as short_strategy
+from distconv.planner.strategies import as_strategy, strategy_short as short_strategy
 
 
 def strategy_usage(result) -> list:
@@ -19,10 +19,10 @@ def strategy_usage(result) -> list:
     kinds = {layer.name: layer.kind for layer in result["graph"].layers()}
     use: dict = {}
     for name, st in result["plan"].items():
-        d = use.setdefault(tuple(st), {})
+        d = use.setdefault(as_strategy(st), {})
         k = kinds.get(name, "?")
         d[k] = d.get(k, 0) + 1
-    return sorted(use.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    return sorted(use.items(), key=lambda kv: (-sum(kv[1].values()), short_strategy(kv[0])))
 
 
 def usage_text(result) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..selfrank import self_strategy  # noqa: F401  (the scripts' 1-rank strategy)
+from ..planner.strategies import as_strategy
 
 
 def input_distribution(model):
@@ -38,7 +39,7 @@ def plan_and_predict(comm, model, x_shape, fixed_plan=None, overlap=True):
         if compute.measured:
             compute.save()
         keys = ("step_s", "compute_s", "comm_s", "sync_s", "exposed_sync_s", "update_s")
-        res = ({k: tuple(v) for k, v in plan.items()}, {k: pred[k] for k in keys},
+        res = ({k: as_strategy(v) for k, v in plan.items()}, {k: pred[k] for k in keys},
                machine.notes)
     comm.idle_barrier()
     return comm.allgather_obj(res)[0]

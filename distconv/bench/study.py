@@ -90,7 +90,7 @@ def simulate_local_bn(cost, plan, overlap=True) -> float:
 
 
 def run_case(model_name, n, p, shape, classes, machine, optimizer, mcmc_budget=0.0,
-             mcmc_seed=0, overlap=True):
+             mcmc_seed=0, overlap=True, placement=False):
     from distconv.planner import auto
     from distconv.planner.costs import CostModel
     from distconv.planner.simulate import simulate
@@ -152,7 +152,36 @@ def run_case(model_name, n, p, shape, classes, machine, optimizer, mcmc_budget=0
         rec["mcmc"]["start"] = res["fastest"]
         rec["mcmc"]["speedup_vs_dp"] = dp["step_s"] / run["step_s"]
         rec["mcmc"]["search_plus_mcmc_s"] = res["search_s"] + run["seconds"]
+    if placement:
+        rec["placement"] = placement_record(model_name, n, p, shape, classes, machine,
+                                            optimizer, overlap, res)
     return rec
+
+
+def placement_record(model_name, n, p, shape, classes, machine, optimizer, overlap,
+                     plain) -> dict:
+    """``plan_model(placement=True)`` of the case against ``plain``, its result without
+    placement: the returned and the fastest predicted plans of each, the blocks whose
+    branches run on disjoint rank sets, and the search time."""
+    from distconv.planner import auto
+    from distconv.planner.strategies import Placed, strategy_text
+    model = build_model(model_name, shape, classes)
+    t0 = time.perf_counter()
+    res = auto.plan_model(model, (n,) + tuple(shape), p, machine, optimizer=optimizer,
+                          overlap=overlap, placement=True)
+    wall = time.perf_counter() - t0
+    step, base = res["predicted"]["step_s"], plain["predicted"]["step_s"]
+    fast = res["candidates"][res["fastest"]]
+    fast0 = plain["candidates"][plain["fastest"]]
+    return {"step_s": step, "speedup_vs_dp": res["speedup_vs_dp"], "chosen": res["chosen"],
+            "gain_over_unplaced": base / step,
+            "fastest_step_s": fast, "fastest_gain_over_unplaced": fast0 / fast,
+            "placed_blocks": [x["name"] for x in res["predicted"]["layers"]
+                              if x["kind"] == "placed"],
+            "placed_layers": sum(isinstance(st, Placed) for st in res["plan"].values()),
+            "search_s": res["search_s"], "plan_model_s": wall,
+            "plan_strategies": {k: (strategy_text(v) if isinstance(v, Placed)
+                                    else list(v)) for k, v in res["plan"].items()}}
 
 
 def source_info(commit=None) -> dict:

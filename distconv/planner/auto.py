@@ -52,7 +52,7 @@ MEASURE_ROUNDS = 3
 
 def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit=None,
                item=4, optimizer="sgd", overlap=True, min_gain=MIN_GAIN, mcmc_budget=0.0,
-               mcmc_seed=0, spatial=False) -> dict:
+               mcmc_seed=0, spatial=False, placement=False) -> dict:
     """Search the best per-layer plan of ``model`` for a global input ``in_shape``
     ``(N, C, H, W)`` on ``nranks`` ranks.
 
@@ -60,7 +60,10 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     ``compute``: :class:`.compute.ComputeModel` (default: fitted, nothing measured);
     ``memory_limit``: bytes per rank (default: the machine's ``memory_per_rank``);
     ``spatial``: also consider splits of H and W (``(s, 1, 1, h, w)``, see
-    :func:`.costs.factorizations`).
+    :func:`.costs.factorizations`);
+    ``placement``: the search may also run the branches of a fork joined by ``dc.cat`` at
+    the same time on disjoint contiguous halves and quarters of the ranks
+    (:func:`.placement.placed_block`; the model must fork them with :func:`distconv.fork`).
     A measuring ``compute`` with ``rounds > 1`` is refined (:meth:`.compute.ComputeModel.
     refine`) after a first search has measured every kernel shape.
 
@@ -100,13 +103,14 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     if compute is not None and compute.measure and getattr(compute, "rounds", 1) > 1:
         # one search measures every kernel shape a plan can use; time them all again in
         # sweeps (ComputeModel.refine) and plan from a cost model built on the result
-        search(cost, memory_limit)
+        search(cost, memory_limit, placement=placement)
         simulate(cost, dp_plan, overlap=overlap)
         if compute.refine():
             cost = CostModel(graph, nranks, machine, compute, item=item,
                              optimizer=optimizer, spatial=spatial)
     dp = simulate(cost, dp_plan, overlap=overlap)
-    sims, uniform, seconds = _candidates(cost, graph, dp, dp_plan, memory_limit, overlap)
+    sims, uniform, seconds = _candidates(cost, graph, dp, dp_plan, memory_limit, overlap,
+                                         placement)
     best = min(sims + uniform, key=_step)
     run = None
     if mcmc_budget and mcmc_budget > 0:
@@ -154,7 +158,7 @@ def _step(candidate) -> float:
     return candidate[2]["step_s"]
 
 
-def _candidates(cost, graph, dp, dp_plan, memory_limit, overlap):
+def _candidates(cost, graph, dp, dp_plan, memory_limit, overlap, placement=False):
     """``(searched, uniform, search seconds)``: ``[(name, plan, simulate(plan))]`` of the
     DP's plans (data parallelism first: a tie keeps the plainer plan) and of every
     uniform plan within the memory limit (data parallelism among them)."""
@@ -162,7 +166,7 @@ def _candidates(cost, graph, dp, dp_plan, memory_limit, overlap):
     if memory_limit is None or dp["memory"] <= memory_limit:
         cands.append(("data parallel", dp_plan))
     for w in (SYNC_WEIGHTS if overlap else (1.0,)):
-        res = search(cost, memory_limit, sync_weight=w)
+        res = search(cost, memory_limit, sync_weight=w, placement=placement)
         seconds += res["seconds"]
         cands.append((f"search (allreduce weight {w:g})", res["plan"]))
     sims = [(n, q, simulate(cost, q, overlap=overlap)) for n, q in cands]

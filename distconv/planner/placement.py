@@ -13,8 +13,14 @@ another.
 """
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
+
 from .graph import BlockSpec, _layers
-from .strategies import as_strategy, placement
+from .strategies import as_strategy, partitions, placed_factorizations, placement
+
+INF = float("inf")
 
 
 def first_strategic(items):
@@ -94,3 +100,114 @@ def group_tags(graph, plan, world) -> tuple:
                 layers[it.name] = tag
     rec(graph.items, None)
     return layers, blocks
+
+
+def placed_block(planner, it, dists, out, total, reds, outs):
+    """The cat block ``it`` with its branches on disjoint contiguous halves and
+    quarters of the job (:func:`.strategies.partitions`), running at the same time.
+
+    Each placed branch ``i`` on ranks ``R`` is reduced over the strategies on ``R``
+    (:func:`.strategies.placed_factorizations`) from where ``dc.fork`` puts its input
+    (its first strategic layer's activation layout; the move from entry state ``a``
+    is :meth:`.costs.CostModel.move`) to its share of the cat, whose output lies on
+    all ranks as grid ``(1, 1, p)``'s activations (:func:`distconv.functional.
+    cat_output_layout`): ``v_i[a]``, the least cost of the branch, its moves
+    included. Branches on disjoint ranks run at the same time, so the block costs
+    ``max_i v_i[a]`` plus the branches without strategic layers (pooling on the
+    input, run where it is). Where that beats the unplaced block at exit state
+    ``j*`` = ``(1, 1, p)``, ``total[a, j*]`` takes it (in place). Returns ``(j*,
+    mask over a, readback(a, plan))`` or ``None`` when no partition applies."""
+    from ..functional import cat_output_layout
+    from .events import act_dist
+    p, nd, K = planner.cost.p, len(it.in_shape), planner.K
+    sb = [i for i, br in enumerate(it.branches) if first_strategic(br) is not None]
+    parts = partitions(p, len(sb))
+    if (1, 1, p) not in planner.S or not parts:
+        return None
+    jstar = planner.S.index((1, 1, p))
+    free = [i for i in range(len(it.branches)) if i not in sb]
+    best, choice, infos = np.full(K, INF), np.zeros(K, dtype=int), []
+    for k, sets in enumerate(parts):
+        subs = {i: placed_factorizations(R, p) for i, R in zip(sb, sets)}
+        U = cat_output_layout([act_dist(subs[i][0], nd) if i in subs else outs[i][0]
+                               for i in range(len(it.branches))], 1)
+        if out[jstar] != U:
+            return None
+        v, info = np.full(K, -INF), {}
+        for i in sb:
+            v, info[i] = placed_branch(planner, it, i, dists, subs[i], U, v)
+        for i in free:  # runs on the entry layout: its tail and its cat share
+            v = v + np.diag(reds[i].total) + planner._vector(
+                ("catU", id(it), i, tuple(outs[i]), U),
+                lambda i=i: [planner.cost.cat_part(it, i, d, d, U) for d in outs[i]])
+        better = v < best
+        best[better], choice[better] = v[better], k
+        infos.append(info)
+    mask = best < total[:, jstar]
+    total[mask, jstar] = best[mask]
+
+    def readback(a, plan):
+        for i, (red, S_i, barg, targ) in infos[choice[a]].items():
+            b = int(barg[a])
+            red.readback(b, int(targ[b]), plan, S_i)
+        for i in free:
+            reds[i].readback(a, a, plan, planner.S)
+    return jstar, mask, readback
+
+def placed_branch(planner, it, i, dists, S_i, U, vmax):
+    """Branch ``i`` of ``it`` on the placed strategies ``S_i`` (see
+    :func:`placed_block`): ``(max(vmax, v_i), (reduction, S_i, best entry layout per
+    a, best exit per entry layout))``."""
+    from .events import act_dist
+    br, nd = it.branches[i], len(it.in_shape)
+    sub = type(planner)(planner.cost, planner.lam, planner.work_cap, planner.sync_weight,
+                      strategies=S_i)
+    di = [act_dist(b, nd) for b in S_i]
+    key = ("fork", tuple(it.in_shape), tuple(dists), tuple(di))
+
+    def fill():
+        T, Mm = np.empty((len(dists), len(di))), np.zeros((len(dists), len(di)))
+        for a, d in enumerate(dists):
+            for b, t in enumerate(di):
+                T[a, b] = planner.cost.move(it.in_shape, d, t).time
+        return T, Mm, np.zeros_like(T), np.zeros_like(T)
+    E = planner._combine(planner._tables(key, fill))
+    red, outs_i = sub._seq(br, di, first_strategic(br).name)
+    C = sub._vector(("catU", id(it), i, tuple(outs_i), U),
+                    lambda: [planner.cost.cat_part(it, i, d, d, U) for d in outs_i])
+    T2 = red.total + C[None, :]
+    targ = T2.argmin(axis=1)
+    S2 = E + T2[np.arange(len(di)), targ][None, :]
+    barg = S2.argmin(axis=1)
+    v = S2[np.arange(len(dists)), barg]
+    return np.maximum(vmax, v), (red, S_i, barg, targ)
+
+
+def layer_choices(cost, placement):
+    """``{layer name: candidate strategies}`` for each way of placing the cat blocks
+    (none placed first; a block inside a placed branch is not placed again)."""
+    names = cost.graph.strategic_names()
+    plain = {n: cost.strategies for n in names}
+    yield plain
+    if not placement:
+        return
+    blocks = [b for b in cost.graph.blocks() if b.op == "cat"]
+    modes = []
+    for b in blocks:
+        sb = [i for i, br in enumerate(b.branches) if first_strategic(br) is not None]
+        modes.append([None] + [dict(zip(sb, sets)) for sets in partitions(cost.p, len(sb))])
+    for combo in itertools.product(*modes):
+        if all(m is None for m in combo):
+            continue
+        choices, ok = dict(plain), True
+        for b, m in zip(blocks, combo):
+            if m is None:
+                continue
+            for i, R in m.items():
+                for layer in _layers(b.branches[i]):
+                    if layer.strategic:
+                        if choices[layer.name] is not plain[layer.name]:
+                            ok = False  # nested in another placed branch
+                        choices[layer.name] = placed_factorizations(R, cost.p)
+        if ok:
+            yield choices

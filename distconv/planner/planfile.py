@@ -10,8 +10,10 @@ is read as a plan too, which is what a user writes by hand)::
               "machine": "v100_ib", ...}}
 
 Strategy values are :meth:`distconv.Strategy.parse` texts naming all three of
-``sample``, ``channel`` and ``filter``, or objects ``{"sample": s, "channel": c,
-"filter": f}``; layer names are those of ``model.named_modules()``.
+``sample``, ``channel`` and ``filter`` (and ``ranks`` for a layer placed on some ranks,
+e.g. ``"sample=1,channel=1,filter=2,ranks=0-1"``; ``meta.ranks`` is then the job's size),
+or objects ``{"sample": s, "channel": c, "filter": f}``; layer names are those of
+``model.named_modules()``.
 """
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ import json
 import os
 
 from ..atomic import write_text
-from .strategies import parse_strategy, strategy_text, to_strategy
+from .strategies import as_strategy, parse_strategy, strategy_text, to_strategy
 
 
 def plan_to_json(plan: dict) -> dict:
     """``{name: (s, c, f)}`` -> ``{name: "sample=s,channel=c,filter=f"}``."""
-    return {str(k): strategy_text(tuple(v)) for k, v in plan.items()}
+    return {str(k): strategy_text(as_strategy(v)) for k, v in plan.items()}
 
 
 def plan_from_json(obj, where: str = "plan") -> dict:
@@ -32,7 +34,11 @@ def plan_from_json(obj, where: str = "plan") -> dict:
 
     ``ValueError`` naming ``where`` and the bad entry if it is not a plan.
     """
+    world = None
     if isinstance(obj, dict) and isinstance(obj.get("plan"), dict):
+        meta = obj.get("meta")
+        if isinstance(meta, dict) and isinstance(meta.get("ranks"), int):
+            world = meta["ranks"]
         obj = obj["plan"]
     if not isinstance(obj, dict) or not obj:
         raise ValueError(f"{where}: expected a JSON object mapping layer names to strategies, "
@@ -40,7 +46,7 @@ def plan_from_json(obj, where: str = "plan") -> dict:
     out = {}
     for k, v in obj.items():
         try:
-            out[str(k)] = parse_strategy(v)
+            out[str(k)] = parse_strategy(v, world)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: layer {k!r}: {e}") from None
     return out
