@@ -114,7 +114,8 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     best = min(sims + uniform, key=_step)
     run = None
     if mcmc_budget and mcmc_budget > 0:
-        run, best = _refine(cost, best, sims, mcmc_budget, mcmc_seed, memory_limit, overlap)
+        run, best = _refine(cost, best, sims, mcmc_budget, mcmc_seed, memory_limit, overlap,
+                            placement)
     name, plan, pred = best
     if uniform:
         u = min(uniform, key=_step)
@@ -134,12 +135,17 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
             "cost": cost, "graph": graph}
 
 
-def _refine(cost, best, sims, budget, seed, memory_limit, overlap):
+def _refine(cost, best, sims, budget, seed, memory_limit, overlap, placement=False):
     """MCMC from candidate ``best``: ``(the run, the new best candidate)``; a better plan
-    joins ``sims`` as ``"mcmc"``."""
+    joins ``sims`` as ``"mcmc"``. With ``placement`` the layers of forked branches may
+    also move to the halves and quarters of the ranks (:func:`.placement.
+    placement_choices`), and whole forks to the DP's partitions (:func:`.placement.
+    placement_moves`)."""
     from .mcmc import mcmc
+    from .placement import placement_choices, placement_moves
     run = mcmc(cost, best[1], float(budget), seed=seed, memory_limit=memory_limit,
-               overlap=overlap)
+               overlap=overlap, choices=placement_choices(cost) if placement else None,
+               group_moves=placement_moves(cost) if placement else None)
     run["start"] = best[0]
     if run["step_s"] < _step(best):
         best = ("mcmc", run["plan"], simulate(cost, run["plan"], overlap=overlap))

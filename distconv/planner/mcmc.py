@@ -14,11 +14,11 @@ minimises an additive cost. :func:`mcmc` starts from a plan (``plan_model`` give
 fastest searched or uniform candidate) and returns a plan that is never slower than
 that start under the simulator.
 
-A *move* changes layers' *configurations*: today a configuration is a strategy
-``(s, c, f)`` from ``cost.strategies``; the candidate configurations per layer are the
-``choices`` mapping, so operator placements (a strategy on a subset of ranks) can be
-added later by listing them there, with no change to the chain itself. Two kinds of
-move, as FlexFlow's ``FFModel::rewrite``:
+A *move* changes layers' *configurations*: a configuration is a strategy from
+``cost.strategies`` or, with operator placement, a strategy on a subset of the ranks
+(:class:`.strategies.Placed`); the candidate configurations per layer are the
+``choices`` mapping. Two kinds of move, as FlexFlow's ``FFModel::rewrite``, and a third
+for placement:
 
 * (3/4 of proposals) one strategic layer, drawn uniformly, gets another of its
   configurations, drawn uniformly (the move of the SysML19 paper);
@@ -30,6 +30,12 @@ move, as FlexFlow's ``FFModel::rewrite``:
   that share an activation layout) are often separated by single-layer changes that
   add a redistribution each and cost tens of % (``tests/test_planner_mcmc.py`` has
   one, on 4 ranks, where every single change from the DP's plan is ~30 % slower).
+* (``GROUP_MOVE`` = 1/10 of proposals, only when ``group_moves`` are given) a group
+  move: one fork's branches all at once, each branch's layers set to one configuration
+  drawn from its list (:func:`.placement.placement_moves`: the branches on disjoint
+  halves and quarters of the ranks, or the whole block back on all ranks). Placing
+  towers one layer at a time passes through plans where a tower straddles two rank
+  sets and the towers run one after another, each such step slower.
 
 **beta.** ``delta_t`` is in seconds, so a fixed ``beta`` would mean something different
 for a 2 ms step and a 2 s one. By default ``beta = BETA_SCALE / start_step`` with
@@ -76,6 +82,9 @@ RESTART_EVERY = 500
 PROPAGATE = 0.25
 CONTINUE_PROPAGATION = 0.75
 
+#: share of proposals that are group moves (placing a fork's branches), when given
+GROUP_MOVE = 0.1
+
 
 def default_choices(cost) -> dict:
     """``{layer name: [configuration, ...]}``: every strategy of ``cost`` for every
@@ -85,7 +94,7 @@ def default_choices(cost) -> dict:
 
 def mcmc(cost, start_plan, budget_s, beta=None, seed=0, memory_limit=None,
          max_proposals=None, restart_every=RESTART_EVERY, propagate=PROPAGATE, overlap=True,
-         choices=None, objective=None) -> dict:
+         choices=None, objective=None, group_moves=None) -> dict:
     """Refine ``start_plan`` by Metropolis–Hastings on the simulated step time.
 
     ``cost``: a :class:`.costs.CostModel`; ``start_plan``: ``{layer name: (s, c, f)}``
@@ -97,7 +106,9 @@ def mcmc(cost, start_plan, budget_s, beta=None, seed=0, memory_limit=None,
     budget); ``restart_every``: proposals between restarts from the best plan (``None``
     or 0: never); ``overlap``: passed to :func:`.simulate.simulate`; ``choices``:
     ``{layer: [configuration, ...]}`` (default :func:`default_choices`); ``objective``:
-    ``plan -> (step seconds, memory bytes)`` (default the simulator's; tests only).
+    ``plan -> (step seconds, memory bytes)`` (default the simulator's; tests only);
+    ``group_moves``: ``[[alternative, ...], ...]``, each alternative ``[(layer names,
+    [configuration, ...]), ...]`` (see the module docstring; default none).
 
     Returns ``{"plan": best plan, "step_s": its simulated step, "start_step_s",
     "gain": start / best step, "memory": best plan's bytes per rank, "proposals",
@@ -139,7 +150,10 @@ def mcmc(cost, start_plan, budget_s, beta=None, seed=0, memory_limit=None,
             cur, cur_t = dict(best), best_t
             since = 0
             restarts += 1
-        nxt = _propose(rng, cur, names, where, choices, propagate)
+        if group_moves and rng.random() < GROUP_MOVE:
+            nxt = _group_move(rng, cur, group_moves)
+        else:
+            nxt = _propose(rng, cur, names, where, choices, propagate)
         props += 1
         since += 1
         if nxt is None:  # a propagation that changed nothing: counted, never simulated
@@ -192,3 +206,15 @@ def _propose(rng, cur, names, where, choices, propagate):
         k += k >= i_old
     nxt[name] = opts[k]
     return nxt
+
+
+def _group_move(rng, cur, group_moves):
+    """One alternative of one group applied to ``cur`` (None if it changes nothing)."""
+    group = group_moves[rng.randrange(len(group_moves))]
+    nxt = dict(cur)
+    for layers, confs in group[rng.randrange(len(group))]:
+        conf = confs[rng.randrange(len(confs))]
+        for n in layers:
+            nxt[n] = conf
+    return None if nxt == cur else nxt
+

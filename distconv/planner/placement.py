@@ -18,7 +18,8 @@ import itertools
 import numpy as np
 
 from .graph import BlockSpec, _layers
-from .strategies import as_strategy, partitions, placed_factorizations, placement
+from .strategies import (as_strategy, partitions, placed_factorizations, placement,
+                         rank_sets)
 
 INF = float("inf")
 
@@ -211,3 +212,42 @@ def layer_choices(cost, placement):
                         choices[layer.name] = placed_factorizations(R, cost.p)
         if ok:
             yield choices
+
+
+def placement_choices(cost) -> dict:
+    """MCMC's configurations (:func:`.mcmc.mcmc` ``choices``) with placement: every
+    strategy of ``cost`` for every strategic layer and, for the layers of a cat block's
+    branches, also every strategy on each contiguous half and quarter of the ranks
+    (:func:`.strategies.rank_sets`); :func:`.simulate.walk` runs branches whose layers
+    end up on disjoint rank sets at the same time."""
+    placed = [st for R in rank_sets(cost.p) for st in placed_factorizations(R, cost.p)]
+    out = {n: list(cost.strategies) for n in cost.graph.strategic_names()}
+    for b in cost.graph.blocks():
+        if b.op == "cat":
+            for br in b.branches:
+                for layer in _layers(br):
+                    if layer.strategic:
+                        out[layer.name] = list(cost.strategies) + placed
+    return out
+
+
+def placement_moves(cost) -> list:
+    """MCMC's group moves with placement (:func:`.mcmc.mcmc` ``group_moves``): per cat
+    block, its strategic branches on each partition the DP considers
+    (:func:`.strategies.partitions`; each branch's layers get one strategy of its rank
+    set), or the whole block on all ranks under one of ``cost.strategies``."""
+    out = []
+    for b in cost.graph.blocks():
+        if b.op != "cat":
+            continue
+        sb = [[x.name for x in _layers(br) if x.strategic] for br in b.branches]
+        sb = [names for names in sb if names]
+        parts = partitions(cost.p, len(sb))
+        if not parts:
+            continue
+        alts = [[(sum(sb, []), list(cost.strategies))]]
+        alts += [[(names, placed_factorizations(R, cost.p)) for names, R in zip(sb, sets)]
+                 for sets in parts]
+        out.append(alts)
+    return out
+
