@@ -112,8 +112,11 @@ def _chosen(name: str) -> str:
     if name.startswith("uniform "):  # "uniform sample=s,channel=c,filter=f" -> "U s.c.f."
         v = [kv.split("=")[1] for kv in name.split(" ", 1)[1].split(",")]
         return f"U s{v[0]}c{v[1]}f{v[2]}"
+    placed = name.endswith(", placement)")  # a search with operator placement: "+P"
+    if placed:
+        name = name[:-len(", placement)")] + ")"
     w = name.rsplit(" ", 1)[-1].rstrip(")")
-    return {"1": "w1", "0.5": "w1/2", "0": "w0"}.get(w, name)
+    return {"1": "w1", "0.5": "w1/2", "0": "w0"}.get(w, name) + ("+P" if placed else "")
 
 
 def _is_dp(r) -> bool:

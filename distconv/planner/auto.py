@@ -172,9 +172,13 @@ def _candidates(cost, graph, dp, dp_plan, memory_limit, overlap, placement=False
     if memory_limit is None or dp["memory"] <= memory_limit:
         cands.append(("data parallel", dp_plan))
     for w in (SYNC_WEIGHTS if overlap else (1.0,)):
-        res = search(cost, memory_limit, sync_weight=w, placement=placement)
-        seconds += res["seconds"]
-        cands.append((f"search (allreduce weight {w:g})", res["plan"]))
+        # with placement the plans without it stay candidates: the search minimises an
+        # additive cost, and a placed plan that wins there may lose in the simulator
+        for placed in ((False, True) if placement else (False,)):
+            res = search(cost, memory_limit, sync_weight=w, placement=placed)
+            seconds += res["seconds"]
+            cands.append((f"search (allreduce weight {w:g}{', placement' if placed else ''})",
+                          res["plan"]))
     sims = [(n, q, simulate(cost, q, overlap=overlap)) for n, q in cands]
     uniform = [sm for sm in sims if sm[0] == "data parallel"]
     for st in cost.strategies:  # cheap: every layer's costs are cached by the searches
