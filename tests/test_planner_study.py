@@ -49,3 +49,25 @@ def test_small_study(tmp_path):
     text = md.read_text()
     assert "| chosen |" in text and "fastest" in text
     assert "| features | classifier |" in text and "| DP + MCMC s |" in text
+
+
+def test_placement_study(tmp_path):
+    """``--placement``: Inception-v3 on 4 ranks at 1 and 2 images per rank; each record
+    compares the plan with placement against the plan without it (never slower: the
+    searches without placement stay candidates) and the Markdown has its table."""
+    out, md = tmp_path / "p.json", tmp_path / "p.md"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--models", "inception_v3", "--ranks",
+                        "4", "--per-gpu", "1,2", "--global-batch", "none", "--extra", "none",
+                        "--placement", "--machine", "v100_ib", "--json", str(out),
+                        "--markdown", str(md)],
+                       capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = json.loads(out.read_text())["records"]
+    assert len(recs) == 2 and json.loads(out.read_text())["placement"] is True
+    for rec in recs:
+        pl = rec["placement"]
+        assert pl["step_s"] <= rec["plan"]["step_s"] * (1 + 1e-12)
+        assert pl["gain_over_unplaced"] >= 1.0 - 1e-12
+        assert (pl["placed_layers"] > 0) == bool(pl["placed_blocks"])
+    assert any(rec["placement"]["placed_blocks"] for rec in recs)  # 4 ranks, 1-2 per rank
+    assert "Operator placement" in md.read_text()
