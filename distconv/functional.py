@@ -138,8 +138,10 @@ def fork(x: DistTensor, branches) -> list:
     identity per branch). A branch on ``x``'s own ranks gets ``x`` itself: its layers move
     it as they would without the fork (same bytes, same plan).
 
-    x: a DistTensor; branches: Modules or Distributions (:func:`branch_input`). Returns one
-    tensor per branch, each of ``x``'s shape, to be passed to that branch::
+    x: a DistTensor, or a global array (the model's own input, as a layer accepts it: every
+    branch's first layer takes its block of it, so it is passed to each as it is);
+    branches: Modules or Distributions (:func:`branch_input`). Returns one tensor per
+    branch, each of ``x``'s shape, to be passed to that branch::
 
         xa, xb = dc.fork(x, [branch_a, branch_b])
         y = dc.cat([branch_a(xa), branch_b(xb)])
@@ -155,7 +157,12 @@ def fork(x: DistTensor, branches) -> list:
     ready node first), so the branches' backward passes overlap too.
     """
     if not isinstance(x, DistTensor):
-        raise TypeError(f"fork: expected a DistTensor, got {type(x).__name__}")
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(f"fork: expected a DistTensor or a global array, got "
+                            f"{type(x).__name__}")
+        if not list(branches):
+            raise ValueError("fork: expected a non-empty sequence of branches")
+        return [x for _ in branches]
     src = x.distribution.replace(pending=())
     plain = x.redistribute(src) if x.distribution.pending else x
     wants = [branch_input(b) for b in branches]

@@ -23,6 +23,10 @@ Every rank uses ONE BLAS thread (one rank stands for one device). Rank 0 prints 
 CPU time -- the maximum over ranks of each process's CPU seconds, which leaves out the
 time other processes of a loaded machine held the core but counts MPI's busy-waiting)
 and writes ``--json``.
+
+``--predict``: the planner's step of every plan too (``planner.simulate`` with ``x``
+replicated as here, links calibrated on this job, kernels measured on rank 0 with one
+thread and cached), and its predicted speedup over ``one_rank`` beside the measured one.
 """
 from __future__ import annotations
 
@@ -47,6 +51,10 @@ def parse_args(argv=None):
     ap.add_argument("--plans", default="channel=2;filter=2;sample=2",
                     help="';'-separated Strategy texts of the unplaced plans, used by both "
                          "convs (default 'channel=2;filter=2;sample=2')")
+    ap.add_argument("--predict", action="store_true",
+                    help="also predict each plan's step with the planner (links calibrated "
+                         "on this job, kernels measured on rank 0) and print the predicted "
+                         "speedups over one_rank beside the measured ones")
     add_sized(ap, (("channels", "C of the input"), ("filters", "F of each branch"),
                    ("size", "H = W"), ("batch", "global batch N"), ("kernel", "k"),
                    ("rounds", "timed rounds"), ("warmup", "untimed rounds first")),
@@ -101,6 +109,38 @@ class _Case:
         return time.perf_counter() - t0, time.process_time() - c0
 
 
+def predict(comm, args, shape, plans) -> dict:
+    """``{plan: predicted step seconds}`` (on every rank): ``plans`` ``{name: (strategy
+    text of a, of b)}`` simulated on this job's calibrated links with ``x`` replicated."""
+    from distconv.distribution import Distribution
+    from distconv.planner.auto import MEASURE_ROUNDS, default_cache_path
+    from distconv.planner.commmodel import VGrid
+    from distconv.planner.compute import ComputeModel
+    from distconv.planner.costs import CostModel
+    from distconv.planner.graph import trace
+    from distconv.planner.machine import calibrate
+    from distconv.planner.simulate import simulate
+    from distconv.planner.strategies import from_strategy
+    from distconv.strategy import Strategy
+    machine = calibrate(comm)
+    out = None
+    if comm.rank == 0:
+        compute = ComputeModel(cache_path=default_cache_path(), threads=1,
+                               rounds=MEASURE_ROUNDS)
+        cost = CostModel(trace(build(args, None, None, True), shape), comm.size, machine,
+                         compute)
+        rep = Distribution(VGrid((comm.size, 1, 1)), [None] * len(shape))
+        out = {}
+        for name, (sa, sb) in plans.items():
+            plan = {"a": from_strategy(Strategy.parse(sa), comm.size),
+                    "b": from_strategy(Strategy.parse(sb), comm.size)}
+            out[name] = simulate(cost, plan, input_dist=rep)["step_s"]
+        if compute.measured:
+            compute.save()
+    comm.idle_barrier()
+    return comm.allgather_obj(out)[0]
+
+
 def run_rounds(comm, cases, args):
     """``{plan: [(wall, CPU) per round]}``, each the maximum over ranks, plans interleaved
     per round."""
@@ -117,7 +157,7 @@ def run_rounds(comm, cases, args):
     return times
 
 
-def report(args, times, shape, p) -> dict:
+def report(args, times, shape, p, predicted=None) -> dict:
     base = np.array(times["one_rank"])
     rows = []
     for name, t in times.items():
@@ -129,6 +169,9 @@ def report(args, times, shape, p) -> dict:
                      "q1_ms": float(np.percentile(t, 25)) * 1e3,
                      "q3_ms": float(np.percentile(t, 75)) * 1e3,
                      **paired_ratio(base[:, 0], t), **cpu, "step_s": t.tolist()})
+        if predicted:
+            rows[-1]["predicted_ms"] = predicted[name] * 1e3
+            rows[-1]["predicted_speedup"] = predicted["one_rank"] / predicted[name]
     print(f"two {args.kernel}x{args.kernel} convs {args.channels}->{args.filters} on {shape}, "
           f"joined by cat; {p} ranks x 1 thread, {args.rounds} interleaved rounds")
     print(f"{'plan':<10} {'median ms':>10} {'(q1-q3)':>17} {'vs one_rank (q1-q3)':>22} "
@@ -137,7 +180,9 @@ def report(args, times, shape, p) -> dict:
         print(f"{r['plan']:<10} {r['median_ms']:>10.1f} ({r['q1_ms']:7.1f}-{r['q3_ms']:7.1f}) "
               f"{r['speedup_paired_median']:>9.2f} ({r['speedup_paired_q1']:.2f}-"
               f"{r['speedup_paired_q3']:.2f}) {r['speedup_ratio_of_medians']:>17.2f} "
-              f"{r['cpu_speedup_paired_median']:>15.2f}")
+              f"{r['cpu_speedup_paired_median']:>15.2f}"
+              + (f"   predicted {r['predicted_ms']:.1f} ms, {r['predicted_speedup']:.2f}x"
+                 if predicted else ""))
     return {"benchmark": "bench_placement", "ranks": p, "shape": list(shape),
             "filters": args.filters, "kernel": args.kernel, "rounds": args.rounds,
             "warmup": args.warmup, "results": rows}
@@ -154,10 +199,15 @@ def main(argv=None) -> int:
     cases = {name: _Case(args, sa, sb, name == "placed", x_glob, dy_glob)
              for name, (sa, sb) in PLACED.items()}
     cases.update({s: _Case(args, s, s, False, x_glob, dy_glob) for s in args.plan_list})
+    predicted = None
+    if args.predict:
+        plans = dict(PLACED)
+        plans.update({s: (s, s) for s in args.plan_list})
+        predicted = predict(comm, args, shape, plans)
     times = run_rounds(comm, cases, args)
     if comm.rank != 0:
         return 0
-    doc = report(args, times, shape, comm.size)
+    doc = report(args, times, shape, comm.size, predicted)
     if args.json:
         write_results(args.json, doc)
     return 0

@@ -19,8 +19,10 @@ from __future__ import annotations
 from .strategies import as_strategy
 
 
-def walk(cost, plan: dict, detail: bool = False) -> list:
-    """``[(name, kind, LayerCost, strategy or None), ...]`` in execution order.
+def walk(cost, plan: dict, detail: bool = False, input_dist=None) -> list:
+    """``[(name, kind, LayerCost, strategy or None), ...]`` in execution order, the input
+    in ``input_dist`` (default: where the first strategic layer computes, as
+    ``DistLoader`` delivers it).
 
     Branches placed on disjoint rank sets (:mod:`.placement`) run at the same time: their
     rows (``dc.fork``'s move onto the branch's ranks, its layers, its share of the cat)
@@ -34,7 +36,7 @@ def walk(cost, plan: dict, detail: bool = False) -> list:
     missing = [n for n in graph.strategic_names() if n not in plan]
     if missing:
         raise ValueError(f"the plan has no strategy for layers {missing}")
-    dist = cost.input_dist(plan[first.name])
+    dist = cost.input_dist(plan[first.name]) if input_dist is None else input_dist
     ltag, btag = group_tags(graph, plan, cost.p)
 
     def one(layer, d):
@@ -120,17 +122,17 @@ def additive_time(cost, plan) -> float:
     return sum(c.time for _, _, c, _ in walk(cost, plan))
 
 
-def plan_memory(cost, plan) -> int:
+def plan_memory(cost, plan, input_dist=None) -> int:
     """Bytes per rank: parameters with gradients and optimizer state, what backward keeps,
     plus the largest transient workspace."""
-    rows = walk(cost, plan)
+    rows = walk(cost, plan, input_dist=input_dist)
     return sum(c.mem for _, _, c, _ in rows) + max((c.work for _, _, c, _ in rows), default=0)
 
 
-def simulate(cost, plan, overlap: bool = True) -> dict:
+def simulate(cost, plan, overlap: bool = True, input_dist=None) -> dict:
     """Predicted step of ``plan``: ``{"step_s", "compute_s", "comm_s", "sync_s",
     "exposed_sync_s", "update_s", "memory", "layers": [...]}``."""
-    rows = walk(cost, plan)
+    rows = walk(cost, plan, input_dist=input_dist)
     t = 0.0
     for _, _, c, _ in rows:
         t += c.compute_fwd + c.comm_fwd
@@ -158,4 +160,4 @@ def simulate(cost, plan, overlap: bool = True) -> dict:
             "compute_s": sum(c.compute_fwd + c.compute_bwd for _, _, c, _ in rows),
             "comm_s": sum(c.comm_fwd + c.comm_bwd for _, _, c, _ in rows),
             "sync_s": sum(c.sync for _, _, c, _ in rows), "exposed_sync_s": exposed,
-            "update_s": update, "memory": plan_memory(cost, plan), "layers": layers}
+            "update_s": update, "memory": plan_memory(cost, plan, input_dist), "layers": layers}

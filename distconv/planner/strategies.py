@@ -140,6 +140,15 @@ def parse_strategy(text, world=None) -> tuple:
     return (s.sample, s.channel, s.filter)
 
 
+def from_strategy(s, world: int) -> tuple:
+    """The planner's tuple of :class:`distconv.Strategy` ``s`` in a job of ``world`` ranks
+    (``sample=None`` resolved over its rank set; ``ValueError`` if it does not fit)."""
+    shape = s.check(int(world))
+    if s.ranks is not None:
+        return Placed(*(tuple(shape) + (1, 1))[:5], tuple(s.ranks), int(world))
+    return tuple(shape)
+
+
 def is_spatial(st) -> bool:
     """True for a strategy tuple that splits H or W (``h*w > 1``)."""
     return st is not None and len(st) >= 5 and st[3] * st[4] > 1
