@@ -22,8 +22,8 @@ def test_help():
 
 def test_quick_two_ranks_writes_interleaved_rounds(tmp_path):
     out = tmp_path / "p.json"
-    r = run_mpi_script(str(SCRIPT), 2, 90, args=["--quick", "--rounds", "4", "--json", str(out)],
-                       cwd=str(ROOT))
+    r = run_mpi_script(str(SCRIPT), 2, 150, args=["--quick", "--rounds", "4", "--predict",
+                                                  "--json", str(out)], cwd=str(ROOT))
     assert r.returncode == 0, f"stdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
     doc = json.loads(out.read_text())
     assert doc["ranks"] == 2
@@ -32,7 +32,9 @@ def test_quick_two_ranks_writes_interleaved_rounds(tmp_path):
     for x in doc["results"]:
         assert len(x["step_s"]) == 4 and all(t > 0 and math.isfinite(t) for t in x["step_s"])
         assert x["speedup_paired_q1"] <= x["speedup_paired_median"] <= x["speedup_paired_q3"]
-    assert "vs one_rank" in r.stdout
+        assert x["predicted_ms"] > 0 and math.isfinite(x["predicted_speedup"])
+    assert doc["results"][1]["predicted_speedup"] == 1.0  # one_rank is the baseline
+    assert "vs one_rank" in r.stdout and "predicted" in r.stdout
 
 
 def test_wrong_rank_count_fails_on_every_rank():

@@ -74,3 +74,17 @@ def test_grid_ranks_must_be_distinct_ranks_of_the_communicator():
         ProcessGrid(None, (1,), ("sample",), ranks=(3,))
     g = ProcessGrid(None, (1,), ("sample",), ranks=(0,))
     assert g.member and g.spans_world and g.position(0) == 0
+
+
+def test_fork_of_a_global_array_gives_it_to_every_branch():
+    """A model's own input (a global array, as layers accept it) is passed to every branch
+    unchanged; anything else is refused, naming what came."""
+    import numpy as np
+    import distconv as dc
+    x = np.zeros((2, 3, 4, 4))
+    got = dc.fork(x, [nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)])
+    assert len(got) == 2 and all(g is x for g in got)
+    with pytest.raises(TypeError, match="DistTensor or a global array, got list"):
+        dc.fork([1, 2], [nn.Conv2d(3, 4, 1)])
+    with pytest.raises(ValueError, match="non-empty"):
+        dc.fork(x, [])
