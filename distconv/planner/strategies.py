@@ -1,13 +1,33 @@
-"""The planner's strategy tuples: ``(s, c, f)`` (sample, channel, filter), for a split of
-height and width ``(s, c, f, h, w)`` -- :class:`distconv.Strategy`'s fields in order --
-and, for a layer placed on a subset of the job's ranks (operator placement),
-:class:`Placed` ``(s, c, f, h, w, ranks, world)``. The candidates on ``p`` ranks
+"""The planner's strategies: named tuples of :class:`distconv.Strategy`'s fields --
+:class:`Split` ``(sample, channel, filter)``, :class:`SpatialSplit` with ``height`` and
+``width`` too, and, for a layer placed on a subset of the job's ranks (operator
+placement), :class:`Placed` with its ``ranks`` and the job's size ``world``. Tuples, so
+they hash and compare as fast as plain ones (and equal the plain tuples of the same
+numbers, which plan files and tests write). The candidates on ``p`` ranks
 (:func:`factorizations`), the contiguous halves and quarters of a job
 (:func:`rank_sets`), and their text forms.
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Tuple
+
+
+class Split(NamedTuple):
+    """``sample x channel x filter`` ranks, H and W not split."""
+
+    sample: int
+    channel: int
+    filter: int
+
+
+class SpatialSplit(NamedTuple):
+    """``sample x channel x filter x height x width`` ranks."""
+
+    sample: int
+    channel: int
+    filter: int
+    height: int
+    width: int
 
 
 class Placed(NamedTuple):
@@ -28,11 +48,11 @@ def factorizations(p: int, spatial: bool = False) -> list:
     """Every ``(s, c, f)`` with ``s*c*f == p``, sample-major order; with ``spatial`` also
     every ``(s, 1, 1, h, w)`` with ``s*h*w == p`` and ``h*w > 1`` (a split of H and W,
     :class:`distconv.Strategy`'s ``height`` and ``width``)."""
-    out = [(s, c, p // (s * c)) for s in range(p, 0, -1) for c in range(1, p // s + 1)
+    out = [Split(s, c, p // (s * c)) for s in range(p, 0, -1) for c in range(1, p // s + 1)
            if p % s == 0 and (p // s) % c == 0]
     if spatial:
-        out += [(s, 1, 1, h, p // (s * h)) for s in range(p, 0, -1) for h in range(1, p // s + 1)
-                if p % s == 0 and (p // s) % h == 0 and p // s > 1]
+        out += [SpatialSplit(s, 1, 1, h, p // (s * h)) for s in range(p, 0, -1)
+                for h in range(1, p // s + 1) if p % s == 0 and (p // s) % h == 0 and p // s > 1]
     return out
 
 
@@ -80,9 +100,11 @@ def partitions(p: int, n: int) -> list:
 
 
 def as_strategy(st):
-    """``st`` as a hashable strategy tuple (a list from JSON becomes a tuple; a
-    :class:`Placed` stays one)."""
-    return st if isinstance(st, tuple) else tuple(st)
+    """``st`` as a hashable strategy tuple (a list from JSON becomes a :class:`Split` or
+    :class:`SpatialSplit`; a tuple stays as it is)."""
+    if isinstance(st, tuple):
+        return st
+    return Split(*st) if len(st) == 3 else SpatialSplit(*st)
 
 
 def placement(st):
@@ -112,9 +134,10 @@ def strategy_text(st) -> str:
 def strategy_short(st) -> str:
     """``"s2 c1 f2"`` (plus ``" h2 w2"`` for a split of H or W and ``" @0-3"`` for a
     placed strategy) for tables."""
-    out = f"s{st[0]} c{st[1]} f{st[2]}"
-    if is_spatial(st):
-        out += f" h{st[3]} w{st[4]}"
+    s = to_strategy(st)
+    out = f"s{s.sample} c{s.channel} f{s.filter}"
+    if s.spatial:
+        out += f" h{s.height} w{s.width}"
     if isinstance(st, Placed):
         from ..strategy import format_ranks
         out += f" @{format_ranks(st.ranks)}"
@@ -136,8 +159,8 @@ def parse_strategy(text, world=None) -> tuple:
         return Placed(s.sample, s.channel, s.filter, s.height, s.width, tuple(s.ranks),
                       int(world))
     if s.spatial:
-        return (s.sample, s.channel, s.filter, s.height, s.width)
-    return (s.sample, s.channel, s.filter)
+        return SpatialSplit(s.sample, s.channel, s.filter, s.height, s.width)
+    return Split(s.sample, s.channel, s.filter)
 
 
 def from_strategy(s, world: int) -> tuple:
@@ -146,7 +169,7 @@ def from_strategy(s, world: int) -> tuple:
     shape = s.check(int(world))
     if s.ranks is not None:
         return Placed(*(tuple(shape) + (1, 1))[:5], tuple(s.ranks), int(world))
-    return tuple(shape)
+    return Split(*shape) if len(shape) == 3 else SpatialSplit(*shape)
 
 
 def is_spatial(st) -> bool:
