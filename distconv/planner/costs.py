@@ -214,19 +214,22 @@ class CostModel:
         :meth:`layer` for every pair, computed once per column (only the entry
         redistribution depends on ``a``)."""
         import numpy as np
-        K = len(self.strategies)
-        T, Mm, W, Sy = (np.empty((len(in_dists), K)) for _ in range(4))
-        # _layout(d, st) is d on st's own grid, else d's physical layout (if it has one)
-        phys = [_phys_layout(d, layer.in_shape) for d in in_dists]
+        T, Mm, W, Sy = (np.empty((len(in_dists), len(self.strategies))) for _ in range(4))
+        # _layout(d, st) is d on st's own grid, else d's physical layout (if it has one);
+        # the inputs of one layout share its entry cost (id >= 0 per layout, -1 - a: none)
+        phys, ids = [_phys_layout(d, layer.in_shape) for d in in_dists], {}
+        grp = [-1 - a if x is None else ids.setdefault(x, len(ids)) for a, x in enumerate(phys)]
         for b, st in enumerate(self.strategies):
             base = self.layer(layer, st, in_dists[0])
             (f0, _), (b0, _) = self._entry_cost(layer, st, in_dists[0])
             rest = base.time - f0 - b0
             Mm[:, b], W[:, b], Sy[:, b] = base.mem, base.work, base.sync
-            own = tuple(st)
+            own, col = tuple(st), {}
             for a, d in enumerate(in_dists):
-                lay = d if (phys[a] is None or d.grid.shape == own) else phys[a]
-                (fa, _), (ba, _) = self._entry_cost(layer, st, d, lay=lay)
+                g = -1 - a if d.grid.shape == own else grp[a]
+                if g not in col:
+                    col[g] = self._entry_cost(layer, st, d, lay=d if g < 0 else phys[a])
+                (fa, _), (ba, _) = col[g]
                 T[a, b] = rest + fa + ba
         return T, Mm, W, Sy
 
