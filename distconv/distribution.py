@@ -109,7 +109,10 @@ class Distribution:
         self.grid = grid
         self.split = sp
         self.pending = pend
-        self._hash = hash((sp, pend, tuple(grid.names), tuple(grid.shape)))
+        # a grid without a communicator (the planner's) never equals one with: hashed
+        # apart, so the two kinds of the same layout do not collide in a dict
+        self._hash = hash((sp, pend, tuple(grid.names), tuple(grid.shape),
+                           getattr(grid, "comm", None) is None))
         self._pend = None  # pending -> the distribution with it (replace)
 
     # ------------------------------------------------------------------ basics

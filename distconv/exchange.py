@@ -69,7 +69,7 @@ def exchange(sources, targets) -> list:
         lshape = tuple(e - s for s, e in box)
         dst.append((dist, shape, off, box, xp.empty(lshape, dtype) if dist.grid.member
                     else MetaArray(lshape, dtype)))
-    same = all(g.ranks == g0.ranks for g in grids)
+    same = all(g.ranks is g0.ranks or g.ranks == g0.ranks for g in grids)
     comm = g0.comm if same else world
     if same and not g0.member:
         return _tensors(dst)

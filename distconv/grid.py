@@ -20,6 +20,7 @@ world (:func:`distconv.exchange.exchange`).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 from . import comm as _comm
@@ -32,6 +33,13 @@ def _prod(xs):
     return p
 
 
+@lru_cache(maxsize=None)
+def _all_ranks(n: int) -> tuple:
+    """``(0, ..., n-1)``, one tuple per ``n``: grids over a whole world share it, so
+    comparing their rank sets (every between-grid move does) is an identity check."""
+    return tuple(range(n))
+
+
 class ProcessGrid:
     """``ProcessGrid(comm, shape, names)``: ``comm`` an mpi4py communicator or a
     :class:`distconv.comm.Communicator` (``None``: COMM_WORLD); ``shape`` the size of each
@@ -42,7 +50,7 @@ class ProcessGrid:
     def __init__(self, comm, shape: Sequence[int], names: Sequence[str],
                  ranks: Sequence[int] | None = None):
         self.world = _comm.wrap(comm)
-        self.ranks = tuple(range(self.world.size)) if ranks is None else tuple(ranks)
+        self.ranks = _all_ranks(self.world.size) if ranks is None else tuple(ranks)
         self._pos = {r: q for q, r in enumerate(self.ranks)}
         if len(self._pos) != len(self.ranks) or any(
                 not 0 <= r < self.world.size for r in self.ranks):

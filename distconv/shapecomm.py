@@ -19,6 +19,7 @@ this rank and the peers it exchanges non-empty boxes with. It needs no mpi4py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 from typing import Sequence
 
 import numpy as np
@@ -99,19 +100,15 @@ class ShapeComm(Communicator):
                                   "grids split it with split_grid")
 
     def split_grid(self, grid, idx) -> "ShapeComm":
-        """The sub-communicator of ``grid`` over the axes ``idx`` through this rank."""
-        others = [i for i in range(len(grid.shape)) if i not in idx]
-        mine = grid.coords
-        group = []
-        for q in range(grid.size):
-            c = grid.coords_of(q)
-            if all(c[i] == mine[i] for i in others):
-                key = 0
-                for i in idx:
-                    key = key * grid.shape[i] + c[i]
-                group.append((key, q))
-        group.sort()
-        ranks = [q for _, q in group]
+        """The sub-communicator of ``grid`` over the axes ``idx`` through this rank: the
+        positions that share this rank's coordinates off ``idx``, row-major over ``idx``
+        in the order given (enumerated directly, not by scanning the grid)."""
+        ranks = []
+        c = list(grid.coords)
+        for combo in product(*(range(grid.shape[i]) for i in idx)):
+            for i, k in zip(idx, combo):
+                c[i] = k
+            ranks.append(grid.rank_of(c))
         return ShapeComm(len(ranks), ranks.index(grid.rank),
                          [self.members[q] for q in ranks], self._stats, self._log)
 

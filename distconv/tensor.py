@@ -359,18 +359,24 @@ def _cross_grid(t: DistTensor, target: Distribution) -> DistTensor:
         base = DistTensor._move(t, target.replace(pending=()))
         return base._move(target)
     if t.distribution.pending:
-        # reduce-scatter each pending axis onto the dimension with the largest blocks; judged
-        # by the block at grid coordinate 0 so that every rank picks the same dimension
-        src = t.distribution
-        split = [list(s) for s in src.split]
-        first = src.local_shape(t.shape, [0] * len(src.grid.names))
-        # prefer a dimension the target splits: the blocks then land where it wants them
-        dims = [i for i in range(t.ndim) if target.split[i]] or list(range(t.ndim))
-        for a in src.pending:
-            d = max(dims, key=lambda i: (first[i], -i))
-            split[d].append(a)
-        t = t._move(src.replace(split=split, pending=()))
+        t = t._move(cross_grid_source(t.distribution, t.shape, target))
     return _general(t, target)
+
+
+def cross_grid_source(src: Distribution, shape, target: Distribution) -> Distribution:
+    """Where a move from ``src`` (pending) to another grid's ``target`` (nothing pending)
+    first reduces the tensor of global ``shape`` within ``src``'s grid, before its
+    alltoallv: each pending axis reduce-scattered onto the dimension with the largest
+    blocks, preferring one the target splits (the blocks then land where it wants them);
+    judged by the block at grid coordinate 0 so that every rank picks the same one."""
+    split = [list(s) for s in src.split]
+    first = src.local_shape(shape, [0] * len(src.grid.names))
+    n = len(shape)
+    dims = [i for i in range(n) if target.split[i]] or list(range(n))
+    for a in src.pending:
+        d = max(dims, key=lambda i: (first[i], -i))
+        split[d].append(a)
+    return src.replace(split=split, pending=())
 
 
 def _general(t: DistTensor, target: Distribution) -> DistTensor:

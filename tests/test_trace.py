@@ -155,3 +155,27 @@ def test_shape_only_error_names_the_layer():
     m = nn.Sequential(nn.Conv2d(1, 2, 1), BadLayer(2, 2, 1))
     with pytest.raises(RuntimeError, match=r"shape-only execution failed in forward at '1'"):
         shape_only_step(m, (2, 1, 4, 4), 2)
+
+
+def test_shape_only_sub_communicators_are_the_grids_subgroups():
+    """``ShapeComm.split_grid``: the positions that share this rank's coordinates off the
+    axes, ordered row-major over the axes as given (what ``comm.split`` gives a real
+    grid), for every rank, axis subset and order of a 3-axis and a 4-axis grid."""
+    from itertools import permutations
+
+    from distconv.grid import ProcessGrid
+    from distconv.shapecomm import ShapeComm
+    for shape in ((2, 3, 4), (2, 1, 3, 2)):
+        names = ("a", "b", "c", "d")[:len(shape)]
+        size = int(np.prod(shape))
+        for r in range(size):
+            world = ShapeComm(size, r)
+            g = ProcessGrid(world, shape, names)
+            for k in range(len(shape) + 1):
+                for idx in permutations(range(len(shape)), k):
+                    off = [i for i in range(len(shape)) if i not in idx]
+                    same = [q for q in range(size) if all(
+                        g.coords_of(q)[i] == g.coords[i] for i in off)]
+                    want = sorted(same, key=lambda q: [g.coords_of(q)[i] for i in idx])
+                    sub = world.split_grid(g, list(idx))
+                    assert list(sub.members) == want and sub.rank == want.index(r)

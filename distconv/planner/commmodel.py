@@ -144,7 +144,14 @@ def redistribute_events(shape, src, dst, rank: int, item: int) -> list:
     if got is None:
         if len(_MOVES) > _MOVES_SIZE:
             _MOVES.clear()
-        got = _MOVES[key] = run_move(shape, src, dst, rank, item)
+        if key[0] == "xp":  # the reduction and the exchange _cross_grid makes, each keyed
+            from ..tensor import cross_grid_source
+            mid = cross_grid_source(src, shape, dst)
+            got = tuple(redistribute_events(shape, src, mid, rank, item)
+                        + redistribute_events(shape, mid, dst, rank, item))
+        else:
+            got = run_move(shape, src, dst, rank, item)
+        _MOVES[key] = got
     return list(got)
 
 

@@ -10,7 +10,8 @@
 * the seconds of the layer's local kernels on the largest shard (rank 0's: floor+1
   blocks put the extra elements first) from a :class:`.compute.ComputeModel`
   (measured on this machine and cached, or fitted), plus the layer's own Python around
-  them (:meth:`.compute.ComputeModel.layer_overhead`, measured once per layer kind);
+  them (:meth:`.compute.ComputeModel.layer_overhead`, measured once per layer kind),
+  and its memory (:func:`.layercompute.layer_compute`);
 * every collective issued by ``DistTensor.redistribute`` over more than one rank also
   costs the measured Python of a redistribution step (``layer_overhead(
   "redistribute")``), even one that moves no bytes (a move between two grids that
@@ -22,7 +23,9 @@
 
 Bytes are evaluated on every rank for up to 16 ranks (the maximum over ranks of each
 collective sets its time) and on rank 0 beyond that; between-grid alltoallvs on more
-than 64 ranks count the bytes a rank receives for both directions (O(1) per rank).
+than 64 ranks count the bytes a rank receives for both directions (O(1) per rank). A
+layer placed on some ranks (:class:`.strategies.Placed`) is evaluated on its members
+for its own collectives, and beyond 16 ranks on its first rank.
 """
 from __future__ import annotations
 
@@ -30,18 +33,14 @@ import dataclasses
 
 from dataclasses import dataclass
 
-from ..distribution import block_sizes
 from .commmodel import EXACT_RANKS, cat_events
+from .layercompute import OPT_SLOTS, _prod, layer_compute
 from .overhead import OVERHEAD_KINDS
-from .events import (act_dist, entry_events, inner_events, join_events, out_dist_of,
-                     spatial_dist)
+from .events import (act_dist, entry_events, inner_events, join_events, out_dist_of)
 from .strategies import (Placed, as_strategy, factorizations, grid_shape,  # noqa: F401
                          is_spatial,
                          parse_strategy, placement, strategy_short, strategy_text,
                          to_strategy)
-
-_OPT_SLOTS = {"sgd": 1, "adam": 2}
-
 
 @dataclass
 class LayerCost:
@@ -65,13 +64,6 @@ class LayerCost:
                 + self.sync + self.update)
 
 
-def _prod(xs):
-    n = 1
-    for s in xs:
-        n *= int(s)
-    return n
-
-
 class CostModel:
     """Costs of every layer of ``graph`` on ``nranks`` ranks of ``machine``.
 
@@ -93,8 +85,8 @@ class CostModel:
             measure=False, **_compute_kw(self.machine))
         self.item = int(item)
         self.optimizer = optimizer
-        if optimizer not in _OPT_SLOTS:
-            raise ValueError(f"optimizer must be one of {sorted(_OPT_SLOTS)}, got {optimizer!r}")
+        if optimizer not in OPT_SLOTS:
+            raise ValueError(f"optimizer must be one of {sorted(OPT_SLOTS)}, got {optimizer!r}")
         self.strategies = factorizations(self.p, spatial)
         self.ranks = list(range(self.p)) if self.p <= EXACT_RANKS else [0]
         self._cache: dict = {}
@@ -209,7 +201,7 @@ class CostModel:
         got = self._ccache.get(ckey)
         if got is None:
             tmp = LayerCost(out_dist=c.out_dist)
-            self._compute(layer, st, in_dist, tmp)
+            layer_compute(self, layer, st, in_dist, tmp)
             got = self._ccache[ckey] = (tmp.compute_fwd, tmp.compute_bwd, tmp.update, tmp.mem,
                                         tmp.work)
         c.compute_fwd, c.compute_bwd, c.update, c.mem, c.work = got
@@ -269,19 +261,22 @@ class CostModel:
         column (only the entry redistribution depends on ``a``)."""
         import numpy as np
         strategies = self.strategies if strategies is None else strategies
-        K = len(strategies)
-        T, Mm, W, Sy = (np.empty((len(in_dists), K)) for _ in range(4))
-        # _layout(d, st) is d on st's own grid, else d's physical layout (if it has one)
-        phys = [_phys_layout(d, layer.in_shape) for d in in_dists]
+        T, Mm, W, Sy = (np.empty((len(in_dists), len(strategies))) for _ in range(4))
+        # _layout(d, st) is d on st's own grid, else d's physical layout (if it has one);
+        # the inputs of one layout share its entry cost (id >= 0 per layout, -1 - a: none)
+        phys, ids = [_phys_layout(d, layer.in_shape) for d in in_dists], {}
+        grp = [-1 - a if x is None else ids.setdefault(x, len(ids)) for a, x in enumerate(phys)]
         for b, st in enumerate(strategies):
             base = self.layer(layer, st, in_dists[0])
             (f0, _), (b0, _) = self._entry_cost(layer, st, in_dists[0])
             rest = base.time - f0 - b0
             Mm[:, b], W[:, b], Sy[:, b] = base.mem, base.work, base.sync
-            own = grid_shape(st)
+            own, col = grid_shape(st), {}
             for a, d in enumerate(in_dists):
-                lay = d if (phys[a] is None or d.grid.shape == own) else phys[a]
-                (fa, _), (ba, _) = self._entry_cost(layer, st, d, lay=lay)
+                g = -1 - a if d.grid.shape == own else grp[a]
+                if g not in col:
+                    col[g] = self._entry_cost(layer, st, d, lay=d if g < 0 else phys[a])
+                (fa, _), (ba, _) = col[g]
                 T[a, b] = rest + fa + ba
         return T, Mm, W, Sy
 
@@ -371,83 +366,6 @@ class CostModel:
             self._cache[key] = got
         return dataclasses.replace(got, out_dist=out_dist)
 
-    def _compute(self, layer, st, in_dist, c: LayerCost) -> None:
-        cm, it = self.compute, self.item
-        zero = [0] * (3 if st is None else len(grid_shape(st)))
-        xs, ys = layer.in_shape, layer.out_shape
-        k, a = layer.kind, layer.attrs
-        slots = 2 + _OPT_SLOTS[self.optimizer]
-        if k == "conv" and is_spatial(st):
-            self._spatial_conv(layer, st, c, slots)
-        elif k in ("conv", "linear"):
-            s, ch, f = st[:3]
-            n = block_sizes(xs[0], s)[0]
-            cl = block_sizes(xs[1], ch)[0]
-            fl = block_sizes(ys[1], f)[0]
-            if k == "conv":
-                kh, kw = a["kernel_size"]
-                fw, bd, bf = cm.conv(n, cl, xs[2], xs[3], fl, a["kernel_size"], a["stride"],
-                                     a["padding"], a["dilation"])
-                ho, wo = ys[2], ys[3]
-                c.mem = n * cl * xs[2] * xs[3] * it
-                c.work = cl * kh * kw * n * ho * wo * it if (kh, kw) != (1, 1) else 0
-                nparam = fl * cl * kh * kw
-            else:
-                fw, bd, bf = cm.linear(n, cl, fl)
-                c.mem = n * cl * it
-                nparam = fl * cl
-            if a.get("bias"):
-                nparam += block_sizes(ys[1], ch * f)[0]
-            c.compute_fwd, c.compute_bwd = fw, bd + bf
-            c.mem += nparam * slots * it
-            c.update = cm.update(nparam, self.optimizer)
-        elif k == "bn":
-            loc = act_dist(st, 4).local_shape(xs, zero)
-            fw, bw = cm.bn(*loc)
-            c.compute_fwd, c.compute_bwd = fw, bw
-            c.mem = _prod(loc) * it + 2 * loc[1] * slots * it
-            c.update = cm.update(2 * loc[1], self.optimizer)
-        else:
-            loc = in_dist.local_shape(xs, [0] * len(in_dist.grid.names))
-            if k == "relu":
-                fw, bw = cm.relu(_prod(loc))
-                c.mem = _prod(loc) * it
-            elif k == "avgpool" and "output_size" in a:  # adaptive, output above 1x1
-                fw, bw = cm.adaptive_avgpool(*loc, *a["output_size"])
-            elif k in ("maxpool", "avgpool"):
-                fn = cm.maxpool if k == "maxpool" else cm.avgpool
-                pad = a["padding"]
-                if spatial_dist(in_dist):  # rank 0's window, halos included, padding 0
-                    loc, pad = _window(in_dist, layer, (1, 1))[:4], 0
-                fw, bw = fn(*loc, a["kernel_size"], a["stride"], pad)
-                if k == "maxpool":
-                    oloc = c.out_dist.local_shape(ys, [0] * len(in_dist.grid.names))
-                    c.mem = _prod(oloc) * 8
-            elif k == "gap":
-                fw, bw = cm.global_avgpool(*loc)
-            else:
-                fw = bw = 0.0
-            c.compute_fwd, c.compute_bwd = fw, bw
-        # the layer's own Python around its kernels (measured once per kind; an adaptive
-        # average pool is an AdaptiveAvgPool2d, not an AvgPool2d)
-        of, ob = self._overhead("adaptive" if "output_size" in a else k, bool(a.get("bias")))
-        c.compute_fwd += of
-        c.compute_bwd += ob
-
-    def _spatial_conv(self, layer, st, c: LayerCost, slots) -> None:
-        """Compute and memory of a conv under spatial strategy ``st = (s, 1, 1, h, w)``:
-        rank 0's kernels on its input window (its rows and columns plus the halos,
-        :func:`distconv.halo.windows`, padding 0), the weight replicated."""
-        xs, ys, a, it = layer.in_shape, layer.out_shape, layer.attrs, self.item
-        (kh, kw), d = a["kernel_size"], a["dilation"]
-        n, _, hw, ww, ho, wo = _window(act_dist(st, 4), layer, d)
-        fw, bd, bf = self.compute.conv(n, xs[1], hw, ww, ys[1], (kh, kw), a["stride"], 0, d)
-        c.compute_fwd, c.compute_bwd = fw, bd + bf
-        nparam = ys[1] * xs[1] * kh * kw + (ys[1] if a.get("bias") else 0)
-        c.mem = n * xs[1] * hw * ww * it + nparam * slots * it
-        c.work = xs[1] * kh * kw * n * ho * wo * it if (kh, kw) != (1, 1) else 0
-        c.update = self.compute.update(nparam, self.optimizer)
-
     # ----------------------------------------------------------- helpers
     def _overhead(self, kind, bias=False):
         """:func:`_overhead` of this model's compute model, memoised per (kind, bias):
@@ -461,26 +379,6 @@ class CostModel:
 
     def input_dist(self, st):
         return act_dist(as_strategy(st), len(self.graph.in_shape))
-
-
-def _window(d, layer, dilation) -> tuple:
-    """``(n, c, window h, window w, out h, out w)`` of rank 0's block of a conv or pooling
-    ``layer`` on an input in ``d``: its rows and columns and the halos it reads, padding
-    included (:func:`distconv.halo.windows`), as the spatial code computes on them."""
-    from ..halo import windows
-    xs, ys, a = layer.in_shape, layer.out_shape, layer.attrs
-    z = [0] * len(d.grid.names)
-    n, c = d.local_shape(xs, z)[:2]
-    out = []
-    for i in (2, 3):
-        axes = d.split[i]
-        parts = 1
-        for ax in axes:
-            parts *= d.grid.axis_size(ax)
-        out.append(windows(xs[i], parts, a["kernel_size"][i - 2], a["stride"][i - 2],
-                           a["padding"][i - 2], dilation[i - 2], n_out=ys[i])[0])
-    return (n, c, out[0].size, out[1].size, out[0].out[1] - out[0].out[0],
-            out[1].out[1] - out[1].out[0])
 
 
 def _overhead(cm, kind, bias=False):
