@@ -85,24 +85,7 @@ def markdown(records) -> str:
                         f"{r['fastest_speedup_vs_dp']:.3f}x",
                         f"{r['mcmc']['speedup_vs_dp']:.3f}x",
                         f"{100 * (r['mcmc']['gain'] - 1):.2f}%"] for r in mc])
-    pl = [r for r in records if r.get("placement")]
-    if pl:
-        out += ["", "Operator placement (plan_model(placement=True): a cat's branches on "
-                "disjoint contiguous halves and quarters of the ranks, running at the same "
-                "time) against the plan without it: returned plans (step ms, gain), the "
-                "fastest predicted candidates' gain, the blocks placed, search seconds "
-                "(the three searches) without / with placement.", ""]
-        out += _table(["model", "P", "N", "plan ms", "placed plan ms", "gain",
-                       "fastest gain", "placed blocks", "search s"],
-                      [[_name(r), str(r["ranks"]), str(r["global_batch"]),
-                        f"{r['plan']['step_s'] * 1e3:.2f}",
-                        f"{r['placement']['step_s'] * 1e3:.2f}",
-                        f"**{r['placement']['gain_over_unplaced']:.3f}x**",
-                        f"{r['placement']['fastest_gain_over_unplaced']:.3f}x",
-                        ", ".join(b.replace(".(placed)", "")
-                                  for b in r["placement"]["placed_blocks"]) or "none",
-                        f"{r['search_s']:.1f} / {r['placement']['search_s']:.1f}"]
-                       for r in pl])
+    out += _placement_table(records)
     return "\n".join(out)
 
 
@@ -140,3 +123,27 @@ def _fastest(r) -> str:
 
 def fmt_ratio(x):
     return "n/a" if x is None else f"{x:.1f}x"
+
+
+def _placement_table(records) -> list:
+    """Markdown lines: what operator placement gains per case (``--placement``)."""
+    out = []
+    pl = [r for r in records if r.get("placement")]
+    if pl:
+        out += ["", "Operator placement (plan_model(placement=True): a cat's branches on "
+                "disjoint contiguous halves and quarters of the ranks, running at the same "
+                "time) against the plan without it: returned plans (step ms, gain), the "
+                "fastest predicted candidates' gain, the blocks placed, search seconds "
+                "(the three searches) without / with placement.", ""]
+        out += _table(["model", "P", "N", "plan ms", "placed plan ms", "gain",
+                       "fastest gain", "placed blocks", "search s"],
+                      [[_name(r), str(r["ranks"]), str(r["global_batch"]),
+                        f"{r['plan']['step_s'] * 1e3:.2f}",
+                        f"{r['placement']['step_s'] * 1e3:.2f}",
+                        f"**{r['placement']['gain_over_unplaced']:.3f}x**",
+                        f"{r['placement']['fastest_gain_over_unplaced']:.3f}x",
+                        ", ".join(b.replace(".(placed)", "")
+                                  for b in r["placement"]["placed_blocks"]) or "none",
+                        f"{r['search_s']:.1f} / {r['placement']['search_s']:.1f}"]
+                       for r in pl])
+    return out

@@ -116,11 +116,7 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     if mcmc_budget and mcmc_budget > 0:
         run, best = _refine(cost, best, sims, mcmc_budget, mcmc_seed, memory_limit, overlap,
                             placement)
-    name, plan, pred = best
-    if uniform:
-        u = min(uniform, key=_step)
-        if _step(u) <= _step(best) * (1.0 + max(0.0, float(min_gain))):
-            name, plan, pred = u
+    name, plan, pred = _pick(best, uniform, min_gain)
     shown = list(sims)
     others = [x for x in uniform if x[0] != "data parallel"]
     if others:
@@ -133,6 +129,15 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
             "speedup_vs_dp": dp["step_s"] / pred["step_s"] if pred["step_s"] > 0 else 1.0,
             "search_s": seconds, "memory_limit": memory_limit,
             "cost": cost, "graph": graph}
+
+
+def _pick(best, uniform, min_gain):
+    """The fastest uniform candidate if within ``min_gain`` of ``best``, else ``best``."""
+    if uniform:
+        u = min(uniform, key=_step)
+        if _step(u) <= _step(best) * (1.0 + max(0.0, float(min_gain))):
+            return u
+    return best
 
 
 def _refine(cost, best, sims, budget, seed, memory_limit, overlap, placement=False):

@@ -127,7 +127,7 @@ def mcmc(cost, start_plan, budget_s, beta=None, seed=0, memory_limit=None,
     missing = [n for n in choices if n not in start_plan]
     if missing:
         raise ValueError(f"the start plan has no configuration for layers {missing}")
-    t0 = time.perf_counter()
+    t0, rng = time.perf_counter(), random.Random(seed)
     cur = {n: (tuple(v) if isinstance(v, list) else v) for n, v in start_plan.items()}
     cur_t, cur_m = objective(cur)
     if memory_limit is not None and cur_m > memory_limit:
@@ -140,7 +140,6 @@ def mcmc(cost, start_plan, budget_s, beta=None, seed=0, memory_limit=None,
     if beta < 0 or math.isnan(beta):
         raise ValueError(f"beta must be >= 0, got {beta}")
     best, best_t, best_m = dict(cur), cur_t, cur_m
-    rng = random.Random(seed)
     props = acc = improved = over = restarts = best_at = 0
     since = 0
     limit = math.inf if max_proposals is None else int(max_proposals)
@@ -150,10 +149,7 @@ def mcmc(cost, start_plan, budget_s, beta=None, seed=0, memory_limit=None,
             cur, cur_t = dict(best), best_t
             since = 0
             restarts += 1
-        if group_moves and rng.random() < GROUP_MOVE:
-            nxt = _group_move(rng, cur, group_moves)
-        else:
-            nxt = _propose(rng, cur, names, where, choices, propagate)
+        nxt = _propose(rng, cur, names, where, choices, propagate, group_moves)
         props += 1
         since += 1
         if nxt is None:  # a propagation that changed nothing: counted, never simulated
@@ -178,8 +174,10 @@ def mcmc(cost, start_plan, budget_s, beta=None, seed=0, memory_limit=None,
             "seconds": time.perf_counter() - t0, "beta": beta, "seed": seed}
 
 
-def _propose(rng, cur, names, where, choices, propagate):
-    """The next plan proposed from ``cur`` (None: a propagation that changed nothing)."""
+def _propose(rng, cur, names, where, choices, propagate, group_moves=None):
+    """The next plan proposed from ``cur`` (None: a move that changed nothing)."""
+    if group_moves and rng.random() < GROUP_MOVE:
+        return _group_move(rng, cur, group_moves)
     nxt = dict(cur)
     if rng.random() < propagate:
         # FlexFlow's propagation move: copy one layer's configuration to its neighbour
