@@ -25,8 +25,9 @@ time other processes of a loaded machine held the core but counts MPI's busy-wai
 and writes ``--json``.
 
 ``--predict``: the planner's step of every plan too (``planner.simulate`` with ``x``
-replicated as here, links calibrated on this job, kernels measured on rank 0 with one
-thread and cached), and its predicted speedup over ``one_rank`` beside the measured one.
+replicated as here, links calibrated on this job, kernels measured afresh on rank 0 with
+one thread: times cached by earlier runs may come from a busier machine), and its
+predicted speedup over ``one_rank`` beside the measured one.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def predict(comm, args, shape, plans) -> dict:
     """``{plan: predicted step seconds}`` (on every rank): ``plans`` ``{name: (strategy
     text of a, of b)}`` simulated on this job's calibrated links with ``x`` replicated."""
     from distconv.distribution import Distribution
-    from distconv.planner.auto import MEASURE_ROUNDS, default_cache_path
+    from distconv.planner.auto import MEASURE_ROUNDS
     from distconv.planner.commmodel import VGrid
     from distconv.planner.compute import ComputeModel
     from distconv.planner.costs import CostModel
@@ -125,8 +126,7 @@ def predict(comm, args, shape, plans) -> dict:
     machine = calibrate(comm)
     out = None
     if comm.rank == 0:
-        compute = ComputeModel(cache_path=default_cache_path(), threads=1,
-                               rounds=MEASURE_ROUNDS)
+        compute = ComputeModel(cache_path=None, threads=1, rounds=MEASURE_ROUNDS)
         cost = CostModel(trace(build(args, None, None, True), shape), comm.size, machine,
                          compute)
         rep = Distribution(VGrid((comm.size, 1, 1)), [None] * len(shape))
@@ -135,8 +135,6 @@ def predict(comm, args, shape, plans) -> dict:
             plan = {"a": from_strategy(Strategy.parse(sa), comm.size),
                     "b": from_strategy(Strategy.parse(sb), comm.size)}
             out[name] = simulate(cost, plan, input_dist=rep)["step_s"]
-        if compute.measured:
-            compute.save()
     comm.idle_barrier()
     return comm.allgather_obj(out)[0]
 
