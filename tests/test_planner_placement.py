@@ -92,15 +92,17 @@ def test_adding_parallel_branches_is_caught(monkeypatch):
 def _placed_plan(p):
     """A plan of the Inception-style net with its towers placed: at 4 ranks tower 1 on
     rank 0, tower 2 on rank 1, tower 3 (with its nested fork) on ranks 2-3 split on the
-    batch (disjoint: they run at the same time); at 2 ranks towers 1 and 3 on rank 0 and
-    tower 2 on rank 1. The stem and the classifier on all ranks."""
+    batch (disjoint: they run at the same time), the classifier on ranks 2-3 split on its
+    outputs; at 2 ranks towers 1 and 3 on rank 0 and tower 2 on rank 1, the classifier on
+    both. The stem on all ranks."""
     from distconv.planner.strategies import Placed
 
     def one(r):
         return Placed(1, 1, 1, 1, 1, (r,), p)
     t3 = Placed(2, 1, 1, 1, 1, (2, 3), p) if p == 4 else one(0)
+    fc = Placed(1, 1, 2, 1, 1, (2, 3), p) if p == 4 else (1, p, 1)
     plan = {"stem": (1, 1, p), "bn": (p, 1, 1), "b1": one(0), "b2.0": one(1),
-            "b2.2": one(1), "b3": t3, "b3a": t3, "b3b": t3, "fc": (1, p, 1)}
+            "b2.2": one(1), "b3": t3, "b3a": t3, "b3b": t3, "fc": fc}
     assert set(plan) == set(graph_of("incfork").strategic_names())
     return plan
 

@@ -215,20 +215,13 @@ def layer_choices(cost, placement):
 
 
 def placement_choices(cost) -> dict:
-    """MCMC's configurations (:func:`.mcmc.mcmc` ``choices``) with placement: every
-    strategy of ``cost`` for every strategic layer and, for the layers of a cat block's
-    branches, also every strategy on each contiguous half and quarter of the ranks
-    (:func:`.strategies.rank_sets`); :func:`.simulate.walk` runs branches whose layers
-    end up on disjoint rank sets at the same time."""
+    """MCMC's configurations (:func:`.mcmc.mcmc` ``choices``) with placement: for every
+    strategic layer every strategy of ``cost`` and every strategy on each contiguous half
+    and quarter of the ranks (:func:`.strategies.rank_sets`), so that a layer too small
+    to split well may run on fewer ranks; :func:`.simulate.walk` runs the branches of a
+    fork whose layers end up on disjoint rank sets at the same time."""
     placed = [st for R in rank_sets(cost.p) for st in placed_factorizations(R, cost.p)]
-    out = {n: list(cost.strategies) for n in cost.graph.strategic_names()}
-    for b in cost.graph.blocks():
-        if b.op == "cat":
-            for br in b.branches:
-                for layer in _layers(br):
-                    if layer.strategic:
-                        out[layer.name] = list(cost.strategies) + placed
-    return out
+    return {n: list(cost.strategies) + placed for n in cost.graph.strategic_names()}
 
 
 def placement_moves(cost) -> list:
