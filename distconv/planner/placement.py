@@ -155,6 +155,7 @@ def placed_block(planner, it, dists, out, total, reds, outs):
             reds[i].readback(a, a, plan, planner.S)
     return jstar, mask, readback
 
+
 def placed_branch(planner, it, i, dists, S_i, U, vmax):
     """Branch ``i`` of ``it`` on the placed strategies ``S_i`` (see
     :func:`placed_block`): ``(max(vmax, v_i), (reduction, S_i, best entry layout per

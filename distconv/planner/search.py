@@ -15,7 +15,9 @@ state -> body state), or for a cat that branch's share of the concatenation, its
 output moved into its slot of the output layout and the gradient back
 (:meth:`.costs.CostModel.cat_part`) -- and the branches' entry x join-output matrices
 are summed (edge elimination). Branches run one after another on all ranks, so their
-costs add. A model with several outputs has ``"output"`` blocks (Inception-v3's
+costs add -- unless ``placement`` lets a cat block run its branches at the same time on
+disjoint rank sets (:func:`.placement.placed_block`: the block then costs its slowest
+branch, as one more candidate for the exit state of grid ``(1, 1, p)``). A model with several outputs has ``"output"`` blocks (Inception-v3's
 auxiliary classifier): a branch that ends in another output joins nothing, so its cost
 for each entry state is its minimum over every exit state. The input is placed where
 the graph's first strategic layer computes (that layer's matrix is restricted to its
