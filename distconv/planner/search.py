@@ -17,9 +17,10 @@ output moved into its slot of the output layout and the gradient back
 are summed (edge elimination). Branches run one after another on all ranks, so their
 costs add -- unless ``placement`` lets a cat block run its branches at the same time on
 disjoint rank sets (:func:`.placement.placed_block`: the block then costs its slowest
-branch, as one more candidate for the exit state of grid ``(1, 1, p)``). A model with several outputs has ``"output"`` blocks (Inception-v3's
-auxiliary classifier): a branch that ends in another output joins nothing, so its cost
-for each entry state is its minimum over every exit state. The input is placed where
+branch, as one more candidate for the exit state of grid ``(1, 1, p)``). A model with
+several outputs has ``"output"`` blocks (Inception-v3's auxiliary classifier): a branch
+that ends in another output joins nothing, so its cost for each entry state is its
+minimum over every exit state. The input is placed where
 the graph's first strategic layer computes (that layer's matrix is restricted to its
 diagonal). The result is the optimum of the
 additive cost (forward + backward compute + communication + gradient allreduce +
