@@ -66,7 +66,7 @@ def cat(tensors, dim: int = 1) -> DistTensor:
     ``dim``, in any distributions over the same ranks. The result has shape
     ``(..., sum C_i, ...)`` and the first input's splits (floor+1 blocks of the new size,
     which differ from the inputs' blocks; inputs on different rank sets: see
-    `cat_output_layout`); its blocks are filled by ONE alltoallv of exactly
+    :func:`cat_output_layout`); its blocks are filled by ONE alltoallv of exactly
     the elements each rank lacks, never a gather. Backward cuts ``dy`` back into each input's
     own distribution, again with one alltoallv.
     """
@@ -156,11 +156,12 @@ def fork(x: DistTensor, branches) -> list:
     fork's nodes are older than all of the branches' nodes, and the engine runs the newest
     ready node first), so the branches' backward passes overlap too.
     """
+    branches = list(branches)
     if not isinstance(x, DistTensor):
         if not (hasattr(x, "shape") and hasattr(x, "dtype")):
             raise TypeError(f"fork: expected a DistTensor or a global array, got "
                             f"{type(x).__name__}")
-        if not list(branches):
+        if not branches:
             raise ValueError("fork: expected a non-empty sequence of branches")
         return [x for _ in branches]
     src = x.distribution.replace(pending=())
