@@ -36,6 +36,21 @@ from ..tensor import DistTensor
 from .module import Layer, check_dtype, default_dtype, new_param, _init_rng
 
 
+def split_layouts(strategy: Strategy, ndim: int, wndim: int) -> dict:
+    """The splits (one entry per dimension, no grid) of the layouts a Conv2d or Linear
+    under ``strategy`` works in: ``"act"`` (its input and output between layers),
+    ``"xc"`` (the input it computes on: C over ``channel``), ``"yf"`` (the output it
+    computes: F over ``filter``), ``"w"`` (the weight, ``wndim`` dims) and ``"b"`` (the
+    bias). H and W of x and y are split as the activations are (a spatial strategy), else
+    whole. The planner lays the same layouts out on its own grids."""
+    act = strategy.activation_split(ndim)
+    rest = list(act[2:])
+    return {"act": act, "xc": [("sample",), ("channel",)] + rest,
+            "yf": [("sample",), ("filter",)] + rest,
+            "w": [("filter",), ("channel",)] + [None] * (wndim - 2),
+            "b": [("channel", "filter")]}
+
+
 class _SplitOp(Layer):
     """Shared channel/filter/sample algorithm; subclasses give the local math."""
 
@@ -63,14 +78,13 @@ class _SplitOp(Layer):
 
     def _dists(self):
         g = self.strategy.grid()
-        # H and W of x and y split as the activations are (a spatial strategy), else whole
-        rest = list(self.strategy.activation_distribution(self.ndim).split[2:])
+        sp = split_layouts(self.strategy, self.ndim, len(self.wshape))
         self._grid = g
-        self._wdist = Distribution(g, [("filter",), ("channel",)] + [None] * (len(self.wshape) - 2))
-        self._bdist = Distribution(g, [("channel", "filter")])
-        self._act = self.strategy.activation_distribution(self.ndim)
-        self._xc = Distribution(g, [("sample",), ("channel",)] + rest)
-        self._yf = Distribution(g, [("sample",), ("filter",)] + rest)
+        self._wdist = Distribution(g, sp["w"])
+        self._bdist = Distribution(g, sp["b"])
+        self._act = Distribution(g, sp["act"])
+        self._xc = Distribution(g, sp["xc"])
+        self._yf = Distribution(g, sp["yf"])
 
     def _checked(self, strategy: Strategy) -> Strategy:
         """``strategy`` if this layer can run it; the same ValueError on every rank if not."""

@@ -6,7 +6,10 @@ its input arrives in, the events of its ``forward``, its ``backward`` and the gr
 sync (:func:`distconv.nn.sync_gradients`, one allreduce per parameter) on one rank, and
 the distribution of its output. :func:`join_events` does the same for a residual join.
 Layers follow :mod:`distconv.nn.conv` (Conv2d, Linear), :mod:`distconv.nn.batchnorm`
-(global batch statistics, float64 sums) and :mod:`distconv.nn.layers`.
+(global batch statistics, float64 sums) and :mod:`distconv.nn.layers`; a Conv2d's or
+Linear's layouts are the layer's own (:func:`distconv.nn.conv.split_layouts`), the order
+of its moves is written here and checked against the layers run shape-only
+(``tests/test_planner_realrun.py``).
 """
 from __future__ import annotations
 
@@ -42,8 +45,15 @@ def spatial_dist(d) -> bool:
 
 
 @lru_cache(maxsize=None)
+def _layout(st, name, ndim):
+    """Layout ``name`` of a Conv2d/Linear under ``st`` (:func:`distconv.nn.conv.
+    split_layouts`, the layer's own) on the planner's grid."""
+    from ..nn.conv import split_layouts
+    return Distribution(grid_of(st), split_layouts(to_strategy(st), ndim, ndim)[name])
+
+
 def _xc(st, ndim):
-    return Distribution(grid_of(st), [("sample",), ("channel",)] + [None] * (ndim - 2))
+    return _layout(st, "xc", ndim)
 
 
 @lru_cache(maxsize=None)
@@ -56,19 +66,16 @@ def _yf_pending(st, ndim):
     return _yf(st, ndim).replace(pending=("channel",))
 
 
-@lru_cache(maxsize=None)
 def _yf(st, ndim):
-    return Distribution(grid_of(st), [("sample",), ("filter",)] + [None] * (ndim - 2))
+    return _layout(st, "yf", ndim)
 
 
-@lru_cache(maxsize=None)
 def _wdist(st, wndim):
-    return Distribution(grid_of(st), [("filter",), ("channel",)] + [None] * (wndim - 2))
+    return _layout(st, "w", wndim)
 
 
-@lru_cache(maxsize=None)
 def _cdist(st):
-    return Distribution(grid_of(st), [("channel", "filter")])
+    return _layout(st, "b", 1)
 
 
 def free_out_dist(layer, in_dist: Distribution) -> Distribution:
