@@ -45,18 +45,13 @@ def cat_output_layout(dists, dim: int) -> Distribution:
     channels its branch made as far as floor+1 blocks allow, instead of one branch's
     ranks gathering everything. The planner lays its grids out with this too."""
     d = dists[0]
-    sets = [_ranks_of(x.grid) for x in dists]
+    sets = [x.grid.rank_set() for x in dists]
     if dim != 1 or all(r == sets[0] for r in sets):
         return Distribution(d.grid, d.split)
     from .strategy import AXES
     union = tuple(dict.fromkeys(r for rs in sets for r in rs))
     g = d.grid.like((1, 1, len(union)), AXES, union)
     return Distribution(g, [None, ("channel", "filter")] + [None] * (d.ndim - 2))
-
-
-def _ranks_of(grid) -> tuple:
-    """The world ranks of a grid (a planner grid without a placement holds them all)."""
-    return tuple(range(grid.world)) if grid.ranks is None else tuple(grid.ranks)
 
 
 def cat(tensors, dim: int = 1) -> DistTensor:

@@ -98,6 +98,10 @@ class ProcessGrid:
             return self
         return get_grid((self.world.size,), ("rank",), self.world)
 
+    def rank_set(self) -> tuple:
+        """The world ranks on this grid, in grid order."""
+        return self.ranks
+
     def like(self, shape, names, ranks=None) -> "ProcessGrid":
         """A (cached) grid of ``shape`` and ``names`` on ``ranks`` of this grid's world."""
         return get_grid(shape, names, self.world, ranks=ranks)

@@ -55,6 +55,10 @@ class VGrid:
     def axis_size(self, name):
         return self.shape[self.index(name)]
 
+    def rank_set(self) -> tuple:
+        """The world ranks on this grid, in grid order (all of them when unplaced)."""
+        return tuple(range(self.world)) if self.ranks is None else self.ranks
+
     def pos(self, rank):
         """The grid position of world rank ``rank`` (``None`` if it is not on the grid)."""
         return rank if self._pos is None else self._pos.get(rank)

@@ -39,13 +39,9 @@ def fork_target(block, i, dist, plan, ndim):
         return dist
     st = as_strategy(plan[first.name])
     ranks = placement(st)
-    if ranks is None or ranks == _ranks(dist.grid):
+    if ranks is None or ranks == dist.grid.rank_set():
         return dist
     return act_dist(st, ndim)
-
-
-def _ranks(grid):
-    return tuple(range(grid.world)) if grid.ranks is None else tuple(grid.ranks)
 
 
 def branch_ranks(items, plan, world):
