@@ -307,5 +307,11 @@ def builtin(name: str) -> str:
     return str(_MACHINES_DIR / f"{stem}.json")
 
 
-# calibration lives in .calibrate (it imports Machine); re-exported here
-from .calibrate import calibrate, fit_alpha_beta  # noqa: E402,F401
+def __getattr__(name):
+    """``calibrate`` and ``fit_alpha_beta`` live in :mod:`.calibrate` (which imports this
+    module); they are reachable from here too, resolved on first use so that either module
+    can be imported first."""
+    if name in ("calibrate", "fit_alpha_beta"):
+        import importlib
+        return getattr(importlib.import_module(".calibrate", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
