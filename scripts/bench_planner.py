@@ -46,7 +46,12 @@ One MPI job does everything:
    ``sync_gradients`` (the segmented allreduce, blocking), ``SGD.step()`` (momentum 0.9,
    weight decay 1e-4: the update the cost model times). Plans are interleaved repetition
    by repetition after ``--warmup`` untimed steps each (the order rotated by one plan
-   per repetition), so drifting background load hits all of them alike. A repetition's
+   per repetition), so drifting background load hits all of them alike. In a repetition
+   each plan runs ``--steps-per-plan`` consecutive steps (default 2) and the last is
+   timed: as in training, the timed step follows a step of the same model, whose
+   weights, gradients and momentum are then where a training loop leaves them, not
+   evicted by the other plans' models (with 1, every timed step follows another plan's
+   model and runs about 10-25 % slower on the wide ResNet). A repetition's
    time is the max over ranks; a repetition is *clean* when no rank lost more than
    ``--clean-frac`` of it to other processes (wall - CPU time: MPICH busy-polls, so a
    rank's core is busy for the whole step). ``measured`` is the median over clean
@@ -85,9 +90,9 @@ from distconv.bench.cli import bench_parser, fill_defaults, positive_ints, requi
 from distconv.envinfo import pin_threads
 
 DEFAULTS = dict(width=256, blocks="1,1", size=8, batch=4, classes=10, repeats=25, warmup=2,
-                calib_reps=21, compute_reps=9, compute_rounds=3)
+                steps_per_plan=2, calib_reps=21, compute_reps=9, compute_rounds=3)
 QUICK = dict(width=8, blocks="1,1", size=8, batch=2, classes=4, repeats=2, warmup=1,
-             calib_reps=2, compute_reps=1, compute_rounds=2)
+             steps_per_plan=1, calib_reps=2, compute_reps=1, compute_rounds=2)
 
 
 def build_parser():
@@ -112,6 +117,10 @@ def build_parser():
                          "(default 4 x --repeats); after a repetition that is not clean "
                          "the script waits for quiet (--wait-quiet) before the next")
     ap.add_argument("--warmup", type=int, help="untimed steps per plan first (default 2)")
+    ap.add_argument("--steps-per-plan", type=int,
+                    help="consecutive steps of each plan in a repetition, the last one timed "
+                         "(default 2: the timed step follows a step of the same model, as in "
+                         "training, not another plan's model; --quick 1)")
     ap.add_argument("--clean-frac", type=float, default=0.05,
                     help="a repetition is clean if every rank lost less than this fraction "
                          "of it to other processes (default 0.05)")
@@ -160,8 +169,8 @@ def parse_args(argv=None):
     if a.max_repeats is None:
         a.max_repeats = a.repeats if a.quick else 4 * a.repeats
     a.blocks = positive_ints(ap, a.blocks, "--blocks")
-    require_positive(ap, a, ("width", "size", "batch", "classes", "repeats", "calib_reps",
-                             "compute_reps", "compute_rounds"))
+    require_positive(ap, a, ("width", "size", "batch", "classes", "repeats", "steps_per_plan",
+                             "calib_reps", "compute_reps", "compute_rounds"))
     if a.model == "inception" and a.width % 4:
         ap.error(f"--model inception needs --width divisible by 4, got {a.width}")
     if a.warmup < 0 or a.max_repeats < a.repeats:

@@ -56,7 +56,8 @@ def test_help():
 
 
 def test_quick_two_ranks(tmp_path):
-    doc, md, stdout = _run(tmp_path, 2)
+    doc, md, stdout = _run(tmp_path, 2, "--steps-per-plan", "2")
+    assert doc["args"]["steps_per_plan"] == 2
     plans = doc["plans"]
     labels = [p["label"] for p in plans]
     assert len(labels) == len(set(labels)) >= 7  # >= 6 hand plans and the auto plan

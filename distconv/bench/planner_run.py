@@ -294,11 +294,14 @@ class PlannerBench:
             f"{lab} {'yes' if r['equal'] else 'NO'}" for lab, r in self.byte_rows.items()))
 
     def _repetition(self, rep):
-        """One step of every plan (the order rotated by ``rep``) -> whether it was clean on
-        every rank for every plan."""
+        """``--steps-per-plan`` consecutive steps of every plan, the last one timed (the order
+        of the plans rotated by ``rep``) -> whether it was clean on every rank for every
+        plan."""
         cases = self.cases
         k = rep % len(cases)  # rotate the order: no plan always runs first
         for c in cases[k:] + cases[:k]:
+            for _ in range(self.args.steps_per_plan - 1):
+                c.step(self.comm, record=False)  # the timed step follows one of its own
             c.step(self.comm)
         last = self.comm.allgather_obj([(c.recs[-1]["step"], c.recs[-1]["lost"])
                                         for c in cases])
