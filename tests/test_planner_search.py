@@ -238,7 +238,7 @@ def test_impossible_memory_limit_raises_naming_the_limit():
     limit (in GiB, as search formats it)."""
     model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64),
                           nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1, bias=False))
-    graph = trace(model, (64, 64, 64, 64))
+    graph = trace(model, (128, 64, 64, 64))
     cost = cost_of(graph, 2)
     least = min(plan_memory(cost, q) for q in _all_plans(cost))
     assert least > 2**28  # the GiB formatting of the message is meaningful here

@@ -36,6 +36,8 @@ between calls with the same shapes.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..backend import array_module
@@ -99,27 +101,39 @@ class _Geom(ConvGeometry):
             self.Hq = max(-(-self.Hp // sh), r0max + self.Ho) + (1 if q0max > 0 else 0)
             self.Lc = self.Ho * self.Wq  # columns per sample
             self.nph = sh * sw
-            # where each phase's valid data sits: (a, b, r_start, q_start, h_start, w_start, nr, nq)
-            self.phases = []
-            for a in range(sh):
-                r_start = max(0, -(-(self.ph - a) // sh))
-                h_start = a + sh * r_start - self.ph
-                nr = min(len(range(h_start, self.H, sh)), self.Hq - r_start)
-                for b in range(sw):
-                    q_start = max(0, -(-(self.pw - b) // sw))
-                    w_start = b + sw * q_start - self.pw
-                    nq = min(len(range(w_start, self.W, sw)), self.Wq - q_start)
-                    self.phases.append((a, b, r_start, q_start, h_start, w_start, nr, nq))
-            # kernel offset (i, j) -> (phase index, flat offset inside the phase image)
-            self.offsets = {}
-            for i in range(self.kh):
-                for j in range(self.kw):
-                    a, r0 = divmod(i * dh, sh)[::-1]
-                    b, q0 = divmod(j * dw, sw)[::-1]
-                    self.offsets[i, j] = (a * sw + b, r0 * self.Wq + q0)
         else:
             self.Lc = self.L
         self.B = _block_size(self.N, self.Lc)
+
+    @functools.cached_property
+    def phases(self):
+        """Where each phase's valid data sits (phase layout only): ``(a, b, r_start,
+        q_start, h_start, w_start, nr, nq)`` per phase."""
+        sh, sw = self.sh, self.sw
+        out = []
+        for a in range(sh):
+            r_start = max(0, -(-(self.ph - a) // sh))
+            h_start = a + sh * r_start - self.ph
+            nr = min(len(range(h_start, self.H, sh)), self.Hq - r_start)
+            for b in range(sw):
+                q_start = max(0, -(-(self.pw - b) // sw))
+                w_start = b + sw * q_start - self.pw
+                nq = min(len(range(w_start, self.W, sw)), self.Wq - q_start)
+                out.append((a, b, r_start, q_start, h_start, w_start, nr, nq))
+        return out
+
+    @functools.cached_property
+    def offsets(self):
+        """Kernel offset ``(i, j)`` -> ``(phase index, flat offset inside the phase image)``
+        (phase layout only)."""
+        sh, sw, dh, dw = self.sh, self.sw, self.dh, self.dw
+        out = {}
+        for i in range(self.kh):
+            for j in range(self.kw):
+                a, r0 = divmod(i * dh, sh)[::-1]
+                b, q0 = divmod(j * dw, sw)[::-1]
+                out[i, j] = (a * sw + b, r0 * self.Wq + q0)
+        return out
 
 
 _GEOMS: dict = {}  # (shapes, arguments, layout constants) -> _Geom
@@ -141,6 +155,42 @@ def _geom(x_shape, w_shape, stride, padding, dilation):
             _GEOMS.clear()
         _GEOMS[key] = g
     return g
+
+
+def conv2d_workspace_bytes(x_shape, w_shape, stride=(1, 1), padding=(0, 0),
+                           dilation=(1, 1), itemsize=4, backend="numpy") -> int:
+    """Bytes of the largest scratch buffer the kernels of one convolution build, for the
+    planner's memory model: x (N, C, H, W), w (F, C, kh, kw), ``backend`` ``"numpy"`` or
+    ``"cupy"`` (the im2col path; cuDNN's own workspace is not counted).
+
+    NumPy: the im2col columns (C*kh*kw, B*Lc) of a block of ``B`` samples (``_Geom.B``,
+    at least ``_TARGET_COLS`` columns, or all N), which forward, backward-data and
+    backward-filter each fill one block at a time, or, where backward-data runs as the
+    forward convolution of dy with the flipped kernel, that convolution's columns
+    (F*kh*kw rows) if larger; a 1x1 unpadded convolution builds no columns, only its
+    sample-folding buffers (C + F, B, Ho*Wo) when it folds samples.
+    CuPy: the column buffer (C*kh*kw, B*Ho*Wo) of its blocks
+    (:func:`distconv.ops.cuda.conv.cols_bytes`). The buffers stay cached in
+    :mod:`._workspace`, one per tag shared by every layer, so a model holds its largest
+    layer's.
+    """
+    if backend == "cupy":
+        from .cuda.conv import cols_bytes
+        return cols_bytes(x_shape, w_shape, stride, padding, dilation, itemsize)
+    g = _geom(tuple(int(v) for v in x_shape), tuple(int(v) for v in w_shape), pair(stride),
+              pair(padding), pair(dilation))
+    if g.N * g.K * g.F * g.L == 0:
+        return 0
+    if g.pointwise:
+        b = _block_size(g.N, g.L)
+        return (g.C + g.F) * b * g.L * int(itemsize) if b > 1 else 0
+    cols = g.K * g.B * g.Lc * int(itemsize)  # forward and backward-filter (and col2im)
+    q = _flip_padding(g)
+    if q is None:
+        return cols
+    # backward-data as the forward convolution of dy with the flipped kernel (kh > 1)
+    f = _geom((g.N, g.F, g.Ho, g.Wo), (g.C, g.F, g.kh, g.kw), (1, 1), q, (g.dh, g.dw))
+    return max(cols, f.K * f.B * f.Lc * int(itemsize))
 
 
 def _phase_images(xp, g, x, n0, n1, tag):
@@ -298,15 +348,24 @@ def conv2d_backward_data(dy, w, x_hw, stride=(1, 1), padding=(0, 0), dilation=(1
                       tmp.reshape(N, C, g.L), "bwd1x1")
         dx[:, :, :g.sh * (g.Ho - 1) + 1:g.sh, :g.sw * (g.Wo - 1) + 1:g.sw] = tmp
         return dx
-    qh = g.dh * (g.kh - 1) - g.ph
-    qw = g.dw * (g.kw - 1) - g.pw
-    if g.sh == 1 and g.sw == 1 and qh >= 0 and qw >= 0 and _flip_pays(g):
+    q = _flip_padding(g)
+    if q is not None:
         # full correlation of dy with the flipped kernel, channels swapped
         wt = xp.ascontiguousarray(xp.asarray(w, dtype=dt).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-        return conv2d_forward(dy, wt, (1, 1), (qh, qw), (g.dh, g.dw))
+        return conv2d_forward(dy, wt, (1, 1), q, (g.dh, g.dw))
     if g.ext:
         return _backward_data_phase(xp, g, dy, w2)
     return _backward_data_col2im(xp, g, dy, w2)
+
+
+def _flip_padding(g):
+    """The padding ``(qh, qw)`` of the forward convolution that backward-data of ``g`` runs
+    as (stride 1, flipped kernel, where :func:`_flip_pays`), else None."""
+    qh = g.dh * (g.kh - 1) - g.ph
+    qw = g.dw * (g.kw - 1) - g.pw
+    if g.sh == 1 and g.sw == 1 and qh >= 0 and qw >= 0 and _flip_pays(g):
+        return (qh, qw)
+    return None
 
 
 def _flip_pays(g):

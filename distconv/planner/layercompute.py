@@ -6,11 +6,14 @@ shard (rank 0's: floor+1 blocks put the extra elements first); a spatial conv or
 computes on rank 0's input window, halos included (:func:`distconv.halo.windows`).
 Memory per rank: weight shards with their gradients and optimizer state, what backward
 keeps (the gathered input of a conv, the input of a batch norm, the output of a ReLU, a
-max-pool's argmax) and the transient workspace (a conv's column buffer).
+max-pool's argmax) and the transient workspace (a conv's column buffer for one block of
+samples, :func:`distconv.ops.conv.conv2d_workspace_bytes`).
 """
 from __future__ import annotations
 
 from ..distribution import block_sizes
+from ..ops.conv import conv2d_workspace_bytes
+from ..ops.pool import max_pool_index_dtype
 from .events import act_dist, spatial_dist
 from .strategies import grid_shape, is_spatial
 
@@ -47,9 +50,10 @@ def layer_compute(cost, layer, st, in_dist, c) -> None:
             kh, kw = a["kernel_size"]
             fw, bd, bf = cm.conv(n, cl, xs[2], xs[3], fl, a["kernel_size"], a["stride"],
                                  a["padding"], a["dilation"])
-            ho, wo = ys[2], ys[3]
             c.mem = n * cl * xs[2] * xs[3] * it
-            c.work = cl * kh * kw * n * ho * wo * it if (kh, kw) != (1, 1) else 0
+            c.work = conv2d_workspace_bytes((n, cl, xs[2], xs[3]), (fl, cl, kh, kw),
+                                            a["stride"], a["padding"], a["dilation"], it,
+                                            cm.backend)
             nparam = fl * cl * kh * kw
         else:
             fw, bd, bf = cm.linear(n, cl, fl)
@@ -81,7 +85,7 @@ def layer_compute(cost, layer, st, in_dist, c) -> None:
             fw, bw = fn(*loc, a["kernel_size"], a["stride"], pad)
             if k == "maxpool":
                 oloc = c.out_dist.local_shape(ys, [0] * len(in_dist.grid.names))
-                c.mem = _prod(oloc) * 8
+                c.mem = _prod(oloc) * max_pool_index_dtype(a["kernel_size"]).itemsize
         elif k == "gap":
             fw, bw = cm.global_avgpool(*loc)
         else:
@@ -99,12 +103,13 @@ def _spatial_conv(cost, layer, st, c, slots) -> None:
     :func:`distconv.halo.windows`, padding 0), the weight replicated."""
     xs, ys, a, it = layer.in_shape, layer.out_shape, layer.attrs, cost.item
     (kh, kw), d = a["kernel_size"], a["dilation"]
-    n, _, hw, ww, ho, wo = _window(act_dist(st, 4), layer, d)
+    n, _, hw, ww = _window(act_dist(st, 4), layer, d)[:4]
     fw, bd, bf = cost.compute.conv(n, xs[1], hw, ww, ys[1], (kh, kw), a["stride"], 0, d)
     c.compute_fwd, c.compute_bwd = fw, bd + bf
     nparam = ys[1] * xs[1] * kh * kw + (ys[1] if a.get("bias") else 0)
     c.mem = n * xs[1] * hw * ww * it + nparam * slots * it
-    c.work = xs[1] * kh * kw * n * ho * wo * it if (kh, kw) != (1, 1) else 0
+    c.work = conv2d_workspace_bytes((n, xs[1], hw, ww), (ys[1], xs[1], kh, kw), a["stride"],
+                                    0, d, it, cost.compute.backend)
     c.update = cost.compute.update(nparam, cost.optimizer)
 
 

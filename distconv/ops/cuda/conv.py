@@ -125,6 +125,16 @@ def _samples_per_block(g, itemsize):
     return max(1, min(g.N, _COLS_BYTES // max(1, g.K * g.L * itemsize)))
 
 
+def cols_bytes(x_shape, w_shape, stride, padding, dilation, itemsize) -> int:
+    """Bytes of the column buffer :func:`_im2col_blocks` (forward, backward-filter) and the
+    backward-data loop use for x (N, C, H, W), w (F, C, kh, kw): (C*kh*kw, B*Ho*Wo) for
+    ``B`` samples per block. No CuPy needed."""
+    g = ConvGeometry.of_weight(tuple(x_shape), tuple(w_shape), stride, padding, dilation)
+    if g.N * g.K * g.L == 0:
+        return 0
+    return g.K * _samples_per_block(g, int(itemsize)) * g.L * int(itemsize)
+
+
 def _im2col_blocks(cp, g, xc, dt):
     """``(n0, n1, cols)`` for each block of samples of the contiguous input ``xc``: cols, the
     (K, b*L) patch matrix of ``xc[n0:n1]`` in a scratch buffer reused by the next block."""
