@@ -135,9 +135,12 @@ def _cm(**kw):
 
 
 def test_cache_entries_timed_without_eviction_are_ignored(tmp_path):
+    from distconv.planner.compute import code_fingerprint
     path = tmp_path / "c.json"
     key = f"relu_fwd|numel=64|{CTX}"
-    path.write_text(json.dumps({"format": 1, "entries": {key: 1.0}, "rates": {}}))
+    code = f"code-{code_fingerprint()}"
+    path.write_text(json.dumps({"format": 1, "entries": {key: 1.0}, "rates": {},
+                                "timing": {CTX: f"evict0|{code}"}}))
     with pytest.warns(UserWarning, match="evict0"):
         m = _cm(cache_path=path, measure=False)
     assert key not in m.entries and m.evict_bytes == 32 << 20
@@ -146,8 +149,28 @@ def test_cache_entries_timed_without_eviction_are_ignored(tmp_path):
     m.entries[key] = 2.0
     m.save()
     d = json.loads(path.read_text())
-    assert d["timing"][CTX] == "evict33554432" and d["entries"][key] == 2.0
+    assert d["timing"][CTX] == f"evict33554432|{code}" and d["entries"][key] == 2.0
     assert _cm(cache_path=path, measure=False).entries[key] == 2.0
+
+
+@pytest.mark.parametrize("timing", [None, "evict33554432", "evict33554432|code-0123456789ab"])
+def test_cache_entries_of_other_kernel_code_are_ignored(tmp_path, timing):
+    """Entries timed by another version of the kernels (another fingerprint, or a file
+    from before fingerprints) are measured again; the same file under this code's
+    fingerprint is kept (the control)."""
+    from distconv.planner.compute import code_fingerprint
+    path = tmp_path / "c.json"
+    key = f"update_sgd|numel=4096|{CTX}"
+    doc = {"format": 1, "entries": {key: 1.0}, "rates": {}}
+    if timing is not None:
+        doc["timing"] = {CTX: timing}
+    path.write_text(json.dumps(doc))
+    with pytest.warns(UserWarning, match="fingerprint of the timed code"):
+        m = _cm(cache_path=path, measure=False)
+    assert key not in m.entries
+    doc["timing"] = {CTX: f"evict33554432|code-{code_fingerprint()}"}
+    path.write_text(json.dumps(doc))
+    assert _cm(cache_path=path, measure=False).entries[key] == 1.0
 
 
 def test_layer_overhead_measured_cached_and_zero_when_not_measured():

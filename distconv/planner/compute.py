@@ -26,9 +26,11 @@ CuPy, where it does not apply). ``save()`` writes the cache atomically to
 ``cache_path`` as JSON ``{"format": 1, "entries": {key: seconds}, "rates":
 {"dtype|backend|t<threads>": rates}, "timing": {"dtype|backend|t<threads>":
 "evict<bytes>"}}`` (merged with the entries already in the file);
-``__init__`` reads it back (an unreadable file only warns). Entries of this
-model's context that were timed with another ``evict_bytes`` (a file without
-``"timing"`` was timed back to back: ``evict0``) are ignored with a warning.
+``__init__`` reads it back (an unreadable file only warns). The ``"timing"`` of a
+context is ``evict<bytes>|code-<fingerprint>`` (:func:`code_fingerprint` of the timed
+code); entries of this model's context timed another way (another ``evict_bytes``, other
+kernel code, or a file without ``"timing"``: ``evict0``) are ignored with a warning and
+measured again.
 
 **Fitted model.** A shape not in the cache while ``measure=False`` is
 predicted per op family as ``t = t0 + work / rate``. ``work`` is floating
@@ -79,6 +81,29 @@ FORMAT = 1
 EVICT_BYTES = 32 << 20
 
 
+_FINGERPRINT: list = []
+
+
+def code_fingerprint() -> str:
+    """12 hex digits of SHA-1 over the source of the code the compute model times: every
+    module of :mod:`distconv` outside :mod:`distconv.planner` and :mod:`distconv.bench`
+    (the kernels, the layers whose Python is the measured overhead, the optimizers). A
+    cache's entries are kept only under the fingerprint they were timed with, so a change
+    of the kernels re-measures them instead of planning with the old code's times."""
+    if not _FINGERPRINT:
+        import hashlib
+        from pathlib import Path
+        root = Path(__file__).resolve().parent.parent
+        h = hashlib.sha1()
+        for f in sorted(root.rglob("*.py")):
+            rel = f.relative_to(root).as_posix()
+            if rel.startswith(("planner/", "bench/")):
+                continue
+            h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
+        _FINGERPRINT.append(h.hexdigest()[:12])
+    return _FINGERPRINT[0]
+
+
 class ComputeModel(OpTimes, OverheadTimes):
     """Local kernel times of one rank, measured and cached, or predicted by fitted rates.
 
@@ -114,7 +139,7 @@ class ComputeModel(OpTimes, OverheadTimes):
         if evict_bytes is None:
             evict_bytes = 0 if self.backend == "cupy" else EVICT_BYTES
         self.evict_bytes = max(0, int(evict_bytes))
-        self.timing = f"evict{self.evict_bytes}"
+        self.timing = f"evict{self.evict_bytes}|code-{code_fingerprint()}"
         self._evict_buf = None
         self.verbose = verbose
         self.entries: dict[str, float] = {}
@@ -163,8 +188,10 @@ class ComputeModel(OpTimes, OverheadTimes):
             if mine:
                 warnings.warn(f"compute cache {path!r}: its {len(mine)} {self.context} entries "
                               f"were timed with {theirs!r}, this model times with "
-                              f"{self.timing!r} (cache eviction between calls); they are "
-                              "ignored and will be measured again", stacklevel=3)
+                              f"{self.timing!r} (cache eviction between calls, and a "
+                              "fingerprint of the timed code: distconv's kernels, layers "
+                              "and optimizers); they are ignored and will be measured "
+                              "again", stacklevel=3)
             entries = {k: v for k, v in entries.items() if not k.endswith(suffix)}
             file_rates = {k: v for k, v in file_rates.items() if k != self.context}
         self.entries.update(entries)
