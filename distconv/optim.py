@@ -318,6 +318,41 @@ class LinearWarmup(LRScheduler):
 
 
 # ------------------------------------------------------------------ overlap
+#: bytes of a gradient bucket of :class:`GradientSync` (and of train.py's ``--bucket-kb``)
+BUCKET_BYTES = 4 << 20
+
+
+class BucketPolicy:
+    """Which gradients :class:`GradientSync` sends together, as they become ready: one open
+    bucket per key (a replica communicator and dtype), in arrival order; a bucket holding
+    at least ``bucket_bytes`` is sent at once when ``overlap``, the rest when the step
+    waits. The planner's simulator (:func:`distconv.planner.simulate.simulate`) replays
+    its gradient allreduces through the same policy."""
+
+    def __init__(self, bucket_bytes: int, overlap: bool = True):
+        self.bucket_bytes = int(bucket_bytes)
+        self.overlap = bool(overlap)
+        self._open: "OrderedDict[object, list]" = OrderedDict()
+
+    def add(self, key, item, nbytes: int):
+        """Put ``item`` (``nbytes`` bytes) into ``key``'s bucket: the bucket's items, in
+        order, when it is to be sent now, else None."""
+        b = self._open.setdefault(key, [[], 0])
+        b[0].append(item)
+        b[1] += int(nbytes)
+        if self.overlap and b[1] >= self.bucket_bytes:
+            del self._open[key]
+            return b[0]
+        return None
+
+    def rest(self) -> list:
+        """``[(key, items), ...]`` of the buckets still open, in the order they were
+        opened; they are closed."""
+        out = [(k, v[0]) for k, v in self._open.items()]
+        self._open.clear()
+        return out
+
+
 class GradientSync:
     """Overlap the segmented gradient allreduce with backward.
 
@@ -334,10 +369,10 @@ class GradientSync:
     """
 
     def __init__(self, model: Module, optimizer: Optimizer | None = None,
-                 bucket_bytes: int = 4 << 20, overlap: bool = True):
+                 bucket_bytes: int = BUCKET_BYTES, overlap: bool = True):
         self.bucket_bytes = int(bucket_bytes)
         self.overlap = overlap
-        self._buckets: "OrderedDict[tuple, list]" = OrderedDict()
+        self._policy = BucketPolicy(bucket_bytes, overlap)
         self._inflight: list = []
         self.exposed_time = 0.0
         self.bytes = 0
@@ -356,17 +391,14 @@ class GradientSync:
         g = p.grad
         if g is not None and g.distribution.pending:
             key = (id(g.grid), g.distribution.pending, str(g.dtype))
-            b = self._buckets.setdefault(key, [])
-            b.append(p)
-            if self.overlap and sum(q.grad.local.nbytes for q in b) >= self.bucket_bytes:
-                self._flush(key)
+            full = self._policy.add(key, p, g.local.nbytes)
+            if full:
+                self._send(full)
         for r in self._inflight:  # let MPI progress the ones in flight
             r[0].test()
 
-    def _flush(self, key):
-        params = self._buckets.pop(key, [])
-        if not params:
-            return
+    def _send(self, params):
+        """Start the allreduce of the gradients of ``params`` (one bucket) as one buffer."""
         g0 = params[0].grad
         parts = [p.grad.local.reshape(-1) for p in params]
         xp = array_module(parts[0])
@@ -377,8 +409,8 @@ class GradientSync:
 
     def wait(self):
         """Finish every bucket; the parameters' ``grad`` become the summed gradients."""
-        for key in list(self._buckets):
-            self._flush(key)
+        for _, params in self._policy.rest():
+            self._send(params)
         t0 = time.perf_counter()
         for req, params in self._inflight:
             flat = req.wait()

@@ -242,6 +242,10 @@ def _add_search_args(p):
     p.add_argument("--no-overlap", action="store_true",
                    help="predict with gradient allreduces blocking in opt.step() instead of "
                         "overlapped with backward (train.py --no-overlap)")
+    p.add_argument("--bucket-kb", type=int, default=4096,
+                   help="GradientSync bucket size the step reduces gradients in, KiB "
+                        "(train.py --bucket-kb; default 4096); 0: one allreduce per "
+                        "parameter, as sync_gradients / opt.step() without GradientSync")
     p.add_argument("--min-gain", type=float, default=None, metavar="FRAC",
                    help="return a mixed plan only if it is predicted faster than every "
                         "uniform plan (one strategy for all layers) by more than this "
@@ -345,6 +349,7 @@ def _search(args, model, in_shape, ranks, machine, compute, limit) -> dict:
                                memory_limit=float("inf") if limit is None else limit,
                                item=4 if args.dtype == "float32" else 8,
                                optimizer=args.optimizer, overlap=not args.no_overlap,
+                               bucket_bytes=(args.bucket_kb << 10) or None,
                                min_gain=(auto.MIN_GAIN if args.min_gain is None
                                          else args.min_gain),
                                mcmc_budget=args.mcmc_budget, mcmc_seed=args.mcmc_seed,
@@ -440,6 +445,9 @@ def main(argv=None) -> int:
                      "nothing; it is required unless --machine calibrate")
     if not args.mcmc_budget >= 0.0 or args.mcmc_budget == float("inf"):
         parser.error(f"--mcmc-budget: expected seconds >= 0 (0: off), got {args.mcmc_budget}")
+    if args.bucket_kb < 0:
+        parser.error(f"--bucket-kb: expected KiB >= 0 (0: one allreduce per parameter), got "
+                     f"{args.bucket_kb}")
     if args.min_gain is not None and not 0.0 <= args.min_gain < 10.0:
         parser.error(f"--min-gain: expected a fraction >= 0 (e.g. 0.05), got {args.min_gain}")
     ranks = args.ranks if args.ranks is not None else size

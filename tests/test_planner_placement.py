@@ -143,7 +143,8 @@ def test_plan_model_places_towers_and_plan_files_keep_them(tmp_path):
     from tests.test_planner_dag import model
     from tests.test_planner_search import MID, compute
     m, shape = model("incfork")
-    kw = dict(min_gain=0.0, overlap=False)  # blocking allreduces: placement wins here
+    # blocking per-parameter allreduces (sync_gradients): placement wins here
+    kw = dict(min_gain=0.0, overlap=False, bucket_bytes=None)
     res = plan_model(m, shape, 4, MID, compute(), placement=True, **kw)
     plain = plan_model(m, shape, 4, MID, compute(), **kw)
     placed = {k: st for k, st in res["plan"].items() if isinstance(st, Placed)}
@@ -182,6 +183,7 @@ def test_mcmc_with_placement_finds_placed_towers():
     from distconv.planner.simulate import simulate
     from distconv.planner.strategies import Placed
     cost = _cost(graph_of("incfork"), 4)
+    cost.bucket_bytes = None  # blocking per-parameter allreduces, as sync_gradients
     start = data_parallel(cost.graph, 4)
     beta = 30.0 / simulate(cost, start, overlap=False)["step_s"]  # a warmer chain
     run = mcmc(cost, start, float("inf"), beta=beta, seed=0, max_proposals=2000,

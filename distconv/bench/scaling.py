@@ -192,7 +192,8 @@ def worker(args):
     names = graph.strategic_names()
     fixed = None if auto else {k: st.resolve(p) for k in names}
     plan, predicted, machine_notes = plan_and_predict(comm, model, x_shape, fixed,
-                                                       overlap=args.overlap == "on")
+                                                       overlap=args.overlap == "on",
+                                                       bucket_bytes=args.bucket_kb << 10)
     if auto:
         model.set_strategy(to_strategies(plan))
     overlap = args.overlap == "on"

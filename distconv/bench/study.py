@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 
+from ..optim import BUCKET_BYTES
 from .models import build_model
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
@@ -71,26 +72,12 @@ def simulate_local_bn(cost, plan, overlap=True) -> float:
     sample group) left out: data parallelism with per-rank batch statistics, as most
     frameworks run it by default. distconv itself always reduces them (synchronised batch
     norm), so this is a lower bound used only to judge the data-parallel baseline."""
-    from distconv.planner.simulate import walk
-    rows = [(k, c) for _, k, c, _ in walk(cost, plan)]
-
-    def comm(k, c, which):
-        return 0.0 if k == "bn" else getattr(c, which)
-    t = sum(c.compute_fwd + comm(k, c, "comm_fwd") for k, c in rows)
-    stream = 0.0
-    for k, c in reversed(rows):
-        t += c.compute_bwd + comm(k, c, "comm_bwd")
-        if c.sync > 0:
-            if overlap:
-                stream = max(stream, t) + c.sync
-            else:
-                t += c.sync
-    t = max(t, stream)
-    return t + sum(c.update for _, c in rows)
+    from distconv.planner.simulate import simulate
+    return simulate(cost, plan, overlap=overlap, local_bn=True)["step_s"]
 
 
 def run_case(model_name, n, p, shape, classes, machine, optimizer, mcmc_budget=0.0,
-             mcmc_seed=0, overlap=True, placement=False):
+             mcmc_seed=0, overlap=True, placement=False, bucket_bytes=BUCKET_BYTES):
     from distconv.planner import auto
     from distconv.planner.costs import CostModel
     from distconv.planner.simulate import simulate
@@ -99,7 +86,7 @@ def run_case(model_name, n, p, shape, classes, machine, optimizer, mcmc_budget=0
     family = family_of(model_name)
     t0 = time.perf_counter()
     res = auto.plan_model(model, (n,) + tuple(shape), p, machine, optimizer=optimizer,
-                          overlap=overlap)
+                          overlap=overlap, bucket_bytes=bucket_bytes)
     wall = time.perf_counter() - t0
     pr, dp = res["predicted"], res["dp"]
     kinds = {layer.name: layer.kind for layer in res["graph"].layers()}
@@ -139,7 +126,8 @@ def run_case(model_name, n, p, shape, classes, machine, optimizer, mcmc_budget=0
         "step_s": add, "speedup_vs_dp": dp["step_s"] / add,
         "plan_speedup_over_it": add / pr["step_s"]}
     if p > n:  # data parallelism on only N ranks (the others idle): the better DP baseline
-        cost_n = CostModel(res["graph"], n, machine, optimizer=optimizer)
+        cost_n = CostModel(res["graph"], n, machine, optimizer=optimizer,
+                           bucket_bytes=bucket_bytes)
         dpn = simulate(cost_n, auto.data_parallel(res["graph"], n), overlap=overlap)
         rec["dp_on_n_ranks"] = block(dpn)
         rec["speedup_vs_dp_on_n_ranks"] = dpn["step_s"] / pr["step_s"]
@@ -168,7 +156,8 @@ def placement_record(model_name, n, p, shape, classes, machine, optimizer, overl
     model = build_model(model_name, shape, classes)
     t0 = time.perf_counter()
     res = auto.plan_model(model, (n,) + tuple(shape), p, machine, optimizer=optimizer,
-                          overlap=overlap, placement=True)
+                          overlap=overlap, placement=True,
+                          bucket_bytes=plain["cost"].bucket_bytes)
     wall = time.perf_counter() - t0
     step, base = res["predicted"]["step_s"], plain["predicted"]["step_s"]
     fast = res["candidates"][res["fastest"]]

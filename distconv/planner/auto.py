@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from ..optim import BUCKET_BYTES
 from .costs import CostModel
 from .strategies import strategy_short, strategy_text
 from .graph import trace
@@ -52,7 +53,8 @@ MEASURE_ROUNDS = 3
 
 def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit=None,
                item=4, optimizer="sgd", overlap=True, min_gain=MIN_GAIN, mcmc_budget=0.0,
-               mcmc_seed=0, spatial=False, placement=False) -> dict:
+               mcmc_seed=0, spatial=False, placement=False,
+               bucket_bytes=BUCKET_BYTES) -> dict:
     """Search the best per-layer plan of ``model`` for a global input ``in_shape``
     ``(N, C, H, W)`` on ``nranks`` ranks.
 
@@ -66,6 +68,10 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     (:func:`.placement.placed_block`; the model must fork them with :func:`distconv.fork`).
     A measuring ``compute`` with ``rounds > 1`` is refined (:meth:`.compute.ComputeModel.
     refine`) after a first search has measured every kernel shape.
+    ``bucket_bytes``: the step reduces its gradients as :class:`distconv.optim.
+    GradientSync` with buckets of that size (default, as ``train.py``), or, for ``None``,
+    as :func:`distconv.nn.sync_gradients` (one allreduce per parameter; see
+    :class:`.costs.CostModel`).
 
     The DP (:func:`.search.search`) runs with the gradient allreduce counted at each
     weight of :data:`SYNC_WEIGHTS` (the simulator overlaps it with backward, which an
@@ -97,7 +103,7 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     """
     graph = trace(model, tuple(int(s) for s in in_shape))
     cost = CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer,
-                     spatial=spatial)
+                     spatial=spatial, bucket_bytes=bucket_bytes)
     memory_limit = _limit(memory_limit, cost.machine)
     dp_plan = data_parallel(graph, cost.p)
     if compute is not None and compute.measure and getattr(compute, "rounds", 1) > 1:
@@ -107,7 +113,7 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
         simulate(cost, dp_plan, overlap=overlap)
         if compute.refine():
             cost = CostModel(graph, nranks, machine, compute, item=item,
-                             optimizer=optimizer, spatial=spatial)
+                             optimizer=optimizer, spatial=spatial, bucket_bytes=bucket_bytes)
     dp = simulate(cost, dp_plan, overlap=overlap)
     sims, uniform, seconds = _candidates(cost, graph, dp, dp_plan, memory_limit, overlap,
                                          placement)

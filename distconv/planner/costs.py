@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from .commmodel import EXACT_RANKS, cat_events
 from .layercompute import OPT_SLOTS, _prod, layer_compute
 from .overhead import OVERHEAD_KINDS
-from .events import (act_dist, entry_events, inner_events, join_events, out_dist_of)
+from .events import (act_dist, entry_events, grid_of, inner_events, join_events,
+                     out_dist_of)
+from ..optim import BUCKET_BYTES
 from .strategies import (Placed, as_strategy, factorizations, grid_shape,  # noqa: F401
                          is_spatial,
                          parse_strategy, placement, strategy_short, strategy_text,
@@ -57,6 +59,11 @@ class LayerCost:
     mem: int = 0               # bytes kept until backward + parameters/grads/optimizer
     work: int = 0              # transient workspace bytes
     out_dist: object = None
+    # the gradient allreduces behind ``sync``, one event list per evaluated rank, and the
+    # grid they run on (the strategy's): what the simulator puts into GradientSync's
+    # buckets (empty: ``sync`` is one unit, e.g. branches merged by placement)
+    sync_events: tuple = ()
+    sync_grid: object = None
 
     @property
     def time(self) -> float:
@@ -71,11 +78,15 @@ class CostModel:
     measuring); ``item``: bytes per element (4: float32); ``optimizer``: ``sgd``
     (one momentum slot) or ``adam`` (two); ``spatial``: the strategies include splits of
     H and W (:func:`factorizations`), which a layer without them (a Linear) cannot take:
-    its cost under one is infinite.
+    its cost under one is infinite. ``bucket_bytes``: how the step reduces its gradients,
+    as :class:`distconv.optim.GradientSync` with buckets of that size (the default, what
+    ``train.py`` runs) or, for ``None``, as :func:`distconv.nn.sync_gradients` (one
+    allreduce per parameter, through ``DistTensor.redistribute``); the simulator uses it,
+    the search's per-layer costs price one allreduce per parameter either way.
     """
 
     def __init__(self, graph, nranks, machine=None, compute=None, item=4, optimizer="sgd",
-                 spatial=False):
+                 spatial=False, bucket_bytes=BUCKET_BYTES):
         from .compute import ComputeModel
         from .machine import Machine
         self.graph = graph
@@ -85,6 +96,7 @@ class CostModel:
             measure=False, **_compute_kw(self.machine))
         self.item = int(item)
         self.optimizer = optimizer
+        self.bucket_bytes = None if bucket_bytes is None else int(bucket_bytes)
         if optimizer not in OPT_SLOTS:
             raise ValueError(f"optimizer must be one of {sorted(OPT_SLOTS)}, got {optimizer!r}")
         self.strategies = factorizations(self.p, spatial)
@@ -139,6 +151,16 @@ class CostModel:
             nb += b
         return t, nb
 
+    def bucket_time(self, parts) -> float:
+        """Seconds of one gradient bucket of :class:`distconv.optim.GradientSync`: the
+        allreduces ``parts`` (each a tuple of one event per evaluated rank, all over the
+        same group on a rank) sent as one buffer, so one alpha for the bucket; no
+        ``DistTensor.redistribute`` Python (GradientSync calls the communicator)."""
+        from ..shapecomm import Event
+        merged = [[Event("allreduce", evs[0].group, sum(e.sent for e in evs),
+                         sum(e.recv for e in evs))] for evs in zip(*parts)]
+        return self.events_time(merged, redistribute=False)[0]
+
     def _events(self, fn, *placed):
         """``[fn(rank), ...]`` on the ranks evaluated: every rank up to
         :data:`.commmodel.EXACT_RANKS`, else rank 0. ``placed``: grids (or rank tuples) of
@@ -186,7 +208,7 @@ class CostModel:
                 plain = layer.kind != "bn" and not is_spatial(st)
                 inner = self._inner[(sig, st)] = tuple(
                     self.events_time([x[i] for x in per], redistribute=plain)
-                    for i in range(3))
+                    for i in range(3)) + (tuple(tuple(x[2]) for x in per),)
         entry = self._entry_cost(layer, st, in_dist, key)
         c = LayerCost(out_dist=out_dist_of(layer, st, in_dist))
         (c.comm_fwd, b1), (c.comm_bwd, b2) = entry
@@ -194,6 +216,8 @@ class CostModel:
             c.comm_fwd += inner[0][0]
             c.comm_bwd += inner[1][0]
             c.sync, c.sync_bytes = inner[2]
+            if c.sync > 0:
+                c.sync_events, c.sync_grid = inner[3], grid_of(st)
             b1 += inner[0][1] + inner[1][1]
         c.bytes = b1 + b2
         ckey = key[:5] + ((in_dist.local_shape(layer.in_shape, [0] * len(in_dist.grid.names)),

@@ -9,9 +9,14 @@ one stream for gradient allreduces:
 
 * forward: each layer's local compute, then its (blocking) collectives, in order;
 * backward, in reverse: compute then blocking collectives; when a layer's backward ends
-  its gradient allreduces are queued on the allreduce stream (``overlap=True``) and run
-  one after another while later layers compute, or run at once, blocking, when
-  ``overlap=False`` (MPI without asynchronous progress, or ``--no-overlap``);
+  its gradients join :class:`distconv.optim.GradientSync`'s buckets (the same
+  :class:`~distconv.optim.BucketPolicy`, buckets of ``cost.bucket_bytes``): a full bucket
+  is one allreduce queued on the allreduce stream (``overlap=True``), running while later
+  layers compute; the buckets left, or every bucket when ``overlap=False`` (MPI without
+  asynchronous progress, or ``--no-overlap``), are sent after backward. With
+  ``cost.bucket_bytes=None`` the step reduces as :func:`distconv.nn.sync_gradients` does,
+  one allreduce per parameter, queued when its layer's backward ends (or blocking there
+  with ``overlap=False``);
 * the step ends when both streams are done, plus the optimizer step.
 """
 from __future__ import annotations
@@ -118,6 +123,22 @@ def _slowest(branches: dict):
     return out
 
 
+def _bucket_row(after, parts, seconds) -> dict:
+    """One GradientSync bucket for :func:`simulate`'s result: sent when the backward of
+    layer ``after`` ended (``"(wait)"``: when the step waited), its gradients' bytes on
+    the first evaluated rank, and its allreduce seconds."""
+    return {"after": after, "params": len(parts),
+            "bytes": int(round(sum(_raw_bytes(p[0]) for p in parts))), "seconds": seconds}
+
+
+def _raw_bytes(ev) -> float:
+    """Bytes of the gradient behind an allreduce event on ``p`` ranks (GradientSync fills
+    its buckets by these): the event counts a ring's 2(p-1)/p of them (exact on 2 ranks,
+    within p elements otherwise)."""
+    p = len(ev.group)
+    return max(ev.sent, ev.recv) * p / (2.0 * (p - 1))
+
+
 def additive_time(cost, plan) -> float:
     return sum(c.time for _, _, c, _ in walk(cost, plan))
 
@@ -129,25 +150,62 @@ def plan_memory(cost, plan, input_dist=None) -> int:
     return sum(c.mem for _, _, c, _ in rows) + max((c.work for _, _, c, _ in rows), default=0)
 
 
-def simulate(cost, plan, overlap: bool = True, input_dist=None) -> dict:
+def simulate(cost, plan, overlap: bool = True, input_dist=None, local_bn=False) -> dict:
     """Predicted step of ``plan``: ``{"step_s", "compute_s", "comm_s", "sync_s",
-    "exposed_sync_s", "update_s", "memory", "layers": [...]}``."""
+    "exposed_sync_s", "update_s", "memory", "layers": [...], "buckets": [...]}``
+    (``buckets``: GradientSync's allreduces in the order sent, ``{"after", "params",
+    "bytes", "seconds"}``; empty when ``cost.bucket_bytes`` is None). ``local_bn``: the
+    batch-norm layers' own communication (their statistics allreduces) left out, as data
+    parallelism with per-rank batch statistics runs (distconv always reduces them; a
+    lower bound for judging a data-parallel baseline)."""
     rows = walk(cost, plan, input_dist=input_dist)
+
+    def comm(kind, c, which):
+        return 0.0 if local_bn and kind == "bn" else getattr(c, which)
     t = 0.0
-    for _, _, c, _ in rows:
-        t += c.compute_fwd + c.comm_fwd
+    for _, k, c, _ in rows:
+        t += c.compute_fwd + comm(k, c, "comm_fwd")
     stream = 0.0
     exposed = 0.0
-    for _, _, c, _ in reversed(rows):
-        t += c.compute_bwd + c.comm_bwd
-        if c.sync > 0:
-            if overlap:
-                stream = max(stream, t) + c.sync
-            else:
-                t += c.sync
-                exposed += c.sync
-    if overlap and stream > t:
-        exposed = stream - t
+    sync_s = 0.0
+    bucket = getattr(cost, "bucket_bytes", None)
+    policy = None
+    if bucket is not None:
+        from ..optim import BucketPolicy
+        policy = BucketPolicy(bucket, overlap)
+    buckets = []
+    for name, k, c, _ in reversed(rows):
+        t += c.compute_bwd + comm(k, c, "comm_bwd")
+        if c.sync <= 0:
+            continue
+        if policy is not None and c.sync_events:
+            # GradientSync: each gradient joins its replica group's bucket as its layer's
+            # backward ends; a full bucket starts at once on the allreduce stream
+            for parts in zip(*c.sync_events):
+                ev = parts[0]
+                if len(ev.group) <= 1:
+                    continue
+                full = policy.add((c.sync_grid, ev.group), parts, _raw_bytes(ev))
+                if full:
+                    dt = cost.bucket_time(full)
+                    stream = max(stream, t) + dt
+                    sync_s += dt
+                    buckets.append(_bucket_row(name, full, dt))
+            continue
+        sync_s += c.sync
+        if overlap:
+            stream = max(stream, t) + c.sync
+        else:
+            t += c.sync
+            exposed += c.sync
+    if policy is not None:  # the buckets left are sent when the step waits for them
+        for _, parts in policy.rest():
+            dt = cost.bucket_time(parts)
+            stream = max(stream, t) + dt
+            sync_s += dt
+            buckets.append(_bucket_row("(wait)", parts, dt))
+    if stream > t:
+        exposed += stream - t
         t = stream
     update = sum(c.update for _, _, c, _ in rows)
     t += update
@@ -159,5 +217,6 @@ def simulate(cost, plan, overlap: bool = True, input_dist=None) -> dict:
     return {"step_s": t,
             "compute_s": sum(c.compute_fwd + c.compute_bwd for _, _, c, _ in rows),
             "comm_s": sum(c.comm_fwd + c.comm_bwd for _, _, c, _ in rows),
-            "sync_s": sum(c.sync for _, _, c, _ in rows), "exposed_sync_s": exposed,
-            "update_s": update, "memory": plan_memory(cost, plan, input_dist), "layers": layers}
+            "sync_s": sync_s, "exposed_sync_s": exposed,
+            "update_s": update, "memory": plan_memory(cost, plan, input_dist), "layers": layers,
+            "buckets": buckets}
