@@ -203,6 +203,46 @@ def _sgd_chunked(w, g, buf, lr, momentum, weight_decay, dampening, nesterov):
         wk -= t2
 
 
+def _adam_chunked(w, g, m, v, lr, b1, b2, eps, weight_decay, t):
+    """Adam's step ``t`` (as ``torch.optim.Adam``, L2 weight decay added to the gradient)
+    on contiguous NumPy arrays of one shape, in place, in chunks of :data:`_CHUNK`
+    elements that stay in cache: the same operations in the same order as the
+    whole-array update, bit for bit, reading and writing each array once::
+
+        d = g + weight_decay * w
+        m = b1 * m + (1 - b1) * d;  v = b2 * v + (1 - b2) * d * d
+        w -= lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)
+    """
+    dt = w.dtype.type
+    wf, gf, mf, vf = (a.reshape(-1) for a in (w, g, m, v))
+    n = min(_CHUNK, wf.size)
+    t1, t2, t3 = (np.empty(n, w.dtype) for _ in range(3))
+    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+    c1, c2, wd = dt(1 - b1), dt(1 - b2), dt(weight_decay)
+    sb2, step, e = dt(math.sqrt(bc2)), dt(lr / bc1), dt(eps)
+    fb1, fb2 = dt(b1), dt(b2)
+    for k in range(0, wf.size, _CHUNK):
+        wk, gk, mk, vk = (a[k:k + _CHUNK] for a in (wf, gf, mf, vf))
+        a, b, c = t1[:wk.size], t2[:wk.size], t3[:wk.size]
+        if weight_decay:
+            np.multiply(wk, wd, out=c)
+            c += gk
+            gk = c
+        mk *= fb1
+        np.multiply(gk, c1, out=a)
+        mk += a
+        vk *= fb2
+        np.multiply(gk, c2, out=a)
+        a *= gk
+        vk += a
+        np.sqrt(vk, out=a)
+        a /= sb2
+        a += e
+        np.divide(mk, a, out=b)
+        b *= step
+        wk -= b
+
+
 class Adam(Optimizer):
     """Adam (L2 weight decay added to the gradient, as ``torch.optim.Adam``)."""
 
@@ -215,8 +255,6 @@ class Adam(Optimizer):
 
     def _update(self, i, w, g, state):
         b1, b2 = self.betas
-        if self.weight_decay:
-            g = g + self.weight_decay * w
         if "exp_avg" not in state:
             state["exp_avg"] = array_module(w).zeros_like(w)
             state["exp_avg_sq"] = array_module(w).zeros_like(w)
@@ -224,6 +262,11 @@ class Adam(Optimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         state["step"] = state["step"] + 1
         t = int(state["step"])
+        if isinstance(w, np.ndarray) and all(a.flags.c_contiguous for a in (w, g, m, v)):
+            _adam_chunked(w, g, m, v, self.lr, b1, b2, self.eps, self.weight_decay, t)
+            return
+        if self.weight_decay:
+            g = g + self.weight_decay * w
         m *= b1
         m += (1 - b1) * g
         v *= b2
