@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
+from distconv.bench.cli import (bytes_arg, int_at_least, parse_bytes,  # noqa: F401
+                                parse_shape, shape_arg)
 from distconv.bench.models import build_model, default_shape, model_names
 from distconv.bench.plan_report import fmt_bytes, mcmc_vs_dp, model_flags, plan_meta, usage_text
 
@@ -61,10 +62,6 @@ examples:
 --machine: a JSON file, a shipped name ({builtins}) or 'calibrate'.
 """
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 MACHINE_LIMIT = object()  # default of --memory-limit: the machine file's memory_per_rank
 
 
@@ -85,63 +82,6 @@ class _Parser(argparse.ArgumentParser):
     def _print_message(self, message, file=None):
         if message and _rank() == 0:
             super()._print_message(message, file)
-
-
-def parse_bytes(text: str):
-    """``"16GiB"``, ``"512MiB"``, ``"16GB"``, ``"1e9"``, ``"17179869184"`` -> bytes (int);
-    ``"none"`` -> ``None`` (no limit). ``ValueError`` naming the accepted forms."""
-    t = str(text).strip()
-    if t.lower() in ("none", "unlimited"):
-        return None
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)", t)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(f"expected a byte count such as 17179869184, 16GiB, 512MiB, 16GB "
-                         f"or 'none' (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
-                         f"got {text!r}")
-    n = float(m.group(1)) * _UNITS[unit]
-    if not n >= 1:
-        raise ValueError(f"expected a memory limit of at least 1 byte, got {text!r}")
-    return int(n)
-
-
-def _bytes_arg(text):
-    try:
-        return parse_bytes(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def parse_shape(text: str) -> tuple:
-    """``"3,224,224"`` -> ``(3, 224, 224)``; ``ValueError`` unless three integers >= 1."""
-    parts = [p.strip() for p in str(text).replace("x", ",").split(",")]
-    try:
-        vals = tuple(int(p) for p in parts)
-    except ValueError:
-        vals = ()
-    if len(vals) != 3 or min(vals) < 1:
-        raise ValueError(f"expected C,H,W: three integers >= 1 such as 3,224,224, got {text!r}")
-    return vals
-
-
-def _shape_arg(text):
-    try:
-        return parse_shape(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _positive(what):
-    def conv(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1 ({what}), "
-                                             f"got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1 ({what}), got {v}")
-        return v
-    return conv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,22 +107,22 @@ def _add_model_args(p):
     p.add_argument("--model", default="small_resnet", choices=model_names(), metavar="NAME",
                    help=f"model (train.py --model): {', '.join(model_names())} "
                         "(default: small_resnet, train.py's default)")
-    p.add_argument("--batch", type=_positive("global batch"), default=64, metavar="N",
+    p.add_argument("--batch", type=int_at_least("global batch"), default=64, metavar="N",
                    help="GLOBAL mini-batch size (train.py --batch-size; default 64)")
-    p.add_argument("--image-shape", type=_shape_arg, default=None, metavar="C,H,W",
+    p.add_argument("--image-shape", type=shape_arg, default=None, metavar="C,H,W",
                    help="input image shape (default: 1,8,8 for small_resnet, the digits "
                         "data train.py uses; 3,299,299 for inception_v3; 3,224,224 for the "
                         "other ImageNet models). The ResNets get train.py's 3x3 'cifar' "
                         "stem when W <= 64")
-    p.add_argument("--num-classes", type=_positive("classes"), default=None, metavar="K",
+    p.add_argument("--num-classes", type=int_at_least("classes"), default=None, metavar="K",
                    help="classes of the classifier (default: 10 for small_resnet, 1000 "
                         "otherwise)")
-    p.add_argument("--width", type=_positive("channels"), default=16,
+    p.add_argument("--width", type=int_at_least("channels"), default=16,
                    help="base width of small_resnet (train.py --width; default 16)")
-    p.add_argument("--width-divisor", type=_positive("divisor"), default=1,
+    p.add_argument("--width-divisor", type=int_at_least("divisor"), default=1,
                    help="alexnet, vgg*, inception_v3: every conv channel count divided by "
                         "this (train.py --width-divisor; default 1: torchvision's widths)")
-    p.add_argument("--hidden", type=_positive("features"), default=4096,
+    p.add_argument("--hidden", type=int_at_least("features"), default=4096,
                    help="alexnet, vgg*: width of the two hidden classifier layers "
                         "(train.py --hidden; default 4096)")
     p.add_argument("--no-aux-logits", action="store_true",
@@ -193,7 +133,7 @@ def _add_model_args(p):
 def _add_machine_args(p):
     """--ranks, --machine and how kernel times are had."""
     from distconv.planner.machine import available
-    p.add_argument("--ranks", type=_positive("ranks"), default=None, metavar="P",
+    p.add_argument("--ranks", type=int_at_least("ranks"), default=None, metavar="P",
                    help="target number of ranks, any size (required, except with "
                         "--machine calibrate where it defaults to the MPI job size)")
     p.add_argument("--machine", required=True, metavar="FILE|NAME|calibrate",
@@ -202,7 +142,7 @@ def _add_machine_args(p):
                         "current MPI job (run under mpiexec)")
     p.add_argument("--save-machine", default=None, metavar="PATH",
                    help="write the loaded or calibrated machine file here")
-    p.add_argument("--calibrate-reps", type=_positive("repetitions"), default=5,
+    p.add_argument("--calibrate-reps", type=int_at_least("repetitions"), default=5,
                    metavar="R", help="timed calls per size and collective when "
                                      "calibrating (default 5)")
     p.add_argument("--compute", choices=("fitted", "measure"), default=None,
@@ -215,14 +155,14 @@ def _add_machine_args(p):
                         "$DISTCONV_CACHE_DIR/compute_profile.json (~/.cache/distconv); "
                         "with fitted, only used when given: its measured entries of this "
                         "machine are then used where they exist")
-    p.add_argument("--threads", type=_positive("threads"), default=None,
+    p.add_argument("--threads", type=int_at_least("threads"), default=None,
                    help="BLAS threads to measure kernels with (default: cores of this "
                         "node / ranks of the target on one node)")
 
 
 def _add_search_args(p):
     """The search's limits and settings, and the output."""
-    p.add_argument("--memory-limit", type=_bytes_arg, default=MACHINE_LIMIT, metavar="BYTES",
+    p.add_argument("--memory-limit", type=bytes_arg, default=MACHINE_LIMIT, metavar="BYTES",
                    help="memory per rank the plan must fit, e.g. 16GiB, 512MiB, 16GB, "
                         "17179869184 or 'none' (default: the machine's memory_per_rank)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
@@ -242,10 +182,9 @@ def _add_search_args(p):
     p.add_argument("--no-overlap", action="store_true",
                    help="predict with gradient allreduces blocking in opt.step() instead of "
                         "overlapped with backward (train.py --no-overlap)")
-    p.add_argument("--bucket-kb", type=int, default=4096,
-                   help="GradientSync bucket size the step reduces gradients in, KiB "
-                        "(train.py --bucket-kb; default 4096); 0: one allreduce per "
-                        "parameter, as sync_gradients / opt.step() without GradientSync")
+    p.add_argument("--bucket-kb", type=int_at_least("KiB", 0), default=4096,
+                   help="GradientSync bucket size of the step, KiB (train.py --bucket-kb; "
+                        "default 4096); 0: one allreduce per parameter (sync_gradients)")
     p.add_argument("--min-gain", type=float, default=None, metavar="FRAC",
                    help="return a mixed plan only if it is predicted faster than every "
                         "uniform plan (one strategy for all layers) by more than this "
@@ -445,9 +384,6 @@ def main(argv=None) -> int:
                      "nothing; it is required unless --machine calibrate")
     if not args.mcmc_budget >= 0.0 or args.mcmc_budget == float("inf"):
         parser.error(f"--mcmc-budget: expected seconds >= 0 (0: off), got {args.mcmc_budget}")
-    if args.bucket_kb < 0:
-        parser.error(f"--bucket-kb: expected KiB >= 0 (0: one allreduce per parameter), got "
-                     f"{args.bucket_kb}")
     if args.min_gain is not None and not 0.0 <= args.min_gain < 10.0:
         parser.error(f"--min-gain: expected a fraction >= 0 (e.g. 0.05), got {args.min_gain}")
     ranks = args.ranks if args.ranks is not None else size

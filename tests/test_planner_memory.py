@@ -1,6 +1,6 @@
 """The planner's memory model against the buffers the kernels and layers really hold.
 
-* :func:`distconv.ops.conv.conv2d_workspace_bytes` equals the im2col column buffer the
+* :func:`distconv.ops.conv_workspace.conv2d_workspace_bytes` equals the im2col column buffer the
   NumPy kernels leave in :mod:`distconv.ops._workspace` after forward, backward-data and
   backward-filter (one block of samples, not the whole batch: the old all-N formula is
   the negative control), and the folding buffers of a 1x1 convolution;
@@ -13,7 +13,7 @@ import pytest
 
 from distconv import models, nn, ops
 from distconv.ops import _workspace
-from distconv.ops.conv import conv2d_workspace_bytes
+from distconv.ops.conv_workspace import conv2d_workspace_bytes
 
 SHAPES = [  # x shape, w shape, stride, padding
     ((8, 16, 32, 32), (16, 16, 3, 3), 1, 1),    # blocks of 4 samples (phase layout)

@@ -1,8 +1,10 @@
 """Argument handling the benchmark scripts share: defaults that differ with ``--quick``,
-and lower bounds checked the same way in every script."""
+lower bounds checked the same way in every script, and argparse ``type`` converters
+for byte counts, image shapes and bounded integers (``plan.py``'s)."""
 from __future__ import annotations
 
 import argparse
+import re
 
 
 def fill_defaults(args, defaults, quick_defaults):
@@ -78,3 +80,67 @@ def parse_sized(ap, argv, defaults, quick_defaults, nonnegative=("warmup",)):
     require_positive(ap, a, [k for k in defaults if k not in nonnegative],
                      nonnegative=nonnegative)
     return a
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str):
+    """``"16GiB"``, ``"512MiB"``, ``"16GB"``, ``"1e9"``, ``"17179869184"`` -> bytes (int);
+    ``"none"`` -> ``None`` (no limit). ``ValueError`` naming the accepted forms."""
+    t = str(text).strip()
+    if t.lower() in ("none", "unlimited"):
+        return None
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)", t)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"expected a byte count such as 17179869184, 16GiB, 512MiB, 16GB "
+                         f"or 'none' (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
+                         f"got {text!r}")
+    n = float(m.group(1)) * _UNITS[unit]
+    if not n >= 1:
+        raise ValueError(f"expected a memory limit of at least 1 byte, got {text!r}")
+    return int(n)
+
+
+def bytes_arg(text):
+    """An argparse ``type``: :func:`parse_bytes`."""
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_shape(text: str) -> tuple:
+    """``"3,224,224"`` -> ``(3, 224, 224)``; ``ValueError`` unless three integers >= 1."""
+    parts = [p.strip() for p in str(text).replace("x", ",").split(",")]
+    try:
+        vals = tuple(int(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or min(vals) < 1:
+        raise ValueError(f"expected C,H,W: three integers >= 1 such as 3,224,224, got {text!r}")
+    return vals
+
+
+def shape_arg(text):
+    """An argparse ``type``: :func:`parse_shape`."""
+    try:
+        return parse_shape(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def int_at_least(what, low=1):
+    """An argparse ``type``: an integer >= ``low`` (``what`` it counts, for the message)."""
+    def conv(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low} ({what}), "
+                                             f"got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low} ({what}), got {v}")
+        return v
+    return conv

@@ -68,10 +68,8 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     (:func:`.placement.placed_block`; the model must fork them with :func:`distconv.fork`).
     A measuring ``compute`` with ``rounds > 1`` is refined (:meth:`.compute.ComputeModel.
     refine`) after a first search has measured every kernel shape.
-    ``bucket_bytes``: the step reduces its gradients as :class:`distconv.optim.
-    GradientSync` with buckets of that size (default, as ``train.py``), or, for ``None``,
-    as :func:`distconv.nn.sync_gradients` (one allreduce per parameter; see
-    :class:`.costs.CostModel`).
+    ``bucket_bytes``: the step's gradient buckets (:class:`.costs.CostModel`; default
+    GradientSync's, ``None``: one allreduce per parameter, as ``sync_gradients``).
 
     The DP (:func:`.search.search`) runs with the gradient allreduce counted at each
     weight of :data:`SYNC_WEIGHTS` (the simulator overlaps it with backward, which an
@@ -102,8 +100,11 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     run or None}``.
     """
     graph = trace(model, tuple(int(s) for s in in_shape))
-    cost = CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer,
-                     spatial=spatial, bucket_bytes=bucket_bytes)
+
+    def cost_model():
+        return CostModel(graph, nranks, machine, compute, item=item, optimizer=optimizer,
+                         spatial=spatial, bucket_bytes=bucket_bytes)
+    cost = cost_model()
     memory_limit = _limit(memory_limit, cost.machine)
     dp_plan = data_parallel(graph, cost.p)
     if compute is not None and compute.measure and getattr(compute, "rounds", 1) > 1:
@@ -111,22 +112,16 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
         # sweeps (ComputeModel.refine) and plan from a cost model built on the result
         search(cost, memory_limit, placement=placement)
         simulate(cost, dp_plan, overlap=overlap)
-        if compute.refine():
-            cost = CostModel(graph, nranks, machine, compute, item=item,
-                             optimizer=optimizer, spatial=spatial, bucket_bytes=bucket_bytes)
+        cost = cost_model() if compute.refine() else cost
     dp = simulate(cost, dp_plan, overlap=overlap)
     sims, uniform, seconds = _candidates(cost, graph, dp, dp_plan, memory_limit, overlap,
                                          placement)
     best = min(sims + uniform, key=_step)
-    run = None
-    if mcmc_budget and mcmc_budget > 0:
-        run, best = _refine(cost, best, sims, mcmc_budget, mcmc_seed, memory_limit, overlap,
-                            placement)
+    run, best = (_refine(cost, best, sims, mcmc_budget, mcmc_seed, memory_limit, overlap,
+                         placement) if mcmc_budget and mcmc_budget > 0 else (None, best))
     name, plan, pred = _pick(best, uniform, min_gain)
-    shown = list(sims)
     others = [x for x in uniform if x[0] != "data parallel"]
-    if others:
-        shown.append(min(others, key=_step))
+    shown = list(sims) + ([min(others, key=_step)] if others else [])
     if run is not None:
         run["returned"] = name == "mcmc"
     return {"plan": plan, "predicted": pred, "dp": dp, "chosen": name, "mcmc": run,

@@ -7,12 +7,12 @@ computes on rank 0's input window, halos included (:func:`distconv.halo.windows`
 Memory per rank: weight shards with their gradients and optimizer state, what backward
 keeps (the gathered input of a conv, the input of a batch norm, the output of a ReLU, a
 max-pool's argmax) and the transient workspace (a conv's column buffer for one block of
-samples, :func:`distconv.ops.conv.conv2d_workspace_bytes`).
+samples, :func:`distconv.ops.conv_workspace.conv2d_workspace_bytes`).
 """
 from __future__ import annotations
 
 from ..distribution import block_sizes
-from ..ops.conv import conv2d_workspace_bytes
+from ..ops.conv_workspace import conv2d_workspace_bytes
 from ..ops.pool import max_pool_index_dtype
 from .events import act_dist, spatial_dist
 from .strategies import grid_shape, is_spatial
