@@ -1,4 +1,5 @@
-"""Shared pytest set-up: registers the MPI harness (see tests/mpi_harness.py)."""
+"""Shared pytest set-up: registers the MPI harness (see tests/mpi_harness.py); fixtures
+more than one test file uses."""
 import sys
 
 import pytest
@@ -22,3 +23,14 @@ def _restore_distconv_default_dtype():
     be = sys.modules.get("distconv.backend")
     if be is not None:
         be.set_default_dtype(saved if saved is not None else "float32")
+
+
+@pytest.fixture
+def torch1():
+    """torch on one thread (much faster than two on a small, shared machine), restored."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(n)

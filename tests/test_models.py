@@ -107,16 +107,6 @@ def dc_logits(model, x):
 
 
 # ================================================================== plain tests
-@pytest.fixture
-def torch1():
-    """torch on one thread (much faster than two on a small, shared machine), restored."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield torch
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_state_dict_keys_and_shapes_match_torch(name, torch1):

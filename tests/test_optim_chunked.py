@@ -20,16 +20,6 @@ SETTINGS = [
 NUMEL = 2 * optim._CHUNK + 1234  # two whole chunks and a tail
 
 
-@pytest.fixture
-def torch1():
-    """torch on one thread, restored after the test."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield torch
-    torch.set_num_threads(n)
-
 
 def _whole_array(w, g, buf, s):
     """The whole-array rule (the path for non-contiguous or non-NumPy arrays)."""
