@@ -104,7 +104,7 @@ def test_plan_small_resnet_dev_2core(tmp_path, p):
     meta, pred = doc["meta"], doc["predicted"]
     assert meta["model"] == "small_resnet" and meta["ranks"] == p
     assert meta["input_shape"] == [64, 1, 8, 8] and meta["machine"] == "dev_2core"
-    assert "plan.py" in meta["command"] and meta["date"]
+    assert "plan.py" in meta["command"] and meta["date"] and meta["bucket_kb"] == 4096
     assert pred["step_s"] > 0 and pred["dp_step_s"] > 0
     assert pred["speedup_vs_dp"] == pytest.approx(pred["dp_step_s"] / pred["step_s"])
 
@@ -119,6 +119,15 @@ def test_plan_quiet_and_save_machine(tmp_path):
     assert r.stdout == ""
     assert Machine.load(mfile) == Machine.load(builtin("v100_ib"))
     assert json.loads(out.read_text())["meta"]["memory_limit"] == 2**30
+    # one allreduce per parameter (--bucket-kb 0), each started as its layer's backward
+    # ends, against one 4 MiB bucket (this small net's gradients all fit) sent at the end
+    one = tmp_path / "one.json"
+    r = plan_cmd("--ranks", 2, "--machine", "v100_ib", "--model", "small_resnet",
+                 "--out", one, "--quiet", "--memory-limit", "1GiB", "--bucket-kb", "0")
+    assert r.returncode == 0, r.stderr
+    a, b = (json.loads(f.read_text()) for f in (out, one))
+    assert b["meta"]["bucket_kb"] == 0
+    assert b["predicted"]["dp_step_s"] != a["predicted"]["dp_step_s"]
 
 
 @pytest.mark.parametrize("args,rc,needles", [
