@@ -226,7 +226,8 @@ def auto_plan(args, model, comm, in_shape, say) -> dict:
             t0 = time.perf_counter()
             res = auto.plan_model(model, in_shape, comm.size, mach, compute,
                                   optimizer=args.optimizer, item=np.dtype(args.dtype).itemsize,
-                                  overlap=not args.no_overlap)
+                                  overlap=not args.no_overlap,
+                                  bucket_bytes=args.bucket_kb << 10)
             compute.save()
             say(auto.format_table(res))
             say(f"--strategy auto: planned in {time.perf_counter() - t0:.1f} s "
