@@ -35,8 +35,8 @@ import os
 import sys
 import time
 
-from distconv.bench.cli import (bytes_arg, int_at_least, parse_bytes,  # noqa: F401
-                                parse_shape, shape_arg)
+from distconv.bench.cli import (add_bucket_kb, bucket_bytes, bytes_arg,  # noqa: F401
+                                int_at_least, parse_bytes, parse_shape, shape_arg)
 from distconv.bench.models import build_model, default_shape, model_names
 from distconv.bench.plan_report import fmt_bytes, mcmc_vs_dp, model_flags, plan_meta, usage_text
 
@@ -182,9 +182,7 @@ def _add_search_args(p):
     p.add_argument("--no-overlap", action="store_true",
                    help="predict with gradient allreduces blocking in opt.step() instead of "
                         "overlapped with backward (train.py --no-overlap)")
-    p.add_argument("--bucket-kb", type=int_at_least("KiB", 0), default=4096,
-                   help="GradientSync bucket size of the step, KiB (train.py --bucket-kb; "
-                        "default 4096); 0: one allreduce per parameter (sync_gradients)")
+    add_bucket_kb(p)
     p.add_argument("--min-gain", type=float, default=None, metavar="FRAC",
                    help="return a mixed plan only if it is predicted faster than every "
                         "uniform plan (one strategy for all layers) by more than this "
@@ -288,7 +286,7 @@ def _search(args, model, in_shape, ranks, machine, compute, limit) -> dict:
                                memory_limit=float("inf") if limit is None else limit,
                                item=4 if args.dtype == "float32" else 8,
                                optimizer=args.optimizer, overlap=not args.no_overlap,
-                               bucket_bytes=(args.bucket_kb << 10) or None,
+                               bucket_bytes=bucket_bytes(args),
                                min_gain=(auto.MIN_GAIN if args.min_gain is None
                                          else args.min_gain),
                                mcmc_budget=args.mcmc_budget, mcmc_seed=args.mcmc_seed,

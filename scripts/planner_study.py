@@ -40,6 +40,7 @@ import sys
 import time
 
 from distconv.atomic import write_json
+from distconv.bench.cli import add_bucket_kb, bucket_bytes
 from distconv.bench.models import default_shape, model_names
 from distconv.bench.study import run_case, source_info
 from distconv.bench.study_report import fmt_ratio, markdown
@@ -110,9 +111,7 @@ def build_parser():
                    help="also plan each case with operator placement (plan_model(..., "
                         "placement=True): a cat's branches on disjoint halves and quarters "
                         "of the ranks) and report what it gains over the plan without it")
-    p.add_argument("--bucket-kb", type=int, default=4096,
-                   help="GradientSync bucket size of the simulated step, KiB (train.py "
-                        "--bucket-kb); 0: one allreduce per parameter (sync_gradients)")
+    add_bucket_kb(p)
     p.add_argument("--no-overlap", action="store_true",
                    help="gradient allreduces blocking after backward instead of overlapped "
                         "with it (plan_model(..., overlap=False); OptCNN's cost model adds "
@@ -230,9 +229,6 @@ def document(args, machine, path, records, total_s) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.bucket_kb < 0:
-            raise UsageError(f"--bucket-kb: expected KiB >= 0 (0: one allreduce per "
-                             f"parameter), got {args.bucket_kb}")
         names, shape = _models(args), _image_shape(args)
         machine, path = load_machine(args.machine)
         cases = study_cases(args, names, shape)
@@ -244,7 +240,7 @@ def main(argv=None) -> int:
     for i, (m, n, p, shp) in enumerate(cases):
         rec = run_case(m, n, p, shp, args.num_classes, machine, args.optimizer,
                        args.mcmc_budget, args.mcmc_seed, not args.no_overlap, args.placement,
-                       (args.bucket_kb << 10) or None)
+                       bucket_bytes(args))
         records.append(rec)
         print(_progress(i, len(cases), (m, n, p, shp), rec), flush=True)
     doc = document(args, machine, path, records, time.perf_counter() - t_all)

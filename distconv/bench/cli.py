@@ -144,3 +144,19 @@ def int_at_least(what, low=1):
             raise argparse.ArgumentTypeError(f"expected an integer >= {low} ({what}), got {v}")
         return v
     return conv
+
+
+def add_bucket_kb(ap) -> None:
+    """``--bucket-kb`` of the planner scripts: the GradientSync bucket size (KiB, >= 0) the
+    predicted step reduces gradients in; :func:`bucket_bytes` turns it into the planner's
+    ``bucket_bytes``."""
+    from ..optim import BUCKET_BYTES
+    ap.add_argument("--bucket-kb", type=int_at_least("KiB", 0), default=BUCKET_BYTES >> 10,
+                    help=f"GradientSync bucket size of the predicted step, KiB (train.py "
+                         f"--bucket-kb; default {BUCKET_BYTES >> 10}); 0: one allreduce per "
+                         f"parameter (sync_gradients)")
+
+
+def bucket_bytes(args):
+    """The planner's ``bucket_bytes`` of ``--bucket-kb`` (``None`` for 0)."""
+    return (args.bucket_kb << 10) or None

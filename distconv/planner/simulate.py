@@ -168,11 +168,10 @@ def simulate(cost, plan, overlap: bool = True, input_dist=None, local_bn=False) 
     stream = 0.0
     exposed = 0.0
     sync_s = 0.0
-    bucket = getattr(cost, "bucket_bytes", None)
     policy = None
-    if bucket is not None:
+    if cost.bucket_bytes is not None:
         from ..optim import BucketPolicy
-        policy = BucketPolicy(bucket, overlap)
+        policy = BucketPolicy(cost.bucket_bytes, overlap)
     buckets = []
     for name, k, c, _ in reversed(rows):
         t += c.compute_bwd + comm(k, c, "comm_bwd")
