@@ -617,3 +617,19 @@ def test_spatial_off_by_default_and_linear_refuses_it():
     lin = [lay for lay in graph.layers() if lay.kind == "linear"][0]
     st = (1, 1, 1, 2, 2)
     assert cost.layer(lin, st, act_dist((4, 1, 1), 2)).time == float("inf")
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_dp_with_spatial_strategies_through_a_residual_join(p):
+    """A residual join whose body lies on a five-axis (spatial) grid is priced on that
+    grid's coordinates (the join's add once took three), and the DP still equals brute
+    force."""
+    from distconv.planner.costs import is_spatial
+    graph = trace(BasicBlock(6, 6), (1, 6, 24, 20))
+    cost = CostModel(graph, p, MID, compute(), spatial=True)
+    assert any(is_spatial(st) for st in cost.strategies)
+    plan, value = Planner(cost).run()
+    assert_optimal(cost, plan, value)
+    five = act_dist((1, 1, 1, p, 1), 4)
+    join = cost.join((1, 6, 24, 20), five, five)
+    assert 0 < join.compute_fwd < float("inf") and join.bytes == 0

@@ -327,7 +327,7 @@ class CostModel:
         c.comm_fwd, b1 = self.events_time([x[0] for x in per])
         c.comm_bwd, b2 = self.events_time([x[1] for x in per])
         c.bytes = b1 + b2
-        n = _prod(body_dist.local_shape(shape, [0, 0, 0]))
+        n = _prod(body_dist.local_shape(shape, [0] * len(body_dist.grid.names)))
         of, ob = self._overhead("join")
         c.compute_fwd = self.compute.add(n) + of
         c.compute_bwd = self.compute.add(n) + ob
