@@ -51,8 +51,8 @@ class MetaArray:
 
     def __init__(self, shape, dtype):
         self.shape = tuple(int(s) for s in shape)
-        self.dtype = np.dtype(dtype)
-        if any(s < 0 for s in self.shape):
+        self.dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
+        if self.shape and min(self.shape) < 0:
             raise ValueError(f"MetaArray: negative dimension in {self.shape}")
 
     # ------------------------------------------------------------ attributes
@@ -157,6 +157,11 @@ class MetaArray:
         return None
 
     def __getitem__(self, idx):
+        parts = idx if type(idx) is tuple else (idx,)
+        if len(parts) <= len(self.shape) and all(type(i) is slice for i in parts):
+            # basic slices: each dim's length as range() counts it (NumPy's rule)
+            return MetaArray([len(range(*i.indices(n))) for i, n in zip(parts, self.shape)]
+                             + list(self.shape[len(parts):]), self.dtype)
         if isinstance(idx, MetaArray) or (isinstance(idx, tuple) and
                                           any(isinstance(i, MetaArray) for i in idx)):
             raise TypeError("indexing with a shape-only array has no defined result shape")
