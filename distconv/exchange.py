@@ -75,15 +75,25 @@ def exchange(sources, targets) -> list:
         return _tensors(dst)
     if getattr(comm, "recv_only", False):
         return _exchange_counted(comm, sources, dst)
-    sends, recvs = _plan_exchange(sources, dst, world.rank)
+    sends, recvs, keeps, mine = _plan_exchange(sources, dst, world.rank)
+    # a shape-only world: the plan's box sizes are the whole message; nothing is copied
+    meta = hasattr(world, "split_grid") and all(is_meta(t.local) for t, _ in sources)
+    if not meta:  # the parts this rank keeps, copied here
+        for i, j, box in keeps:
+            dst[j][4][_rel(box, dst[j][3])] = sources[i][0].local[_rel(box, mine[i])]
+    sent = {q: [(sources[i][0].local, box, mine[i]) for i, box in parts]
+            for q, parts in sends.items()}
     if same:
         order = sorted(set(sends) | set(recvs), key=g0.position)
         send_counts, recv_counts = [0] * comm.size, [0] * comm.size
         for q in order:
-            send_counts[g0.position(q)] = sum(part.size for part in sends.get(q, ()))
+            send_counts[g0.position(q)] = sum(_box_size(b) for _, b in sends.get(q, ()))
             recv_counts[g0.position(q)] = sum(_box_size(b) for _, b in recvs.get(q, ()))
-        parts = [part for q in order for part in sends.get(q, ())]
-        send = xp.concatenate(parts) if parts else xp.empty(0, dtype)
+        if meta:  # shape-only: the counts are the message
+            send = MetaArray((sum(send_counts),), dtype)
+        else:
+            parts = [_part(*x) for q in order for x in sent.get(q, ())]
+            send = xp.concatenate(parts) if parts else xp.empty(0, dtype)
         flat = comm.alltoallv_flat(send, send_counts, recv_counts)
         got, off = {}, 0
         for q in order:
@@ -91,8 +101,11 @@ def exchange(sources, targets) -> list:
             off += recv_counts[g0.position(q)]
     else:
         got = world.exchange_p2p(
-            {q: xp.concatenate(parts) for q, parts in sends.items()},
+            {q: (MetaArray((sum(_box_size(b) for _, b, _ in x),), dtype) if meta
+                 else xp.concatenate([_part(*y) for y in x])) for q, x in sent.items()},
             {q: sum(_box_size(b) for _, b in boxes) for q, boxes in recvs.items()}, xp, dtype)
+    if meta:
+        return _tensors(dst)
     for q, boxes in recvs.items():
         off = 0
         for j, rbox in boxes:
@@ -103,19 +116,30 @@ def exchange(sources, targets) -> list:
     return _tensors(dst)
 
 
+def _part(local, box, base):
+    """The elements of global ``box`` from a block at ``base``, flat (a message part)."""
+    return local[_rel(box, base)].reshape(-1)
+
+
 def _plan_exchange(sources, dst, me: int):
-    """What this rank (world rank ``me``) sends and receives in :func:`exchange`:
-    ``sends`` ``{world rank: [flat parts]}`` and ``recvs`` ``{world rank: [(target index,
-    box)]}``, both in (source, target) order; the parts it keeps are copied into ``dst``
-    here. Partners are found from the block structure (only the ranks whose blocks meet
-    mine), so the cost grows with the number of partners, not with the job size."""
+    """The geometry of :func:`exchange` on world rank ``me``, no data touched: ``sends``
+    ``{world rank: [(source index, box)]}`` and ``recvs`` ``{world rank: [(target index,
+    box)]}``, both in (source, target) order; ``keeps`` ``[(source index, target index,
+    box)]``, the parts that stay here; ``mine`` the box of each source this rank holds
+    (boxes are global, offsets applied). Partners are found from the block structure
+    (only the ranks whose blocks meet mine), so the cost grows with the number of
+    partners, not with the job size."""
     sends: dict = {}
     recvs: dict = {}
-    for t, off in sources:
+    keeps: list = []
+    mine: list = []
+    for i, (t, off) in enumerate(sources):
         d, g = t.distribution, t.grid
+        my_box = None
         if g.member:
             rep = _holder_class(g, d, me)
             my_box = _shift(d.box(t.shape), off)
+        mine.append(my_box)
         for j, (dist, shape, doff, dbox, out) in enumerate(dst):
             # what I send: my block ∩ the target box of each q of my replica class
             for qc, qbox in (dist.blocks_meeting(shape, _shift(my_box, doff, -1))
@@ -125,9 +149,9 @@ def _plan_exchange(sources, dst, me: int):
                     continue
                 box = _inter(my_box, _shift(qbox, doff))
                 if q == me:
-                    out[_rel(box, dbox)] = t.local[_rel(box, my_box)]
+                    keeps.append((i, j, box))
                 else:
-                    sends.setdefault(q, []).append(t.local[_rel(box, my_box)].reshape(-1))
+                    sends.setdefault(q, []).append((i, box))
             if not dist.grid.member:
                 continue
             # what I receive: from the one holder of each element in my replica class
@@ -136,7 +160,7 @@ def _plan_exchange(sources, dst, me: int):
                 q = g.ranks[g.rank_of(qc)]
                 if q != me:
                     recvs.setdefault(q, []).append((j, _inter(_shift(qbox, off), dbox)))
-    return sends, recvs
+    return sends, recvs, keeps, mine
 
 
 def _holder_class(g, d: Distribution, q: int) -> dict:
