@@ -20,9 +20,11 @@ from bisect import bisect_right
 from itertools import product
 from typing import Iterable, Mapping, Sequence
 
-# blocks and boundaries, memoised per (distribution, shape, coordinates): distributions
-# are immutable, and a planner run asks for the same blocks many times
+# blocks and boundaries, memoised per (geometry, shape, coordinates): distributions are
+# immutable, their blocks depend on the split and the grid's names and shape alone, and a
+# planner run asks for the same blocks many times
 _MEMO: dict = {}
+_GEOMS: dict = {}
 _MEMO_SIZE = 200000
 
 
@@ -77,7 +79,7 @@ class Distribution:
     is used twice.
     """
 
-    __slots__ = ("grid", "split", "pending", "_hash", "_pend")
+    __slots__ = ("grid", "split", "pending", "_hash", "_pend", "_geom")
 
     def __init__(self, grid, split: Sequence, pending: Iterable[str] = ()):
         names = tuple(grid.names)
@@ -114,6 +116,13 @@ class Distribution:
         self._hash = hash((sp, pend, tuple(grid.names), tuple(grid.shape),
                            getattr(grid, "comm", None) is None))
         self._pend = None  # pending -> the distribution with it (replace)
+        # the key of the block memo: what the blocks depend on (not the communicator, not
+        # pending sums; a subclass whose blocks differ extends it), one object per
+        # geometry so that equal keys compare by identity
+        geom = (type(self), sp, names, tuple(grid.shape))
+        if len(_GEOMS) > _MEMO_SIZE:
+            _GEOMS.clear()
+        self._geom = _GEOMS.setdefault(geom, geom)
 
     # ------------------------------------------------------------------ basics
     @classmethod
@@ -205,7 +214,8 @@ class Distribution:
         if type(coords) is dict:
             self._check_shape(global_shape)
             return tuple(self.dim_range(d, n, coords) for d, n in enumerate(global_shape))
-        key = (self, tuple(global_shape), self.grid.coords if coords is None else tuple(coords))
+        key = (self._geom, tuple(global_shape),
+               self.grid.coords if coords is None else tuple(coords))
         got = _MEMO.get(key)
         if got is None:
             self._check_shape(global_shape)
@@ -243,7 +253,7 @@ class Distribution:
         """Boundaries of the ``parts(dim)`` blocks of dimension ``dim`` in block order (the
         first split axis outermost): ``parts + 1`` offsets, block ``i`` is
         ``[b[i], b[i+1])``. Memoised per distribution (blocks never change)."""
-        key = (self, "bounds", dim, int(length))
+        key = (self._geom, "bounds", dim, int(length))
         got = _MEMO.get(key)
         if got is None:
             bounds = [0, int(length)]
@@ -296,18 +306,20 @@ class Distribution:
                 return []
             choices.append(opts)
         used = set(self.split_axes)
-        free = [(a, [fixed[a]] if a in fixed else range(shape[names.index(a)]))
-                for a in names if a not in used]
+        at = {a: i for i, a in enumerate(names)}
+        free = [i for i, a in enumerate(names) if a not in used]
+        values = [[fixed[names[i]]] if names[i] in fixed else range(shape[i]) for i in free]
         out = []
+        c = [0] * len(names)
         for combo in product(*choices):
-            base = {}
             for pairs, _ in combo:
-                base.update(pairs)
+                for a, v in pairs:
+                    c[at[a]] = v
             bx = tuple(r for _, r in combo)
-            for vals in product(*(v for _, v in free)):
-                cm = dict(base)
-                cm.update(zip((a for a, _ in free), vals))
-                out.append((tuple(cm[a] for a in names), bx))
+            for vals in product(*values):
+                for i, v in zip(free, vals):
+                    c[i] = v
+                out.append((tuple(c), bx))
         return out
 
     def _check_shape(self, global_shape):

@@ -50,6 +50,9 @@ class WindowDistribution(Distribution):
         super().__init__(base.grid, base.split, base.pending)
         self.windows = {int(d): tuple(w) for d, w in windows.items()}
         self.offsets = {int(d): int(o) for d, o in offsets.items()}
+        # its blocks are the windows: the block memo keys them too
+        self._geom = ("windows", self._geom, tuple(sorted(self.windows.items())),
+                      tuple(sorted(self.offsets.items())))
 
     def block_index(self, dim: int, coords=None) -> int:
         """The block of ``dim`` at grid ``coords`` (default: this rank)."""
