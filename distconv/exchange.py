@@ -14,8 +14,13 @@ from .meta import MetaArray, is_meta
 
 
 def _inter(b1, b2):
-    out = tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(b1, b2))
-    return out if all(e > s for s, e in out) else None
+    out = []
+    for (s1, e1), (s2, e2) in zip(b1, b2):
+        s, e = (s1 if s1 > s2 else s2), (e1 if e1 < e2 else e2)
+        if e <= s:
+            return None
+        out.append((s, e))
+    return tuple(out)
 
 
 def _rel(box, base):
@@ -23,7 +28,9 @@ def _rel(box, base):
 
 
 def _shift(box, off, sign=1):
-    return tuple((s + sign * o, e + sign * o) for (s, e), o in zip(box, off))
+    if not any(off):
+        return box
+    return tuple([(s + sign * o, e + sign * o) for (s, e), o in zip(box, off)])
 
 
 def _box_size(box) -> int:
@@ -95,6 +102,8 @@ def exchange(sources, targets) -> list:
             parts = [_part(*x) for q in order for x in sent.get(q, ())]
             send = xp.concatenate(parts) if parts else xp.empty(0, dtype)
         flat = comm.alltoallv_flat(send, send_counts, recv_counts)
+        if meta:
+            return _tensors(dst)
         got, off = {}, 0
         for q in order:
             got[q] = flat[off:off + recv_counts[g0.position(q)]]
@@ -135,9 +144,10 @@ def _plan_exchange(sources, dst, me: int):
     mine: list = []
     for i, (t, off) in enumerate(sources):
         d, g = t.distribution, t.grid
+        axes = d.replica_axes + d.pending
         my_box = None
         if g.member:
-            rep = _holder_class(g, d, me)
+            rep = _holder_class(g, d, me, axes)
             my_box = _shift(d.box(t.shape), off)
         mine.append(my_box)
         for j, (dist, shape, doff, dbox, out) in enumerate(dst):
@@ -145,7 +155,7 @@ def _plan_exchange(sources, dst, me: int):
             for qc, qbox in (dist.blocks_meeting(shape, _shift(my_box, doff, -1))
                              if g.member else ()):
                 q = dist.grid.ranks[dist.grid.rank_of(qc)]
-                if _holder_class(g, d, q) != rep:
+                if axes and _holder_class(g, d, q, axes) != rep:
                     continue
                 box = _inter(my_box, _shift(qbox, doff))
                 if q == me:
@@ -156,19 +166,21 @@ def _plan_exchange(sources, dst, me: int):
                 continue
             # what I receive: from the one holder of each element in my replica class
             for qc, qbox in d.blocks_meeting(t.shape, _shift(dbox, off, -1),
-                                             _holder_class(g, d, me)):
+                                             _holder_class(g, d, me, axes)):
                 q = g.ranks[g.rank_of(qc)]
                 if q != me:
                     recvs.setdefault(q, []).append((j, _inter(_shift(qbox, off), dbox)))
     return sends, recvs, keeps, mine
 
 
-def _holder_class(g, d: Distribution, q: int) -> dict:
+def _holder_class(g, d: Distribution, q: int, axes=None) -> dict:
     """``{axis: coordinate}`` on the replica and pending axes of ``d`` (on grid ``g``) of
     the holders that send to world rank ``q``: ``q``'s own coordinates when ``q`` is on
     ``g``, else a replica picked by ``q`` (``q`` mod the number of replicas, mixed radix),
-    so sender and receiver compute the same holder and the load spreads."""
-    axes = d.replica_axes + d.pending
+    so sender and receiver compute the same holder and the load spreads. ``axes``: those
+    axes (``d.replica_axes + d.pending``) when the caller has them."""
+    if axes is None:
+        axes = d.replica_axes + d.pending
     pos = g.position(q)
     if pos is not None:
         c = g.coords_of(pos)
