@@ -45,6 +45,9 @@ class LayerSpec:
     in_shape: tuple
     out_shape: tuple
     attrs: dict = field(default_factory=dict)
+    # where the traced forward ran it (its autograd node's recording index; None: not
+    # traced): the real backward runs the nodes newest first
+    seq: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def strategic(self) -> bool:
@@ -101,6 +104,10 @@ class BlockSpec:
     out_shape: tuple
     op: str = "add"
     order: tuple = ()  # branch indices in execution order (empty: operand order)
+    # recording indices of the traced forward (None: not traced): the fork's input value
+    # (-1: the model's input) and the join node
+    fork_seq: int | None = field(default=None, compare=False, repr=False)
+    seq: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def body(self) -> list:

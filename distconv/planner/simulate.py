@@ -8,7 +8,9 @@ one training step as FlexFlow's task-graph simulator does, with one compute stre
 one stream for gradient allreduces:
 
 * forward: each layer's local compute, then its (blocking) collectives, in order;
-* backward, in reverse: compute then blocking collectives; when a layer's backward ends
+* backward, in the order the real backward runs the layers (:func:`backward_order`: the
+  reverse of the order the traced forward recorded them, branches of a fork included):
+  compute then blocking collectives; when a layer's backward ends
   its gradients join :class:`distconv.optim.GradientSync`'s buckets (the same
   :class:`~distconv.optim.BucketPolicy`, buckets of ``cost.bucket_bytes``): a full bucket
   is one allreduce queued on the allreduce stream (``overlap=True``), running while later
@@ -34,9 +36,31 @@ def walk(cost, plan: dict, detail: bool = False, input_dist=None) -> list:
     are merged into one row ``"<block>.(placed)"`` holding the slowest branch's times and
     the largest memory of any branch (each rank holds only its own branch), unless
     ``detail``."""
+    return _walk(cost, plan, detail, input_dist)[0]
+
+
+def backward_order(rows, seqs) -> list:
+    """The indices of ``rows`` in the order the real backward runs them: newest forward
+    node first (:func:`distconv.autograd.backward` breaks ties between ready nodes by
+    recording order, newest first, so over a graph whose every edge carries a gradient
+    it runs the nodes in exactly the reverse of the order the forward recorded them),
+    rows of one node (a cat's shares) in reverse. ``seqs``: each row's recording index
+    (:func:`_walk`); without one for every row (a graph not traced), the reverse of
+    ``rows``."""
+    n = len(rows)
+    if any(q is None for q in seqs):
+        return list(range(n - 1, -1, -1))
+    return sorted(range(n), key=lambda i: (-seqs[i], -i))
+
+
+def _walk(cost, plan: dict, detail: bool = False, input_dist=None) -> tuple:
+    """``(rows, seqs)``: :func:`walk`'s rows and the recording index of the forward node
+    behind each (a layer's own; a fork's move just after the fork's input; a join's or a
+    cat share's the join node's; a merged placed row its first row's), None where the
+    graph was not traced."""
     from .placement import fork_target, group_tags, parallel_branches
     graph = cost.graph
-    rows, tags = [], []
+    rows, tags, seqs = [], [], []
     first = next(layer for layer in graph.layers() if layer.strategic)
     missing = [n for n in graph.strategic_names() if n not in plan]
     if missing:
@@ -49,6 +73,7 @@ def walk(cost, plan: dict, detail: bool = False, input_dist=None) -> list:
         c = cost.layer(layer, st, d)
         rows.append((layer.name, layer.kind, c, st))
         tags.append(ltag.get(layer.name))
+        seqs.append(layer.seq)
         return c.out_dist
 
     def fork(block, i, d):
@@ -57,6 +82,7 @@ def walk(cost, plan: dict, detail: bool = False, input_dist=None) -> list:
             rows.append((f"{block.name}.(fork {i})", "fork",
                          cost.move(block.in_shape, d, t), None))
             tags.append(_branch_tag(block, i, plan, cost.p, btag, parallel_branches))
+            seqs.append(None if block.fork_seq is None else block.fork_seq + 0.5)
         return t
 
     def join(block, *dists):
@@ -69,13 +95,15 @@ def walk(cost, plan: dict, detail: bool = False, input_dist=None) -> list:
                 rows.append((f"{block.name}.(cat {i})" if block.name else f"(cat {i})",
                              "cat", cost.cat_part(block, i, d, dists[0], *extra), None))
                 tags.append(_branch_tag(block, i, plan, cost.p, btag, parallel_branches))
+                seqs.append(block.seq)
             return
         rows.append((block.name + ".(join)" if block.name else "(join)", "join",
                      cost.join(block.out_shape, dists[0], dists[1]), None))
         tags.append(btag.get(id(block)))
+        seqs.append(block.seq)
 
     graph.traverse(dist, one, join, fork)
-    return rows if detail else _merge_parallel(rows, tags, graph)
+    return (rows, seqs) if detail else _merge_parallel(rows, tags, seqs, graph)
 
 
 def _branch_tag(block, i, plan, world, btag, parallel_branches):
@@ -86,22 +114,25 @@ def _branch_tag(block, i, plan, world, btag, parallel_branches):
     return (id(block), i) if i in parallel_branches(block, plan, world) else None
 
 
-def _merge_parallel(rows, tags, graph) -> list:
+def _merge_parallel(rows, tags, seqs, graph) -> tuple:
     """Each group of parallel branches as one row at its first row's place: the fields of
-    the slowest branch, the largest branch memory and workspace."""
+    the slowest branch, the largest branch memory and workspace. Returns ``(rows,
+    seqs)``."""
     names = {id(b): b.name for b in graph.blocks()}
     groups: dict = {}
     for row, tag in zip(rows, tags):
         if tag is not None:
             groups.setdefault(tag[0], {}).setdefault(tag[1], []).append(row[2])
-    out, done = [], set()
-    for row, tag in zip(rows, tags):
+    out, oseq, done = [], [], set()
+    for row, tag, q in zip(rows, tags, seqs):
         if tag is None:
             out.append(row)
+            oseq.append(q)
         elif tag[0] not in done:
             done.add(tag[0])
             out.append((f"{names[tag[0]]}.(placed)", "placed", _slowest(groups[tag[0]]), None))
-    return out
+            oseq.append(q)
+    return out, oseq
 
 
 def _slowest(branches: dict):
@@ -158,7 +189,7 @@ def simulate(cost, plan, overlap: bool = True, input_dist=None, local_bn=False) 
     batch-norm layers' own communication (their statistics allreduces) left out, as data
     parallelism with per-rank batch statistics runs (distconv always reduces them; a
     lower bound for judging a data-parallel baseline)."""
-    rows = walk(cost, plan, input_dist=input_dist)
+    rows, seqs = _walk(cost, plan, input_dist=input_dist)
 
     def comm(kind, c, which):
         return 0.0 if local_bn and kind == "bn" else getattr(c, which)
@@ -173,7 +204,7 @@ def simulate(cost, plan, overlap: bool = True, input_dist=None, local_bn=False) 
         from ..optim import BucketPolicy
         policy = BucketPolicy(cost.bucket_bytes, overlap)
     buckets = []
-    for name, k, c, _ in reversed(rows):
+    for name, k, c, _ in (rows[i] for i in backward_order(rows, seqs)):
         t += c.compute_bwd + comm(k, c, "comm_bwd")
         if c.sync <= 0:
             continue

@@ -160,6 +160,7 @@ class _Parser:
                              f"would assume output shape {sp.out_shape}, the layer gives "
                              f"{traced}")
         self.shapes[i] = sp.out_shape
+        sp.seq = i
         self.specs[i] = sp
         return sp
 
@@ -179,7 +180,8 @@ class _Parser:
                              key=lambda k: (first[k] is None, first[k] or 0))
                 blk = BlockSpec("", branches, None, tuple(self.shapes[v]),
                                 tuple(self.shapes[tail]), "output",
-                                tuple(run) if run != list(range(len(first))) else ())
+                                tuple(run) if run != list(range(len(first))) else (),
+                                fork_seq=v)
                 blk.name = _block_name(blk)
                 items.append(blk)
                 return items, tail
@@ -258,7 +260,8 @@ class _Parser:
             if (m is not None and self.inputs[j] == [J]
                     and _leaf(self.nodes[j][2], m, out_shape).kind == "relu"):
                 join, out = self.spec(j, J), j
-        blk = BlockSpec("", branches, join, in_shape, tuple(out_shape), kind)
+        blk = BlockSpec("", branches, join, in_shape, tuple(out_shape), kind,
+                        fork_seq=f, seq=J)
         blk.name = _block_name(blk)
         return blk, out
 
