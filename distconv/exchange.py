@@ -90,31 +90,43 @@ def exchange(sources, targets) -> list:
             dst[j][4][_rel(box, dst[j][3])] = sources[i][0].local[_rel(box, mine[i])]
     sent = {q: [(sources[i][0].local, box, mine[i]) for i, box in parts]
             for q, parts in sends.items()}
+    recv_n = {q: sum(_box_size(b) for _, b in boxes) for q, boxes in recvs.items()}
     if same:
-        order = sorted(set(sends) | set(recvs), key=g0.position)
-        send_counts, recv_counts = [0] * comm.size, [0] * comm.size
-        for q in order:
-            send_counts[g0.position(q)] = sum(_box_size(b) for _, b in sends.get(q, ()))
-            recv_counts[g0.position(q)] = sum(_box_size(b) for _, b in recvs.get(q, ()))
-        if meta:  # shape-only: the counts are the message
-            send = MetaArray((sum(send_counts),), dtype)
-        else:
-            parts = [_part(*x) for q in order for x in sent.get(q, ())]
-            send = xp.concatenate(parts) if parts else xp.empty(0, dtype)
-        flat = comm.alltoallv_flat(send, send_counts, recv_counts)
-        if meta:
-            return _tensors(dst)
-        got, off = {}, 0
-        for q in order:
-            got[q] = flat[off:off + recv_counts[g0.position(q)]]
-            off += recv_counts[g0.position(q)]
+        got = _alltoallv(comm, g0, sent, recv_n, xp, dtype, meta)
     else:
         got = world.exchange_p2p(
             {q: (MetaArray((sum(_box_size(b) for _, b, _ in x),), dtype) if meta
                  else xp.concatenate([_part(*y) for y in x])) for q, x in sent.items()},
-            {q: sum(_box_size(b) for _, b in boxes) for q, boxes in recvs.items()}, xp, dtype)
-    if meta:
-        return _tensors(dst)
+            recv_n, xp, dtype)
+    if not meta:
+        _unpack(got, recvs, dst)
+    return _tensors(dst)
+
+
+def _alltoallv(comm, grid, sent, recv_n, xp, dtype, meta):
+    """One alltoallv over ``grid``'s communicator ``comm``: ``sent`` ``{world rank:
+    [(local block, box, block's box)]}``, ``recv_n`` ``{world rank: elements}``; returns
+    ``{world rank: flat received part}`` (nothing when ``meta``: only counted)."""
+    order = sorted(set(sent) | set(recv_n), key=grid.position)
+    send_counts, recv_counts = [0] * comm.size, [0] * comm.size
+    for q in order:
+        send_counts[grid.position(q)] = sum(_box_size(b) for _, b, _ in sent.get(q, ()))
+        recv_counts[grid.position(q)] = recv_n.get(q, 0)
+    if meta:  # shape-only: the counts are the message
+        comm.alltoallv_flat(MetaArray((sum(send_counts),), dtype), send_counts, recv_counts)
+        return {}
+    parts = [_part(*x) for q in order for x in sent.get(q, ())]
+    send = xp.concatenate(parts) if parts else xp.empty(0, dtype)
+    flat = comm.alltoallv_flat(send, send_counts, recv_counts)
+    got, off = {}, 0
+    for q in order:
+        got[q] = flat[off:off + recv_counts[grid.position(q)]]
+        off += recv_counts[grid.position(q)]
+    return got
+
+
+def _unpack(got, recvs, dst):
+    """Each received flat part into its boxes of the target blocks."""
     for q, boxes in recvs.items():
         off = 0
         for j, rbox in boxes:
@@ -122,7 +134,6 @@ def exchange(sources, targets) -> list:
             out, dbox = dst[j][4], dst[j][3]
             out[_rel(rbox, dbox)] = got[q][off:off + n].reshape([e - s for s, e in rbox])
             off += n
-    return _tensors(dst)
 
 
 def _part(local, box, base):
