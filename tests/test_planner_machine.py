@@ -69,8 +69,10 @@ def test_steps_formula_numerically():
 
 def test_collective_time_bad_arguments():
     m = Machine(links=links())
-    with pytest.raises(ValueError, match="bcast"):
-        m.collective_time("bcast", 10, 2)
+    with pytest.raises(ValueError, match="gather"):
+        m.collective_time("gather", 10, 2)
+    # a broadcast is priced as an allgather (a tree of ceil(log2 g) steps)
+    assert m.collective_time("bcast", 10, 4) == m.collective_time("allgather", 10, 4)
     with pytest.raises(ValueError, match="bytes_"):
         m.collective_time("allreduce", -1, 2)
     with pytest.raises(ValueError, match="group"):

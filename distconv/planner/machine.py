@@ -12,8 +12,9 @@ of constants per collective kind and per link class:
   ``beta`` is therefore seconds per *counted* byte.
 * ``steps`` is the number of message rounds a latency-bound run takes, so ``alpha`` is
   seconds per message step: ``ceil(log2 g)`` for allreduce, allgather and reduce_scatter
-  (recursive doubling/halving), ``g - 1`` for alltoall (pairwise exchange; alltoallv too, and
-  a halo exchange or its adjoint: one message per neighbour, alltoall's constants).
+  (recursive doubling/halving; a broadcast too, a binomial tree priced with allgather's
+  constants), ``g - 1`` for alltoall (pairwise exchange; alltoallv too, and a halo
+  exchange or its adjoint: one message per neighbour, alltoall's constants).
 * ``link`` is ``"intra"`` when every member sits on one node (``rank // ranks_per_node``
   equal for all), otherwise ``"inter"``: a collective that crosses nodes is paced by its
   slowest link.
@@ -39,7 +40,10 @@ KINDS = ("allreduce", "allgather", "reduce_scatter", "alltoall")
 LINKS = ("intra", "inter")
 # a halo exchange (and its adjoint) is point-to-point with each neighbour: priced with the
 # alltoall constants, one alpha per neighbour (``steps`` of a group of me + neighbours)
-_ALIASES = {"alltoallv": "alltoall", "halo": "alltoall", "halo_adjoint": "alltoall"}
+# a broadcast (the loss of placed logits tells every rank its value) is a binomial tree:
+# ceil(log2 g) steps as an allgather's, priced with allgather's constants
+_ALIASES = {"alltoallv": "alltoall", "halo": "alltoall", "halo_adjoint": "alltoall",
+            "bcast": "allgather"}
 _MACHINES_DIR = Path(__file__).resolve().parent / "machines"
 
 
