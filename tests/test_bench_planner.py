@@ -43,7 +43,8 @@ def test_inception_model_bytes_two_ranks(tmp_path):
     assert tower["plan"]["blocks.0.b1"] == [1, 2, 1] and tower["plan"]["blocks.0.b2.0"] == [
         1, 1, 2]
     for p in doc["plans"]:
-        assert p["bytes"]["equal"], (p["label"], p["bytes"]["per_rank"])
+        assert p["bytes"]["equal"] and p["bytes"]["loss_equal"], (p["label"],
+                                                                  p["bytes"]["per_rank"])
     assert doc["summary"]["bytes_all_equal"]
 
 
@@ -69,7 +70,8 @@ def test_quick_two_ranks(tmp_path):
         assert math.isfinite(p["measured_s"]) and p["measured_s"] > 0
         assert math.isfinite(p["error"])
         assert p["measured"]["reps"] >= 2
-        assert p["bytes"]["equal"], (p["label"], p["bytes"]["per_rank"])
+        assert p["bytes"]["equal"] and p["bytes"]["loss_equal"], (p["label"],
+                                                                  p["bytes"]["per_rank"])
         assert len(p["bytes"]["per_rank"]) == 2
         for r in p["bytes"]["per_rank"]:
             assert r["measured"] == r["predicted"]
@@ -116,7 +118,8 @@ def test_bytes_only_four_ranks(tmp_path):
         assert "measured_s" not in p
         assert math.isfinite(p["predicted_s"])
         assert len(p["bytes"]["per_rank"]) == 4
-        assert p["bytes"]["equal"], (p["label"], p["bytes"]["per_rank"])
+        assert p["bytes"]["equal"] and p["bytes"]["loss_equal"], (p["label"],
+                                                                  p["bytes"]["per_rank"])
     assert doc["summary"]["bytes_all_equal"] is True
 
 

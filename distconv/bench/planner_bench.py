@@ -192,12 +192,14 @@ def kinds_bytes(delta):
     return {k: v for k, v in out.items() if v[0] or v[1]}
 
 
-def predicted_bytes(graph, plan, rank, item):
+def predicted_bytes(graph, plan, rank, item, loss=False):
     """``{kind: [sent, recv]}`` (nonzero only) that ``rank`` sends and receives in one step
-    of ``plan``: forward, backward and gradient sync by ``graph_events``."""
+    of ``plan``: forward, backward and gradient sync by ``graph_events``; with ``loss``,
+    those of the cross-entropy loss instead."""
     from distconv.planner.events import graph_events
     out = {}
-    for ev in graph_events(graph, plan, rank, item).values():
+    evs = graph_events(graph, plan, rank, item, loss=loss)
+    for ev in ([evs["(loss)"]] if loss else evs.values()):
         for e in ev["forward"] + ev["backward"] + ev["sync"]:
             _add_bytes(out, {_kind(e.kind): [e.sent, e.recv]})
     return {k: v for k, v in out.items() if v[0] or v[1]}

@@ -176,7 +176,8 @@ def plan_summary(rows, measured, same_as, preds2, margin):
     """The summary of :func:`plan_rows`: bytes equal everywhere and, when timed, the
     ranks (written into ``rows``), :func:`compare`, the same-plan control, each kernel
     pass alone and the targets."""
-    summary = {"bytes_all_equal": all(r["bytes"]["equal"] for r in rows)}
+    summary = {"bytes_all_equal": all(r["bytes"]["equal"] for r in rows),
+               "loss_bytes_all_equal": all(r["bytes"].get("loss_equal", False) for r in rows)}
     if not measured:
         return summary
     for r, a, b in zip(rows, rank_order([r["predicted_s"] for r in rows]),
@@ -234,8 +235,9 @@ def table_lines(rows, summary, measured):
 
 
 def summary_lines(summary):
-    out = [f"bytes per rank predicted == measured for every plan: "
-           f"{'yes' if summary['bytes_all_equal'] else 'NO'}"]
+    out = [f"bytes per rank predicted == measured for every plan: model "
+           f"{'yes' if summary['bytes_all_equal'] else 'NO'}, loss "
+           f"{'yes' if summary.get('loss_bytes_all_equal') else 'NO'}"]
     if "mae" in summary:
         out += [f"MAE {100 * summary['mae']:.1f}% (max {100 * summary['max_abs_err']:.1f}%, "
                 f"signed mean {100 * summary['signed_mean_err']:+.1f}%); target <= 20%",

@@ -285,15 +285,18 @@ class PlannerBench:
         for c in self.cases:
             got, loss_b = c.bytes_step(self.comm)
             want = predicted_bytes(self.graph, c.plan, self.me, ITEM)
-            allg = self.comm.allgather_obj((got, want, loss_b))
+            want_loss = predicted_bytes(self.graph, c.plan, self.me, ITEM, loss=True)
+            allg = self.comm.allgather_obj((got, want, loss_b, want_loss))
             self.byte_rows[c.label] = {
-                "equal": all(g == w for g, w, _ in allg),
-                "per_rank": [{"measured": g, "predicted": w, "loss_measured": lb}
-                             for g, w, lb in allg],
-                "sent_per_rank_measured": [sum(v[0] for v in g.values()) for g, _, _ in allg],
-                "sent_per_rank_predicted": [sum(v[0] for v in w.values()) for _, w, _ in allg]}
-        self.say("bytes per rank, model predicted == measured: " + ", ".join(
-            f"{lab} {'yes' if r['equal'] else 'NO'}" for lab, r in self.byte_rows.items()))
+                "equal": all(g == w for g, w, _, _ in allg),
+                "loss_equal": all(lb == wl for _, _, lb, wl in allg),
+                "per_rank": [{"measured": g, "predicted": w, "loss_measured": lb,
+                              "loss_predicted": wl} for g, w, lb, wl in allg],
+                "sent_per_rank_measured": [sum(v[0] for v in x[0].values()) for x in allg],
+                "sent_per_rank_predicted": [sum(v[0] for v in x[1].values()) for x in allg]}
+        self.say("bytes per rank, predicted == measured (model, loss): " + ", ".join(
+            f"{lab} {'yes' if r['equal'] else 'NO'}, {'yes' if r['loss_equal'] else 'NO'}"
+            for lab, r in self.byte_rows.items()))
 
     def _repetition(self, rep):
         """``--steps-per-plan`` consecutive steps of every plan, the last one timed (the order

@@ -304,6 +304,24 @@ class CostModel:
                 T[a, b] = rest + fa + ba
         return T, Mm, W, Sy
 
+    def loss(self, shape, dist) -> LayerCost:
+        """Cost of :class:`distconv.nn.CrossEntropyLoss` on logits of ``shape`` ``(N, K)``
+        in ``dist``: the collectives of the real loss run shape-only
+        (:func:`.realrun.run_loss`, bare allreduces), not its local arithmetic (a few
+        passes over the local logits). Zero for an output that is not 2-D."""
+        key = ("loss", tuple(shape), dist)
+        got = self._cache.get(key)
+        if got is None:
+            got = self._cache[key] = LayerCost(out_dist=dist)
+            if len(shape) == 2:
+                from .realrun import run_loss
+                per = self._events(lambda r: run_loss(shape, dist, self.p, r, self.item),
+                                   dist.grid)
+                (got.comm_fwd, b1), (got.comm_bwd, b2) = (self.events_time(
+                    [x[i] for x in per], redistribute=False) for i in range(2))
+                got.bytes = b1 + b2
+        return got
+
     def join(self, shape, body_dist, short_dist) -> LayerCost:
         """Cost of a residual join (the add forward, the gradient split backward)."""
         key = ("join", shape, body_dist, short_dist)

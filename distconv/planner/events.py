@@ -196,14 +196,24 @@ def _first_strategic(graph):
     raise ValueError("graph has no strategic layer")
 
 
-def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
+def graph_events(graph, plan: dict, rank: int, item: int = 4, loss: bool = False) -> dict:
     """Events of one training step of ``graph`` under ``plan`` (``{layer name: (s, c, f)}``
     for every strategic layer) on ``rank``: ``{layer name: {"forward", "backward",
     "sync"}}`` plus ``"(joins)"`` for the joins (residual adds, and each branch's share of
-    a cat: :func:`.commmodel.cat_events`). The input arrives in the first
-    strategic layer's activation distribution (as ``DistLoader`` delivers it)."""
+    a cat: :func:`.commmodel.cat_events`) and, with ``loss``, ``"(loss)"`` for the
+    cross-entropy loss of each 2-D output (:func:`.realrun.run_loss`). The input arrives
+    in the first strategic layer's activation distribution (as ``DistLoader`` delivers
+    it)."""
+    from .realrun import run_loss
     out: dict = {}
     joins = {"forward": [], "backward": [], "sync": []}
+    losses = {"forward": [], "backward": [], "sync": []}
+
+    def add_loss(shape, d):
+        if loss and len(shape) == 2:
+            f, b = run_loss(shape, d, d.grid.world, rank, item)
+            losses["forward"] += f
+            losses["backward"] += b
     first = _first_strategic(graph)
     dist = act_dist(as_strategy(plan[first.name]), len(graph.in_shape))
 
@@ -222,6 +232,10 @@ def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
         return t
 
     def join(block, *dists):
+        if block.op == "output":  # the other outputs feed losses, not the model
+            for shape, d in zip(block.branch_shapes()[1:], dists[1:]):
+                add_loss(shape, d)
+            return
         if block.op == "cat":  # the real dc.cat's exchange, shape-only, branch by branch
             from ..functional import cat_output_layout
             from .commmodel import cat_events
@@ -237,6 +251,8 @@ def graph_events(graph, plan: dict, rank: int, item: int = 4) -> dict:
         joins["forward"] += f
         joins["backward"] += b
 
-    graph.traverse(dist, run, join, fork)
+    add_loss(graph.out_shape, graph.traverse(dist, run, join, fork))
     out["(joins)"] = joins
+    if loss:
+        out["(loss)"] = losses
     return out

@@ -159,8 +159,7 @@ def _traverse(items, dist, layer_fn, join_fn, fork_fn=None):
             for i in it.run_order():
                 d = dist if fork_fn is None else fork_fn(it, i, dist)
                 outs[i] = _traverse(it.branches[i], d, layer_fn, join_fn, fork_fn)
-            if it.op != "output":  # other outputs' branches join nothing
-                join_fn(it, *outs)
+            join_fn(it, *outs)  # for an "output" block: where each output lies
             dist = outs[0]
             if it.op == "cat":
                 from ..functional import cat_output_layout
@@ -196,8 +195,9 @@ class Graph:
         """Run through the graph in execution order, threading the input distribution:
         ``layer_fn(layer, in_dist) -> out_dist`` for every layer and ``join_fn(block,
         *branch_dists)`` at each join (before the ReLU after an add) with the output
-        distribution of every branch (``body_dist, shortcut_dist`` for a residual add);
-        not for an ``"output"`` block, whose extra branches join nothing. A cat's output
+        distribution of every branch (``body_dist, shortcut_dist`` for a residual add;
+        for an ``"output"`` block, whose extra branches join nothing, where each of the
+        model's outputs lies, for its loss). A cat's output
         lies as ``dc.cat`` lays it (:func:`distconv.functional.cat_output_layout`).
         ``fork_fn(block, i, dist) -> dist``: where branch ``i`` of ``block`` starts when
         the block's input is in ``dist`` (``dc.fork`` moves it onto a placed branch's

@@ -100,3 +100,38 @@ def _run(kind, in_shape, attrs, st, in_dist, nranks, rank, item):
         ev = [Event(e.kind, e.group, e.sent, e.recv) for e in world.events]
         out = Distribution(VGrid(yd.grid.shape, yd.grid.names), yd.split, yd.pending)
     return tuple(ev[:n_fwd]), tuple(ev[n_fwd:n_bwd]), tuple(ev[n_bwd:]), out
+
+
+def run_loss(shape, dist: Distribution, nranks: int, rank: int, item: int = 4):
+    """``(forward, backward)`` :class:`~distconv.shapecomm.Event` lists of
+    :class:`distconv.nn.CrossEntropyLoss` on logits of global ``shape`` ``(N, K)`` in
+    ``dist`` (on any grid-like object), on ``rank`` of ``nranks``: the real loss run
+    shape-only (its max and sums over split classes, its total over split samples), then
+    ``loss.backward()`` into the logits. Cached per arguments (fresh lists returned)."""
+    f, b = _loss(tuple(int(s) for s in shape), dist, int(nranks), int(rank), int(item))
+    return list(f), list(b)
+
+
+@lru_cache(maxsize=10000)
+def _loss(shape, dist, nranks, rank, item):
+    import numpy as np
+
+    from ..comm import use_world
+    from ..meta import MetaArray
+    from ..nn import CrossEntropyLoss
+    from ..tensor import DistTensor
+    from .commmodel import shape_world
+    world, real = shape_world(nranks, rank)
+    start = len(world.events)
+    try:
+        with use_world(world):
+            d = real(dist)
+            x = DistTensor(MetaArray(d.local_shape(shape), _dtype(item)), d, shape)
+            x.requires_grad = True
+            loss = CrossEntropyLoss()(x, np.zeros(shape[0], np.int64))
+            mid = len(world.events)
+            loss.backward()
+        ev = [Event(e.kind, e.group, e.sent, e.recv) for e in world.events[start:]]
+    finally:
+        del world.events[start:]
+    return tuple(ev[:mid - start]), tuple(ev[mid - start:])

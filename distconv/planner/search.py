@@ -200,6 +200,14 @@ class Planner:
                     np.zeros(len(cs)), np.zeros(len(cs)))
         return self._combine(self._tables(key, fill))
 
+    def _loss_vector(self, shape, dists):
+        """The loss on an output of ``shape`` in each of ``dists`` (:meth:`.costs.
+        CostModel.loss`)."""
+        def fill():
+            t, z = np.array([self.cost.loss(shape, d).time for d in dists]), np.zeros(len(dists))
+            return t, z, z, z
+        return self._combine(self._tables(("loss", tuple(shape), tuple(dists)), fill))
+
     def _join_matrix(self, shape, bdists, sdists):
         """``J[d, b]``: the join of a shortcut in ``sdists[d]`` with a body in ``bdists[b]``."""
         K = self.K
@@ -294,9 +302,11 @@ class Planner:
             args.append(arg)
         elif it.op == "output":
             # a branch to another output of the model joins nothing: its exit state is
-            # free (the best one for each entry state), whatever the block's output state
-            free = np.zeros((self.K, self.K))
-            for red in reds[1:]:
+            # free (the best one for each entry state, its loss included), whatever the
+            # block's output state
+            shapes = it.branch_shapes()
+            for i, red in enumerate(reds[1:], 1):
+                free = np.repeat(self._loss_vector(shapes[i], outs[i])[:, None], self.K, 1)
                 S, arg = red.then(free)
                 total += S
                 args.append(arg)
@@ -349,6 +359,7 @@ class Planner:
                                      f"batch-norm layer; the planner cannot place its input")
                 v, dists = self._free(it, dists)
                 V = V + v
+        V = V + self._loss_vector(graph.out_shape, dists)
         state = int(np.argmin(V))
         best = float(V[state])
         plan = {}

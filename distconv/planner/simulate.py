@@ -2,7 +2,8 @@
 
 :func:`walk` lists every layer and join of the graph in execution order with its
 :class:`.costs.LayerCost` under ``plan`` (a block's branches run one after another on all
-ranks; a cat join is one row per branch, its share of the concatenation).
+ranks; a cat join is one row per branch, its share of the concatenation), then the
+cross-entropy loss of each output (:meth:`.costs.CostModel.loss`: its collectives).
 :func:`additive_time` sums them (what the search minimises). :func:`simulate` replays
 one training step as FlexFlow's task-graph simulator does, with one compute stream and
 one stream for gradient allreduces:
@@ -22,6 +23,8 @@ one stream for gradient allreduces:
 * the step ends when both streams are done, plus the optimizer step.
 """
 from __future__ import annotations
+
+import math
 
 from .strategies import as_strategy
 
@@ -97,12 +100,23 @@ def _walk(cost, plan: dict, detail: bool = False, input_dist=None) -> tuple:
                 tags.append(_branch_tag(block, i, plan, cost.p, btag, parallel_branches))
                 seqs.append(block.seq)
             return
+        if block.op == "output":  # each other output's loss
+            for i, (shape, d) in enumerate(zip(block.branch_shapes()[1:], dists[1:]), 1):
+                loss_row(f"{block.name}.(loss {i})", shape, d)
+            return
         rows.append((block.name + ".(join)" if block.name else "(join)", "join",
                      cost.join(block.out_shape, dists[0], dists[1]), None))
         tags.append(btag.get(id(block)))
         seqs.append(block.seq)
 
-    graph.traverse(dist, one, join, fork)
+    def loss_row(name, shape, d):
+        # recorded after every layer: the first node backward runs
+        rows.append((name, "loss", cost.loss(shape, d), None))
+        tags.append(None)
+        seqs.append(math.inf)
+
+    out = graph.traverse(dist, one, join, fork)
+    loss_row("(loss)", graph.out_shape, out)
     return (rows, seqs) if detail else _merge_parallel(rows, tags, seqs, graph)
 
 
