@@ -94,16 +94,16 @@ def _rebind(model, plan):
     full = {name: m.strategy for name, m in model.named_modules()
             if getattr(m, "strategy", None) is not None and hasattr(m, "_apply_strategy")}
     if plan is not None:
-        from .nn.module import _as_strategy, _lookup
+        from .nn.module import as_strategy, plan_entry
         from .strategy import Strategy
         if isinstance(plan, (str, Strategy)):
             plan = {"": plan}
-        given = {k: _as_strategy(v) for k, v in dict(plan).items()}
+        given = {k: as_strategy(v) for k, v in dict(plan).items()}
         known = {n for n, _ in model.named_modules()}
         unknown = [k for k in given if k not in known]
         if unknown:
             raise ValueError(f"plan names layers that do not exist: {unknown}")
-        full = {n: (_lookup(given, n, given.get("")) or st) for n, st in full.items()}
+        full = {n: (plan_entry(given, n, given.get("")) or st) for n, st in full.items()}
     mods = dict(model.named_modules())
     for name, st in full.items():
         m = mods[name]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.mpi_harness import max_ranks, run_mpi_script
@@ -190,6 +191,25 @@ def test_layer_overhead_measured_cached_and_zero_when_not_measured():
     assert f"overhead_fwd|kind=linear,bias=1|{CTX}" in m.entries
     with pytest.raises(ValueError, match="unknown kind"):
         m.layer_overhead("softmax")
+
+
+def test_measuring_overheads_keeps_the_models_initial_weights():
+    """Timing the layers' Python builds layers; the next model's weights are those it
+    would have had without it (``nn.module.kept_init_seed``). Control: building a layer
+    outside it does move them."""
+    import distconv as dc
+    from distconv import nn
+
+    def weight():
+        return nn.Conv2d(2, 3, 3).weight.data.local.copy()
+    dc.manual_seed(3)
+    want = weight()
+    dc.manual_seed(3)
+    _cm(reps=1).layer_overhead("conv")
+    assert np.array_equal(weight(), want)
+    dc.manual_seed(3)
+    nn.Conv2d(1, 1, 1)
+    assert not np.array_equal(weight(), want)
 
 
 def _toy_cost(overheads):

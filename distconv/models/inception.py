@@ -25,7 +25,7 @@ import numpy as np
 from .. import nn
 from ..backend import get_xp
 from ..functional import cat, fork
-from ..nn.module import Layer, _init_rng
+from ..nn.module import Layer, init_rng
 from ..tensor import DistTensor
 from ._common import _set_global, check_image_size, min_image_size, split_strategy
 
@@ -228,8 +228,8 @@ class _TransformInput(Layer):
     SHIFT = ((0.485 - 0.5) / 0.5, (0.456 - 0.5) / 0.5, (0.406 - 0.5) / 0.5)
 
     def _input(self, x):
-        from ..nn.layers import _elementwise_input
-        return _elementwise_input(x)
+        from ..nn.layers import elementwise_input
+        return elementwise_input(x)
 
     def _coef(self, x):
         xp = get_xp()
@@ -311,7 +311,7 @@ class Inception3(nn.Module):
         self.min_size_aux = self.min_size if self.AuxLogits is None else min_image_size(
             main + [self.AuxLogits.pool, self.AuxLogits.conv1.conv])
         if init_weights:
-            self._init_weights(_init_rng())
+            self._init_weights(init_rng())
         if plan is not None:
             self.set_strategy(plan)
 

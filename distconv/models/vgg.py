@@ -12,7 +12,7 @@ e.g. ``"features.0"``, ``"classifier.0"``; ``""`` sets the default), as the ResN
 from __future__ import annotations
 
 from .. import nn
-from ..nn.module import _init_rng
+from ..nn.module import init_rng
 from ._common import FeaturesClassifier, min_image_size, split_strategy, torchvision_vgg_init
 
 #: torchvision's configurations: output channels of each 3x3 conv, "M" a 2x2 max pool.
@@ -75,7 +75,7 @@ class VGG(FeaturesClassifier):
         )
         self.min_size = min_image_size(self.features)
         if init_weights:
-            torchvision_vgg_init(self, _init_rng())
+            torchvision_vgg_init(self, init_rng())
         if plan is not None:
             self.set_strategy(plan)
 

@@ -33,7 +33,7 @@ from ..ops.geometry import pair
 from ..distribution import Distribution
 from ..strategy import Strategy
 from ..tensor import DistTensor
-from .module import Layer, check_dtype, default_dtype, new_param, _init_rng
+from .module import Layer, check_dtype, default_dtype, init_rng, new_param
 
 
 def split_layouts(strategy: Strategy, ndim: int, wndim: int) -> dict:
@@ -63,7 +63,7 @@ class _SplitOp(Layer):
                              f"{in_features} and {out_features}")
         self.strategy = self._checked(Strategy() if strategy is None else (
             Strategy.parse(strategy) if isinstance(strategy, str) else strategy))
-        rng = _init_rng()
+        rng = init_rng()
         fan_in = int(np.prod(weight_shape[1:]))
         bound = 1.0 / math.sqrt(fan_in)
         dt = default_dtype()

@@ -20,10 +20,10 @@ from ..distribution import Distribution
 from ..meta import MetaArray, is_meta
 from ..strategy import Strategy
 from ..tensor import DistTensor
-from .module import Layer, _init_rng, as_dist
+from .module import Layer, as_dist, init_rng
 
 
-def _elementwise_input(x, ndim=4, keep_spatial=None):
+def elementwise_input(x, ndim=4, keep_spatial=None):
     """``x`` as a DistTensor without pending sums whose last dims are whole, except where
     ``keep_spatial(distribution)`` says the split of dims 2.. may stay."""
     if not isinstance(x, DistTensor):
@@ -41,7 +41,7 @@ def _elementwise_input(x, ndim=4, keep_spatial=None):
 
 class _Elementwise(Layer):
     def _input(self, x):
-        return _elementwise_input(x)
+        return elementwise_input(x)
 
 
 def _spatial_ok(x) -> bool:
@@ -55,7 +55,7 @@ class ReLU(_Elementwise):
     """max(x, 0) elementwise; any shape and distribution (an H/W split stays)."""
 
     def _input(self, x):
-        return _elementwise_input(x, keep_spatial=lambda t: True)
+        return elementwise_input(x, keep_spatial=lambda t: True)
 
     def _forward(self, x, save):
         y = ops.relu_forward(x.local)
@@ -101,7 +101,7 @@ class _Pool(_Elementwise):
                              f"but got padding={p} for kernel_size={k}")
 
     def _input(self, x):
-        return _elementwise_input(x, keep_spatial=_spatial_ok)
+        return elementwise_input(x, keep_spatial=_spatial_ok)
 
     @staticmethod
     def _is_spatial(x) -> bool:
@@ -280,7 +280,7 @@ class Dropout(_Elementwise):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
         self.p = p
-        self.seed = int(_init_rng().integers(0, 2 ** 63)) if seed is None else int(seed)
+        self.seed = int(init_rng().integers(0, 2 ** 63)) if seed is None else int(seed)
         self.step = 0
 
     def _input(self, x):

@@ -16,6 +16,7 @@ segmented allreduce that sums each shard only over its replica group.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import OrderedDict
 
@@ -39,10 +40,21 @@ def manual_seed(seed: int) -> None:
     _COUNTER[0] = 0
 
 
-def _init_rng() -> np.random.Generator:
+def init_rng() -> np.random.Generator:
     """Generator for the next layer's initial weights; identical on every rank."""
     _COUNTER[0] += 1
     return np.random.default_rng([_SEED[0], _COUNTER[0]])
+
+
+@contextlib.contextmanager
+def kept_init_seed():
+    """``with kept_init_seed():`` layers built inside do not move the initial weights of
+    the layers built after it (the seed and the count of :func:`init_rng` are restored)."""
+    saved = (_SEED[0], _COUNTER[0])
+    try:
+        yield
+    finally:
+        _SEED[0], _COUNTER[0] = saved
 
 
 class Parameter:
@@ -321,9 +333,9 @@ class Module:
         """Re-shard every layer to a :class:`Strategy`, or a plan ``{module name: Strategy}``
         (names as in :meth:`named_modules`; ``""`` is the default for unnamed layers)."""
         if isinstance(strategy_or_plan, (Strategy, str)) or strategy_or_plan is None:
-            plan = {"": _as_strategy(strategy_or_plan)}
+            plan = {"": as_strategy(strategy_or_plan)}
         else:
-            plan = {k: _as_strategy(v) for k, v in dict(strategy_or_plan).items()}
+            plan = {k: as_strategy(v) for k, v in dict(strategy_or_plan).items()}
         known = {n for n, _ in self.named_modules()}
         unknown = [k for k in plan if k not in known]
         if unknown:
@@ -339,7 +351,7 @@ class Module:
                          "the plan given to set_strategy (name, strategy)")
         default = plan.get("")
         for name, m in self.named_modules():
-            s = _lookup(plan, name, default)
+            s = plan_entry(plan, name, default)
             if s is not None and hasattr(m, "_apply_strategy"):
                 m._apply_strategy(s)
         return self
@@ -396,13 +408,14 @@ def _agree_local(ok, message, exc):
         raise exc(message)
 
 
-def _as_strategy(s):
+def as_strategy(s):
+    """A :class:`Strategy` from a Strategy, its text, or None (the default ``Strategy()``)."""
     if s is None or isinstance(s, Strategy):
         return s if s is not None else Strategy()
     return Strategy.parse(s)
 
 
-def _lookup(plan, name, default):
+def plan_entry(plan, name, default):
     """The plan entry of ``name`` or of its closest named ancestor, else ``default``."""
     while True:
         if name in plan:

@@ -90,12 +90,11 @@ def _overhead_case(cm, kind, bias):
     (callables; ``backward_setup`` runs the untimed forward each backward needs)."""
     from .. import nn
     from ..functional import add as _add
-    from ..nn import module as _mod
+    from ..nn.module import kept_init_seed
     from ..tensor import DistTensor
     st = self_strategy()
     dt = np.dtype(cm.dtype)
-    seed = (_mod._SEED[0], _mod._COUNTER[0])  # building layers must not move the model seed
-    try:
+    with kept_init_seed():  # building layers must not move the model's initial weights
         if kind == "conv":
             layer = nn.Conv2d(1, 1, 1, bias=bias, strategy=st)
             shape, kern = (1, 1, 1, 1), cm.conv(1, 1, 1, 1, 1, 1, 1, 0, 1)
@@ -129,8 +128,6 @@ def _overhead_case(cm, kind, bias):
         else:
             raise ValueError(f"layer_overhead: unknown kind {kind!r}; expected one of "
                              f"{OVERHEAD_KINDS}")
-    finally:
-        _mod._SEED[0], _mod._COUNTER[0] = seed
     act = st.activation_distribution(len(shape))
     x = DistTensor(np.ones(shape, dt), act, shape)
     if kind == "redistribute":
