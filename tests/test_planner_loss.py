@@ -2,7 +2,8 @@
 
 :func:`distconv.planner.realrun.run_loss` runs :class:`distconv.nn.CrossEntropyLoss`
 shape-only; at 1-4 ranks, with a batch and a class count that do not divide evenly, under
-every (sample, channel, filter) layout of the logits, the bytes per collective kind it
+every (sample, channel, filter) layout of the logits and with logits placed on some of the
+ranks (the loss value is then broadcast), the bytes per collective kind it
 predicts on each rank equal ``comm.stats()`` of the real loss and ``loss.backward()``.
 The cost model and the search then count the loss: the simulator's ``(loss)`` row, and
 the DP's optimum still equals brute force with it.
@@ -29,13 +30,17 @@ def test_loss_bytes_equal_measured(comm):
     from distconv.bench.stats import stats_delta
     from distconv.planner.events import act_dist
     from distconv.planner.realrun import run_loss
-    from distconv.planner.strategies import factorizations, to_strategy
+    from distconv.planner.strategies import Placed, factorizations, to_strategy
     dc.set_default_dtype(np.float64)
     rng = np.random.default_rng(0)
     z, labels = rng.standard_normal((N, K)), rng.integers(0, K, N)
     world = dc.comm.world()  # the Communicator (its stats) of the job
+    p = comm.size
+    # logits placed on some ranks: the loss value is broadcast to every rank
+    placed = [Placed(1, 1, 1, 1, 1, (p - 1,), p)] if p > 1 else []
+    placed += [Placed(1, 1, 2, 1, 1, (0, 1), p)] if p > 2 else []
     wants = set()
-    for st in factorizations(comm.size):
+    for st in list(factorizations(p)) + placed:
         x = DistTensor.from_global(z, to_strategy(st).activation_distribution(2))
         x.requires_grad = True
         s0 = world.stats()
@@ -47,6 +52,7 @@ def test_loss_bytes_equal_measured(comm):
         f, b = run_loss((N, K), act_dist(st, 2), comm.size, comm.rank, 8)
         want = _by_kind(f + b)
         assert got == want, (st, got, want)
+        assert ("bcast" in want) == (st in placed), (st, want)
         wants.add(repr(want))
     # the control: layouts differ in what they send, so a wrong layout would be caught
     assert len(wants) > 1 or comm.size == 1
