@@ -146,11 +146,14 @@ def calib_sizes(graph, item=4):
 
 
 def predicted_phases(cost, plan):
-    """Predicted forward / backward / sync / update seconds of ``plan`` (blocking sync)."""
+    """Predicted forward / loss / backward / sync / update seconds of ``plan`` (blocking
+    sync; the loss: its collectives, forward and backward)."""
     from distconv.planner.simulate import walk
     rows = walk(cost, plan)
-    return {"forward": sum(c.compute_fwd + c.comm_fwd for _, _, c, _ in rows),
-            "backward": sum(c.compute_bwd + c.comm_bwd for _, _, c, _ in rows),
+    model = [c for _, k, c, _ in rows if k != "loss"]
+    return {"forward": sum(c.compute_fwd + c.comm_fwd for c in model),
+            "loss": sum(c.time for _, k, c, _ in rows if k == "loss"),
+            "backward": sum(c.compute_bwd + c.comm_bwd for c in model),
             "sync": sum(c.sync for _, _, c, _ in rows),
             "update": sum(c.update for _, _, c, _ in rows)}
 
