@@ -267,6 +267,17 @@ class Distribution:
             got = _MEMO[key] = tuple(bounds)
         return got
 
+    def _block_coords(self, dim: int) -> tuple:
+        """``((axis, coordinate), ...)`` of each block of dimension ``dim`` in block order
+        (:meth:`dim_bounds`; the first split axis outermost). Memoised per geometry."""
+        key = (self._geom, "coords", dim)
+        got = _MEMO.get(key)
+        if got is None:
+            axes = self.split[dim]
+            grids = product(*(range(self.axis_size(a)) for a in axes))
+            got = _MEMO[key] = tuple(tuple(zip(axes, cs)) for cs in grids)
+        return got
+
     def blocks_meeting(self, global_shape: Sequence[int], box, fixed: Mapping[str, int]
                        | None = None) -> list:
         """``[(coords, block box)]`` of every grid position whose block meets ``box``
@@ -287,19 +298,15 @@ class Distribution:
                 choices.append([((), (0, int(n)))])
                 continue
             b = self.dim_bounds(d, n)
-            sizes = [self.axis_size(a) for a in axes]
+            coords = self._block_coords(d)
             opts = []
             for i in range(max(bisect_right(b, s) - 1, 0), len(b) - 1):
                 if b[i] >= e:
                     break
                 if b[i + 1] <= s or b[i + 1] == b[i]:
                     continue
-                cs, k = [], i
-                for m in reversed(sizes):
-                    cs.append(k % m)
-                    k //= m
-                pairs = tuple(zip(axes, reversed(cs)))
-                if any(fixed.get(a, c) != c for a, c in pairs):
+                pairs = coords[i]
+                if fixed and any(fixed.get(a, c) != c for a, c in pairs):
                     continue
                 opts.append((pairs, (b[i], b[i + 1])))
             if not opts:
