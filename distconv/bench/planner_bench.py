@@ -195,17 +195,17 @@ def kinds_bytes(delta):
     return {k: v for k, v in out.items() if v[0] or v[1]}
 
 
-def predicted_bytes(graph, plan, rank, item, loss=False):
-    """``{kind: [sent, recv]}`` (nonzero only) that ``rank`` sends and receives in one step
-    of ``plan``: forward, backward and gradient sync by ``graph_events``; with ``loss``,
-    those of the cross-entropy loss instead."""
+def predicted_bytes(graph, plan, rank, item):
+    """``(model, loss)``, each ``{kind: [sent, recv]}`` (nonzero only), that ``rank`` sends
+    and receives in one step of ``plan`` by ``graph_events``: the model's forward, backward
+    and gradient sync, and the cross-entropy loss's."""
     from distconv.planner.events import graph_events
-    out = {}
-    evs = graph_events(graph, plan, rank, item, loss=loss)
-    for ev in ([evs["(loss)"]] if loss else evs.values()):
+    model, loss = {}, {}
+    for name, ev in graph_events(graph, plan, rank, item, loss=True).items():
+        out = loss if name == "(loss)" else model
         for e in ev["forward"] + ev["backward"] + ev["sync"]:
             _add_bytes(out, {_kind(e.kind): [e.sent, e.recv]})
-    return {k: v for k, v in out.items() if v[0] or v[1]}
+    return tuple({k: v for k, v in out.items() if v[0] or v[1]} for out in (model, loss))
 
 
 # ------------------------------------------------------------------ one plan

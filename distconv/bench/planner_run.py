@@ -284,8 +284,7 @@ class PlannerBench:
         self.byte_rows = {}
         for c in self.cases:
             got, loss_b = c.bytes_step(self.comm)
-            want = predicted_bytes(self.graph, c.plan, self.me, ITEM)
-            want_loss = predicted_bytes(self.graph, c.plan, self.me, ITEM, loss=True)
+            want, want_loss = predicted_bytes(self.graph, c.plan, self.me, ITEM)
             allg = self.comm.allgather_obj((got, want, loss_b, want_loss))
             self.byte_rows[c.label] = {
                 "equal": all(g == w for g, w, _, _ in allg),
