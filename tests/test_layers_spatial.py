@@ -223,7 +223,7 @@ def test_negative_controls(comm):
     bn = m._modules["1"]
     bad2 = Report()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(type(bn), "_group", lambda self: self._act.grid.sub(self._act.split[0]))
+        mp.setattr(type(bn), "_group_axes", lambda self: self._act.split[0])
         compare_model(m, x, bad2, "bn-sample-only", tmodel=to_torch(m), labels=lab)
     errs = bad2.merged(comm)
     assert any(" y:" in e or " y " in e for e in errs), errs

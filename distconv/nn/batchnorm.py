@@ -52,6 +52,7 @@ class BatchNorm2d(Layer):
     def _dists(self):
         g = self.strategy.grid()
         self._act = self.strategy.activation_distribution(4)
+        self._stats = None  # (group axes, statistics pending over them, summed)
         self._cdist = Distribution(g, [self._act.split[1]])
         self._sdist = Distribution(g, [])
 
@@ -77,11 +78,29 @@ class BatchNorm2d(Layer):
         if (version is None or version < 2) and self.track_running_stats and key not in state:
             state[key] = to_numpy(self._buffers["num_batches_tracked"].local).copy()
 
-    def _group(self):
-        """Communicator of the ranks holding the same channels and other samples (and,
+    def _group_axes(self) -> tuple:
+        """The grid axes of the ranks holding the same channels and other samples (and,
         under a spatial strategy, other height/width blocks): sample×height×width."""
         sp = self._act.split
-        return self._act.grid.sub(sp[0] + sp[2] + sp[3])
+        return sp[0] + sp[2] + sp[3]
+
+    def _group(self):
+        """Communicator over :meth:`_group_axes`."""
+        return self._act.grid.sub(self._group_axes())
+
+    def _group_sum(self, a, b):
+        """``(a, b)`` (this rank's per-channel sums, ``(C_loc,)`` float64 each) summed over
+        :meth:`_group`: one allreduce, issued as the move of a ``(2, C)`` tensor pending
+        over sample×height×width (``DistTensor.redistribute``, so that the planner sees
+        it as a move)."""
+        axes = self._group_axes()
+        got = self._stats
+        if got is None or got[0] != axes or got[1].grid is not self._act.grid:
+            d = Distribution(self._act.grid, [None, self._act.split[1]], pending=axes)
+            got = self._stats = (axes, d, d.replace(pending=()))
+        t = DistTensor(get_xp().stack([a, b]), got[1], (2, self.num_features))
+        red = t.redistribute(got[2]).local
+        return red[0], red[1]
 
     @property
     def input_distribution(self) -> Distribution:
@@ -104,9 +123,7 @@ class BatchNorm2d(Layer):
             s, ss, n = ops.bn_local_stats(xl)
             if self.global_stats:
                 grp = self._group()
-                red = grp.allreduce(xp.concatenate([s, ss]))
-                C = s.shape[0]
-                s, ss = red[:C], red[C:]
+                s, ss = self._group_sum(s, ss)
                 # the group holds every sample, all of H and W: the count per channel
                 n = x.shape[0] * x.shape[2] * x.shape[3]
             else:
@@ -150,15 +167,12 @@ class BatchNorm2d(Layer):
     def _backward(self, ctx, dy, need_dx):
         x, mean, invstd, n, use_batch, in_dist = ctx
         dy = dy.redistribute(x.distribution)
-        xp = get_xp()
         w = self.weight.data.local if self.weight is not None else None
         sdy, sdyx = ops.bn_backward_reduce(dy.local, x.local, mean)
         rep = self._cdist.replica_axes
         if use_batch:
             if self.global_stats:
-                C = sdy.shape[0]
-                red = self._group().allreduce(xp.concatenate([sdy, sdyx]))
-                sdy, sdyx = red[:C], red[C:]
+                sdy, sdyx = self._group_sum(sdy, sdyx)
                 pending = ()  # the sums are global already: the gradient is complete
             else:
                 pending = rep
