@@ -93,6 +93,9 @@ class Communicator(PointToPoint):
     the parent's statistics, so ``world.stats()`` totals everything this rank did.
     """
 
+    #: ``hook(t, target) -> t'`` run by ``DistTensor.redistribute`` instead of a move
+    move_hook = None  # (set on a shape-only world: distconv.planner.layermoves records)
+
     def __init__(self, mpi_comm=None, stats: CommStats | None = None):
         self.mpi = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank = self.mpi.Get_rank()

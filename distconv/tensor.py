@@ -181,6 +181,9 @@ class DistTensor:
         """``redistribute`` without recording."""
         if target.ndim != self.ndim:
             raise ValueError(f"cannot redistribute a {self.ndim}-d tensor to {target}")
+        hook = self.distribution.grid.world.move_hook
+        if hook is not None:  # a shape-only world recording moves instead of running them
+            return hook(self, target)
         if target == self.distribution:
             return self
         if not self.distribution.same_grid(target):

@@ -86,7 +86,7 @@ def _meta_like(t: DistTensor, grid) -> DistTensor:
     return DistTensor(MetaArray(d.local_shape(t.shape), t.dtype), d, t.shape)
 
 
-def _rebind(model, plan):
+def rebind(model, plan):
     """Move every strategic module onto the current (shape-only) world under ``plan`` (or
     its own strategy): its parameters and buffers become shape-only blocks laid out as
     before (the same split axes) on the grid of its new strategy there, then
@@ -143,11 +143,16 @@ class shape_only:
     model's own strategies), so any code run there -- a training step of the caller's own
     -- moves no data and records its collectives in ``world.stats()`` / ``world.events``
     (tagged ``(phase, module name)`` inside leaf layers). Everything is put back on exit.
+    ``world``: a :class:`~distconv.shapecomm.ShapeComm` of ``nranks`` ranks seen from
+    ``rank`` to use (and keep, with its grids) instead of a new one.
     """
 
-    def __init__(self, model, nranks: int, rank: int = 0, plan=None):
+    def __init__(self, model, nranks: int, rank: int = 0, plan=None, world=None):
         self.model, self.plan = model, plan
-        self.world = ShapeComm(nranks, rank)
+        if world is not None and (world.size, world.rank) != (nranks, rank):
+            raise ValueError(f"shape_only: the world given is rank {world.rank} of "
+                             f"{world.size}, not rank {rank} of {nranks}")
+        self.world = ShapeComm(nranks, rank) if world is None else world
         self._use = use_world(self.world)
 
     def __enter__(self) -> ShapeComm:
@@ -155,7 +160,7 @@ class shape_only:
         self._handles = []
         self._use.__enter__()
         try:
-            _rebind(self.model, self.plan)
+            rebind(self.model, self.plan)
             self._handles = _tagging(self.model, self.world)
         except BaseException:
             self.__exit__(None, None, None)

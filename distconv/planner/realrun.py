@@ -21,9 +21,15 @@ from .strategies import as_strategy
 
 @lru_cache(maxsize=None)
 def _module(kind, in_shape, attrs, dtype):
-    """The module of a LayerSpec's kind and attributes with parameters of ``dtype``, built
-    once on a 1-rank shape-only world (its parameters are rebound to each run's world by
+    """:func:`build_module`, built once (its parameters are rebound to each run's world by
     ``shape_only``)."""
+    return build_module(kind, in_shape, attrs, dtype)
+
+
+def build_module(kind, in_shape, attrs, dtype):
+    """The :mod:`distconv.nn` module of a LayerSpec's kind and attributes (``attrs``: its
+    ``(name, value)`` pairs) for input shape ``in_shape``, with parameters of ``dtype``,
+    built on a 1-rank shape-only world."""
     from ..backend import get_default_dtype, set_default_dtype
     old = get_default_dtype()
     set_default_dtype(dtype)
