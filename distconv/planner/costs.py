@@ -202,9 +202,9 @@ class CostModel:
                 fn = lambda r: inner_events(layer, st, r, self.item)  # noqa: E731
                 per = (self._events(fn) if placement(st) is None
                        else self._member_events(fn, placement(st)))
-                # batch norm reduces its statistics with bare allreduces
-                # batch norm's statistics and a spatial layer's halos are not issued by
-                # DistTensor.redistribute
+                # batch norm's statistics move runs inside its forward and backward,
+                # whose measured overhead holds its Python already; a spatial layer's
+                # halos are not issued by DistTensor.redistribute
                 plain = layer.kind != "bn" and not is_spatial(st)
                 inner = self._inner[(sig, st)] = tuple(
                     self.events_time([x[i] for x in per], redistribute=plain)

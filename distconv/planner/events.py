@@ -1,15 +1,16 @@
-"""Collectives a layer issues under a strategy, per rank (mirror of :mod:`distconv.nn`).
+"""Collectives a layer issues under a strategy, per rank, from the layers' own code.
 
 :func:`layer_events` returns, for one :class:`~distconv.planner.graph.LayerSpec`, the
-strategy ``(s, c, f)`` it runs under and the :class:`~distconv.distribution.Distribution`
-its input arrives in, the events of its ``forward``, its ``backward`` and the gradient
-sync (:func:`distconv.nn.sync_gradients`, one allreduce per parameter) on one rank, and
-the distribution of its output. :func:`join_events` does the same for a residual join.
-Layers follow :mod:`distconv.nn.conv` (Conv2d, Linear), :mod:`distconv.nn.batchnorm`
-(global batch statistics, float64 sums) and :mod:`distconv.nn.layers`; a Conv2d's or
-Linear's layouts are the layer's own (:func:`distconv.nn.conv.split_layouts`), the order
-of its moves is written here and checked against the layers run shape-only
-(``tests/test_planner_realrun.py``).
+strategy it runs under and the :class:`~distconv.distribution.Distribution` its input
+arrives in, the events of its ``forward``, its ``backward`` and the gradient sync
+(:func:`distconv.nn.sync_gradients`, one allreduce per parameter) on one rank, and the
+distribution of its output. The moves come from running the real layer
+(:mod:`.layermoves`: once per kind and strategy, each move priced on the rank by the real
+redistribution code; :mod:`.realrun` for the spatial layers, whose halo exchanges are not
+moves), split into the entry moves (the input from where it arrives to where the layer
+computes on it, and its gradient back: :func:`entry_events`) and the rest
+(:func:`inner_events`). :func:`join_events` gives a residual join's moves and
+:func:`graph_events` a whole step's.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from functools import lru_cache
 
 from ..distribution import Distribution
 from ..strategy import ALL_AXES, AXES
-from .commmodel import VGrid, allreduce_event, redistribute_events
+from .commmodel import VGrid, redistribute_events
+from .layermoves import layer_moves
 from .realrun import run_layer
 from .strategies import Placed, as_strategy, grid_shape, is_spatial, to_strategy
 
@@ -44,122 +46,42 @@ def spatial_dist(d) -> bool:
     return len(d.split) == 4 and bool(d.split[2] or d.split[3])
 
 
-@lru_cache(maxsize=None)
-def _layout(st, name, ndim):
-    """Layout ``name`` of a Conv2d/Linear under ``st`` (:func:`distconv.nn.conv.
-    split_layouts`, the layer's own) on the planner's grid."""
-    from ..nn.conv import split_layouts
-    return Distribution(grid_of(st), split_layouts(to_strategy(st), ndim, ndim)[name])
-
-
-def _xc(st, ndim):
-    return _layout(st, "xc", ndim)
-
-
-@lru_cache(maxsize=None)
-def _xc_pending(st, ndim):
-    return _xc(st, ndim).replace(pending=("filter",))
-
-
-@lru_cache(maxsize=None)
-def _yf_pending(st, ndim):
-    return _yf(st, ndim).replace(pending=("channel",))
-
-
-def _yf(st, ndim):
-    return _layout(st, "yf", ndim)
-
-
-def _wdist(st, wndim):
-    return _layout(st, "w", wndim)
-
-
-def _cdist(st):
-    return _layout(st, "b", 1)
-
-
 def free_out_dist(layer, in_dist: Distribution) -> Distribution:
-    """Output distribution of a non-strategic layer for input ``in_dist`` (on a split of H
-    or W: where the layer's real code puts it, :func:`.realrun.run_layer`)."""
+    """Output distribution of a non-strategic layer for input ``in_dist``: where the
+    layer's real code puts it (:func:`.realrun.run_layer` on a split of H or W, else
+    :func:`.layermoves.layer_moves`)."""
     if spatial_dist(in_dist) and layer.kind != "relu":
         return run_layer(layer, None, in_dist, in_dist.grid.size, 0)[3]
-    if layer.kind == "flatten":
-        rest = 1
-        for s in layer.in_shape[2:]:
-            rest *= s
-        d = in_dist
-        if rest != 1 and d.split[1]:
-            d = Distribution(d.grid, [d.split[0]] + [None] * (len(layer.in_shape) - 1))
-        return Distribution(d.grid, [d.split[0], d.split[1]])
-    return in_dist
+    return layer_moves(layer, None, 4, in_dist).out_dist
 
 
 def entry_events(layer, st, in_dist: Distribution, rank: int, item: int = 4):
     """``(forward, backward)`` events that move ``layer``'s input from ``in_dist`` to where
-    the layer computes on it, and its input gradient back."""
+    the layer computes on it, and its input gradient back (for a layer without a
+    strategy: all its events)."""
     xs = layer.in_shape
-    k = layer.kind
     if is_spatial(st):  # a spatial layer computes on the activation layout itself
         act = act_dist(st, len(xs))
         return (redistribute_events(xs, in_dist, act, rank, item),
                 redistribute_events(xs, act, in_dist, rank, item))
-    if st is None and k != "relu" and spatial_dist(in_dist):
+    if st is None and layer.kind != "relu" and spatial_dist(in_dist):
         # pooling, flattening on a split of H or W: halo exchanges, gathers of H and W
         f, b, _, _ = run_layer(layer, None, in_dist, in_dist.grid.size, rank, item)
         return f, b
-    if k in ("conv", "linear"):
-        xc = _xc(st, len(xs))
-        return (redistribute_events(xs, in_dist, xc, rank, item),
-                redistribute_events(xs, _xc_pending(st, len(xs)), in_dist, rank, item))
-    if k == "bn":
-        act = act_dist(st, 4)
-        return (redistribute_events(xs, in_dist, act, rank, item),
-                redistribute_events(xs, act, in_dist, rank, item))
-    if k == "flatten":
-        out = free_out_dist(layer, in_dist)
-        if not out.split[1] and in_dist.split[1]:
-            mid = Distribution(in_dist.grid, [out.split[0]] + [None] * (len(xs) - 1))
-            return redistribute_events(xs, in_dist, mid, rank, item), []
-        return [], []
-    if k in ("relu", "maxpool", "avgpool", "gap"):
-        return [], []
-    raise ValueError(f"unknown layer kind {k!r}")
+    if st is None:
+        return layer_moves(layer, None, item, in_dist).inner_events(layer, rank)[:2]
+    return layer_moves(layer, st, item).entry_events(layer, in_dist, rank)
 
 
 def inner_events(layer, st, rank: int, item: int = 4):
     """``(forward, backward, sync)`` events of a strategic layer that do not depend on where
     its input comes from (output reductions, statistics, gradient allreduces)."""
-    fwd, bwd, sync = [], [], []
     if isinstance(st, Placed) and rank not in st.ranks:
-        return fwd, bwd, sync  # a rank off a placed layer takes part in none of them
-    xs, ys = layer.in_shape, layer.out_shape
-    k = layer.kind
+        return [], [], []  # a rank off a placed layer takes part in none of them
     if is_spatial(st):  # halo exchanges, statistics and gradients: the layer's own run
-        act = act_dist(st, len(xs))
+        act = act_dist(st, len(layer.in_shape))
         return run_layer(layer, st, act, act.grid.size, rank, item)[:3]
-    if k in ("conv", "linear"):
-        nd = len(xs)
-        act, yf = act_dist(st, nd), _yf(st, nd)
-        fwd += redistribute_events(ys, _yf_pending(st, nd), act, rank, item)
-        bwd += redistribute_events(ys, act, yf, rank, item)
-        wd = _wdist(st, len(layer.weight_shape))
-        rep = wd.replica_axes
-        if rep:
-            g = wd.grid
-            me = g.coords_of(g.pos(rank))
-            sync.append(allreduce_event(g, rep, rank, wd.local_size(layer.weight_shape, me),
-                                        item))
-            if layer.attrs.get("bias"):
-                cd = _cdist(st)
-                sync.append(allreduce_event(g, cd.replica_axes, rank,
-                                            cd.local_size((ys[1],), me), item))
-    elif k == "bn":
-        act = act_dist(st, 4)
-        g = act.grid
-        c_loc = act.local_shape(xs, g.coords_of(g.pos(rank)))[1]
-        fwd.append(allreduce_event(g, act.split[0], rank, 2 * c_loc, 8))
-        bwd.append(allreduce_event(g, act.split[0], rank, 2 * c_loc, 8))
-    return fwd, bwd, sync
+    return layer_moves(layer, st, item).inner_events(layer, rank)
 
 
 def out_dist_of(layer, st, in_dist):
