@@ -191,7 +191,7 @@ class Distribution:
     def _coord_map(self, coords) -> Mapping[str, int]:
         if coords is None:
             coords = self.grid.coords
-        if type(coords) is dict or isinstance(coords, Mapping):
+        if type(coords) is not tuple and (type(coords) is dict or isinstance(coords, Mapping)):
             return coords
         return dict(zip(self.grid.names, coords))
 

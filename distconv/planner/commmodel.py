@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from ..comm import use_world
+from ..meta import MetaArray
 from ..shapecomm import Event, allreduce_bytes
 from ..strategy import AXES
+from ..tensor import DistTensor
 
 
 class VGrid:
@@ -195,9 +198,6 @@ def box_on(d, shape, rank):
 def run_move(shape, src, dst, rank, item) -> tuple:
     """The events of ``src -> dst`` on ``rank``, uncached: ``DistTensor._move`` (not
     recorded) on a shape-only world of the grid's size."""
-    from ..comm import use_world
-    from ..meta import MetaArray
-    from ..tensor import DistTensor
     world, real = shape_world(src.grid.world, rank)
     start = len(world.events)
     with use_world(world):

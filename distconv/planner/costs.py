@@ -338,7 +338,7 @@ class CostModel:
                 pkey = ("join-layout", shape, lb, ls)
                 twin = self._cache.get(pkey)
                 if twin is not None:
-                    c = self._cache[key] = dataclasses.replace(twin, out_dist=body_dist)
+                    c = self._cache[key] = _with_out(twin, body_dist)
                     return c
         per = self._events(lambda r: join_events(shape, body_dist, short_dist, r, self.item))
         c = LayerCost(out_dist=body_dist)
@@ -421,6 +421,15 @@ class CostModel:
 
     def input_dist(self, st):
         return act_dist(as_strategy(st), len(self.graph.in_shape))
+
+
+def _with_out(c: LayerCost, out_dist) -> LayerCost:
+    """A copy of ``c`` with ``out_dist`` (``dataclasses.replace`` without its checks: the
+    search makes one per pair of layouts)."""
+    new = LayerCost.__new__(LayerCost)
+    new.__dict__.update(c.__dict__)
+    new.out_dist = out_dist
+    return new
 
 
 def _overhead(cm, kind, bias=False):
