@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from .commmodel import EXACT_RANKS, cat_events
 from .layercompute import OPT_SLOTS, _prod, layer_compute
 from .overhead import OVERHEAD_KINDS
-from .events import (act_dist, entry_events, grid_of, inner_events, join_events,
-                     out_dist_of)
+from .events import act_dist, entry_events, grid_of, inner_events, out_dist_of
+from .layermoves import join_events
 from ..optim import BUCKET_BYTES
 from .strategies import (Placed, as_strategy, factorizations, grid_shape,  # noqa: F401
                          is_spatial,
@@ -292,9 +292,12 @@ class CostModel:
         grp = [-1 - a if x is None else ids.setdefault(x, len(ids)) for a, x in enumerate(phys)]
         for b, st in enumerate(strategies):
             base = self.layer(layer, st, in_dists[0])
+            Mm[:, b], W[:, b], Sy[:, b] = base.mem, base.work, base.sync
+            if base.time == float("inf"):  # a strategy the layer cannot run
+                T[:, b] = base.time
+                continue
             (f0, _), (b0, _) = self._entry_cost(layer, st, in_dists[0])
             rest = base.time - f0 - b0
-            Mm[:, b], W[:, b], Sy[:, b] = base.mem, base.work, base.sync
             own, col = grid_shape(st), {}
             for a, d in enumerate(in_dists):
                 g = -1 - a if d.grid.shape == own else grp[a]

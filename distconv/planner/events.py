@@ -9,8 +9,8 @@ distribution of its output. The moves come from running the real layer
 redistribution code; :mod:`.realrun` for the spatial layers, whose halo exchanges are not
 moves), split into the entry moves (the input from where it arrives to where the layer
 computes on it, and its gradient back: :func:`entry_events`) and the rest
-(:func:`inner_events`). :func:`join_events` gives a residual join's moves and
-:func:`graph_events` a whole step's.
+(:func:`inner_events`). :func:`.layermoves.join_events` gives a residual join's moves
+and :func:`graph_events` a whole step's.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from functools import lru_cache
 from ..distribution import Distribution
 from ..strategy import ALL_AXES, AXES
 from .commmodel import VGrid, redistribute_events
-from .layermoves import layer_moves
+from .layermoves import join_events, layer_moves
 from .realrun import run_layer
 from .strategies import Placed, as_strategy, grid_shape, is_spatial, to_strategy
 
@@ -59,11 +59,6 @@ def entry_events(layer, st, in_dist: Distribution, rank: int, item: int = 4):
     """``(forward, backward)`` events that move ``layer``'s input from ``in_dist`` to where
     the layer computes on it, and its input gradient back (for a layer without a
     strategy: all its events)."""
-    xs = layer.in_shape
-    if is_spatial(st):  # a spatial layer computes on the activation layout itself
-        act = act_dist(st, len(xs))
-        return (redistribute_events(xs, in_dist, act, rank, item),
-                redistribute_events(xs, act, in_dist, rank, item))
     if st is None and layer.kind != "relu" and spatial_dist(in_dist):
         # pooling, flattening on a split of H or W: halo exchanges, gathers of H and W
         f, b, _, _ = run_layer(layer, None, in_dist, in_dist.grid.size, rank, item)
@@ -102,13 +97,6 @@ def layer_events(layer, st, in_dist: Distribution, rank: int, item: int = 4):
     else:
         f, b, s = [], [], []
     return ef + f, b + eb, s, out_dist_of(layer, st, in_dist)
-
-
-def join_events(shape, body_dist, short_dist, rank, item=4):
-    """``(forward, backward)`` events of a residual join: the shortcut's output moves to the
-    body's distribution, and the gradient back."""
-    return (redistribute_events(shape, short_dist, body_dist, rank, item),
-            redistribute_events(shape, body_dist, short_dist, rank, item))
 
 
 def _first_strategic(graph):

@@ -30,6 +30,7 @@ from ..distribution import Distribution
 from .commmodel import VGrid, _dtype, redistribute_events
 
 IN = "input"  # stands for the layout the layer's input arrives in
+IN1 = "input1"  # and for a join's second input's
 
 # attributes of a LayerSpec that hold the input's and the output's channel count
 _SIZE_ATTRS = {"conv": ("in_channels", "out_channels"),
@@ -69,10 +70,14 @@ class LayerMoves:
     def entry_events(self, layer, in_dist, rank):
         """``(forward, backward)`` event lists of the entry moves on ``rank``, the input
         arriving in ``in_dist``."""
-        return tuple(_price(ms, in_dist, rank) for ms in self._resolve(layer)[0])
+        ins = {IN: in_dist}
+        return tuple(_price(ms, ins, rank) for ms in self._resolve(layer)[0])
 
     def inner_events(self, layer, rank):
-        """``(forward, backward, sync)`` event lists of the other moves on ``rank``."""
+        """``(forward, backward, sync)`` event lists of the other moves on ``rank``.
+        :class:`NotMoves` for a layer that also calls the communicator itself."""
+        if self.inner is None:
+            raise NotMoves("the layer calls the communicator itself: run it on each rank")
         return tuple(_price(ms, None, rank) for ms in self._resolve(layer)[1])
 
     def _resolve(self, layer):
@@ -84,18 +89,20 @@ class LayerMoves:
             got = self._sized[key] = tuple(
                 tuple(tuple((m.sized(*key), m.item, m.src, m.dst) for m in ms
                             if m.src is not m.dst and m.src != m.dst) for ms in group)
-                for group in (self.entry, self.inner))
+                for group in (self.entry, self.inner or ()))
         return got
 
 
-def _price(moves, in_dist, rank) -> list:
-    """The events on ``rank`` of resolved ``moves`` (:data:`IN` standing for ``in_dist``)."""
+def _price(moves, ins, rank) -> list:
+    """The events on ``rank`` of resolved ``moves`` (``ins``: the layout each placeholder,
+    :data:`IN` or :data:`IN1`, stands for)."""
     out: list = []
     for shape, item, src, dst in moves:
-        if src is IN:
-            src = in_dist
-        if dst is IN:
-            dst = in_dist.replace(pending=()) if in_dist.pending else in_dist
+        if src.__class__ is str:
+            src = ins[src]
+        if dst.__class__ is str:
+            dst = ins[dst]
+            dst = dst.replace(pending=()) if dst.pending else dst
         if src == dst:  # redistribute returns the tensor itself
             continue
         out += redistribute_events(shape, src, dst, rank, item)
@@ -134,14 +141,16 @@ def clear_cache() -> None:
 @lru_cache(maxsize=None)
 def _moves(kind, attrs, ones, st, in_dist, item):
     if st is None:
-        ops, out = _record(kind, attrs, ones, None, in_dist, item)
+        ops, out, raw = _record(kind, attrs, ones, None, in_dist, item)
+        if raw:
+            raise NotMoves(f"{kind}: calls the communicator itself on {in_dist}")
         return LayerMoves(((), ()), ops, out)
     from .events import grid_of
     from .strategies import as_strategy
     st = as_strategy(st)
     ndim = len(ones) - len(_SIZE_ATTRS.get(kind, ()))
     outside = Distribution(VGrid((grid_of(st).world,), (IN,)), [None] * ndim)
-    ops, out = _record(kind, attrs, ones, st, outside, item)
+    ops, out, raw = _record(kind, attrs, ones, st, outside, item)
 
     def opened(d):
         return IN if d == outside else d
@@ -156,7 +165,52 @@ def _moves(kind, attrs, ones, st, in_dist, item):
                 raise NotMoves(f"{kind} under {st}: its gradient sync moves its input")
             else:
                 entry[i].append(Move(m.shape, m.item, src, dst))
-    return LayerMoves(tuple(map(tuple, entry)), tuple(map(tuple, inner)), out)
+    return LayerMoves(tuple(map(tuple, entry)), None if raw else tuple(map(tuple, inner)),
+                      out)
+
+
+def join_events(shape, body_dist, short_dist, rank: int, item: int = 4):
+    """``(forward, backward)`` events on ``rank`` of a residual join ``body + shortcut``
+    (:func:`distconv.functional.add`) of tensors of global ``shape`` in ``body_dist`` and
+    ``short_dist``: its moves recorded from the real add and its backward (once per
+    which dims are 1), priced on ``rank``."""
+    shape = tuple(shape)
+    moves = _join(tuple(s == 1 for s in shape), int(item), body_dist.grid.world)
+    ins = {IN: body_dist, IN1: short_dist}
+    return tuple(_price([(m.sized(shape, shape), m.item, m.src, m.dst) for m in ms], ins,
+                        rank) for ms in moves)
+
+
+@lru_cache(maxsize=None)
+def _join(ones, item, world):
+    import numpy as np
+
+    from ..comm import use_world
+    from ..functional import add
+    from ..meta import MetaArray
+    from ..tensor import DistTensor
+    base = 16
+    shape, _ = _canonical("join", ones, base)
+    dtype = np.dtype(_dtype(item))
+    rec = _recorder(world, 0)
+    with use_world(rec.world):
+        rec.ops = ops = []
+        try:
+            a, b = (rec.real(Distribution(VGrid((world,), (name,)), [None] * len(shape)))
+                    for name in (IN, IN1))
+            x, z = (DistTensor(MetaArray(d.local_shape(shape), dtype), d, shape)
+                    for d in (a, b))
+            x.requires_grad = z.requires_grad = True
+            y = add(x, z)
+            n_fwd = len(ops)
+            y.backward(DistTensor(MetaArray(y.local.shape, dtype), y.distribution, shape))
+        finally:
+            rec.ops = None
+    names = _dim_names(shape, shape, base)
+    places = {rec.virtual(a): IN, rec.virtual(b): IN1}
+    moves = [Move(tuple(names.get(s, s) for s in sh), it, places.get(src, src),
+                  places.get(dst, dst)) for sh, it, src, dst in ops]
+    return tuple(moves[:n_fwd]), tuple(moves[n_fwd:])
 
 
 def _canonical(kind, ones, base):
@@ -176,8 +230,9 @@ def _canonical(kind, ones, base):
 
 
 def _record(kind, attrs, ones, st, in_dist, item):
-    """``((forward, backward, sync) tuples of Move, output distribution)`` of the
-    canonical layer with its input in ``in_dist``. Sizes start above every integer
+    """``((forward, backward, sync) tuples of Move, output distribution, raw)`` of the
+    canonical layer with its input in ``in_dist`` (``raw``: it also called the
+    communicator itself, e.g. for a halo exchange). Sizes start above every integer
     attribute (a kernel size, a pooled output size), so that they cannot be taken for
     one; a base whose output sizes meet another size is passed over."""
     ints = [v for _, a in attrs for v in (a if isinstance(a, tuple) else (a,))
@@ -229,13 +284,13 @@ def _record_at(kind, attrs, ones, st, in_dist, item, base):
             sync_gradients(list(mod.parameters()))
         finally:
             rec.ops = None
-        if w.events:
-            raise NotMoves(f"{kind}: issues {w.events[0].kind} outside DistTensor.redistribute")
+        raw = bool(w.events)
+        w.events.clear()
     names = _dim_names(in_shape, tuple(y.shape), base)
     moves = [Move(tuple(names.get(s, s) for s in shape), it, src, dst)
              for shape, it, src, dst in ops]
     return ((tuple(moves[:n_fwd]), tuple(moves[n_fwd:n_bwd]), tuple(moves[n_bwd:])),
-            rec.virtual(yd))
+            rec.virtual(yd), raw)
 
 
 def _dim_names(in_shape, out_shape, base):
