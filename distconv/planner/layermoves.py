@@ -45,7 +45,8 @@ class NotMoves(ValueError):
 class Move:
     """One recorded move: ``shape`` (per dim ``("x", i)``/``("y", i)``: the layer's input
     or output dim ``i``, or a constant), ``item`` bytes per element, ``src``/``dst`` on
-    :class:`.commmodel.VGrid` (or :data:`IN`)."""
+    :class:`.commmodel.VGrid` (or a placeholder for an input's layout: :data:`IN`,
+    :data:`IN1`)."""
 
     shape: tuple
     item: int
@@ -60,8 +61,9 @@ class Move:
 
 class LayerMoves:
     """The moves of one layer kind under one strategy: ``entry`` (forward, backward) and
-    ``inner`` (forward, backward, sync) tuples of :class:`Move`, and ``out_dist``, where
-    the output lies."""
+    ``inner`` (forward, backward, sync; ``None`` for a layer that also calls the
+    communicator itself) tuples of :class:`Move`, and ``out_dist``, where the output
+    lies."""
 
     def __init__(self, entry: tuple, inner: tuple, out_dist: Distribution):
         self.entry, self.inner, self.out_dist = entry, inner, out_dist
