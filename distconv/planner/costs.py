@@ -30,7 +30,6 @@ for its own collectives, and beyond 16 ranks on its first rank.
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 
 from .commmodel import EXACT_RANKS, cat_events
@@ -40,9 +39,8 @@ from .events import act_dist, entry_events, grid_of, inner_events, out_dist_of
 from .layermoves import join_events
 from ..optim import BUCKET_BYTES
 from .strategies import (Placed, as_strategy, factorizations, grid_shape,  # noqa: F401
-                         is_spatial,
-                         parse_strategy, placement, strategy_short, strategy_text,
-                         to_strategy)
+                         is_spatial, parse_strategy, placement, strategy_short,
+                         strategy_text, to_strategy)
 
 @dataclass
 class LayerCost:
@@ -427,8 +425,7 @@ class CostModel:
 
 
 def _with_out(c: LayerCost, out_dist) -> LayerCost:
-    """A copy of ``c`` with ``out_dist`` (``dataclasses.replace`` without its checks: the
-    search makes one per pair of layouts)."""
+    """``dataclasses.replace(c, out_dist=out_dist)`` without its checks (one per pair)."""
     new = LayerCost.__new__(LayerCost)
     new.__dict__.update(c.__dict__)
     new.out_dist = out_dist
