@@ -188,6 +188,11 @@ class DistTensor:
             return self
         if not self.distribution.same_grid(target):
             return _cross_grid(self, target)
+        d = self.distribution
+        if not target.pending and target.split == d.split:
+            # only pending sums to resolve (a batch norm's statistics, a weight gradient's
+            # sync): what step 1 below does, without the walk over the dims
+            return _allreduce_axes(self, d.pending)
         t = self
         # 1. resolve pending sums the target does not keep: several that the target splits
         #    nothing over at once, with one allreduce over all of them
