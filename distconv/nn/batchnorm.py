@@ -95,7 +95,7 @@ class BatchNorm2d(Layer):
         it as a move)."""
         axes = self._group_axes()
         got = self._stats
-        if got is None or got[0] != axes or got[1].grid is not self._act.grid:
+        if got is None or got[0] != axes:
             d = Distribution(self._act.grid, [None, self._act.split[1]], pending=axes)
             got = self._stats = (axes, d, d.replace(pending=()))
         t = DistTensor(get_xp().stack([a, b]), got[1], (2, self.num_features))

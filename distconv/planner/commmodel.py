@@ -250,10 +250,20 @@ def shape_world(nranks, rank):
     got = _WORLDS.get((nranks, rank))
     if got is not None:
         return got
-    from ..distribution import Distribution
-    from ..grid import ProcessGrid
     from ..shapecomm import ShapeComm
     world = ShapeComm(nranks, rank, recv_only=nranks > EXACT_RANKS)
+    if len(_WORLDS) > 64:
+        _WORLDS.clear()
+    got = _WORLDS[(nranks, rank)] = (world, on_world(world))
+    return got
+
+
+def on_world(world):
+    """``real(d)``: distribution ``d`` (on any grid-like object with ``names``, ``shape``
+    and ``ranks``) on ``world``'s grid of the same shape, names and ranks (one grid per
+    shape, names and ranks; the distributions kept too)."""
+    from ..distribution import Distribution
+    from ..grid import ProcessGrid
     grids: dict = {}
     dists: dict = {}
 
@@ -268,7 +278,4 @@ def shape_world(nranks, rank):
             r = dists[key] = Distribution(g, d.split, d.pending)
         return r
 
-    if len(_WORLDS) > 64:
-        _WORLDS.clear()
-    got = _WORLDS[(nranks, rank)] = (world, real)
-    return got
+    return real

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..distribution import Distribution
-from .commmodel import VGrid, _dtype, redistribute_events
+from .commmodel import VGrid, _dtype, on_world, redistribute_events
 
 IN = "input"  # stands for the layout the layer's input arrives in
 IN1 = "input1"  # and for a join's second input's
@@ -320,7 +320,7 @@ class _Recorder:
         self.world = ShapeComm(nranks, rank)
         self.world.move_hook = self._hook
         self.ops = None
-        self._grids: dict = {}
+        self.real = on_world(self.world)
         self._virtual: dict = {}
         self._mods: dict = {}
 
@@ -348,15 +348,6 @@ class _Recorder:
         if target == t.distribution:
             return t
         return DistTensor(MetaArray(target.local_shape(t.shape), t.dtype), target, t.shape)
-
-    def real(self, d):
-        from ..grid import ProcessGrid
-        g = d.grid
-        key = (g.shape, g.names, g.ranks)
-        pg = self._grids.get(key)
-        if pg is None:
-            pg = self._grids[key] = ProcessGrid(self.world, g.shape, g.names, g.ranks)
-        return Distribution(pg, d.split, d.pending)
 
     def virtual(self, d):
         v = self._virtual.get(d)
