@@ -47,10 +47,12 @@ INF = float("inf")
 
 
 def _minplus(A, B):
-    """``(C, arg)`` with ``C[a, b] = min_m A[a, m] + B[m, b]`` and ``arg`` the minimising m."""
-    S = A[:, :, None] + B[None, :, :]
-    arg = S.argmin(axis=1)
-    return np.take_along_axis(S, arg[:, None, :], axis=1)[:, 0, :], arg
+    """``(C, arg)`` with ``C[a, b] = min_m A[a, m] + B[m, b]`` and ``arg`` the minimising m
+    (the first, on ties). ``S[a, b, m]`` keeps ``m`` last, so each minimum runs over
+    contiguous memory."""
+    S = A[:, None, :] + np.ascontiguousarray(B.T)[None, :, :]
+    arg = S.argmin(axis=2)
+    return np.take_along_axis(S, arg[:, :, None], axis=2)[:, :, 0], arg
 
 
 class _Chain:
