@@ -80,3 +80,33 @@ def test_format_table_says_why_a_uniform_plan_was_chosen():
     s = auto.predicted_summary(r)
     assert s["chosen"] == r["chosen"] and s["fastest"] == r["fastest"]
     assert s["min_gain"] == auto.MIN_GAIN
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_plan_model_pauses_the_garbage_collector_and_restores_it(monkeypatch, enabled):
+    import gc
+    seen = []
+    real = auto.search
+
+    def spy(*a, **kw):
+        seen.append(gc.isenabled())
+        return real(*a, **kw)
+    monkeypatch.setattr(auto, "search", spy)
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        _plan(2)
+        assert gc.isenabled() is enabled  # as it was before the call
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert seen and not any(seen)  # paused while the searches ran
+
+
+def test_gc_paused_restores_the_collector_when_the_body_raises():
+    import gc
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with auto.gc_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("boom")
+    assert gc.isenabled()
