@@ -53,8 +53,9 @@ pred = {k: v for k, v in res["predicted"].items() if k != "layers"}
 digest = hashlib.sha1(json.dumps([plan, fast, repr(pred), repr(res["dp"]["step_s"]),
                                   repr(sorted(res["candidates"].items())), res["chosen"]],
                                  sort_keys=True).encode()).hexdigest()
+import distconv
 print(json.dumps({"cpu_plan_model_s": c1 - c0, "search_s": res["search_s"],
-                  "chosen": res["chosen"], "digest": digest}))
+                  "chosen": res["chosen"], "digest": digest, "distconv": distconv.__file__}))
 """
 
 
@@ -91,13 +92,17 @@ def parse_args(argv=None):
 
 
 def measure(path, case) -> dict:
-    """One child process planning ``case`` with the checkout at ``path``."""
+    """One child process planning ``case`` with the checkout at ``path`` (run from there:
+    ``python -c`` puts its working directory first on ``sys.path``)."""
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", CHILD] + [str(x) for x in case], env=env,
-                         capture_output=True, text=True)
+                         cwd=path, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"planning {case} with {path} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if os.path.commonpath([path, os.path.abspath(got["distconv"])]) != path:
+        raise RuntimeError(f"the run meant for {path} imported {got['distconv']}")
+    return got
 
 
 def summarise(runs, codes, cases) -> list:

@@ -1,6 +1,7 @@
 """scripts/bench_search_time.py: its CLI, and one small run of two checkouts."""
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -33,13 +34,18 @@ def test_bad_arguments_say_what_was_expected(argv, says, capsys):
 
 
 def test_two_codes_side_by_side(tmp_path):
+    other = tmp_path / "copy"  # a second checkout: each run must import its own
+    shutil.copytree(ROOT / "distconv", other / "distconv",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path / "t.json"
     r = subprocess.run([sys.executable, str(SCRIPT), "--code", f"a={ROOT}", "--code",
-                        f"b={ROOT}", "--case", "resnet18:4:8", "--rounds", "1", "--json",
-                        str(out)], capture_output=True, text=True, timeout=300)
+                        f"b={other}", "--case", "resnet18:4:8", "--rounds", "1", "--json",
+                        str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
     assert [x["code"] for x in doc["runs"]] == ["a", "b"]
+    assert doc["runs"][0]["distconv"].startswith(str(ROOT / "distconv"))
+    assert doc["runs"][1]["distconv"].startswith(str(other / "distconv"))
     a, b = doc["summary"]
     assert a["ratio_median"] == 1.0 and a["n"] == b["n"] == 1
     assert b["ratio_median"] == pytest.approx(doc["runs"][1]["search_s"]
