@@ -178,17 +178,16 @@ class ProcessGrid:
         return f"ProcessGrid({ax}; ranks {format_ranks(self.ranks)}; {who})"
 
 
-_GRIDS: dict = {}
-
-
 def get_grid(shape: Sequence[int], names: Sequence[str], comm=None,
              ranks: Sequence[int] | None = None) -> ProcessGrid:
     """A cached grid, so layers with the same strategy share sub-communicators;
-    ``ranks``: the world ranks of a placed grid (see the module doc)."""
+    ``ranks``: the world ranks of a placed grid (see the module doc). The cache lives on
+    the communicator: a world's grids go when the world does (shape-only worlds come and
+    go by the thousand in the planner)."""
     c = _comm.wrap(comm)
-    key = (id(c), tuple(shape), tuple(names), None if ranks is None else tuple(ranks))
-    g = _GRIDS.get(key)
+    cache = c.__dict__.setdefault("_grids", {})
+    key = (tuple(shape), tuple(names), None if ranks is None else tuple(ranks))
+    g = cache.get(key)
     if g is None:
-        g = ProcessGrid(c, shape, names, ranks)
-        _GRIDS[key] = g
+        g = cache[key] = ProcessGrid(c, shape, names, ranks)
     return g

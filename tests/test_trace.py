@@ -179,3 +179,23 @@ def test_shape_only_sub_communicators_are_the_grids_subgroups():
                     want = sorted(same, key=lambda q: [g.coords_of(q)[i] for i in idx])
                     sub = world.split_grid(g, list(idx))
                     assert list(sub.members) == want and sub.rank == want.index(r)
+
+
+def test_a_shape_only_world_and_its_grids_are_freed_with_it():
+    """``get_grid`` keeps a world's grids on the world: a shape-only world that nothing
+    else references is freed, grids and all (the planner makes thousands)."""
+    import gc
+    import weakref
+
+    from distconv import Strategy
+    from distconv.grid import get_grid
+    from distconv.launch import use_world
+    from distconv.shapecomm import ShapeComm
+    world = ShapeComm(8, 3)
+    with use_world(world):
+        g = Strategy(sample=2, filter=4).grid()
+    assert g is get_grid((2, 1, 4), ("sample", "channel", "filter"), world)  # shared
+    refs = weakref.ref(world), weakref.ref(g)
+    del world, g
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None
