@@ -151,9 +151,12 @@ def redistribute_events(shape, src, dst, rank: int, item: int) -> list:
     if got is None:
         if len(_MOVES) > _MOVES_SIZE:
             _MOVES.clear()
+            _MIDS.clear()
         if key[0] == "xp":  # the reduction and the exchange _cross_grid makes, each keyed
-            from ..tensor import cross_grid_source
-            mid = cross_grid_source(src, shape, dst)
+            mid = _MIDS.get(key[1:4])  # it depends on the shape, src, which dims dst splits
+            if mid is None:
+                from ..tensor import cross_grid_source
+                mid = _MIDS[key[1:4]] = cross_grid_source(src, shape, dst)
             got = tuple(redistribute_events(shape, src, mid, rank, item)
                         + redistribute_events(shape, mid, dst, rank, item))
         else:
@@ -163,6 +166,7 @@ def redistribute_events(shape, src, dst, rank: int, item: int) -> list:
 
 
 _MOVES: dict = {}
+_MIDS: dict = {}  # key[1:4] of an "xp" move_key -> tensor.cross_grid_source
 _MOVES_SIZE = 200000
 
 
