@@ -105,6 +105,13 @@ def measure(path, case) -> dict:
     return got
 
 
+def commit_of(path):
+    """The git commit checked out at ``path`` (None outside a git checkout)."""
+    out = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True,
+                         text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def summarise(runs, codes, cases) -> list:
     """Per case and code: median search and plan_model seconds, the per-round ratio of
     search_s to the first code's (median, min, max), and whether every digest agreed."""
@@ -149,6 +156,7 @@ def main(argv=None):
         from distconv.envinfo import write_results
         write_results(a.json, {"what": __doc__.split("\n")[0],
                                "codes": dict(a.code), "rounds": a.rounds,
+                               "commits": {n: commit_of(p) for n, p in a.code},
                                "summary": rows, "runs": runs})
 
 

@@ -52,6 +52,7 @@ def test_two_codes_side_by_side(tmp_path):
                                               / doc["runs"][0]["search_s"])
     assert a["digests"] == b["digests"] and len(a["digests"]) == 1  # the same code plans alike
     assert "resnet18:4:8" in r.stdout
+    assert doc["commits"]["a"] == bst.commit_of(str(ROOT)) and doc["commits"]["b"] is None
 
 
 def test_summary_lists_every_digest_a_code_gave():
