@@ -117,7 +117,8 @@ def plan_model(model, in_shape, nranks, machine=None, compute=None, memory_limit
     plan (the result with ``min_gain=0``), "min_gain",
     "speedup_vs_dp": dp step / plan step, "search_s": seconds of all searches,
     "memory_limit", "cost": the CostModel, "graph": the traced Graph, "mcmc": the MCMC
-    run or None}``.
+    run or None}``. Python's cyclic garbage collector is paused while it plans
+    (:func:`gc_paused`).
     """
     graph = trace(model, tuple(int(s) for s in in_shape))
 
