@@ -55,12 +55,13 @@ MEASURE_ROUNDS = 3
 
 @contextmanager
 def gc_paused():
-    """Python's cyclic garbage collector paused within, as it was after. A search
-    allocates millions of short-lived objects (cache keys, event lists), and the full
-    collections their count triggers each walk every object the cost model's caches hold:
-    about a tenth of ResNet-50's search at 1024 ranks. A search leaves little cyclic
-    garbage (the autograd graphs of its shape-only layer runs; peak memory unchanged),
-    which the collector frees once it runs again."""
+    """Python's cyclic garbage collector paused inside the block and left as it was found
+    after it (also on an exception). A search allocates millions of short-lived objects
+    (cache keys, event lists), and the full collections their count triggers each walk
+    every object the cost model's caches hold: about a tenth of ResNet-50's search at
+    1024 ranks. A search leaves little cyclic garbage (the autograd graphs of its
+    shape-only layer runs; peak memory unchanged), which the collector frees once it
+    runs again."""
     was = gc.isenabled()
     gc.disable()
     try:
