@@ -63,3 +63,16 @@ def test_summary_lists_every_digest_a_code_gave():
     rows = bst.summarise(runs, [("a", "."), ("b", ".")], [("m", 2, 2)])
     assert rows[0]["digests"] == ["x", "y"]  # a control: differing plans are not hidden
     assert rows[1]["ratio_median"] == pytest.approx(3.0)
+
+
+def test_a_checkout_that_cannot_plan_is_named(tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(ROOT / "distconv", broken / "distconv",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (broken / "distconv" / "planner" / "auto.py").write_text("raise ImportError('broken')\n")
+    r = subprocess.run([sys.executable, str(SCRIPT), "--code", f"bad={broken}", "--case",
+                        "resnet18:2:2", "--rounds", "1"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode != 0
+    assert f"planning ('resnet18', 2, 2) with {broken} failed" in r.stderr
+    assert "ImportError: broken" in r.stderr
