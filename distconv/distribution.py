@@ -286,48 +286,74 @@ class Distribution:
         coordinate) are pinned, and every other axis takes all its values. Cost
         proportional to the number of positions returned, not to the grid size."""
         self._check_shape(global_shape)
-        names, shape = self.grid.names, self.grid.shape
-        fixed = dict(fixed or {})
-        choices = []  # per tensor dim: [(((axis, coord), ...), (start, stop))]
+        names = self.grid.names
+        fixed = fixed or {}
+        choices = []  # per split tensor dim: [(((grid index, coord), ...), (start, stop))]
+        whole = []  # the unsplit dims' boxes
         for d, n in enumerate(global_shape):
-            s, e = max(box[d][0], 0), min(box[d][1], int(n))
+            lo, hi = box[d]
+            s, e = (lo if lo > 0 else 0), (hi if hi < n else int(n))
             if e <= s:
                 return []
-            axes = self.split[d]
-            if not axes:
-                choices.append([((), (0, int(n)))])
+            if not self.split[d]:
+                whole.append((d, (0, int(n))))
                 continue
             b = self.dim_bounds(d, n)
-            coords = self._block_coords(d)
+            coords = self._block_index_coords(d)
+            pins = [(k, fixed[a]) for k, a in enumerate(self.split[d]) if a in fixed]
             opts = []
-            for i in range(max(bisect_right(b, s) - 1, 0), len(b) - 1):
-                if b[i] >= e:
+            i, last = bisect_right(b, s) - 1, len(b) - 1
+            if i < 0:
+                i = 0
+            while i < last:
+                lo, hi = b[i], b[i + 1]
+                if lo >= e:
                     break
-                if b[i + 1] <= s or b[i + 1] == b[i]:
-                    continue
-                pairs = coords[i]
-                if fixed and any(fixed.get(a, c) != c for a, c in pairs):
-                    continue
-                opts.append((pairs, (b[i], b[i + 1])))
+                if hi > s and hi != lo and all(coords[i][k][1] == v for k, v in pins):
+                    opts.append((coords[i], (lo, hi)))
+                i += 1
             if not opts:
                 return []
-            choices.append(opts)
-        used = set(self.split_axes)
-        at = {a: i for i, a in enumerate(names)}
-        free = [i for i, a in enumerate(names) if a not in used]
-        values = [[fixed[names[i]]] if names[i] in fixed else range(shape[i]) for i in free]
+            choices.append((d, opts))
+        free = self._free_axes()
+        values = [(fixed[names[i]],) if names[i] in fixed else range(self.grid.shape[i])
+                  for i in free]
+        bx = [None] * len(global_shape)
+        for d, r in whole:
+            bx[d] = r
+        dims = [d for d, _ in choices]
         out = []
         c = [0] * len(names)
-        for combo in product(*choices):
-            for pairs, _ in combo:
-                for a, v in pairs:
-                    c[at[a]] = v
-            bx = tuple(r for _, r in combo)
+        for combo in product(*(o for _, o in choices)):
+            for (pairs, r), d in zip(combo, dims):
+                for i, v in pairs:
+                    c[i] = v
+                bx[d] = r
+            t = tuple(bx)
             for vals in product(*values):
                 for i, v in zip(free, vals):
                     c[i] = v
-                out.append((tuple(c), bx))
+                out.append((tuple(c), t))
         return out
+
+    def _block_index_coords(self, dim: int) -> tuple:
+        """:meth:`_block_coords` with each axis given by its index on the grid."""
+        key = (self._geom, "icoords", dim)
+        got = _MEMO.get(key)
+        if got is None:
+            at = {a: i for i, a in enumerate(self.grid.names)}
+            got = _MEMO[key] = tuple(tuple((at[a], c) for a, c in pairs)
+                                     for pairs in self._block_coords(dim))
+        return got
+
+    def _free_axes(self) -> tuple:
+        """Grid indices of the axes that split no dim (they take every value)."""
+        key = (self._geom, "free")
+        got = _MEMO.get(key)
+        if got is None:
+            used = set(self.split_axes)
+            got = _MEMO[key] = tuple(i for i, a in enumerate(self.grid.names) if a not in used)
+        return got
 
     def _check_shape(self, global_shape):
         if len(global_shape) != self.ndim:
